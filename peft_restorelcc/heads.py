@@ -1,0 +1,166 @@
+"""Where the attention heads are, per architecture.
+
+Every supported architecture feeds its attention output projection with the heads concatenated: head ``h`` of a
+layer is the input slice ``[h * head_dim, (h + 1) * head_dim)`` of that projection. GQA does not change this (the
+slices are query heads), and a structurally pruned layer simply has a narrower input.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+# Suffixes of the attention output projection, matched against the end of a module's dotted name. The parent
+# (``self_attn.``, ``attn.``) is part of the suffix so that e.g. GPT-2's ``mlp.c_proj`` is never taken.
+DEFAULT_TARGET_MODULES: dict[str, str] = {
+    "llama": "self_attn.o_proj",
+    "qwen2": "self_attn.o_proj",
+    "qwen3": "self_attn.o_proj",
+    "mistral": "self_attn.o_proj",
+    "mixtral": "self_attn.o_proj",
+    "gemma": "self_attn.o_proj",
+    "gemma2": "self_attn.o_proj",
+    "gemma3": "self_attn.o_proj",
+    "gemma3_text": "self_attn.o_proj",
+    "phi3": "self_attn.o_proj",
+    "olmo": "self_attn.o_proj",
+    "olmo2": "self_attn.o_proj",
+    "granite": "self_attn.o_proj",
+    "smollm3": "self_attn.o_proj",
+    "gpt_neox": "attention.dense",
+    "phi": "self_attn.dense",
+    "opt": "self_attn.out_proj",
+    "gpt2": "attn.c_proj",
+}
+
+_LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class HeadProjection:
+    """One attention output projection and the head layout of its input."""
+
+    name: str
+    layer_index: int
+    num_heads: int
+    head_dim: int
+    in_features: int
+    out_features: int
+
+
+def text_config(model_or_config):
+    """The text part of a (possibly multimodal) config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    getter = getattr(config, "get_text_config", None)
+    return getter() if getter is not None else config
+
+
+def head_dim_of(model_or_config) -> int:
+    """``config.head_dim`` when the architecture sets one, else ``hidden_size // num_attention_heads``."""
+    config = text_config(model_or_config)
+    explicit = getattr(config, "head_dim", None)
+    if isinstance(explicit, int) and explicit > 0:
+        return explicit
+    return int(config.hidden_size) // int(config.num_attention_heads)
+
+
+def default_target_module(model_or_config) -> str:
+    """The attention output projection suffix for a known architecture, or a ValueError that says what to do."""
+    config = getattr(model_or_config, "config", model_or_config)
+    for candidate in (config, text_config(config)):
+        model_type = getattr(candidate, "model_type", None)
+        if model_type in DEFAULT_TARGET_MODULES:
+            return DEFAULT_TARGET_MODULES[model_type]
+    raise ValueError(
+        f"No default attention output projection is known for model_type={getattr(config, 'model_type', None)!r}. "
+        "Pass target_modules=[<suffix of the module that takes the concatenated heads as input>] explicitly, "
+        f"e.g. 'self_attn.o_proj'. Known architectures: {sorted(DEFAULT_TARGET_MODULES)}."
+    )
+
+
+def is_projection(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def projection_shape(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a Linear or a GPT-2 style Conv1D (whose weight is stored in x out)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    raise ValueError(
+        f"{type(module).__name__} is not a supported output projection: RestoreLCC wraps nn.Linear or "
+        "transformers' Conv1D. Point target_modules at the attention output projection."
+    )
+
+
+def projection_weight(module: nn.Module) -> torch.Tensor:
+    """The projection weight as ``out x in`` (a view; Conv1D is transposed)."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if isinstance(module, Conv1D):
+        return module.weight.t()
+    raise ValueError(f"{type(module).__name__} is not a Linear or Conv1D projection.")
+
+
+def layer_index_of(module_name: str) -> int:
+    """The decoder layer index in a module path such as ``model.layers.12.self_attn.o_proj``."""
+    match = _LAYER_INDEX.search("." + module_name)
+    if match is None:
+        raise ValueError(f"Cannot find a layer index in module name {module_name!r}.")
+    return int(match.group(1))
+
+
+def matches_target(module_name: str, target: str | list[str] | set[str]) -> bool:
+    """PEFT's matching rule: a string is a full regex match, a list matches exact names or dotted suffixes."""
+    if isinstance(target, str):
+        return re.fullmatch(target, module_name) is not None
+    return any(module_name == key or module_name.endswith("." + key) for key in target)
+
+
+def find_head_projections(
+    model: nn.Module,
+    target_modules: str | list[str] | set[str] | None = None,
+    head_dim: int | None = None,
+) -> list[HeadProjection]:
+    """All attention output projections of ``model``, ordered by layer, with their head layout.
+
+    The number of heads of each layer comes from the projection's input width, so structurally pruned layers
+    (fewer heads) are described correctly.
+    """
+    if target_modules is None:
+        target_modules = [default_target_module(model)]
+    if head_dim is None:
+        head_dim = head_dim_of(model)
+    found: list[HeadProjection] = []
+    for name, module in model.named_modules():
+        if not matches_target(name, target_modules):
+            continue
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        in_features, out_features = projection_shape(base)
+        if in_features % head_dim != 0:
+            raise ValueError(
+                f"{name}: input width {in_features} is not divisible by head_dim={head_dim}. The target must be the "
+                "projection fed by the concatenated heads; check target_modules and the config's head_dim."
+            )
+        found.append(
+            HeadProjection(
+                name=name,
+                layer_index=layer_index_of(name),
+                num_heads=in_features // head_dim,
+                head_dim=head_dim,
+                in_features=in_features,
+                out_features=out_features,
+            )
+        )
+    if not found:
+        raise ValueError(
+            f"No module of {type(model).__name__} matches target_modules={target_modules!r}. "
+            "Pass the name (or dotted suffix) of the attention output projection."
+        )
+    found.sort(key=lambda projection: projection.layer_index)
+    return found
