@@ -1,0 +1,127 @@
+"""RestoreLCCConfig: which heads of which attention output projections get a lost-component compensation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from peft.config import PeftConfig
+
+PEFT_TYPE = "RESTORELCC"
+
+
+def normalize_heads(heads: Mapping | None) -> dict[int, list[int]] | None:
+    """``{layer: [heads]}`` with int keys, sorted unique int heads; ``None`` for "every head".
+
+    JSON turns integer keys into strings, so a config read back from ``adapter_config.json`` comes through here.
+    """
+    if heads is None or len(heads) == 0:
+        return None
+    if not isinstance(heads, Mapping):
+        raise ValueError(
+            f"heads must be a mapping {{layer_index: [head_index, ...]}}, got {type(heads).__name__}. "
+            "Example: heads={0: [1, 3], 5: [0]}."
+        )
+    normalized: dict[int, list[int]] = {}
+    for layer, layer_heads in heads.items():
+        try:
+            layer_index = int(layer)
+            head_indices = sorted({int(head) for head in layer_heads})
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"heads[{layer!r}] = {layer_heads!r} is not a list of integer head indices under an integer layer "
+                "index. Example: heads={0: [1, 3]}."
+            ) from error
+        if layer_index < 0:
+            raise ValueError(f"heads has a negative layer index {layer_index}; layer indices count from 0.")
+        negative = [head for head in head_indices if head < 0]
+        if negative:
+            raise ValueError(f"heads[{layer_index}] has negative head indices {negative}; head indices count from 0.")
+        if head_indices:
+            normalized[layer_index] = head_indices
+    return dict(sorted(normalized.items())) or None
+
+
+@dataclass
+class RestoreLCCConfig(PeftConfig):
+    """Configuration of a [`RestoreLCCModel`].
+
+    Each selected head ``h`` of a target projection gets ``V_h^T m_h + b_h`` added to its slice of the projection's
+    input: ``V_h`` (k x head_dim) is a fixed basis of the directions pruning removed from that head (identity rows
+    until calibration fills it, saved with the adapter), ``m_h`` (k) and ``b_h`` (head_dim) are trained. The added
+    vector does not depend on the input, so merging folds it into the projection's bias and keeps the weights (and
+    their sparsity) untouched.
+
+    Args:
+        heads: ``{layer_index: [head_index, ...]}``: the heads to compensate. ``None`` or empty means every head of
+            every targeted layer. Integer keys come back from JSON as strings and are normalised.
+        target_modules: the attention output projections; defaults by architecture (``self_attn.o_proj`` for the
+            Llama family, ``attention.dense`` for GPT-NeoX, ``self_attn.out_proj`` for OPT, ``attn.c_proj`` for
+            GPT-2, ...).
+        num_components: lost directions per head, k (default: all, k = head_dim). A smaller k stores a smaller basis.
+        init_std: standard deviation of the N(0, init_std) initialisation of m and b (the paper uses 1e-3).
+        use_components: learn magnitudes m over the basis (the paper's ``V^T m`` term).
+        use_bias: learn a free per-head bias b. With ``use_components=False`` the adapter is a plain per-head bias.
+        head_dim: width of one head's slice; read from the model config when unset and then recorded here, so a
+            saved adapter refuses a base with another head_dim.
+        num_layers: number of target projections in the model it was made for; recorded on injection.
+        init_weights: ``True`` draws m and b from N(0, init_std); ``False`` starts them at zero (the adapter is then
+            a no-op until trained or filled by calibration).
+        layers_to_transform / layers_pattern: restrict the targeted layers as in other PEFT methods.
+        modules_to_save: extra modules to train and save in full.
+    """
+
+    heads: dict[int, list[int]] | None = field(
+        default=None, metadata={"help": "{layer_index: [head_index, ...]}; None or empty means every head."}
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Attention output projections to wrap; defaults by architecture (e.g. self_attn.o_proj)."},
+    )
+    num_components: int | None = field(
+        default=None, metadata={"help": "Lost directions per head (k); default head_dim."}
+    )
+    init_std: float = field(default=1e-3, metadata={"help": "Std of the N(0, init_std) init of m and b."})
+    use_components: bool = field(default=True, metadata={"help": "Train magnitudes over the lost-component basis."})
+    use_bias: bool = field(default=True, metadata={"help": "Train a free per-head bias."})
+    head_dim: int | None = field(default=None, metadata={"help": "Head width; read from the model config if unset."})
+    num_layers: int | None = field(default=None, metadata={"help": "Target projections in the base model."})
+    init_weights: bool = field(default=True, metadata={"help": "Random N(0, init_std) init; False starts at zero."})
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Only these layer indices are transformed."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the layer ModuleList, used with layers_to_transform."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules apart from RestoreLCC layers to train and save."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        self.heads = normalize_heads(self.heads)
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+        if not (self.use_components or self.use_bias):
+            raise ValueError(
+                "use_components=False and use_bias=False leaves nothing to train; enable at least one of them."
+            )
+        if self.num_components is not None and self.num_components < 1:
+            raise ValueError(f"num_components must be >= 1 (or None for head_dim), got {self.num_components}.")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ValueError(f"head_dim must be >= 1 (or None to read it from the model), got {self.head_dim}.")
+        if self.num_components is not None and self.head_dim is not None and self.num_components > self.head_dim:
+            raise ValueError(
+                f"num_components={self.num_components} exceeds head_dim={self.head_dim}: a head has at most "
+                "head_dim lost directions. Use num_components <= head_dim or None."
+            )
+        if self.init_std < 0:
+            raise ValueError(f"init_std must be >= 0, got {self.init_std}.")
+
+    def to_dict(self) -> dict:
+        # JSON object keys are strings anyway; writing them as such keeps the file and the round trip explicit.
+        output = super().to_dict()
+        if output.get("heads") is not None:
+            output["heads"] = {str(layer): list(heads) for layer, heads in output["heads"].items()}
+        return output

@@ -1,0 +1,113 @@
+"""A merged RestoreLCC model that stock transformers reloads with its compensation intact.
+
+Merging puts the compensation into the attention output projection's bias. Many architectures build that
+projection without a bias unless the config says otherwise, and a stock ``from_pretrained`` then drops the saved
+bias as an unexpected key. Where the config has a switch (``attention_bias``), we turn it on and give the sibling
+q/k/v projections zero biases so the saved model matches what the switch builds; where it has none, we refuse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .heads import find_head_projections, text_config
+
+# Architectures whose config switch `attention_bias` adds a bias to q/k/v and the output projection.
+ATTENTION_BIAS_SWITCH = frozenset(
+    {"llama", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "olmo", "olmo2", "granite", "smollm3", "gpt_neox"}
+)
+# Architectures whose output projection bias is hard-coded off: no config can carry a merged compensation.
+NO_OUTPUT_BIAS = frozenset({"qwen2", "mistral", "mixtral", "phi3"})
+
+
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(text_config(model), "model_type", None)
+
+
+def _output_projections(model: nn.Module) -> list[nn.Module]:
+    return [model.get_submodule(projection.name) for projection in find_head_projections(model)]
+
+
+def bias_reload_problem(model: nn.Module) -> str | None:
+    """Why a stock reload of this architecture would drop an output-projection bias, or None if it would not."""
+    model_type = _model_type(model)
+    if model_type in NO_OUTPUT_BIAS:
+        return f"the {model_type} architecture has no config switch for an attention output bias."
+    if model_type in ATTENTION_BIAS_SWITCH:
+        return None
+    projections = _output_projections(model)
+    if all(getattr(projection, "bias", None) is not None for projection in projections):
+        return None  # The architecture builds the bias itself (OPT, GPT-2, Phi).
+    return f"RestoreLCC does not know how the {model_type!r} config expresses an attention output bias."
+
+
+@torch.no_grad()
+def make_output_bias_reloadable(model: nn.Module) -> bool:
+    """After a merge: switch ``attention_bias`` on and add zero q/k/v biases, so every attention projection
+    carries the bias the switch makes the architecture build. Returns True if the model was changed."""
+    if _model_type(model) not in ATTENTION_BIAS_SWITCH:
+        return False
+    config = text_config(model)
+    projections = _output_projections(model)
+    if getattr(config, "attention_bias", False) or all(projection.bias is None for projection in projections):
+        return False
+    for projection in find_head_projections(model):
+        attention = model.get_submodule(projection.name.rsplit(".", 1)[0])
+        for linear in attention.children():
+            if isinstance(linear, nn.Linear) and linear.bias is None:
+                linear.bias = nn.Parameter(
+                    torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device),
+                    requires_grad=False,
+                )
+    config.attention_bias = True
+    if config is not model.config and hasattr(model.config, "attention_bias"):
+        model.config.attention_bias = True
+    return True
+
+
+def save_merged(model: nn.Module, output_dir: str | os.PathLike, tokenizer=None, safe_merge: bool = True) -> Path:
+    """Merge a RestoreLCC ``PeftModel`` (or take an already merged model) and save a standard transformers
+    directory that stock ``AutoModelForCausalLM.from_pretrained`` reloads with the compensation.
+
+    Refuses, before touching the model, an architecture whose config cannot carry the merged bias, and a
+    non-empty output directory. Writes into a temporary sibling directory first, so a failure leaves nothing.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise ValueError(f"Output directory {output_dir} exists and is not empty; choose a new directory.")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    reason = bias_reload_problem(base)
+    if reason is not None:
+        raise ValueError(
+            f"Cannot export a merged RestoreLCC model: {reason} A stock from_pretrained would silently drop the "
+            "compensation. Save the adapter instead (model.save_pretrained) and load it with "
+            "PeftModel.from_pretrained."
+        )
+    merged = model.merge_and_unload(safe_merge=safe_merge) if hasattr(model, "merge_and_unload") else model
+    if not isinstance(merged, PreTrainedModel):
+        raise ValueError(f"Expected a transformers PreTrainedModel after merging, got {type(merged).__name__}.")
+    make_output_bias_reloadable(merged)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        (staging / "restorelcc_export.json").write_text(
+            json.dumps({"merged": True, "attention_bias": getattr(text_config(merged), "attention_bias", None)})
+        )
+        if output_dir.exists():
+            output_dir.rmdir()
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir

@@ -1,0 +1,199 @@
+"""The RestoreLCC layer: an attention output projection whose selected heads get ``V^T m + b`` added to their input."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .config import RestoreLCCConfig
+from .heads import projection_shape, projection_weight
+
+
+class RestoreLCCLayer(BaseTunerLayer):
+    """Adapter state of one projection, per adapter name:
+
+    - ``restorelcc_basis``: (H_sel, k, d) fixed lost-component basis, a persistent buffer saved with the adapter.
+    - ``restorelcc_magnitude``: (H_sel, k) trainable magnitudes m (absent when ``use_components=False``).
+    - ``restorelcc_bias``: (H_sel, d) trainable free bias b (absent when ``use_bias=False``).
+    - ``restorelcc_head_index``: (H_sel,) which heads of the layer, in row order (derived from the config).
+    """
+
+    adapter_layer_names = ("restorelcc_magnitude", "restorelcc_bias")
+    other_param_names = ("restorelcc_basis", "restorelcc_head_index")
+
+    def __init__(self, base_layer: nn.Module, layer_index: int, head_dim: int, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.layer_index = layer_index
+        self.head_dim = head_dim
+        self.restorelcc_magnitude = nn.ParameterDict({})
+        self.restorelcc_bias = nn.ParameterDict({})
+        self.restorelcc_basis = BufferDict({}, persistent=True)
+        # Derived from the config, so not saved: the config is the source of truth for which heads.
+        self.restorelcc_head_index = BufferDict({}, persistent=False)
+        self.head_indices: dict[str, list[int]] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        # The bias as it was before the first merge (None: there was none), restored exactly by unmerge.
+        self._bias_before_merge: torch.Tensor | None = None
+        self._bias_was_created = False
+
+        in_features, out_features = projection_shape(self.get_base_layer())
+        if in_features % head_dim != 0:
+            raise ValueError(
+                f"Projection input width {in_features} is not divisible by head_dim={head_dim}; the target must be "
+                "the attention output projection fed by the concatenated heads."
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.num_heads = in_features // head_dim
+
+    def update_layer(self, adapter_name: str, head_indices: list[int], config: RestoreLCCConfig) -> None:
+        if not head_indices:
+            raise ValueError(f"Layer {self.layer_index}: no heads selected for adapter {adapter_name!r}.")
+        out_of_range = [head for head in head_indices if not 0 <= head < self.num_heads]
+        if out_of_range:
+            raise ValueError(
+                f"Layer {self.layer_index} has {self.num_heads} heads (0..{self.num_heads - 1}); head indices "
+                f"{out_of_range} are out of range."
+            )
+        num_components = config.num_components or self.head_dim
+        if num_components > self.head_dim:
+            raise ValueError(
+                f"num_components={num_components} exceeds head_dim={self.head_dim}; use at most head_dim or None."
+            )
+        num_selected = len(head_indices)
+        device = projection_weight(self.get_base_layer()).device
+        self.head_indices[adapter_name] = list(head_indices)
+        self.restorelcc_head_index[adapter_name] = torch.tensor(head_indices, dtype=torch.long, device=device)
+        # Identity rows until calibration fills in the measured lost directions.
+        identity_rows = torch.eye(self.head_dim, dtype=torch.float32, device=device)[:num_components]
+        self.restorelcc_basis[adapter_name] = identity_rows.expand(num_selected, -1, -1).clone()
+        # Adapter parameters stay fp32 whatever the base dtype: they are tiny and their updates are small.
+        if config.use_components:
+            self.restorelcc_magnitude[adapter_name] = nn.Parameter(
+                torch.zeros(num_selected, num_components, dtype=torch.float32, device=device)
+            )
+        if config.use_bias:
+            self.restorelcc_bias[adapter_name] = nn.Parameter(
+                torch.zeros(num_selected, self.head_dim, dtype=torch.float32, device=device)
+            )
+        if config.init_weights:
+            self.reset_restorelcc_parameters(adapter_name, config.init_std)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def reset_restorelcc_parameters(self, adapter_name: str, init_std: float) -> None:
+        for parameters in (self.restorelcc_magnitude, self.restorelcc_bias):
+            if adapter_name in parameters:
+                nn.init.normal_(parameters[adapter_name], mean=0.0, std=init_std)
+
+    def head_vectors(self, adapter_name: str) -> torch.Tensor:
+        """(H_sel, d): the vector added to each selected head's input slice, ``m @ V + b`` for all heads at once."""
+        vectors = torch.zeros_like(self.restorelcc_basis[adapter_name][:, 0, :])
+        if adapter_name in self.restorelcc_magnitude:
+            magnitude = self.restorelcc_magnitude[adapter_name]
+            vectors = vectors + torch.einsum("hk,hkd->hd", magnitude, self.restorelcc_basis[adapter_name])
+        if adapter_name in self.restorelcc_bias:
+            vectors = vectors + self.restorelcc_bias[adapter_name]
+        return vectors
+
+    def input_shift(self, adapter_names: list[str]) -> torch.Tensor | None:
+        """(in_features,) fp32: the sum over adapters of their head vectors, placed at their heads' slices."""
+        shift = None
+        for adapter_name in adapter_names:
+            if adapter_name not in self.restorelcc_basis:
+                continue
+            per_head = self.restorelcc_basis[adapter_name].new_zeros(self.num_heads, self.head_dim)
+            per_head = per_head.index_add(0, self.restorelcc_head_index[adapter_name], self.head_vectors(adapter_name))
+            shift = per_head if shift is None else shift + per_head
+        return None if shift is None else shift.reshape(self.in_features)
+
+    def output_shift(self, adapter_names: list[str]) -> torch.Tensor | None:
+        """(out_features,): the input shift seen through the projection weight, ``W @ shift``, in the weight's dtype."""
+        shift = self.input_shift(adapter_names)
+        if shift is None:
+            return None
+        weight = projection_weight(self.get_base_layer())
+        return torch.mv(weight, shift.to(weight.dtype))
+
+
+class Linear(nn.Module, RestoreLCCLayer):
+    """A Linear or GPT-2 Conv1D output projection with RestoreLCC head compensation."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        head_indices: list[int],
+        layer_index: int,
+        config: RestoreLCCConfig,
+        head_dim: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        RestoreLCCLayer.__init__(self, base_layer, layer_index=layer_index, head_dim=head_dim)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, head_indices, config)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold ``W @ shift`` into the projection's bias (created if absent). The weight is never touched."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [name for name in adapter_names if name in self.restorelcc_basis]
+        if not adapter_names:
+            return
+        base_layer = self.get_base_layer()
+        weight = projection_weight(base_layer)
+        shift = self.input_shift(adapter_names)
+        # Merge in fp32 so a bf16 base loses no more than the final rounding.
+        bias_delta = weight.detach().float() @ shift.detach().float()
+        old_bias = base_layer.bias
+        new_bias = bias_delta if old_bias is None else old_bias.detach().float() + bias_delta
+        if safe_merge and not torch.isfinite(new_bias).all():
+            raise ValueError(
+                f"Merging adapters {adapter_names} into layer {self.layer_index} gives non-finite bias values; "
+                "the adapter weights seem to be broken (NaN/inf). Nothing was merged."
+            )
+        if not self.merged:
+            self._bias_before_merge = None if old_bias is None else old_bias.detach().clone()
+            self._bias_was_created = old_bias is None
+        if old_bias is None:
+            base_layer.bias = nn.Parameter(new_bias.to(weight.dtype), requires_grad=False)
+        else:
+            old_bias.data = new_bias.to(old_bias.dtype)
+        self.merged_adapters.extend(adapter_names)
+
+    def unmerge(self) -> None:
+        """Restore the bias exactly as it was before the first merge (removing a bias that merge created)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base_layer = self.get_base_layer()
+        if self._bias_was_created:
+            base_layer.bias = None
+        else:
+            base_layer.bias.data = self._bias_before_merge.to(base_layer.bias.device)
+        self.merged_adapters.clear()
+        self._bias_before_merge = None
+        self._bias_was_created = False
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        # Adding the shift to the heads' input and projecting equals adding W @ shift to the output: one
+        # matrix-vector product per forward instead of touching every token's activations.
+        output_shift = self.output_shift(list(self.active_adapters))
+        if output_shift is None:
+            return result
+        return result + output_shift.to(result.dtype)
+
+    def __repr__(self) -> str:
+        return "restorelcc." + super().__repr__()

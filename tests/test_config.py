@@ -1,0 +1,55 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from peft_restorelcc import RestoreLCCConfig
+
+
+def test_heads_survive_a_json_round_trip(tmp_path):
+    config = RestoreLCCConfig(heads={3: [5, 1, 1], 0: [2]}, num_components=4, task_type="CAUSAL_LM")
+    config.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert raw["peft_type"] == "RESTORELCC"
+    assert raw["heads"] == {"0": [2], "3": [1, 5]}
+    loaded = RestoreLCCConfig.from_pretrained(tmp_path)
+    assert loaded.heads == {0: [2], 3: [1, 5]}
+    assert all(isinstance(layer, int) for layer in loaded.heads)
+    assert loaded.num_components == 4
+
+
+@pytest.mark.parametrize("heads", [None, {}, {1: []}])
+def test_empty_heads_mean_every_head(heads):
+    assert RestoreLCCConfig(heads=heads).heads is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"heads": {-1: [0]}}, "negative layer index"),
+        ({"heads": {0: [-2]}}, "negative head indices"),
+        ({"heads": {0: ["x"]}}, "integer head indices"),
+        ({"heads": [0, 1]}, "must be a mapping"),
+        ({"num_components": 0}, "num_components must be >= 1"),
+        ({"num_components": 9, "head_dim": 8}, "exceeds head_dim"),
+        ({"use_components": False, "use_bias": False}, "nothing to train"),
+        ({"init_std": -1.0}, "init_std"),
+    ],
+)
+def test_bad_config_values_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RestoreLCCConfig(**kwargs)
+
+
+def test_registration_is_idempotent():
+    # In a subprocess: reloading replaces the classes, which would confuse the other tests' imports.
+    code = (
+        "import importlib, peft_restorelcc\n"
+        "importlib.reload(peft_restorelcc); importlib.reload(peft_restorelcc)\n"
+        "import peft_restorelcc\n"
+        "from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as C, PEFT_TYPE_TO_TUNER_MAPPING as T\n"
+        "print(C['RESTORELCC'].__name__, T['RESTORELCC'].__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["RestoreLCCConfig", "RestoreLCCModel"]
