@@ -1,0 +1,42 @@
+"""Calibration: measure what pruning took from each attention head, score the heads, build the adapter.
+
+components = calibrate(dense, pruned, prompts, tokenizer, pairs=pairs, strategy="probe")
+components.save("out/lost_components")
+peft_model = build_restorelcc_model(pruned, components, num_heads=0.1, init="lost")
+"""
+
+from .adapter import build_restorelcc_model, resolve_head_count, select_heads
+from .capture import (
+    HeadCapture,
+    LostAccumulator,
+    ModelLoader,
+    capture_activations,
+    last_token_positions,
+    make_batches,
+    tokenize,
+)
+from .components import LostComponents, compare_fingerprints, model_fingerprint
+from .pipeline import calibrate, probe_activations
+from .scoring import pairs_from_answers, probe_scores, random_scores, score_heads
+
+__all__ = [
+    "HeadCapture",
+    "LostAccumulator",
+    "LostComponents",
+    "ModelLoader",
+    "build_restorelcc_model",
+    "calibrate",
+    "capture_activations",
+    "compare_fingerprints",
+    "last_token_positions",
+    "make_batches",
+    "model_fingerprint",
+    "pairs_from_answers",
+    "probe_activations",
+    "probe_scores",
+    "random_scores",
+    "resolve_head_count",
+    "score_heads",
+    "select_heads",
+    "tokenize",
+]

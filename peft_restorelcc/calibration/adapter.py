@@ -1,0 +1,104 @@
+"""From calibration to an adapter: choose the heads, wrap the pruned model, fill the bases (and magnitudes)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+from torch import nn
+
+from .components import LostComponents
+
+INITS = ("paper", "lost")
+
+
+def resolve_head_count(num_heads: int | float, total: int) -> int:
+    """A head count from ``num_heads``: an int (or a whole float >= 1) is a count, a float in (0, 1) a fraction."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Real):
+        raise ValueError(f"num_heads must be a count or a fraction of the heads, got {num_heads!r}.")
+    if isinstance(num_heads, numbers.Integral) or (float(num_heads) >= 1 and float(num_heads).is_integer()):
+        count = int(num_heads)
+    elif 0 < float(num_heads) < 1:
+        count = max(1, round(float(num_heads) * total))
+    else:
+        raise ValueError(f"num_heads={num_heads!r}: give a count (1..{total}) or a fraction of all heads in (0, 1).")
+    if not 1 <= count <= total:
+        raise ValueError(f"num_heads={num_heads!r}: the pruned model has {total} heads; choose 1..{total}.")
+    return count
+
+
+def select_heads(components: LostComponents, num_heads: int | float) -> dict[int, list[int]]:
+    """The top-``num_heads`` heads by score, as ``{layer: [sorted head indices]}`` (pruned-model numbering)."""
+    count = resolve_head_count(num_heads, components.num_heads)
+    chosen = components.ranking()[:count].tolist()
+    head_ids = components.head_ids()
+    selected: dict[int, list[int]] = {}
+    for row in chosen:
+        layer, head = head_ids[row]
+        selected.setdefault(layer, []).append(head)
+    return {layer: sorted(heads) for layer, heads in sorted(selected.items())}
+
+
+def build_restorelcc_model(
+    pruned_model: nn.Module,
+    components: LostComponents,
+    num_heads: int | float,
+    init: str = "paper",
+    num_components: int | None = None,
+    adapter_name: str = "default",
+    **config_kwargs: Any,
+):
+    """Wrap ``pruned_model`` with a RestoreLCC adapter on its top-``num_heads`` heads, bases filled from
+    ``components`` (their first ``num_components`` rows; default all).
+
+    ``init="paper"`` keeps the N(0, init_std) initialisation of magnitudes and bias; ``init="lost"`` sets the
+    magnitudes to the coefficients of the mean lost vector in the basis and the bias to zero, so the adapter adds
+    back the (projected) mean loss before any training. Extra keyword arguments go to ``RestoreLCCConfig``.
+    Returns the ``PeftModel``.
+    """
+    # Imported here: the tuner registers itself with PEFT on import, and calibration alone does not need it.
+    from peft import get_peft_model
+
+    from .. import RestoreLCCConfig, restorelcc_layers
+
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}.")
+    d = components.head_dim
+    k = d if num_components is None else int(num_components)
+    if not 1 <= k <= d:
+        raise ValueError(f"num_components={num_components!r} must be in 1..{d} (head_dim).")
+    if init == "lost" and not config_kwargs.get("use_components", True):
+        raise ValueError("init='lost' sets the magnitudes; it needs use_components=True.")
+    components.check_matches(pruned_model)
+    heads = select_heads(components, num_heads)
+    target_modules = components.metadata.get("target_modules")
+    if target_modules is not None:
+        config_kwargs.setdefault("target_modules", target_modules)
+    config_kwargs.setdefault("task_type", "CAUSAL_LM")
+    config = RestoreLCCConfig(heads=heads, num_components=k, head_dim=d, **config_kwargs)
+    peft_model = get_peft_model(pruned_model, config, adapter_name=adapter_name)
+
+    basis = components.basis[:, :k]
+    coefficients = components.lost_coefficients(k)
+    filled: dict[int, list[int]] = {}
+    with torch.no_grad():
+        for layer in restorelcc_layers(peft_model):
+            if adapter_name not in layer.head_indices:
+                continue
+            head_indices = layer.head_indices[adapter_name]
+            rows = components.rows_of(layer.layer_index, head_indices)
+            target = layer.restorelcc_basis[adapter_name]
+            target.copy_(basis[rows].to(device=target.device, dtype=target.dtype))
+            if init == "lost":
+                magnitude = layer.restorelcc_magnitude[adapter_name]
+                magnitude.copy_(coefficients[rows].to(device=magnitude.device, dtype=magnitude.dtype))
+                if adapter_name in layer.restorelcc_bias:
+                    layer.restorelcc_bias[adapter_name].zero_()
+            filled[layer.layer_index] = sorted(head_indices)
+    if filled != heads:
+        raise ValueError(
+            f"The adapter wrapped heads {filled} but {heads} were selected: the components' layers do not match "
+            "this model's attention projections."
+        )
+    return peft_model
