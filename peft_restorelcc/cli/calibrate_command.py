@@ -1,0 +1,181 @@
+"""``restorelcc calibrate``: measure the lost components of a pruned model, pick the heads, write the adapter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LOST_COMPONENTS_DIR = "lost_components"
+REPORT_FILE = "pruning_report.json"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="measure what pruning took from each head and write a RestoreLCC adapter",
+        description=(
+            "Run the dense and the pruned model (one at a time) on calibration prompts, take the lost activations "
+            "of every attention head (dense - pruned at the attention output projection's input), their SVD basis "
+            "and mean, score the heads (contrastive probe, lost norm or random), and write a RestoreLCC adapter on "
+            "the top heads with the bases filled in (ADAPTER_DIR, loadable with PeftModel.from_pretrained after "
+            "`import peft_restorelcc`) and the lost components beside it (ADAPTER_DIR/lost_components). A "
+            "pruning_report.json in the pruned model's directory is read for the pruning description and, for "
+            "structured pruning, the kept heads."
+        ),
+    )
+    parser.add_argument("--dense", required=True, metavar="MODEL", help="embedded model name or local directory")
+    parser.add_argument("--pruned", required=True, metavar="MODEL", help="the pruned model's directory")
+    parser.add_argument(
+        "--num-heads", required=True, metavar="K", help="heads to compensate: a count, or a fraction in (0, 1)"
+    )
+    parser.add_argument("--output", required=True, metavar="ADAPTER_DIR", help="new or empty output directory")
+    parser.add_argument("--samples", type=int, default=128, metavar="N", help="calibration prompts (default 128)")
+    parser.add_argument(
+        "--pairs", type=int, default=None, metavar="N", help="contrastive pairs for the probe (default: --samples)"
+    )
+    parser.add_argument("--strategy", choices=("probe", "lost_norm", "random"), default="probe")
+    parser.add_argument("--position", choices=("last", "all"), default="last", help="last prompt token or all tokens")
+    parser.add_argument(
+        "--init", choices=("paper", "lost"), default="paper", help="paper: N(0, init_std); lost: the mean lost vector"
+    )
+    parser.add_argument("--num-components", type=int, default=None, metavar="k", help="basis rows per head")
+    parser.add_argument(
+        "--kept-heads-from", default=None, metavar="PRUNING_REPORT", help="pruning_report.json with kept_heads"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, metavar="B")
+    parser.add_argument("--max-length", type=int, default=512, metavar="L", help="tokens kept per prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.set_defaults(func=run)
+
+
+def parse_head_count(text: str) -> int | float:
+    """``"12"`` -> 12, ``"0.1"`` -> 0.1; the range is checked once the number of heads is known."""
+    try:
+        value: int | float = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError as error:
+            raise ValueError(f"--num-heads {text!r} is neither a count nor a fraction.") from error
+    if value <= 0 or (isinstance(value, float) and value >= 1 and not value.is_integer()):
+        raise ValueError(f"--num-heads {text}: give a count >= 1 or a fraction in (0, 1).")
+    return value
+
+
+def read_pruning_report(args: argparse.Namespace) -> dict[str, Any] | None:
+    path = Path(args.kept_heads_from) if args.kept_heads_from else Path(args.pruned).expanduser() / REPORT_FILE
+    if not path.is_file():
+        if args.kept_heads_from:
+            raise ValueError(f"--kept-heads-from {path}: no such file.")
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def pruning_description(report: dict[str, Any] | None) -> tuple[dict[str, Any] | None, dict | None]:
+    """``(description for the metadata, kept_heads)`` from a pruning report."""
+    if report is None:
+        return None, None
+    keys = ("method", "sparsity_target", "pattern", "overall_sparsity", "source_model")
+    description = {key: report[key] for key in keys if key in report}
+    structured = report.get("structured") if isinstance(report.get("structured"), dict) else {}
+    kept_heads = report.get("kept_heads") or structured.get("kept_heads")
+    if structured:
+        description["structured"] = {k: v for k, v in structured.items() if not k.startswith("kept_")}
+    return description, kept_heads
+
+
+def _check_args(args: argparse.Namespace) -> int | float:
+    output = Path(args.output).expanduser()
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ValueError(f"--output {output} exists and is not an empty directory: pass a new or empty directory.")
+    for flag, value in (
+        ("--samples", args.samples),
+        ("--batch-size", args.batch_size),
+        ("--max-length", args.max_length),
+    ):
+        if value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}.")
+    if args.pairs is not None and args.pairs < 2:
+        raise ValueError(f"--pairs must be at least 2, got {args.pairs}.")
+    if args.num_components is not None and args.num_components < 1:
+        raise ValueError(f"--num-components must be a positive integer, got {args.num_components}.")
+    return parse_head_count(args.num_heads)
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
+    from ..assets import load_model, load_tokenizer, resolve_model_path
+    from ..calibration import ModelLoader, build_restorelcc_model, calibrate, resolve_head_count
+    from ..data import calibration_prompts, contrastive_pairs
+
+    num_heads = _check_args(args)
+    started = time.perf_counter()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pruning, kept_heads = pruning_description(read_pruning_report(args))
+
+    dense_tokenizer = load_tokenizer(args.dense)
+    try:
+        pruned_tokenizer = load_tokenizer(args.pruned)
+    except (OSError, ValueError, TypeError):
+        pruned_tokenizer = None  # a pruned model saved without its tokenizer uses the dense one
+
+    def loader(name: str) -> ModelLoader:
+        path = resolve_model_path(name)
+        return ModelLoader(lambda: load_model(path).to(device), config=AutoConfig.from_pretrained(path), name=name)
+
+    dense_source, pruned_source = loader(args.dense), loader(args.pruned)
+    # A head count out of range fails now rather than after the forward passes (configs of structurally pruned
+    # models carry their reduced head count).
+    pruned_config = pruned_source.config.get_text_config()
+    resolve_head_count(num_heads, pruned_config.num_hidden_layers * pruned_config.num_attention_heads)
+
+    prompts = calibration_prompts(args.samples, seed=args.seed)
+    pairs = contrastive_pairs(limit=args.pairs or args.samples, seed=args.seed) if args.strategy == "probe" else None
+    components = calibrate(
+        dense_source,
+        pruned_source,
+        prompts,
+        dense_tokenizer,
+        pruned_tokenizer=pruned_tokenizer,
+        pairs=pairs,
+        strategy=args.strategy,
+        position=args.position,
+        kept_heads=kept_heads,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        pruning=pruning,
+        seed=args.seed,
+    )
+    pruned = load_model(args.pruned).to(device)
+    peft_model = build_restorelcc_model(
+        pruned, components, num_heads=num_heads, init=args.init, num_components=args.num_components
+    )
+    output = Path(args.output).expanduser()
+    peft_model.save_pretrained(str(output))
+    components.save(output / LOST_COMPONENTS_DIR)
+
+    selected = peft_model.peft_config["default"].heads
+    chosen = sum(len(heads) for heads in selected.values())
+    rows = [
+        ("dense", str(args.dense)),
+        ("pruned", str(args.pruned)),
+        ("pruning", json.dumps(pruning) if pruning else "unknown (no pruning_report.json)"),
+        ("samples", f"{len(prompts)} prompts, {args.position} position"),
+        ("strategy", args.strategy + (f" ({len(pairs)} pairs)" if pairs else "")),
+        ("heads", f"{chosen} of {components.num_heads} in {len(selected)} layers, init {args.init}"),
+        ("seconds", f"{time.perf_counter() - started:.1f}"),
+        ("adapter", str(output)),
+        ("lost components", str(output / LOST_COMPONENTS_DIR)),
+    ]
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+    return 0
