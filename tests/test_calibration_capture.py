@@ -197,3 +197,30 @@ def test_structured_pruning_needs_and_uses_kept_heads() -> None:
     # ... while a wrong mapping (pruned head 1 = dense head 1) shows a loss at that head only.
     wrong = calibrate(dense, pruned, prompts, strategy="lost_norm", kept_heads={1: [0, 1, 3]}, progress=False)
     assert wrong.scores.argmax().item() == 5 and wrong.scores[[0, 1, 2, 3, 4, 6]].max() < 1e-6
+
+
+def test_models_offloaded_by_accelerate() -> None:
+    from accelerate import cpu_offload
+
+    def damaged():
+        model = make_tiny_model("llama")
+        with torch.no_grad():
+            model.model.layers[0].self_attn.v_proj.weight[:8] = 0
+            model.model.layers[1].self_attn.o_proj.weight[:, :8] = 0
+        return model
+
+    prompts = ragged_prompts()
+    plain = calibrate(make_tiny_model("llama"), damaged(), prompts, strategy="lost_norm", progress=False)
+    offloaded_pruned = cpu_offload(damaged(), execution_device="cpu")  # weights live on the meta device
+    assert offloaded_pruned.model.layers[1].self_attn.o_proj.weight.device.type == "meta"
+    offloaded = calibrate(
+        cpu_offload(make_tiny_model("llama"), execution_device="cpu"),
+        offloaded_pruned,
+        prompts,
+        strategy="lost_norm",
+        progress=False,
+    )
+    torch.testing.assert_close(offloaded.mean, plain.mean)
+    torch.testing.assert_close(offloaded.output_metric, plain.output_metric)
+    torch.testing.assert_close(offloaded.scores, plain.scores)
+    offloaded.check_matches(damaged())

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..heads import HeadProjection, find_head_projections, head_dim_of, projection_weight, text_config
+from ..heads import HeadProjection, find_head_projections, head_dim_of, text_config
+from .components import read_projection_weight
 
 ModelSource = nn.Module | Callable[[], nn.Module]
 POSITIONS = ("last", "all")
@@ -140,16 +141,17 @@ def dense_index(dense: ModelStructure, pruned: ModelStructure, kept_heads: dict[
     return torch.cat(rows)
 
 
-def output_metric(model: nn.Module, projections: list[HeadProjection]) -> torch.Tensor:
-    """``W_h^T W_h`` for every head's slice ``W_h`` of its output projection: ``(heads, d, d)`` fp32 on CPU."""
+def output_metric(model: nn.Module, projections: list[HeadProjection]) -> torch.Tensor | None:
+    """``W_h^T W_h`` for every head's slice ``W_h`` of its output projection: ``(heads, d, d)`` fp32 on CPU.
+
+    ``None`` when a projection is offloaded by accelerate (its weight is not materialised outside the forward).
+    """
     modules = dict(unwrap(model).named_modules())
     metrics = []
     for projection in projections:
-        module = modules[projection.name]
-        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-        weight = projection_weight(base).detach()
-        if weight.device.type == "meta":
-            raise ValueError(f"{projection.name} is offloaded (meta device); cannot read its weight.")
+        weight = read_projection_weight(modules[projection.name])
+        if weight is None:
+            return None
         per_head = weight.float().reshape(projection.out_features, projection.num_heads, projection.head_dim)
         metrics.append(torch.einsum("ohd,ohe->hde", per_head, per_head).cpu())
     return torch.cat(metrics)

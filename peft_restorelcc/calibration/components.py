@@ -227,6 +227,22 @@ class LostComponents:
         )
 
 
+def read_projection_weight(module: nn.Module) -> torch.Tensor | None:
+    """The ``out x in`` weight of a projection (under any tuner wrapper), also when accelerate offloaded it: then
+    it is read from the offload hook's weights map. ``None`` when it cannot be read."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    weight = projection_weight(base).detach()
+    if weight.device.type != "meta":
+        return weight
+    hook = getattr(base, "_hf_hook", None)
+    for candidate in [hook, *getattr(hook, "hooks", [])]:
+        weights_map = getattr(candidate, "weights_map", None)
+        if weights_map is not None and "weight" in weights_map:
+            stored = weights_map["weight"]
+            return stored if isinstance(base, nn.Linear) else stored.t()
+    return None
+
+
 def normalize_kept_heads(kept_heads: dict | None) -> dict[int, list[int]] | None:
     """``{layer: [dense head indices]}`` with integer keys (JSON turns them into strings)."""
     if kept_heads is None:
@@ -250,11 +266,9 @@ def model_fingerprint(
     modules = dict(model.named_modules())
     entries = []
     for projection in projections:
-        module = modules[projection.name]
-        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-        weight = projection_weight(base).detach()
-        if weight.device.type == "meta":  # offloaded by accelerate: the weight is not materialised here
-            entries.append({"shape": list(weight.shape), "offloaded": True})
+        weight = read_projection_weight(modules[projection.name])
+        if weight is None:  # offloaded where it cannot be read: only the shape can be compared
+            entries.append({"shape": [projection.out_features, projection.in_features], "offloaded": True})
             continue
         flat = weight.reshape(-1)
         generator = torch.Generator().manual_seed(flat.numel())

@@ -78,7 +78,7 @@ class _RunResult:
     probe: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     pruned_structure: ModelStructure
     fingerprint: dict
-    metric: torch.Tensor
+    metric: torch.Tensor | None
     dense_name: str | None
     pruned_name: str | None
 
