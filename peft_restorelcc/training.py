@@ -1,0 +1,567 @@
+"""Recovery training of a PEFT adapter on a pruned model: data, padding, distillation from the dense model, Trainer.
+
+Everything here works for any PEFT model (RestoreLCC, LoRA, IA3, ...): only the adapter's trainable parameters
+change, and the Trainer does the rest.
+
+Data. Instruction examples (``{"prompt", "response"}``) become one sequence ``prompt + response + EOS`` whose
+labels are ``-100`` on the prompt, so the loss covers the response (and the EOS that ends it) only, as the paper
+trains on Alpaca. Plain text is joined with EOS into one token stream and cut into fixed windows whose every token
+is a target. The collator pads on the right: ids with the pad token, labels with ``-100``, attention mask 0.
+
+Loss. Without a teacher: the model's own next-token cross entropy. With a teacher (the dense model, which recovery
+always has at hand): ``alpha * KL(teacher || student) + (1 - alpha) * LM`` over the labelled next-token positions,
+the KL on temperature-softened distributions and scaled by ``T^2`` so its gradients keep their size as ``T``
+changes. Both terms are sums over tokens divided by the number of labelled tokens in the whole global batch (all
+processes, all accumulation steps), as the Trainer does for its own loss, so 2 processes x batch 2 take the same
+step as 1 process x batch 4.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+
+IGNORE_INDEX = -100
+DATA_CHOICES = ("instruction", "text", "mixed")
+
+# Paper settings (RestoreLCC, Alpaca SFT): lr 1e-3, 3 epochs, batch 8, 2k samples.
+PAPER_LEARNING_RATE = 1e-3
+PAPER_EPOCHS = 3
+PAPER_BATCH_SIZE = 8
+PAPER_SAMPLES = 2000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenisation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError(
+            "The tokenizer has no EOS token; training appends EOS to every response and between text passages. "
+            "Set tokenizer.eos_token before training."
+        )
+    return int(eos)
+
+
+def tokenize_instruction(
+    example: Mapping[str, str], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> dict[str, list[int]] | None:
+    """``prompt + response + EOS`` as ids, with labels ``-100`` on the prompt; None if nothing is left to learn.
+
+    The prompt is tokenized alone and the full text as a whole, and the response is the whole's tail after the
+    prompt's ids (as lm-eval splits context and continuation), so the model trains on the tokens it is scored on.
+    When the prompt's ids are not a prefix of the whole's (a merge across the boundary), the two parts are tokenized
+    separately instead. Too long: the prompt loses tokens from its start; a response longer than ``max_length`` is
+    cut at its end.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (an input and a target), got {max_length}.")
+    prompt, response = example["prompt"], example["response"]
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    full_ids = list(tokenizer(prompt + response)["input_ids"])
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        response_ids = full_ids[len(prompt_ids) :]
+    else:
+        response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    eos = _eos_id(tokenizer)
+    if not response_ids or response_ids[-1] != eos:
+        response_ids.append(eos)
+    response_ids = response_ids[:max_length]
+    room = max_length - len(response_ids)
+    prompt_ids = prompt_ids[-room:] if room else []
+    input_ids = prompt_ids + response_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    # Position 0 is never a target (nothing predicts it): a sequence needs a labelled token after the first.
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        return None
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def text_windows(
+    texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, seq_len: int, limit: int | None = None
+) -> list[dict[str, list[int]]]:
+    """Non-overlapping ``seq_len`` windows of the texts joined by EOS into one stream; every token is a target.
+
+    Texts are consumed lazily, so asking for a few windows does not tokenize a whole corpus. The incomplete last
+    window is dropped.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}.")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be None or >= 0, got {limit}.")
+    eos = _eos_id(tokenizer)
+    windows: list[dict[str, list[int]]] = []
+    stream: list[int] = []
+    for text in texts:
+        if limit is not None and len(windows) >= limit:
+            break
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        stream.append(eos)
+        while len(stream) >= seq_len and (limit is None or len(windows) < limit):
+            window, stream = stream[:seq_len], stream[seq_len:]
+            windows.append({"input_ids": window, "labels": list(window)})
+    return windows
+
+
+def instruction_records(
+    examples: Iterable[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> list[dict[str, list[int]]]:
+    """``tokenize_instruction`` over examples, dropping those with nothing to learn."""
+    records = (tokenize_instruction(example, tokenizer, max_length) for example in examples)
+    return [record for record in records if record is not None]
+
+
+def read_jsonl(path: str | os.PathLike) -> tuple[list[dict[str, str]], list[str]]:
+    """``(instruction examples, texts)`` from a JSONL file: each line an object with string fields ``prompt`` and
+    ``response``, or ``text``. Anything else is a ValueError naming the line."""
+    path = Path(path)
+    examples: list[dict[str, str]] = []
+    texts: list[str] = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number} is not valid JSON ({error.msg}).") from error
+            if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+                examples.append({"prompt": row["prompt"], "response": row["response"]})
+            elif isinstance(row, dict) and isinstance(row.get("text"), str):
+                texts.append(row["text"])
+            else:
+                raise ValueError(
+                    f"{path}:{number} needs string fields 'prompt' and 'response' (instruction data) or 'text' "
+                    '(plain text), e.g. {"prompt": "Question: ...\\nAnswer:", "response": " yes"}.'
+                )
+    if not examples and not texts:
+        raise ValueError(f"{path} holds no examples: write one JSON object per line.")
+    return examples, texts
+
+
+def check_data_choice(data: str) -> None:
+    """ValueError unless ``data`` is a known source or an existing ``.jsonl`` file (cheap: reads nothing)."""
+    if data in DATA_CHOICES:
+        return
+    path = Path(data).expanduser()
+    if not path.is_file():
+        raise ValueError(
+            f"--data {data!r} is neither one of {list(DATA_CHOICES)} nor an existing JSONL file: pass a source name "
+            'or the path of a file with one {"prompt", "response"} (or {"text"}) object per line.'
+        )
+
+
+def build_train_dataset(
+    data: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    samples: int | None = PAPER_SAMPLES,
+    seq_len: int = 128,
+    seed: int = 0,
+) -> datasets.Dataset:
+    """Tokenized training sequences (``input_ids``, ``labels``) from a data choice.
+
+    - ``"instruction"``: ``data.instruction_examples("train")`` (question with options -> answer), response-only loss.
+    - ``"text"``: LAMBADA train passages cut into ``seq_len`` windows, loss on every token.
+    - ``"mixed"``: half of each, interleaved in a seeded order.
+    - a ``.jsonl`` path: its prompt/response lines as instruction data, its text lines as windows.
+
+    ``samples`` is the number of sequences (None: all there are); ``seed`` picks and orders them.
+    """
+    check_data_choice(data)
+    if samples is not None and samples < 1:
+        raise ValueError(f"samples must be >= 1 (or None for all), got {samples}.")
+    rng = random.Random(seed)
+    if data in DATA_CHOICES:
+        from . import data as data_module
+
+        wanted_instruction = {"instruction": samples, "text": 0, "mixed": None if samples is None else samples // 2}
+        records: list[dict[str, list[int]]] = []
+        if data != "text":
+            limit = wanted_instruction[data]
+            records += instruction_records(data_module.instruction_examples("train", limit, seed), tokenizer, seq_len)
+        if data != "instruction":
+            passages = data_module.text_passages("train")
+            rng.shuffle(passages)
+            limit = None if samples is None else samples - len(records)
+            records += text_windows(passages, tokenizer, seq_len, limit)
+    else:
+        examples, texts = read_jsonl(Path(data).expanduser())
+        rng.shuffle(examples)
+        rng.shuffle(texts)
+        records = instruction_records(examples, tokenizer, seq_len) + text_windows(texts, tokenizer, seq_len)
+        rng.shuffle(records)
+        records = records if samples is None else records[:samples]
+    if data == "mixed":
+        rng.shuffle(records)
+    if not records:
+        raise ValueError(f"--data {data!r} gave no training sequences at --seq-len {seq_len}: add data or lower it.")
+    return datasets.Dataset.from_list(records)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Padding
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PaddingCollator:
+    """Right-pads a list of ``{"input_ids", "labels"}`` features into a batch of tensors.
+
+    ``labels`` are padded with ``-100`` by position, never derived from the ids: a pad token equal to EOS (as in
+    SmolLM2) would otherwise erase the EOS targets. ``attention_mask`` is 1 on real tokens.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("Cannot collate an empty batch.")
+        length = max(len(feature["input_ids"]) for feature in features)
+        if self.pad_to_multiple_of:
+            length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(features), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), length), dtype=torch.long)
+        for row, feature in enumerate(features):
+            ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+            n = ids.numel()
+            input_ids[row, :n] = ids
+            labels[row, :n] = torch.as_tensor(feature.get("labels", feature["input_ids"]), dtype=torch.long)
+            attention_mask[row, :n] = (
+                torch.as_tensor(feature["attention_mask"], dtype=torch.long) if "attention_mask" in feature else 1
+            )
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pad_token_id_of(tokenizer: PreTrainedTokenizerBase | None) -> int:
+    """The pad id for the collator: the tokenizer's pad, else its EOS, else 0 (the mask hides it either way)."""
+    for attribute in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attribute, None) if tokenizer is not None else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distillation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def labelled_positions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logits rows, targets, mask)`` of the positions that predict a labelled next token.
+
+    ``logits`` may be longer than ``labels`` (prompt-learning methods prepend virtual tokens): its last
+    ``labels.shape[1]`` positions are the ones aligned with the labels.
+    """
+    logits = logits[:, -labels.shape[1] :]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return logits[:, :-1][mask], targets[mask], mask
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-row ``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` (rows x vocab -> rows), in fp32."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ: "
+            "distillation needs models with the same vocabulary."
+        )
+    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="none").sum(dim=-1)
+    return kl * temperature**2
+
+
+def distillation_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Mean ``token_kl`` over the positions that predict a labelled token (batch x seq x vocab logits)."""
+    student_rows, _, mask = labelled_positions(student_logits, labels)
+    teacher_rows, _, _ = labelled_positions(teacher_logits, labels)
+    if not mask.any():
+        return student_logits.new_zeros((), dtype=torch.float32)
+    return token_kl(student_rows, teacher_rows, temperature).mean()
+
+
+class RecoveryTrainer(Trainer):
+    """A Trainer that can distil from a frozen teacher: ``alpha * KL + (1 - alpha) * LM`` on labelled positions.
+
+    The teacher is a plain attribute, not part of ``self.model``: it is neither wrapped by DDP nor saved in
+    checkpoints. It stays in eval mode without gradients, on the student's device. Without a teacher this is the
+    stock Trainer.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        teacher: nn.Module | None = None,
+        distill_alpha: float = 1.0,
+        temperature: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if not 0.0 <= distill_alpha <= 1.0:
+            raise ValueError(f"distill_alpha must be in [0, 1], got {distill_alpha}.")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        self.teacher = teacher
+        self.distill_alpha = distill_alpha
+        self.temperature = temperature
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+            teacher.to(self.args.device)
+        # Per-process sums since the last log, for "distill_kl" and "lm_loss" in the logs.
+        self._log_sums = {"kl": 0.0, "lm": 0.0, "tokens": 0}
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        if self.teacher is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        outputs = model(**model_inputs)
+        with torch.no_grad():
+            teacher_logits = self.teacher(**model_inputs).logits
+        student_rows, targets, mask = labelled_positions(outputs.logits, labels)
+        teacher_rows, _, _ = labelled_positions(teacher_logits, labels)
+        kl_sum = token_kl(student_rows, teacher_rows, self.temperature).sum()
+        # The LM term is computed even at alpha=1 (without a graph) so that the logs show both.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.distill_alpha < 1.0):
+            lm_sum = F.cross_entropy(student_rows.float(), targets, reduction="sum")
+        loss_sum = self.distill_alpha * kl_sum + (1.0 - self.distill_alpha) * lm_sum
+        if num_items_in_batch is not None:
+            # Normalised over the global batch as the Trainer normalises its own loss; DDP then averages the
+            # gradients over processes, which the scale by the process count undoes.
+            loss = loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+            self.loss_is_scaled_for_ga = True
+        else:
+            loss = loss_sum / mask.sum().clamp(min=1)
+            self.loss_is_scaled_for_ga = False
+        if model.training:
+            self._log_sums["kl"] += float(kl_sum.detach())
+            self._log_sums["lm"] += float(lm_sum.detach())
+            self._log_sums["tokens"] += int(mask.sum())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.teacher is not None and "loss" in logs and self._log_sums["tokens"]:
+            logs["distill_kl"] = round(self._log_sums["kl"] / self._log_sums["tokens"], 6)
+            logs["lm_loss"] = round(self._log_sums["lm"] / self._log_sums["tokens"], 6)
+            self._log_sums = {"kl": 0.0, "lm": 0.0, "tokens": 0}
+        super().log(logs, start_time)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _StepTimer(TrainerCallback):
+    """Wall time of every optimizer step of this run, and the step it started from (non-zero after a resume)."""
+
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+        self.first_step: int | None = None
+        self._started = 0.0
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.first_step = state.global_step
+
+    def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.durations.append(time.perf_counter() - self._started)
+
+
+def _check_training_args(
+    epochs: float, learning_rate: float, batch_size: int, gradient_accumulation_steps: int, max_steps: int,
+    save_steps: int, logging_steps: int,
+) -> None:  # fmt: skip
+    problems = []
+    if not (learning_rate > 0 and math.isfinite(learning_rate)):
+        problems.append(f"learning_rate must be a positive number, got {learning_rate}")
+    if not epochs > 0:
+        problems.append(f"epochs must be > 0, got {epochs}")
+    if batch_size < 1 or gradient_accumulation_steps < 1:
+        problems.append(f"batch_size and gradient_accumulation_steps must be >= 1, got {batch_size}, "
+                        f"{gradient_accumulation_steps}")  # fmt: skip
+    if max_steps == 0 or max_steps < -1:
+        problems.append(f"max_steps must be a positive number of steps, or -1 to train for the epochs, got {max_steps}")
+    if save_steps < 1 or logging_steps < 1:
+        problems.append(f"save_steps and logging_steps must be >= 1, got {save_steps}, {logging_steps}")
+    if problems:
+        raise ValueError("; ".join(problems) + ".")
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak memory of this process: CUDA allocations when on a GPU, and the resident set size (the whole process
+    since it started, model loading included: an upper bound of what training needs)."""
+    peaks = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        peaks["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peaks
+
+
+def train_adapter(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
+    train_dataset: datasets.Dataset | Sequence[Mapping[str, Any]],
+    output_dir: str | os.PathLike,
+    *,
+    epochs: float = PAPER_EPOCHS,
+    learning_rate: float = PAPER_LEARNING_RATE,
+    batch_size: int = PAPER_BATCH_SIZE,
+    gradient_accumulation_steps: int = 1,
+    max_steps: int = -1,
+    seed: int = 0,
+    teacher: nn.Module | None = None,
+    distill_alpha: float = 1.0,
+    temperature: float = 1.0,
+    resume_from_checkpoint: str | os.PathLike | bool | None = None,
+    save_steps: int = 500,
+    save_total_limit: int | None = 2,
+    logging_steps: int = 10,
+    shuffle: bool = True,
+    lr_scheduler_type: str = "linear",
+    warmup: float = 0.0,
+    disable_tqdm: bool | None = None,
+) -> dict[str, Any]:
+    """Train the trainable parameters of a PEFT model with the HF Trainer and save the adapter to ``output_dir``.
+
+    Works for any PEFT model; only its trainable parameters (for RestoreLCC: m and b) are optimised (AdamW, no
+    weight decay, linear decay). ``batch_size`` is per process; the global batch is ``batch_size x processes x
+    gradient_accumulation_steps``. Checkpoints (adapter, optimizer, scheduler, RNG) go to
+    ``output_dir/checkpoint-<step>`` every ``save_steps``; ``resume_from_checkpoint`` (a path, or True for the latest
+    in ``output_dir``) continues from one, and with the same arguments ends where an uninterrupted run ends. With a
+    ``teacher`` the loss is ``distill_alpha * KL(teacher || student) + (1 - distill_alpha) * LM`` (temperature
+    ``temperature``). ``shuffle=False`` feeds the data in order (every process sees the same global batches as one
+    process would, which makes runs with different process counts comparable); shuffling is seeded either way.
+
+    The adapter (``save_pretrained``) is written by the main process only. Returns the train metrics: ``seconds``,
+    ``steps`` (the global step reached), ``steps_this_run``, ``seconds_per_step`` (median wall time of an optimizer
+    step), ``train_loss`` (mean over this run), ``final_loss`` (the last logged loss), peak memory, sizes.
+    """
+    _check_training_args(
+        epochs, learning_rate, batch_size, gradient_accumulation_steps, max_steps, save_steps, logging_steps
+    )
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    if trainable == 0:
+        raise ValueError(
+            "The model has no trainable parameters. Pass a PEFT model made with get_peft_model, or an adapter loaded "
+            "with PeftModel.from_pretrained(..., is_trainable=True)."
+        )
+    if len(train_dataset) == 0:
+        raise ValueError("The training dataset is empty.")
+    output_dir = Path(output_dir)
+    use_cpu = not torch.cuda.is_available()
+    arguments = TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        lr_scheduler_type=lr_scheduler_type,
+        warmup_steps=warmup,
+        weight_decay=0.0,
+        seed=seed,
+        data_seed=seed,
+        train_sampling_strategy="random" if shuffle else "sequential",
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=save_total_limit,
+        logging_strategy="steps",
+        logging_steps=logging_steps,
+        report_to=[],
+        use_cpu=use_cpu,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=not use_cpu,
+        # Our collator builds exactly the columns the model takes.
+        remove_unused_columns=False,
+        disable_tqdm=disable_tqdm,
+    )
+    timer = _StepTimer()
+    trainer = RecoveryTrainer(
+        model=model,
+        args=arguments,
+        train_dataset=train_dataset,
+        data_collator=PaddingCollator(pad_token_id_of(tokenizer)),
+        callbacks=[timer],
+        teacher=teacher,
+        distill_alpha=distill_alpha,
+        temperature=temperature,
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    result = trainer.train(
+        resume_from_checkpoint=str(resume_from_checkpoint)
+        if isinstance(resume_from_checkpoint, (str, os.PathLike))
+        else resume_from_checkpoint
+    )
+    seconds = time.perf_counter() - started
+    if trainer.is_world_process_zero():
+        model.save_pretrained(str(output_dir))
+    trainer.accelerator.wait_for_everyone()
+
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    steps_this_run = trainer.state.global_step - (timer.first_step or 0)
+    metrics: dict[str, Any] = {
+        "seconds": round(seconds, 3),
+        "steps": trainer.state.global_step,
+        "steps_this_run": steps_this_run,
+        "seconds_per_step": round(statistics.median(timer.durations), 4) if timer.durations else None,
+        "train_loss": result.training_loss,
+        "final_loss": logged[-1]["loss"] if logged else result.training_loss,
+        "epochs": trainer.state.epoch,
+        "train_sequences": len(train_dataset),
+        "global_batch_size": batch_size * gradient_accumulation_steps * trainer.args.world_size,
+        "world_size": trainer.args.world_size,
+        "trainable_parameters": trainable,
+        "learning_rate": learning_rate,
+        "distillation": None
+        if teacher is None
+        else {"alpha": distill_alpha, "temperature": temperature, **_last_distill_log(logged)},
+        **peak_memory_mb(),
+    }
+    return metrics
+
+
+def _last_distill_log(logged: list[dict[str, Any]]) -> dict[str, float]:
+    last = logged[-1] if logged else {}
+    return {key: last[key] for key in ("distill_kl", "lm_loss") if key in last}
+
+
+def is_main_process() -> bool:
+    """True in a single process, and on rank 0 of a distributed launch (torchrun / accelerate set ``RANK``)."""
+    return int(os.environ.get("RANK", "0")) == 0
