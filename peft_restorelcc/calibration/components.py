@@ -276,8 +276,8 @@ def model_fingerprint(
         entries.append(
             {
                 "shape": list(weight.shape),
-                "zero_fraction": float((flat == 0).double().mean()),
-                "abs_mean": float(flat.double().abs().mean()),
+                "zero_fraction": 1.0 - int(torch.count_nonzero(flat)) / flat.numel(),
+                "abs_mean": float(flat.abs().sum(dtype=torch.float64)) / flat.numel(),
                 "samples": [float(v) for v in flat[positions.to(flat.device)].double().cpu()],
             }
         )

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .capture import single_threaded
 from .components import MAIN_COMPONENTS_K, LostComponents
 
 STRATEGIES = ("probe", "lost_norm", "random")
@@ -77,7 +78,21 @@ def probe_scores(
     train_x = (train_x - center) / scale
     valid_x = (valid_x - center) / scale
 
-    weight = torch.zeros(heads, 2 * d, requires_grad=True)
+    with single_threaded():  # hundreds of small steps: thread barriers would cost more than they save
+        return _train_probes(train_x, train_y, valid_x, valid_y, steps, lr, weight_decay)
+
+
+def _train_probes(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    valid_x: torch.Tensor,
+    valid_y: torch.Tensor,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    heads, _, features = train_x.shape
+    weight = torch.zeros(heads, features, requires_grad=True)
     bias = torch.zeros(heads, requires_grad=True)
     optimizer = torch.optim.Adam([weight, bias], lr=lr)
     with torch.enable_grad():
