@@ -260,18 +260,22 @@ def _inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Te
 
     Row i of U, divided by U[i, i], is the OBS update of the columns after i once columns < i are fixed, which is what
     lets SparseGPT reuse one factorisation for the whole sequence of column eliminations.
+
+    Computed without forming H^-1: with J the reversal permutation, chol(J H J) = M gives H = R R^T for the upper
+    triangular R = J M J, so H^-1 = R^-T R^-1 and U = R^-1 (one Cholesky and one triangular solve; this is also far
+    faster than ``cholesky_inverse``, which was measured at 100x slower on a busy 2-core CPU).
     """
     columns = hessian.shape[0]
     diagonal = torch.arange(columns, device=hessian.device)
+    identity = torch.eye(columns, dtype=hessian.dtype, device=hessian.device)
     damp = dampening * hessian.diagonal().mean().clamp_min(1e-8)
     for _ in range(6):
         damped = hessian.clone()
         damped[diagonal, diagonal] += damp
-        lower, info = torch.linalg.cholesky_ex(damped)
+        lower, info = torch.linalg.cholesky_ex(damped.flip(0, 1))
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0:
+            upper = torch.linalg.solve_triangular(lower.flip(0, 1), identity, upper=True)
+            if bool(torch.isfinite(upper).all()):
                 return upper
         damp = damp * 10
     raise ValueError("SparseGPT: the calibration Hessian is not positive definite even with heavy dampening.")
@@ -325,19 +329,20 @@ def sparsegpt_prune_weight(
                 flat = torch.sort(saliency.flatten(), stable=True).indices[:quota]
                 block_mask.view(-1)[flat] = True
             pruned_so_far += quota
+        # error_i = w_i * [pruned] / Hinv_ii: the scale is fixed once the block's mask is known (N:M fills it lazily).
+        scale = block_mask / block_diag.unsqueeze(0)
         for i in range(width):
             if nm is not None and i % nm[1] == 0:
                 group = block[:, i : i + nm[1]]
                 saliency = group**2 / (block_diag[i : i + nm[1]].unsqueeze(0) ** 2)
                 block_mask[:, i : i + nm[1]] = _lowest_mask(saliency, nm[1] - nm[0])
-            column = block[:, i]
-            pivot = block_factor[i, i]
-            target = torch.where(block_mask[:, i], torch.zeros_like(column), column)
-            error = (column - target) / pivot
-            # OBS: compensate the removed weights with the remaining columns of this block ...
-            block[:, i:] -= error.unsqueeze(1) * block_factor[i, i:].unsqueeze(0)
-            block[:, i] = target
+                scale[:, i : i + nm[1]] = block_mask[:, i : i + nm[1]] / block_diag[i : i + nm[1]].unsqueeze(0)
+            error = block[:, i] * scale[:, i]
             errors[:, i] = error
+            # OBS: compensate the removed weights with the remaining columns of this block (column i itself
+            # becomes w_i - error_i * Hinv_ii, i.e. zero where pruned) ...
+            block[:, i:].addr_(error, block_factor[i, i:], alpha=-1)
+        block[block_mask] = 0  # exact zeros, not rounding residue
         work[:, start:end] = block
         # ... and, once per block, with all columns to the right of it.
         work[:, end:] -= errors @ factor[start:end, end:]
