@@ -1,0 +1,314 @@
+"""``restorelcc train``: recovery training of an existing adapter on a pruned model (optionally distilling from the
+dense model), with the Hugging Face Trainer.
+
+Runs as one process, or data-parallel under ``torchrun --nproc_per_node N -m peft_restorelcc train ...`` (or
+``accelerate launch``): ``--batch-size`` is per process, and only the main process writes the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..training import (
+    DATA_CHOICES,
+    PAPER_BATCH_SIZE,
+    PAPER_EPOCHS,
+    PAPER_LEARNING_RATE,
+    PAPER_SAMPLES,
+    check_data_choice,
+)
+
+METRICS_FILE = "train_metrics.json"
+
+DESCRIPTION = f"""\
+Train the adapter in --adapter (e.g. written by `restorelcc calibrate`; any PEFT adapter works, LoRA included) on
+the pruned model --model, and write the trained adapter (load it with `import peft_restorelcc` and
+PeftModel.from_pretrained) and {METRICS_FILE} to --output. Checkpoints go to --output/checkpoint-<step>;
+--resume continues the latest (or the given) one.
+
+Loss: next-token cross entropy on the response only (--data instruction) or on every token (--data text). With
+--distill-from DENSE: A * KL(dense || student) + (1 - A) * LM on the same positions (A = --distill-alpha).
+
+Defaults follow the paper: lr {PAPER_LEARNING_RATE:g}, {PAPER_EPOCHS} epochs, batch {PAPER_BATCH_SIZE}, {PAPER_SAMPLES} samples
+(750 optimizer steps). Scaled for CPU: fp32 instead of bf16 and sequences cut at --seq-len 128 tokens (the
+instruction items here are shorter than 100 tokens, so nothing of them is cut). A step of SmolLM2-135M at batch 8
+costs seconds on a CPU (train_metrics.json records seconds_per_step), so the paper budget takes hours there; for a
+quick run lower --samples (e.g. 256) or pass --max-steps.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train an adapter on a pruned model (response-only SFT, optional distillation from the dense model)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="pruned model: embedded name or local directory")
+    parser.add_argument("--adapter", required=True, metavar="DIR", help="existing adapter directory to train")
+    parser.add_argument("--output", required=True, metavar="DIR", help="new or empty directory (or the one resumed)")
+    parser.add_argument(
+        "--data",
+        default="instruction",
+        metavar="SOURCE",
+        help=f"one of {', '.join(DATA_CHOICES)}, or a JSONL file of {{prompt, response}} or {{text}} lines "
+        "(default: instruction)",
+    )
+    parser.add_argument("--samples", type=int, default=PAPER_SAMPLES, metavar="N", help="training sequences")
+    parser.add_argument("--epochs", type=float, default=PAPER_EPOCHS, metavar="E", help="passes over the data")
+    parser.add_argument("--lr", type=float, default=PAPER_LEARNING_RATE, metavar="LR", help="peak learning rate")
+    parser.add_argument(
+        "--max-steps", type=int, default=-1, metavar="N", help="optimizer steps; overrides --epochs (default: -1)"
+    )
+    parser.add_argument("--batch-size", type=int, default=PAPER_BATCH_SIZE, metavar="B", help="sequences per process")
+    parser.add_argument("--grad-accum", type=int, default=1, metavar="G", help="gradient accumulation steps")
+    parser.add_argument("--seq-len", type=int, default=128, metavar="L", help="maximum tokens per sequence")
+    parser.add_argument("--distill-from", default=None, metavar="DENSE", help="dense model to distil from")
+    parser.add_argument(
+        "--distill-alpha", type=float, default=None, metavar="A", help="weight of the KL term in [0, 1] (default 1)"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=None, metavar="T", help="distillation temperature > 0 (default 1)"
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in --output, or from CHECKPOINT",
+    )
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of data choice, order and init")
+    parser.add_argument(
+        "--no-shuffle",
+        action="store_true",
+        help="feed the data in order (then N processes x batch B see the same global batches as 1 process x N*B)",
+    )
+    parser.add_argument("--save-steps", type=int, default=50, metavar="N", help="checkpoint every N steps")
+    parser.add_argument("--logging-steps", type=int, default=10, metavar="N", help="log the loss every N steps")
+
+
+def _is_nonempty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    problems = []
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        problems.append(f"--lr {args.lr} must be a positive number (the paper uses {PAPER_LEARNING_RATE:g})")
+    if not (math.isfinite(args.epochs) and args.epochs > 0):
+        problems.append(f"--epochs {args.epochs} must be > 0")
+    if args.max_steps == 0 or args.max_steps < -1:
+        problems.append(f"--max-steps {args.max_steps} must be a positive number of steps (or -1: train --epochs)")
+    for flag, value, minimum in (
+        ("--samples", args.samples, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--grad-accum", args.grad_accum, 1),
+        ("--seq-len", args.seq_len, 2),
+        ("--save-steps", args.save_steps, 1),
+        ("--logging-steps", args.logging_steps, 1),
+    ):
+        if value < minimum:
+            problems.append(f"{flag} {value} must be >= {minimum}")
+    if args.distill_from is None and (args.distill_alpha is not None or args.temperature is not None):
+        problems.append("--distill-alpha/--temperature need --distill-from DENSE (the model to distil from)")
+    if args.distill_alpha is not None and not 0.0 <= args.distill_alpha <= 1.0:
+        problems.append(f"--distill-alpha {args.distill_alpha} must be in [0, 1] (1: KL only, 0: LM loss only)")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
+        problems.append(f"--temperature {args.temperature} must be > 0 (1 keeps the distributions as they are)")
+    if problems:
+        raise ValueError("; ".join(problems) + ".")
+
+
+def _check_adapter(adapter: Path) -> None:
+    if not (adapter / "adapter_config.json").is_file():
+        raise ValueError(
+            f"--adapter {adapter} is not an adapter directory (no adapter_config.json): pass the directory written "
+            "by `restorelcc calibrate` or by a PEFT model's save_pretrained."
+        )
+
+
+def _resolve_resume(args: argparse.Namespace, output: Path) -> str | None:
+    """The checkpoint to resume, checked; None for a fresh run (which needs an empty --output)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if args.resume is None:
+        if output.exists() and not output.is_dir():
+            raise ValueError(f"--output {output} is a file: pass a new or empty directory.")
+        if _is_nonempty_dir(output):
+            raise ValueError(
+                f"--output {output} is not empty: pass a new or empty directory, or add --resume to continue the "
+                "training whose checkpoints are in it."
+            )
+        return None
+    if args.resume is True:
+        last = get_last_checkpoint(str(output)) if output.is_dir() else None
+        if last is None:
+            raise ValueError(
+                f"--resume: {output} holds no checkpoint-<step> directory to continue; drop --resume for a fresh run "
+                "or pass --resume CHECKPOINT."
+            )
+        return last
+    checkpoint = Path(args.resume).expanduser()
+    if not (checkpoint / "trainer_state.json").is_file():
+        raise ValueError(
+            f"--resume {checkpoint} is not a Trainer checkpoint (no trainer_state.json): pass a checkpoint-<step> "
+            "directory, or --resume alone for the latest one in --output."
+        )
+    return str(checkpoint)
+
+
+def _check_teacher(student_path: Path, teacher_path: Path) -> None:
+    """Distillation compares next-token distributions: both models must share the vocabulary."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    student_vocab = _text_config(AutoConfig.from_pretrained(student_path)).vocab_size
+    teacher_vocab = _text_config(AutoConfig.from_pretrained(teacher_path)).vocab_size
+    if student_vocab != teacher_vocab:
+        raise ValueError(
+            f"--distill-from {teacher_path} has a vocabulary of {teacher_vocab} tokens but --model has "
+            f"{student_vocab}: distil from the dense model the pruned one was made from."
+        )
+    try:
+        student_tokens = AutoTokenizer.from_pretrained(student_path).get_vocab()
+        teacher_tokens = AutoTokenizer.from_pretrained(teacher_path).get_vocab()
+    except (OSError, ValueError, TypeError):
+        return  # one side has no tokenizer saved: the sizes agree, which is all that can be checked
+    if student_tokens != teacher_tokens:
+        raise ValueError(
+            f"--distill-from {teacher_path} has the same vocabulary size as --model but other tokens: distil from "
+            "the dense model the pruned one was made from."
+        )
+
+
+def _check_seq_len(model_path: Path, seq_len: int) -> None:
+    from transformers import AutoConfig
+
+    config = _text_config(AutoConfig.from_pretrained(model_path))
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's {limit} positions: lower it.")
+
+
+def _check_args(args: argparse.Namespace) -> tuple[Path, Path | None, Path, str | None]:
+    """Every check that needs no model weights. Returns (model path, teacher path, output, checkpoint)."""
+    from ..assets import resolve_model_path
+
+    _check_numbers(args)
+    _check_adapter(Path(args.adapter).expanduser())
+    output = Path(args.output).expanduser()
+    checkpoint = _resolve_resume(args, output)
+    check_data_choice(args.data)
+    model_path = resolve_model_path(args.model)
+    _check_seq_len(model_path, args.seq_len)
+    teacher_path = None
+    if args.distill_from is not None:
+        teacher_path = resolve_model_path(args.distill_from)
+        _check_teacher(model_path, teacher_path)
+    return model_path, teacher_path, output, checkpoint
+
+
+def run(args: argparse.Namespace) -> int:
+    model_path, teacher_path, output, checkpoint = _check_args(args)
+
+    from peft import PeftModel
+
+    import peft_restorelcc  # noqa: F401  (registers RESTORELCC with PEFT before the adapter is read)
+
+    from ..assets import load_model, load_tokenizer
+    from ..training import build_train_dataset, is_main_process, train_adapter
+
+    main = is_main_process()
+    tokenizer = load_tokenizer(model_path)
+    dataset = build_train_dataset(args.data, tokenizer, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    model = PeftModel.from_pretrained(load_model(model_path), str(Path(args.adapter).expanduser()), is_trainable=True)
+    teacher = load_model(teacher_path) if teacher_path is not None else None
+    if main:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        adapter_type = str(model.peft_config[model.active_adapter].peft_type)
+        print(
+            f"training {adapter_type} adapter: {trainable:,} trainable parameters, {len(dataset)} sequences of "
+            f"--data {args.data}" + (f", distilling from {args.distill_from}" if teacher is not None else ""),
+            file=sys.stderr,
+        )
+    distill = {}
+    if teacher is not None:
+        distill = {
+            "distill_alpha": 1.0 if args.distill_alpha is None else args.distill_alpha,
+            "temperature": 1.0 if args.temperature is None else args.temperature,
+        }
+    metrics = train_adapter(
+        model,
+        tokenizer,
+        dataset,
+        output,
+        epochs=args.epochs,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        teacher=teacher,
+        resume_from_checkpoint=checkpoint,
+        save_steps=args.save_steps,
+        logging_steps=args.logging_steps,
+        shuffle=not args.no_shuffle,
+        **distill,
+    )
+    if not main:
+        return 0
+    metrics.update(
+        model=str(args.model),
+        adapter=str(args.adapter),
+        data=args.data,
+        samples=args.samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        shuffle=not args.no_shuffle,
+        distill_from=args.distill_from,
+        resumed_from=checkpoint,
+    )
+    (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    rows = [
+        ("steps", str(metrics["steps"])),
+        ("seconds", f"{metrics['seconds']:.1f}"),
+        ("seconds / step", str(metrics["seconds_per_step"])),
+        ("final loss", f"{metrics['final_loss']:.4f}"),
+        ("output", str(output)),
+    ]
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """This subcommand alone, with the dispatcher's error handling (``python -m peft_restorelcc.cli.train_command``)."""
+    parser = argparse.ArgumentParser(
+        prog="restorelcc train", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as error:
+        print(f"restorelcc train: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
