@@ -12,7 +12,7 @@ import torch
 from tiny_models import make_tiny_model, random_input_ids
 
 from peft_restorelcc import restorelcc_layers
-from peft_restorelcc.calibration import build_restorelcc_model, calibrate, capture_activations
+from peft_restorelcc.calibration import build_restorelcc_model, calibrate, capture_activations, refine_lost_init
 
 LAYER, HEAD, HEAD_DIM = 1, 2, 8
 ROW = 4 + HEAD  # stacked row of (layer 1, head 2): 4 heads per layer
@@ -102,3 +102,38 @@ def test_paper_init_keeps_small_random_magnitudes(planted) -> None:
         torch.testing.assert_close(layer.restorelcc_basis["default"], components.basis[rows, :3])
         magnitude = layer.restorelcc_magnitude["default"]
         assert magnitude.shape == (len(rows), 3) and 0 < magnitude.abs().max() < 1e-2
+
+
+def test_sequential_refinement_accounts_for_the_layers_below() -> None:
+    dense, pruned = _models()
+    rows = slice(HEAD * HEAD_DIM, (HEAD + 1) * HEAD_DIM)
+    with torch.no_grad():
+        # A second loss, in the first layer: its compensation changes what layer 1 receives; and layer 1's head is
+        # only damaged (halved values) so that what it writes depends on what it receives.
+        pruned.model.layers[0].self_attn.v_proj.weight[8:16] = 0
+        pruned.model.layers[LAYER].self_attn.v_proj.weight[rows] = (
+            0.5 * dense.model.layers[LAYER].self_attn.v_proj.weight[rows]
+        )
+    prompts = random_input_ids(batch=32, length=10, seed=5).tolist()
+    components = calibrate(dense, pruned, prompts, strategy="lost_norm", batch_size=16, progress=False)
+    model = build_restorelcc_model(pruned, components, num_heads=2, init="lost")
+    assert model.peft_config["default"].heads == {0: [1], 1: [HEAD]}
+    dense_mean = capture_activations(dense, prompts, progress=False).mean(0)
+
+    def mean_residual() -> dict[int, float]:
+        raw = capture_activations(model, prompts, progress=False).mean(0)  # heads before the adapter's shift
+        residual = {}
+        for layer in restorelcc_layers(model):
+            if "default" in layer.head_indices:
+                (head,) = layer.head_indices["default"]
+                shift = layer.restorelcc_magnitude["default"][0] @ layer.restorelcc_basis["default"][0]
+                row = 4 * layer.layer_index + head
+                residual[layer.layer_index] = float((dense_mean[row] - raw[row] - shift).norm())
+        return residual
+
+    independent = mean_residual()
+    assert independent[0] < 1e-5 and independent[1] > 1e-3  # layer 1's loss was measured without layer 0's fix
+    remaining = refine_lost_init(model, dense, prompts, components=components, batch_size=16, progress=False)
+    assert set(remaining) == {0, 1}
+    refined = mean_residual()
+    assert max(refined.values()) < 1e-5

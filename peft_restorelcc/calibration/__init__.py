@@ -5,7 +5,7 @@ components.save("out/lost_components")
 peft_model = build_restorelcc_model(pruned, components, num_heads=0.1, init="lost")
 """
 
-from .adapter import build_restorelcc_model, resolve_head_count, select_heads
+from .adapter import build_restorelcc_model, refine_lost_init, resolve_head_count, select_heads
 from .capture import (
     HeadCapture,
     LostAccumulator,
@@ -35,6 +35,7 @@ __all__ = [
     "probe_activations",
     "probe_scores",
     "random_scores",
+    "refine_lost_init",
     "resolve_head_count",
     "score_heads",
     "select_heads",

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .components import LostComponents
+from ..heads import find_head_projections
+from .capture import (
+    ModelStructure,
+    dense_index,
+    iterate_activations,
+    make_batches,
+    obtain,
+    pad_id_of,
+    release,
+    structure_of,
+    tokenize,
+    unwrap,
+)
+from .components import LostComponents, normalize_kept_heads
 
 INITS = ("paper", "lost")
 
@@ -102,3 +116,95 @@ def build_restorelcc_model(
             "this model's attention projections."
         )
     return peft_model
+
+
+def refine_lost_init(
+    peft_model: nn.Module,
+    dense: Any,
+    prompts: Sequence[str] | Sequence[Sequence[int]] | torch.Tensor,
+    tokenizer: Any = None,
+    *,
+    components: LostComponents,
+    adapter_name: str = "default",
+    batch_size: int = 8,
+    max_length: int | None = None,
+    padding_side: str | None = None,
+    progress: bool = True,
+) -> dict[int, float]:
+    """Re-measure the "lost" init layer by layer, each layer with the compensation of the layers below in place.
+
+    Independently measured losses do not add up: compensating layer 0 changes what every later layer receives, so
+    its measured loss is stale (compensating many heads that way was seen to make a pruned model worse). Here the
+    mean dense head activations are taken once; then for each compensated layer, in order, the wrapped pruned model
+    runs up to that layer only (with the already refined layers below), and the layer's magnitudes become the
+    coefficients of the remaining mean loss in its basis (bias zero). The cost is about half a forward pass of the
+    pruned model per compensated layer. Returns, per layer, the norm of the mean loss that was left after the
+    layers below had been compensated (summed over its compensated heads).
+    """
+    from .. import restorelcc_layers
+
+    position = components.metadata.get("position") or "last"
+    if max_length is None:
+        max_length = components.metadata.get("max_length", 512)
+    if padding_side is None:
+        padding_side = getattr(tokenizer, "padding_side", None) or "right"
+    batches = make_batches(tokenize(prompts, tokenizer, max_length), batch_size, pad_id_of(tokenizer), padding_side)
+    layers = sorted(
+        (layer for layer in restorelcc_layers(peft_model) if adapter_name in layer.head_indices),
+        key=lambda layer: layer.layer_index,
+    )
+    if not layers:
+        raise ValueError(f"{type(peft_model).__name__} has no RestoreLCC layers for adapter {adapter_name!r}.")
+    if any(adapter_name not in layer.restorelcc_magnitude for layer in layers):
+        raise ValueError("refine_lost_init sets the magnitudes; the adapter needs use_components=True.")
+    target_modules = components.metadata.get("target_modules")
+    pruned_structure = ModelStructure(
+        num_hidden_layers=None,
+        layer_indices=tuple(components.layer_indices),
+        heads_per_layer=tuple(components.heads_per_layer),
+        head_dim=components.head_dim,
+        vocab_size=None,
+    )
+
+    # 1. Mean dense activation of every pruned head's dense counterpart (one pass; only sums are kept).
+    dense_model, owned = obtain(dense)
+    try:
+        dense_structure = structure_of(dense_model, target_modules)
+        rows = dense_index(
+            dense_structure, pruned_structure, normalize_kept_heads(components.metadata.get("kept_heads"))
+        )
+        projections = find_head_projections(unwrap(dense_model), target_modules, components.head_dim)
+        total, count = torch.zeros(len(rows), components.head_dim, dtype=torch.float64), 0
+        for _, acts in iterate_activations(dense_model, projections, batches, position, "dense model", progress):
+            total += acts[:, rows].sum(0, dtype=torch.float64)
+            count += acts.shape[0]
+        dense_mean = total / count
+    finally:
+        dense_model = None
+        release(owned)
+
+    # 2. Layer by layer, the pruned model with the layers below already compensated.
+    pruned_projections = {
+        p.layer_index: p for p in find_head_projections(unwrap(peft_model), target_modules, components.head_dim)
+    }
+    remaining: dict[int, float] = {}
+    with torch.no_grad():
+        for layer in layers:
+            projection = pruned_projections[layer.layer_index]
+            total, count = torch.zeros(projection.num_heads, components.head_dim, dtype=torch.float64), 0
+            for _, acts in iterate_activations(
+                peft_model, [projection], batches, position, f"layer {layer.layer_index}", progress, stop_early=True
+            ):
+                total += acts.sum(0, dtype=torch.float64)
+                count += acts.shape[0]
+            heads = layer.head_indices[adapter_name]
+            layer_rows = components.rows_of(layer.layer_index, heads)
+            lost = (dense_mean[layer_rows] - (total / count)[heads]).float()
+            remaining[layer.layer_index] = float(lost.norm())
+            basis = layer.restorelcc_basis[adapter_name]
+            magnitude = layer.restorelcc_magnitude[adapter_name]
+            coefficients = torch.einsum("hkd,hd->hk", basis.float().cpu(), lost)
+            magnitude.copy_(coefficients.to(device=magnitude.device, dtype=magnitude.dtype))
+            if adapter_name in layer.restorelcc_bias:
+                layer.restorelcc_bias[adapter_name].zero_()
+    return remaining

@@ -252,11 +252,19 @@ def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- hooks
-class HeadCapture:
-    """Pre-hooks on the output projections; after a forward, ``take()`` gives ``(n, heads, d)`` activations."""
+class _StopForward(Exception):
+    """Raised by a hook once every hooked projection has been read: the rest of the forward is not needed."""
 
-    def __init__(self, model: nn.Module, projections: list[HeadProjection]) -> None:
+
+class HeadCapture:
+    """Pre-hooks on the output projections; after a forward, ``take()`` gives ``(n, heads, d)`` activations.
+
+    With ``stop_early`` the forward is cut short once every hooked projection has been read.
+    """
+
+    def __init__(self, model: nn.Module, projections: list[HeadProjection], stop_early: bool = False) -> None:
         self.projections = projections
+        self.stop_early = stop_early
         self._selection: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._outputs: list[torch.Tensor | None] = [None] * len(projections)
         modules = dict(unwrap(model).named_modules())
@@ -277,6 +285,8 @@ class HeadCapture:
             else:
                 picked = hidden[rows.to(hidden.device), columns.to(hidden.device)]
             self._outputs[slot] = picked.detach().to("cpu")
+            if self.stop_early and all(out is not None for out in self._outputs):
+                raise _StopForward
 
         return hook
 
@@ -327,18 +337,20 @@ def iterate_activations(
     position: str,
     description: str = "capture",
     progress: bool = True,
+    stop_early: bool = False,
 ) -> Iterator[tuple[Batch, torch.Tensor]]:
     """Yield ``(batch, activations)`` with activations ``(n, total heads, d)`` at the selected positions.
 
     For ``"last"`` ``n`` is the batch size (rows in batch order); for ``"all"`` it is the number of non-padding
-    tokens of the batch in row-major order, identical for two models fed the same batch.
+    tokens of the batch in row-major order, identical for two models fed the same batch. ``stop_early`` skips the
+    layers after the last hooked projection.
     """
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {POSITIONS}, got {position!r}.")
     backbone = _backbone(model)
     accepted = inspect.signature(backbone.forward).parameters
     device = _input_device(model)
-    capture = HeadCapture(model, projections)
+    capture = HeadCapture(model, projections, stop_early=stop_early)
     was_training = model.training
     model.eval()
     try:
@@ -351,7 +363,10 @@ def iterate_activations(
                 inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0).to(device)
             if "use_cache" in accepted:
                 inputs["use_cache"] = False
-            backbone(**inputs)
+            try:
+                backbone(**inputs)
+            except _StopForward:
+                pass
             yield batch, capture.take()
     finally:
         capture.remove()

@@ -41,7 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--strategy", choices=("probe", "lost_norm", "random"), default="probe")
     parser.add_argument("--position", choices=("last", "all"), default="last", help="last prompt token or all tokens")
     parser.add_argument(
-        "--init", choices=("paper", "lost"), default="paper", help="paper: N(0, init_std); lost: the mean lost vector"
+        "--init",
+        choices=("paper", "lost", "lost-sequential"),
+        default="paper",
+        help="paper: N(0, init_std); lost: the mean lost vector; lost-sequential: the same, re-measured layer by "
+        "layer with the layers below compensated (one more pass of the dense model, ~half a pruned pass per layer)",
     )
     parser.add_argument("--num-components", type=int, default=None, metavar="k", help="basis rows per head")
     parser.add_argument(
@@ -113,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from ..assets import load_model, load_tokenizer, resolve_model_path
-    from ..calibration import ModelLoader, build_restorelcc_model, calibrate, resolve_head_count
+    from ..calibration import ModelLoader, build_restorelcc_model, calibrate, refine_lost_init, resolve_head_count
     from ..data import calibration_prompts, contrastive_pairs
 
     num_heads = _check_args(args)
@@ -156,8 +160,22 @@ def run(args: argparse.Namespace) -> int:
     )
     pruned = load_model(args.pruned).to(device)
     peft_model = build_restorelcc_model(
-        pruned, components, num_heads=num_heads, init=args.init, num_components=args.num_components
+        pruned,
+        components,
+        num_heads=num_heads,
+        init="paper" if args.init == "paper" else "lost",
+        num_components=args.num_components,
     )
+    if args.init == "lost-sequential":
+        refine_lost_init(
+            peft_model,
+            dense_source,
+            prompts,
+            dense_tokenizer,
+            components=components,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+        )
     output = Path(args.output).expanduser()
     peft_model.save_pretrained(str(output))
     components.save(output / LOST_COMPONENTS_DIR)
