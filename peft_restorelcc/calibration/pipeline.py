@@ -114,7 +114,8 @@ def _run_models(
             check_tokens_fit(everything, dense_declared.vocab_size, "dense")
         fingerprint = model_fingerprint(pruned_model, target_modules=target_modules, head_dim=head_dim)
         metric = output_metric(pruned_model, pruned_projections)
-        pruned_name = model_name(pruned if not isinstance(pruned, nn.Module) else pruned_model)
+        # A loader's name, else the loaded model's own path.
+        pruned_name = model_name(pruned) or model_name(pruned_model)
         dense_name = model_name(dense)
         batches = make_batches(sequences, batch_size, pad_id, padding_side) if sequences else []
         num_heads = sum(pruned_structure.heads_per_layer)
@@ -189,6 +190,7 @@ def _run_models(
                 for index, (_, dense_acts) in enumerate(dense_iter):
                     accumulator.add(dense_acts, store[index])
             store.close()
+        dense_name = dense_name or model_name(dense_model)
         probe_result = None
         if probe is not None:
             correct = _capture_last(
