@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import string
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from tiny_models import make_tiny_model
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from peft_restorelcc.cli import prune_command
+from peft_restorelcc.cli import main
 from peft_restorelcc.pruning import REPORT_FILE, calibration_windows, check_nm_pattern, load_report, measure_sparsity
 
 
@@ -48,28 +46,8 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def run_cli(argv: list[str]) -> int:
-    """``restorelcc`` as installed: the real dispatcher once every subcommand module of cli/__init__.py exists.
-
-    While sibling subcommands are still being written, the prune subcommand alone is mounted the way the dispatcher
-    mounts it (register + ValueError -> one line, exit 2).
-    """
-    from peft_restorelcc import cli
-
-    try:
-        cli.build_parser()
-    except ModuleNotFoundError as error:
-        if not (error.name or "").endswith("_command"):
-            raise
-    else:
-        return cli.main(argv)
-    parser = argparse.ArgumentParser(prog="restorelcc")
-    prune_command.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ValueError as error:
-        print(f"restorelcc {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    """``restorelcc`` as installed: the real dispatcher (ValueError -> one line on stderr, exit 2)."""
+    return main(argv)
 
 
 def test_magnitude_writes_model_tokenizer_and_report(model_dir: Path, tmp_path: Path, capsys) -> None:
