@@ -1,0 +1,379 @@
+"""How much of the pruning gap each PEFT method gives back, at the same data and optimiser steps.
+
+One pruned model (SmolLM2-135M, Wanda 50% by default), one calibration, then for every method a drop-in swap of
+the PEFT config: the same instruction data, the same number of optimiser steps, batch and seeds. Every row is
+evaluated on the paper's seven tasks (the first ``--limit`` items of each) and on held-out LAMBADA perplexity,
+and merged (on a copy) to measure the sparsity that survives.
+
+    python benchmarks/recovery.py                       # the committed run (see README for its settings/time)
+    python benchmarks/recovery.py --steps 10 --limit 20 --seeds 0 --methods restorelcc,lora   # a quick look
+
+Writes benchmarks/results/recovery.json (rows: dense, pruned, then one per method, seeds aggregated as mean and
+spread), recovery.md (a table) and recovery.png (gap recovered against trainable parameters, log scale). The
+results file is rewritten after every finished run, so an interrupted benchmark keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import BeftConfig, IA3Config, LNTuningConfig, LoraConfig, get_peft_model
+from tqdm import tqdm
+
+from peft_restorelcc import recovery
+from peft_restorelcc.assets import load_model, load_tokenizer
+from peft_restorelcc.calibration import build_restorelcc_model, score_heads
+from peft_restorelcc.pruning import measure_sparsity
+from peft_restorelcc.training import PaddingCollator, build_train_dataset, pad_token_id_of, train_adapter
+
+RESULTS = Path(__file__).parent / "results"
+
+# Learning rates: the paper trains RestoreLCC at 1e-3 for ~750 steps; this budget is an order of magnitude smaller,
+# so the vector-sized methods get 5e-3 and the matrix-sized ones (LoRA, DoRA) 5e-4.
+VECTOR_LR, MATRIX_LR = 5e-3, 5e-4
+
+
+class Context:
+    """What every method shares: the pruned model, its lost components (scored), tokenizer and settings."""
+
+    def __init__(self, pruned, components, tokenizer, args):
+        self.pruned, self.components, self.tokenizer, self.args = pruned, components, tokenizer, args
+
+    def fresh_pruned(self):
+        return copy.deepcopy(self.pruned)
+
+    def restorelcc(self, heads: float | None = None, components=None, **kwargs):
+        return build_restorelcc_model(
+            self.fresh_pruned(), components or self.components, num_heads=heads or self.args.heads, **kwargs
+        )
+
+    def total_heads(self) -> int:
+        return self.components.num_heads
+
+    def ffn_bias_layers(self) -> list[int]:
+        """As many FFN output biases (hidden_size each) as the parameter budget of RestoreLCC at --heads."""
+        head_dim = self.components.head_dim
+        budget = round(self.args.heads * self.total_heads()) * 2 * head_dim
+        hidden = self.pruned.config.hidden_size
+        num_layers = self.pruned.config.num_hidden_layers
+        count = max(1, min(num_layers, round(budget / hidden)))
+        return [round(i * (num_layers - 1) / max(1, count - 1)) for i in range(count)] if count > 1 else [0]
+
+
+def _rescored(context: Context, strategy: str):
+    return score_heads(context.components, strategy, seed=0)
+
+
+# name -> (builder(context) -> PeftModel, learning rate, trained?)
+METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
+    "restorelcc": (lambda c: c.restorelcc(init="paper"), VECTOR_LR, True),
+    "restorelcc-lost": (lambda c: c.restorelcc(init="lost"), VECTOR_LR, True),
+    "restorelcc-free": (lambda c: c.restorelcc(init="lost"), VECTOR_LR, False),
+    "head-bias": (lambda c: c.restorelcc(init="paper", use_components=False), VECTOR_LR, True),
+    "lora": (lambda c: get_peft_model(c.fresh_pruned(), LoraConfig(r=8, target_modules="all-linear")), MATRIX_LR, True),
+    "lora-oproj": (
+        lambda c: get_peft_model(c.fresh_pruned(), LoraConfig(r=8, target_modules=["o_proj"])),
+        MATRIX_LR,
+        True,
+    ),
+    "dora": (
+        lambda c: get_peft_model(c.fresh_pruned(), LoraConfig(r=8, target_modules="all-linear", use_dora=True)),
+        MATRIX_LR,
+        True,
+    ),
+    "ia3": (lambda c: get_peft_model(c.fresh_pruned(), IA3Config(task_type="CAUSAL_LM")), VECTOR_LR, True),
+    "ln-tuning": (lambda c: get_peft_model(c.fresh_pruned(), LNTuningConfig(task_type="CAUSAL_LM")), VECTOR_LR, True),
+    # The paper's claims at small scale.
+    "ffn-bias": (
+        lambda c: get_peft_model(
+            c.fresh_pruned(),
+            BeftConfig(target_modules=rf"model\.layers\.({'|'.join(map(str, c.ffn_bias_layers()))})\.mlp\.down_proj"),
+        ),
+        VECTOR_LR,
+        True,
+    ),
+    "restorelcc-heads-5%": (lambda c: c.restorelcc(heads=0.05, init="paper"), VECTOR_LR, True),
+    "restorelcc-heads-12.5%": (lambda c: c.restorelcc(heads=0.125, init="paper"), VECTOR_LR, True),
+    "restorelcc-heads-50%": (lambda c: c.restorelcc(heads=0.5, init="paper"), VECTOR_LR, True),
+    "restorelcc-lost_norm": (
+        lambda c: c.restorelcc(init="paper", components=_rescored(c, "lost_norm")),
+        VECTOR_LR,
+        True,
+    ),
+    "restorelcc-random": (lambda c: c.restorelcc(init="paper", components=_rescored(c, "random")), VECTOR_LR, True),
+}
+MAIN_METHODS = [
+    "restorelcc",
+    "restorelcc-lost",
+    "restorelcc-free",
+    "head-bias",
+    "lora",
+    "lora-oproj",
+    "dora",
+    "ia3",
+    "ln-tuning",
+]
+CLAIM_METHODS = [
+    "ffn-bias",
+    "restorelcc-heads-5%",
+    "restorelcc-heads-12.5%",
+    "restorelcc-heads-50%",
+    "restorelcc-lost_norm",
+    "restorelcc-random",
+]
+
+
+def evaluate(model, context: Context) -> dict[str, Any]:
+    args = context.args
+    return recovery.evaluate_model(
+        model, context.tokenizer, limit=args.limit, perplexity_passages=args.perplexity_passages
+    )
+
+
+def accuracy_of(results: dict[str, Any]) -> dict[str, float]:
+    return {
+        task: (metrics["acc"] if metrics.get("acc_norm") is None else metrics["acc_norm"])
+        for task, metrics in results["tasks"].items()
+    }
+
+
+def run_method(name: str, seed: int, context: Context, output: Path) -> dict[str, Any]:
+    build, learning_rate, trained = METHODS[name]
+    torch.manual_seed(seed)
+    model = build(context)
+    trainable = recovery.trainable_parameters(model)
+    args = context.args
+    dataset = build_train_dataset("instruction", context.tokenizer, samples=args.steps * args.batch_size, seed=seed)
+    first_batch = PaddingCollator(pad_token_id_of(context.tokenizer))([dataset[i] for i in range(args.batch_size)])
+    memory = recovery.training_memory_bytes(model, first_batch)
+    train_metrics: dict[str, Any] = {"seconds": 0.0}
+    if trained:
+        train_metrics = train_adapter(
+            model,
+            context.tokenizer,
+            dataset,
+            output / f"{name}-seed{seed}",
+            learning_rate=learning_rate,
+            batch_size=args.batch_size,
+            max_steps=args.steps,
+            seed=seed,
+            save_steps=10**9,
+            logging_steps=10,
+            disable_tqdm=False,
+        )
+    results = evaluate(model, context)
+    return {
+        "seed": seed,
+        "trainable_params": trainable,
+        "tasks": accuracy_of(results),
+        "avg_acc": recovery.headline_accuracy(results),
+        "ppl": results.get("perplexity"),
+        "sparsity_after_merge": merged_sparsity(model),
+        "train_seconds": train_metrics.get("seconds", 0.0),
+        "seconds_per_step": train_metrics.get("seconds_per_step"),
+        "train_memory_mb": memory / 2**20,
+        "learning_rate": learning_rate if trained else None,
+    }
+
+
+def merged_sparsity(model) -> float | None:
+    try:
+        return recovery.sparsity_after_merge(model)
+    except ValueError:  # e.g. BEFT cannot merge into a projection without a bias
+        return None
+
+
+def aggregate(name: str, runs: list[dict[str, Any]], dense: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
+    def mean_spread(values: list[float]) -> tuple[float, float]:
+        return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    avg_acc, avg_acc_std = mean_spread([run["avg_acc"] for run in runs])
+    ppl, ppl_std = mean_spread([run["ppl"] for run in runs])
+    recovered = [recovery.gap_recovered(dense["avg_acc"], pruned["avg_acc"], run["avg_acc"]) for run in runs]
+    # Perplexity gap in log space: log-perplexity is the mean NLL, the quantity training lowers.
+    recovered_ppl = [
+        recovery.gap_recovered(
+            -torch.tensor(dense["ppl"]).log().item(),
+            -torch.tensor(pruned["ppl"]).log().item(),
+            -torch.tensor(run["ppl"]).log().item(),
+        )
+        for run in runs
+    ]
+    gap, gap_std = mean_spread(recovered)
+    gap_ppl, gap_ppl_std = mean_spread(recovered_ppl)
+    return {
+        "method": name,
+        "trainable_params": runs[0]["trainable_params"],
+        "avg_acc": avg_acc,
+        "avg_acc_std": avg_acc_std,
+        "tasks": {task: statistics.mean(run["tasks"][task] for run in runs) for task in runs[0]["tasks"]},
+        "ppl": ppl,
+        "ppl_std": ppl_std,
+        "gap_recovered": gap,
+        "gap_recovered_std": gap_std,
+        "gap_recovered_ppl": gap_ppl,
+        "gap_recovered_ppl_std": gap_ppl_std,
+        "sparsity": pruned["sparsity"],
+        "sparsity_after_merge": runs[0]["sparsity_after_merge"],
+        "train_memory_mb": runs[0]["train_memory_mb"],
+        "train_seconds": statistics.mean(run["train_seconds"] for run in runs),
+        "seeds": [run["seed"] for run in runs],
+        "runs": runs,
+    }
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    rows = report["rows"]
+    tasks = list(rows[0]["tasks"])
+    lines = [
+        "| method | trainable params | " + " | ".join(tasks) + " | avg acc | gap recovered (acc) | ppl | "
+        "gap recovered (log ppl) | sparsity after merge | train s | train memory MB | seeds |",
+        "|---|" + "---|" * (len(tasks) + 9),
+    ]
+
+    def spread(value, std, fmt):
+        return (fmt.format(value) + (f" ± {fmt.format(std)}" if std else "")) if value is not None else ""
+
+    for row in rows:
+        lines.append(
+            f"| {row['method']} | {row['trainable_params']:,} | "
+            + " | ".join(f"{row['tasks'][task]:.3f}" for task in tasks)
+            + f" | {spread(row['avg_acc'], row.get('avg_acc_std'), '{:.3f}')}"
+            + f" | {spread(row.get('gap_recovered'), row.get('gap_recovered_std'), '{:.0%}')}"
+            + f" | {spread(row['ppl'], row.get('ppl_std'), '{:.2f}')}"
+            + f" | {spread(row.get('gap_recovered_ppl'), row.get('gap_recovered_ppl_std'), '{:.0%}')}"
+            + f" | {spread(row['sparsity_after_merge'], 0, '{:.4f}')} | {row.get('train_seconds', 0):.0f}"
+            + f" | {spread(row.get('train_memory_mb'), 0, '{:.0f}')} | "
+            + ",".join(map(str, row.get("seeds", [])))
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for axis, key, label in (
+        (axes[0], "gap_recovered", "share of the accuracy gap recovered"),
+        (axes[1], "gap_recovered_ppl", "share of the log-perplexity gap recovered"),
+    ):
+        for row in report["rows"]:
+            if row.get(key) is None or row["trainable_params"] == 0:
+                continue
+            colour = "tab:red" if row["method"].startswith("restorelcc") else "tab:blue"
+            axis.errorbar(row["trainable_params"], row[key], yerr=row.get(f"{key}_std") or 0, fmt="o", color=colour)
+            axis.annotate(
+                row["method"],
+                (row["trainable_params"], row[key]),
+                fontsize=7,
+                xytext=(4, 2),
+                textcoords="offset points",
+            )
+        axis.set_xscale("log")
+        axis.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+        axis.axhline(0.0, color="grey", linewidth=1)
+        axis.set_xlabel("trainable parameters (log)")
+        axis.set_ylabel(label)
+    settings = report["settings"]
+    figure.suptitle(
+        f"{settings['model']} {settings['method']} {settings['sparsity']}: {settings['steps']} steps x batch "
+        f"{settings['batch_size']}, {settings['limit']} items/task"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--method", default="wanda")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--heads", type=float, default=0.25)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--limit", type=int, default=50, help="first N items of each of the seven tasks")
+    parser.add_argument("--perplexity-passages", type=int, default=64)
+    parser.add_argument("--prune-samples", type=int, default=64, help="Wanda/SparseGPT calibration windows")
+    parser.add_argument("--calibration-samples", type=int, default=128)
+    parser.add_argument("--pairs", type=int, default=256)
+    parser.add_argument("--seeds", default="0,1", help="seeds for the main methods")
+    parser.add_argument("--claim-seeds", default="0", help="seeds for the claim rows (FFN, share sweep, selection)")
+    parser.add_argument("--methods", default=",".join(MAIN_METHODS + CLAIM_METHODS))
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {sorted(METHODS)}")
+    args.output.mkdir(parents=True, exist_ok=True)
+    work = args.output / "recovery-work"
+    started = time.perf_counter()
+
+    tokenizer = load_tokenizer(args.model)
+    dense_model = load_model(args.model)
+    timer = recovery.StageTimer()
+    with timer.stage("prune"):
+        pruned_model, pruning_report = recovery.prune_copy(
+            dense_model, tokenizer, args.method, args.sparsity, samples=args.prune_samples
+        )
+    with timer.stage("calibrate"):
+        components = recovery.calibrate_components(
+            dense_model, pruned_model, tokenizer, pruning_report, args.calibration_samples, args.pairs
+        )
+    context = Context(pruned_model, components, tokenizer, args)
+    sparsity = measure_sparsity(pruned_model)["overall_sparsity"]
+    reference = {}
+    for name, model in (("dense", dense_model), ("pruned", pruned_model)):
+        with timer.stage(f"evaluate {name}"):
+            results = evaluate(model, context)
+        reference[name] = {
+            "method": name,
+            "trainable_params": 0,
+            "tasks": accuracy_of(results),
+            "avg_acc": recovery.headline_accuracy(results),
+            "ppl": results.get("perplexity"),
+            "sparsity": sparsity if name == "pruned" else 0.0,
+            "sparsity_after_merge": sparsity if name == "pruned" else 0.0,
+        }
+    del dense_model
+
+    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    report: dict[str, Any] = {"settings": settings, "rows": [reference["dense"], reference["pruned"]]}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    plan = [
+        (name, int(seed))
+        for name in methods
+        for seed in (args.seeds if name in MAIN_METHODS else args.claim_seeds).split(",")
+    ]
+    for name, seed in tqdm(plan, desc="methods x seeds"):
+        runs.setdefault(name, []).append(run_method(name, seed, context, work))
+        report["rows"] = [reference["dense"], reference["pruned"]] + [
+            aggregate(method, method_runs, reference["dense"], reference["pruned"])
+            for method, method_runs in runs.items()
+        ]
+        report["pruning"] = {k: pruning_report.get(k) for k in ("method", "sparsity_target", "pattern", "seconds")}
+        report["heads_total"] = components.num_heads
+        report["stage_seconds"] = timer.seconds
+        report["total_seconds"] = time.perf_counter() - started
+        report["finished"] = len(sum(runs.values(), [])) == len(plan)
+        (args.output / "recovery.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.output / "recovery.md").write_text(markdown_table(report) + "\n")
+        plot(report, args.output / "recovery.png")
+    print(markdown_table(report))
+    print(f"\ntotal {report['total_seconds'] / 60:.1f} min; results in {args.output / 'recovery.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""``restorelcc run``: the whole job on one model: prune, calibrate, choose heads, train, evaluate, merge."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUTPUT = "runs/restorelcc-run"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="the main job: prune, calibrate, train, evaluate dense / pruned / restored, merge",
+        description=(
+            "Prune MODEL, calibrate RestoreLCC against the dense model, train the adapter, evaluate dense, pruned "
+            "and restored models on the paper's seven tasks and held-out perplexity, merge, and print a table. "
+            "Defaults are sized for about 30 minutes on 2 CPU cores; raise --limit, --train-steps and --samples "
+            "on a GPU."
+        ),
+    )
+    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local model directory")
+    parser.add_argument("--output-dir", default=DEFAULT_OUTPUT, help="where models, adapter and results go")
+    parser.add_argument("--method", default="wanda", choices=("magnitude", "wanda", "sparsegpt"))
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--pattern", default=None, help="N:M pattern, e.g. 2:4 (implies the sparsity)")
+    parser.add_argument("--prune-samples", type=int, default=64, help="calibration windows for Wanda/SparseGPT")
+    parser.add_argument("--calibration-samples", type=int, default=128, help="prompts for the lost components")
+    parser.add_argument("--pairs", type=int, default=256, help="contrastive pairs for probe head scoring")
+    parser.add_argument("--strategy", default="probe", choices=("probe", "lost_norm", "random"))
+    parser.add_argument("--heads", type=float, default=0.25, help="heads to compensate: a count, or a fraction < 1")
+    parser.add_argument("--init", default="lost", choices=("paper", "lost"))
+    parser.add_argument("--train-samples", type=int, default=2000)
+    parser.add_argument("--train-steps", type=int, default=120, help="optimizer steps (-1: --epochs epochs)")
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--distill-alpha", type=float, default=0.0, help="weight of KL to the dense model (0: off)")
+    parser.add_argument("--tasks", default=None, help="comma-separated tasks (default: the paper's seven)")
+    parser.add_argument("--limit", type=int, default=100, help="items per task (0: all)")
+    parser.add_argument("--perplexity-passages", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=run)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if not 0 <= args.sparsity < 1:
+        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}.")
+    if args.heads <= 0:
+        raise ValueError(f"--heads must be a positive count or fraction, got {args.heads}.")
+    if args.train_steps == 0 or args.train_steps < -1:
+        raise ValueError(f"--train-steps must be positive, or -1 for --epochs epochs; got {args.train_steps}.")
+    if args.lr <= 0 or args.batch_size < 1:
+        raise ValueError("--lr must be > 0 and --batch-size >= 1.")
+    if not 0 <= args.distill_alpha <= 1:
+        raise ValueError(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}.")
+    output = Path(args.output_dir)
+    if output.exists() and any(output.iterdir()):
+        raise ValueError(f"--output-dir {output} exists and is not empty; choose a new directory or remove it.")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    import torch
+
+    from .. import recovery
+    from ..assets import load_model, load_tokenizer
+    from ..calibration import build_restorelcc_model
+    from ..export import save_merged
+    from ..pruning import measure_sparsity, save_pruned
+    from ..training import build_train_dataset, train_adapter
+
+    torch.manual_seed(args.seed)
+    output = Path(args.output_dir)
+    timer = recovery.StageTimer()
+    tasks = args.tasks.split(",") if args.tasks else None
+    limit = args.limit or None
+    evaluate = dict(tasks=tasks, limit=limit, perplexity_passages=args.perplexity_passages)
+
+    with timer.stage("load"):
+        tokenizer = load_tokenizer(args.model)
+        dense = load_model(args.model)
+    with timer.stage("prune"):
+        pruned, pruning_report = recovery.prune_copy(
+            dense, tokenizer, args.method, None if args.pattern else args.sparsity, args.pattern, args.prune_samples
+        )
+        save_pruned(pruned, tokenizer, output / "pruned", pruning_report)
+    with timer.stage("evaluate dense"):
+        dense_results = recovery.evaluate_model(dense, tokenizer, **evaluate)
+    with timer.stage("calibrate"):
+        components = recovery.calibrate_components(
+            dense,
+            pruned,
+            tokenizer,
+            pruning_report,
+            args.calibration_samples,
+            args.pairs,
+            args.strategy,
+            seed=args.seed,
+        )
+        components.save(output / "lost_components")
+    teacher = dense if args.distill_alpha > 0 else None
+    if teacher is None:
+        del dense  # Not needed any more: leave the memory to training.
+    with timer.stage("evaluate pruned"):
+        pruned_results = recovery.evaluate_model(pruned, tokenizer, **evaluate)
+    sparsity_before = measure_sparsity(pruned)["overall_sparsity"]
+    with timer.stage("train"):
+        model = build_restorelcc_model(pruned, components, num_heads=args.heads, init=args.init)
+        heads = model.peft_config["default"].heads
+        train_dataset = build_train_dataset("instruction", tokenizer, samples=args.train_samples, seed=args.seed)
+        train_metrics = train_adapter(
+            model,
+            tokenizer,
+            train_dataset,
+            output / "adapter",
+            epochs=args.epochs,
+            learning_rate=args.lr,
+            batch_size=args.batch_size,
+            max_steps=args.train_steps,
+            seed=args.seed,
+            teacher=teacher,
+            distill_alpha=args.distill_alpha if teacher is not None else 1.0,
+        )
+    with timer.stage("evaluate restored"):
+        restored_results = recovery.evaluate_model(model, tokenizer, **evaluate)
+    trainable = recovery.trainable_parameters(model)
+    with timer.stage("merge"):
+        merged_dir = save_merged(model, output / "merged", tokenizer=tokenizer)
+        sparsity_after = measure_sparsity(model.get_base_model())["overall_sparsity"]
+
+    summary = {
+        "model": args.model,
+        "pruning": {key: pruning_report.get(key) for key in ("method", "sparsity_target", "pattern")},
+        "heads": heads,
+        "settings": {key: value for key, value in vars(args).items() if key != "func"},
+        "results": {"dense": dense_results, "pruned": pruned_results, "restored": restored_results},
+        "trainable_parameters": trainable,
+        "sparsity_before_merge": sparsity_before,
+        "sparsity_after_merge": sparsity_after,
+        "train": train_metrics,
+        "stage_seconds": timer.seconds,
+        "paths": {name: str(output / name) for name in ("pruned", "lost_components", "adapter")}
+        | {"merged": str(merged_dir)},
+    }
+    (output / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    table = results_table(summary)
+    (output / "results.md").write_text(table + "\n")
+    print(table)
+    plot = plot_accuracies(summary, output / "accuracy.png")
+    if plot is not None:
+        print(f"\nplot: {plot}")
+    print(f"results: {output / 'results.json'}")
+    return 0
+
+
+def _accuracy(metrics: dict[str, Any]) -> float:
+    return metrics["acc"] if metrics.get("acc_norm") is None else metrics["acc_norm"]
+
+
+def results_table(summary: dict[str, Any]) -> str:
+    """Markdown: accuracy per task (acc_norm where the task has it), average, perplexity; then costs and times."""
+    from ..recovery import gap_recovered, headline_accuracy
+
+    results = summary["results"]
+    tasks = list(results["dense"]["tasks"])
+    lines = [
+        "| model | " + " | ".join(tasks) + " | average | gap recovered | perplexity |",
+        "|---|" + "---|" * (len(tasks) + 3),
+    ]
+    dense_avg, pruned_avg = headline_accuracy(results["dense"]), headline_accuracy(results["pruned"])
+    for name, result in results.items():
+        average = headline_accuracy(result)
+        recovered = gap_recovered(dense_avg, pruned_avg, average) if name == "restored" else None
+        cells = [f"{_accuracy(result['tasks'][task]):.3f}" for task in tasks]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {average:.3f} | "
+            + ("" if recovered is None else f"{recovered:.0%}")
+            + f" | {result.get('perplexity', float('nan')):.2f} |"
+        )
+    lines += [
+        "",
+        f"trainable parameters: {summary['trainable_parameters']:,}",
+        f"sparsity before merge: {summary['sparsity_before_merge']:.4f}, after merge: "
+        f"{summary['sparsity_after_merge']:.4f}",
+        "seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def plot_accuracies(summary: dict[str, Any], path: Path) -> Path | None:
+    """Grouped bars: accuracy per task for dense, pruned and restored. Skipped if matplotlib is missing."""
+    try:
+        os.environ.setdefault("MPLBACKEND", "Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    results = summary["results"]
+    tasks = list(results["dense"]["tasks"]) + ["average"]
+    figure, axis = plt.subplots(figsize=(10, 4))
+    width = 0.27
+    for offset, (name, result) in enumerate(results.items()):
+        from ..recovery import headline_accuracy
+
+        values = [_accuracy(result["tasks"][task]) for task in tasks[:-1]] + [headline_accuracy(result)]
+        axis.bar([i + (offset - 1) * width for i in range(len(tasks))], values, width, label=name)
+    axis.set_xticks(range(len(tasks)), tasks, rotation=20)
+    axis.set_ylabel("accuracy (acc_norm where defined)")
+    axis.set_title(f"{summary['model']}: {summary['pruning']['method']} {summary['pruning']['sparsity_target']}")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,151 @@
+"""The recovery pipeline, stage by stage: prune, calibrate, build an adapter, train, evaluate, merge.
+
+Each stage is a function over in-memory models, timed by the caller. ``restorelcc run`` (the main job) and
+``benchmarks/recovery.py`` are both built from these, so the benchmark measures exactly what users run.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import calibration_prompts, contrastive_pairs, text_passages
+from .evaluation import evaluate_tasks, perplexity
+from .pruning import calibration_windows, measure_sparsity, prune_model
+
+
+@dataclass
+class StageTimer:
+    """Wall-clock seconds per named stage, in the order the stages ran."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def prune_copy(
+    dense: nn.Module,
+    tokenizer: Any,
+    method: str = "wanda",
+    sparsity: float | None = 0.5,
+    pattern: str | None = None,
+    samples: int = 64,
+    seq_len: int = 128,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A pruned deep copy of ``dense`` (the dense model stays as it is) and the pruning report."""
+    pruned = copy.deepcopy(dense)
+    windows = None
+    if method != "magnitude":
+        windows = calibration_windows(tokenizer, text_passages("train"), samples, seq_len)
+    report = prune_model(pruned, method, sparsity, pattern=pattern, calibration_input_ids=windows)
+    return pruned.eval(), report
+
+
+def calibrate_components(
+    dense: nn.Module,
+    pruned: nn.Module,
+    tokenizer: Any,
+    pruning_report: dict[str, Any] | None = None,
+    samples: int = 128,
+    pairs: int = 256,
+    strategy: str = "probe",
+    position: str = "last",
+    seed: int = 0,
+    kept_heads: dict[int, list[int]] | None = None,
+):
+    """Lost components of every head of ``pruned`` against ``dense``, scored with ``strategy``."""
+    from .calibration import calibrate
+
+    report = pruning_report or {}
+    return calibrate(
+        dense,
+        pruned,
+        calibration_prompts(samples, seed=seed),
+        tokenizer,
+        pairs=contrastive_pairs(pairs, seed=seed) if strategy == "probe" else None,
+        strategy=strategy,
+        position=position,
+        kept_heads=kept_heads or report.get("kept_heads"),
+        pruning={key: report.get(key) for key in ("method", "sparsity_target", "pattern") if key in report},
+        seed=seed,
+    )
+
+
+def evaluate_model(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: list[str] | None = None,
+    limit: int | None = 100,
+    perplexity_passages: int = 64,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Accuracy on the paper's tasks (lm-eval) and perplexity on held-out LAMBADA passages."""
+    model.eval()
+    results = evaluate_tasks(model, tokenizer, tasks=tasks, limit=limit, batch_size=batch_size)
+    if perplexity_passages:
+        results["perplexity"] = perplexity(model, tokenizer, text_passages("heldout")[:perplexity_passages])
+    return results
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+
+
+def sparsity_after_merge(peft_model: nn.Module) -> float:
+    """Overall sparsity of the decoder projections once the adapter is merged (on a copy: the input is kept)."""
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    return measure_sparsity(merged)["overall_sparsity"]
+
+
+def gap_recovered(dense_accuracy: float, pruned_accuracy: float, accuracy: float) -> float | None:
+    """Share of the dense-pruned accuracy gap that a restored model closes (1.0 = back to dense)."""
+    gap = dense_accuracy - pruned_accuracy
+    if abs(gap) < 1e-12:
+        return None
+    return (accuracy - pruned_accuracy) / gap
+
+
+def headline_accuracy(results: dict[str, Any]) -> float:
+    """The average over tasks of acc_norm where a task has it, else acc (lm-eval's usual headline numbers)."""
+    values = []
+    for metrics in results["tasks"].values():
+        value = metrics.get("acc_norm")
+        values.append(metrics["acc"] if value is None else value)
+    return sum(values) / len(values)
+
+
+def training_memory_bytes(model: nn.Module, batch: dict[str, Any]) -> int:
+    """Bytes one training step must hold beyond the frozen weights: tensors saved for backward, gradients of the
+    trainable parameters and AdamW's two moments. Deterministic, so methods compare on CPU too, where torch keeps
+    no allocator statistics. Runs one forward/backward and clears the gradients; the weights do not change."""
+    saved_bytes = 0
+
+    def pack(tensor: Any) -> Any:
+        nonlocal saved_bytes
+        saved_bytes += tensor.numel() * tensor.element_size()
+        return tensor
+
+    was_training = model.training
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(**batch).loss
+    loss.backward()
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    for parameter in trainable:
+        parameter.grad = None
+    model.train(was_training)
+    parameter_bytes = sum(parameter.numel() * parameter.element_size() for parameter in trainable)
+    return saved_bytes + 3 * parameter_bytes  # gradient + AdamW exp_avg + exp_avg_sq

@@ -1,0 +1,69 @@
+"""``restorelcc run``: the whole job on a tiny model, with the real data, lm-eval and every stage."""
+
+import json
+
+import pytest
+import torch
+from test_training import char_tokenizer
+from tiny_models import make_tiny_model
+
+from peft_restorelcc.cli import main
+
+FAST = [
+    "--tasks", "arc_easy,boolq", "--limit", "2", "--train-steps", "2", "--train-samples", "8",
+    "--calibration-samples", "6", "--pairs", "8", "--prune-samples", "4", "--perplexity-passages", "2",
+    "--batch-size", "2",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model("llama", max_position_embeddings=512, initializer_range=0.3).save_pretrained(directory)
+    char_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def test_run_does_every_stage_and_keeps_sparsity(model_dir, tmp_path, capsys):
+    output = tmp_path / "run"
+    assert main(["run", "--model", str(model_dir), "--output-dir", str(output), *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "| restored |" in printed and "sparsity before merge: 0.5000, after merge: 0.5000" in printed
+    summary = json.loads((output / "results.json").read_text())
+    assert set(summary["results"]) == {"dense", "pruned", "restored"}
+    for result in summary["results"].values():
+        assert set(result["tasks"]) == {"arc_easy", "boolq"} and result["perplexity"] > 1
+    assert summary["sparsity_before_merge"] == summary["sparsity_after_merge"] == pytest.approx(0.5)
+    assert summary["trainable_parameters"] == 2 * 8 * sum(len(h) for h in summary["heads"].values())
+    assert {"prune", "calibrate", "train", "merge"} <= set(summary["stage_seconds"])
+    assert (output / "accuracy.png").stat().st_size > 0
+    # The merged model reloads in stock transformers with the compensation as an o_proj bias.
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(output / "merged")
+    assert merged.config.attention_bias and merged.model.layers[0].self_attn.o_proj.bias is not None
+    pruned = AutoModelForCausalLM.from_pretrained(output / "pruned")
+    assert torch.equal(merged.model.layers[1].mlp.down_proj.weight, pruned.model.layers[1].mlp.down_proj.weight)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--sparsity", "1.5"], "--sparsity must be in [0, 1)"),
+        (["--heads", "0"], "--heads must be a positive"),
+        (["--train-steps", "0"], "--train-steps must be positive"),
+        (["--distill-alpha", "2"], "--distill-alpha must be in [0, 1]"),
+    ],
+)
+def test_bad_flags_exit_2_before_any_work(model_dir, tmp_path, capsys, flags, message):
+    output = tmp_path / "run"
+    assert main(["run", "--model", str(model_dir), "--output-dir", str(output), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_a_non_empty_output_dir_is_refused(model_dir, tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("keep")
+    assert main(["run", "--model", str(model_dir), "--output-dir", str(tmp_path)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
