@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from .capture import (
     unwrap,
 )
 from .components import LostComponents, normalize_kept_heads
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 INITS = ("paper", "lost")
 
@@ -62,7 +65,7 @@ def build_restorelcc_model(
     num_components: int | None = None,
     adapter_name: str = "default",
     **config_kwargs: Any,
-):
+) -> PeftModel:
     """Wrap ``pruned_model`` with a RestoreLCC adapter on its top-``num_heads`` heads, bases filled from
     ``components`` (their first ``num_components`` rows; default all).
 
