@@ -386,21 +386,25 @@ class RecoveryTrainer(Trainer):
 
 
 class _StepTimer(TrainerCallback):
-    """Wall time of every optimizer step of this run, and the step it started from (non-zero after a resume)."""
+    """Wall and process CPU time of every optimizer step of this run, and the step it started from (non-zero after
+    a resume). CPU time (all threads of this process) is what a step costs even when other processes compete for
+    the cores, where wall time is not."""
 
     def __init__(self) -> None:
-        self.durations: list[float] = []
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
         self.first_step: int | None = None
-        self._started = 0.0
+        self._started = (0.0, 0.0)
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         self.first_step = state.global_step
 
     def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        self._started = time.perf_counter()
+        self._started = (time.perf_counter(), time.process_time())
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        self.durations.append(time.perf_counter() - self._started)
+        self.wall.append(time.perf_counter() - self._started[0])
+        self.cpu.append(time.process_time() - self._started[1])
 
 
 def _check_training_args(
@@ -455,6 +459,7 @@ def train_adapter(
     lr_scheduler_type: str = "linear",
     warmup: float = 0.0,
     disable_tqdm: bool | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> dict[str, Any]:
     """Train the trainable parameters of a PEFT model with the HF Trainer and save the adapter to ``output_dir``.
 
@@ -464,12 +469,14 @@ def train_adapter(
     ``output_dir/checkpoint-<step>`` every ``save_steps``; ``resume_from_checkpoint`` (a path, or True for the latest
     in ``output_dir``) continues from one, and with the same arguments ends where an uninterrupted run ends. With a
     ``teacher`` the loss is ``distill_alpha * KL(teacher || student) + (1 - distill_alpha) * LM`` (temperature
-    ``temperature``). ``shuffle=False`` feeds the data in order (every process sees the same global batches as one
-    process would, which makes runs with different process counts comparable); shuffling is seeded either way.
+    ``temperature``). Shuffling is seeded, and one permutation is shared by all processes, so N processes x batch B
+    see the same global batches as 1 process x batch N*B; ``shuffle=False`` feeds the data in file order.
 
     The adapter (``save_pretrained``) is written by the main process only. Returns the train metrics: ``seconds``,
-    ``steps`` (the global step reached), ``steps_this_run``, ``seconds_per_step`` (median wall time of an optimizer
-    step), ``train_loss`` (mean over this run), ``final_loss`` (the last logged loss), peak memory, sizes.
+    ``steps`` (the global step reached), ``steps_this_run``, ``seconds_per_step`` and ``cpu_seconds_per_step``
+    (medians over the optimizer steps of wall time and of this process's CPU time, which stays meaningful when other
+    processes compete for the cores), ``train_loss`` (mean over this run), ``final_loss`` (the last logged loss),
+    peak memory, sizes. ``callbacks`` are added to the Trainer's.
     """
     _check_training_args(
         epochs, learning_rate, batch_size, gradient_accumulation_steps, max_steps, save_steps, logging_steps
@@ -516,7 +523,7 @@ def train_adapter(
         args=arguments,
         train_dataset=train_dataset,
         data_collator=PaddingCollator(pad_token_id_of(tokenizer)),
-        callbacks=[timer],
+        callbacks=[timer, *callbacks],
         teacher=teacher,
         distill_alpha=distill_alpha,
         temperature=temperature,
@@ -540,7 +547,8 @@ def train_adapter(
         "seconds": round(seconds, 3),
         "steps": trainer.state.global_step,
         "steps_this_run": steps_this_run,
-        "seconds_per_step": round(statistics.median(timer.durations), 4) if timer.durations else None,
+        "seconds_per_step": round(statistics.median(timer.wall), 4) if timer.wall else None,
+        "cpu_seconds_per_step": round(statistics.median(timer.cpu), 4) if timer.cpu else None,
         "train_loss": result.training_loss,
         "final_loss": logged[-1]["loss"] if logged else result.training_loss,
         "epochs": trainer.state.epoch,
