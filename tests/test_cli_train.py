@@ -193,3 +193,12 @@ def test_a_teacher_with_another_vocabulary_is_refused(assets, foreign_teachers, 
     assert run_cli(train_argv(assets, tmp_path / "out", "--distill-from", str(other_tokens))) == 2
     assert "same vocabulary size as --model but other tokens" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_without_tokenizer_is_refused_with_a_fix(assets, tmp_path: Path, capsys) -> None:
+    bare = tmp_path / "bare"
+    prune_half(make_tiny_model("llama")).save_pretrained(bare)
+    argv = train_argv(assets, tmp_path / "out")
+    argv[argv.index("--model") + 1] = str(bare)
+    assert run_cli(argv) == 2
+    assert "cannot load a tokenizer" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -233,7 +233,13 @@ def run(args: argparse.Namespace) -> int:
     from ..training import build_train_dataset, is_main_process, train_adapter
 
     main = is_main_process()
-    tokenizer = load_tokenizer(model_path)
+    try:
+        tokenizer = load_tokenizer(model_path)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(
+            f"cannot load a tokenizer from --model {args.model} ({error}); training needs one. `restorelcc prune` "
+            "saves it next to the pruned model; otherwise copy the dense model's tokenizer files there."
+        ) from error
     dataset = build_train_dataset(args.data, tokenizer, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     model = PeftModel.from_pretrained(load_model(model_path), str(Path(args.adapter).expanduser()), is_trainable=True)
     teacher = load_model(teacher_path) if teacher_path is not None else None
