@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import time
@@ -193,19 +194,18 @@ def merged_sparsity(model) -> float | None:
 
 
 def aggregate(name: str, runs: list[dict[str, Any]], dense: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
-    def mean_spread(values: list[float]) -> tuple[float, float]:
-        return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    def mean_spread(values: list[float | None]) -> tuple[float | None, float]:
+        present = [value for value in values if value is not None]  # None: no gap to recover
+        if not present:
+            return None, 0.0
+        return statistics.mean(present), (statistics.stdev(present) if len(present) > 1 else 0.0)
 
     avg_acc, avg_acc_std = mean_spread([run["avg_acc"] for run in runs])
     ppl, ppl_std = mean_spread([run["ppl"] for run in runs])
     recovered = [recovery.gap_recovered(dense["avg_acc"], pruned["avg_acc"], run["avg_acc"]) for run in runs]
     # Perplexity gap in log space: log-perplexity is the mean NLL, the quantity training lowers.
     recovered_ppl = [
-        recovery.gap_recovered(
-            -torch.tensor(dense["ppl"]).log().item(),
-            -torch.tensor(pruned["ppl"]).log().item(),
-            -torch.tensor(run["ppl"]).log().item(),
-        )
+        recovery.gap_recovered(-math.log(dense["ppl"]), -math.log(pruned["ppl"]), -math.log(run["ppl"]))
         for run in runs
     ]
     gap, gap_std = mean_spread(recovered)
@@ -301,10 +301,10 @@ def main() -> None:
     parser.add_argument("--method", default="wanda")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--heads", type=float, default=0.25)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--limit", type=int, default=50, help="first N items of each of the seven tasks")
-    parser.add_argument("--perplexity-passages", type=int, default=64)
+    parser.add_argument("--limit", type=int, default=40, help="first N items of each of the seven tasks")
+    parser.add_argument("--perplexity-passages", type=int, default=48)
     parser.add_argument("--prune-samples", type=int, default=64, help="Wanda/SparseGPT calibration windows")
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--pairs", type=int, default=256)
@@ -352,17 +352,29 @@ def main() -> None:
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     report: dict[str, Any] = {"settings": settings, "rows": [reference["dense"], reference["pruned"]]}
     runs: dict[str, list[dict[str, Any]]] = {}
-    plan = [
-        (name, int(seed))
-        for name in methods
-        for seed in (args.seeds if name in MAIN_METHODS else args.claim_seeds).split(",")
-    ]
+    # First seed of everything first, so an interrupted run still has one full comparison.
+    plan = sorted(
+        (
+            (name, int(seed))
+            for name in methods
+            # Untrained rows are deterministic: one seed says all there is.
+            for seed in (args.seeds if name in MAIN_METHODS and METHODS[name][2] else args.claim_seeds).split(",")
+        ),
+        key=lambda item: (item[1] != int(args.seeds.split(",")[0]), methods.index(item[0])),
+    )
+    failures: dict[str, str] = {}
     for name, seed in tqdm(plan, desc="methods x seeds"):
-        runs.setdefault(name, []).append(run_method(name, seed, context, work))
+        try:
+            runs.setdefault(name, []).append(run_method(name, seed, context, work))
+        except Exception as error:  # noqa: BLE001 - one broken method must not cost the others' results
+            failures[f"{name}-seed{seed}"] = f"{type(error).__name__}: {error}"
+            print(f"{name} seed {seed} failed: {failures[f'{name}-seed{seed}']}")
         report["rows"] = [reference["dense"], reference["pruned"]] + [
             aggregate(method, method_runs, reference["dense"], reference["pruned"])
             for method, method_runs in runs.items()
+            if method_runs
         ]
+        report["failures"] = failures
         report["pruning"] = {k: pruning_report.get(k) for k in ("method", "sparsity_target", "pattern", "seconds")}
         report["heads_total"] = components.num_heads
         report["stage_seconds"] = timer.seconds

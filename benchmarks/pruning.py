@@ -1,0 +1,92 @@
+"""What pruning costs SmolLM2-135M: accuracy on the paper's seven tasks, held-out perplexity, pruning time.
+
+    python benchmarks/pruning.py [--limit 40] [--samples 64] [--output benchmarks/results/pruning.json]
+
+Rows: dense, magnitude 50%, Wanda 50%, SparseGPT 50%, Wanda 2:4 (configurable with --configs). Wanda and SparseGPT
+use --samples windows of 128 tokens of the LAMBADA training passages. Accuracy is on the first --limit items of
+each task (acc_norm where the task has it), perplexity on the first --perplexity-passages held-out passages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from peft_restorelcc import recovery
+from peft_restorelcc.assets import load_model, load_tokenizer
+
+CONFIGS = {
+    "magnitude-50%": ("magnitude", 0.5, None),
+    "wanda-50%": ("wanda", 0.5, None),
+    "sparsegpt-50%": ("sparsegpt", 0.5, None),
+    "wanda-2:4": ("wanda", None, "2:4"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--perplexity-passages", type=int, default=48)
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "pruning.json")
+    args = parser.parse_args()
+    tokenizer = load_tokenizer(args.model)
+    dense = load_model(args.model)
+    evaluate = dict(limit=args.limit, perplexity_passages=args.perplexity_passages)
+    rows = []
+
+    def add_row(name: str, model: torch.nn.Module, report: dict | None) -> None:
+        results = recovery.evaluate_model(model, tokenizer, **evaluate)
+        rows.append(
+            {
+                "model": name,
+                "tasks": {
+                    task: metrics["acc"] if metrics.get("acc_norm") is None else metrics["acc_norm"]
+                    for task, metrics in results["tasks"].items()
+                },
+                "avg_acc": recovery.headline_accuracy(results),
+                "ppl": results["perplexity"],
+                "sparsity": None if report is None else report["overall_sparsity"],
+                "prune_seconds": None if report is None else report["seconds"],
+            }
+        )
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(
+            json.dumps({"settings": vars(args) | {"output": str(args.output)}, "rows": rows}, indent=2)
+        )
+
+    add_row("dense", dense, None)
+    for name in tqdm(args.configs.split(","), desc="pruning configs"):
+        method, sparsity, pattern = CONFIGS[name]
+        pruned, report = recovery.prune_copy(dense, tokenizer, method, sparsity, pattern, samples=args.samples)
+        add_row(name, pruned, report)
+        del pruned
+
+    tasks = list(rows[0]["tasks"])
+    lines = [
+        "| model | " + " | ".join(tasks) + " | avg | perplexity | sparsity | pruning s |",
+        "|---|" + "---|" * (len(tasks) + 4),
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | "
+            + " | ".join(f"{row['tasks'][t]:.3f}" for t in tasks)
+            + f" | {row['avg_acc']:.3f} | {row['ppl']:.2f} | "
+            + ("" if row["sparsity"] is None else f"{row['sparsity']:.3f}")
+            + " | "
+            + ("" if row["prune_seconds"] is None else f"{row['prune_seconds']:.0f}")
+            + " |"
+        )
+    table = "\n".join(lines)
+    args.output.with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
