@@ -124,8 +124,9 @@ def test_all_position_memory_does_not_grow_with_samples() -> None:
 
 def test_gram_basis_matches_svd_basis() -> None:
     generator = torch.Generator().manual_seed(0)
-    lost = torch.randn(200, 3, 8, generator=generator) * torch.linspace(3, 0.1, 8)
-    by_svd, by_gram = LostAccumulator("last", 3, 8), LostAccumulator("all", 3, 8)
+    heads = 40  # more than one SVD chunk of heads
+    lost = torch.randn(200, heads, 8, generator=generator) * torch.linspace(3, 0.1, 8)
+    by_svd, by_gram = LostAccumulator("last", heads, 8), LostAccumulator("all", heads, 8)
     for chunk in lost.split(50):
         by_svd.add(chunk, torch.zeros_like(chunk))
         by_gram.add(chunk, torch.zeros_like(chunk))
@@ -133,7 +134,7 @@ def test_gram_basis_matches_svd_basis() -> None:
     torch.testing.assert_close(sv_a, sv_b, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(mean_a, mean_b)
     torch.testing.assert_close(basis_a, basis_b, atol=1e-3, rtol=1e-3)  # same signs: both point along the mean
-    torch.testing.assert_close(basis_a @ basis_a.transpose(1, 2), torch.eye(8).expand(3, 8, 8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(basis_a @ basis_a.transpose(1, 2), torch.eye(8).expand(heads, 8, 8), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

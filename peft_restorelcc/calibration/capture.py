@@ -27,6 +27,7 @@ from .components import read_projection_weight
 
 ModelSource = nn.Module | Callable[[], nn.Module]
 POSITIONS = ("last", "all")
+_SVD_CHUNK = 32  # heads per batched SVD call
 
 
 class ModelLoader:
@@ -472,12 +473,17 @@ class LostAccumulator:
         d = self.head_dim
         mean = self.total / self.count
         if self.position == "last":
-            lost = torch.cat(self.rows).transpose(0, 1).double()  # (heads, N, d)
-            # full_matrices only when N < d, so that the basis is still complete (d rows) but U stays small.
-            _, singular, vh = torch.linalg.svd(lost, full_matrices=lost.shape[1] < d)
-            if singular.shape[1] < d:
-                singular = torch.nn.functional.pad(singular, (0, d - singular.shape[1]))
-            basis = vh
+            lost = torch.cat(self.rows)  # (N, heads, d)
+            self.rows = [lost]
+            singular_parts, basis_parts = [], []
+            # A few heads at a time: the float64 copy and U (N x min(N, d) per head) stay small for any N.
+            for start in range(0, self.num_heads, _SVD_CHUNK):
+                part = lost[:, start : start + _SVD_CHUNK].transpose(0, 1).double()  # (chunk, N, d)
+                # full_matrices only when N < d, so that the basis is still complete (d rows) but U stays small.
+                _, singular, vh = torch.linalg.svd(part, full_matrices=part.shape[1] < d)
+                singular_parts.append(torch.nn.functional.pad(singular, (0, d - singular.shape[1])))
+                basis_parts.append(vh)
+            singular, basis = torch.cat(singular_parts), torch.cat(basis_parts)
         else:
             eigenvalues, eigenvectors = torch.linalg.eigh(self.gram)  # ascending
             singular = eigenvalues.flip(-1).clamp_min(0).sqrt()
