@@ -126,7 +126,9 @@ def _run_models(
             check_compatible(structure, pruned_structure, kept_heads)
             check_tokens_fit(everything, structure.vocab_size, "dense")
             projections = find_head_projections(unwrap(model), target_modules, head_dim_of(model))
-            return projections, dense_index(structure, pruned_structure, kept_heads)
+            rows = dense_index(structure, pruned_structure, kept_heads)
+            # No gather (a copy of every batch's activations) when every pruned head is the dense head of its index.
+            return projections, None if torch.equal(rows, torch.arange(len(rows))) else rows
 
         pruned_iter = iterate_activations(pruned_model, pruned_projections, batches, position, "pruned model", progress)
         if isinstance(dense, nn.Module):
@@ -213,7 +215,9 @@ def _run_models(
                 "dense model: wrong answers",
                 progress,
             )
-            probe_result = (pruned_prompt, correct[:, rows], wrong[:, rows])
+            if rows is not None:
+                correct, wrong = correct[:, rows], wrong[:, rows]
+            probe_result = (pruned_prompt, correct, wrong)
         return _RunResult(accumulator, probe_result, pruned_structure, fingerprint, metric, dense_name, pruned_name)
     finally:
         if store is not None:
