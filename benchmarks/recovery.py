@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from peft_restorelcc import recovery
 from peft_restorelcc.assets import load_model, load_tokenizer
-from peft_restorelcc.calibration import build_restorelcc_model, score_heads
-from peft_restorelcc.pruning import measure_sparsity
+from peft_restorelcc.calibration import LostComponents, build_restorelcc_model, score_heads
+from peft_restorelcc.pruning import load_report, measure_sparsity, save_pruned
 from peft_restorelcc.training import PaddingCollator, build_train_dataset, pad_token_id_of, train_adapter
 
 RESULTS = Path(__file__).parent / "results"
@@ -205,8 +205,7 @@ def aggregate(name: str, runs: list[dict[str, Any]], dense: dict[str, Any], prun
     recovered = [recovery.gap_recovered(dense["avg_acc"], pruned["avg_acc"], run["avg_acc"]) for run in runs]
     # Perplexity gap in log space: log-perplexity is the mean NLL, the quantity training lowers.
     recovered_ppl = [
-        recovery.gap_recovered(-math.log(dense["ppl"]), -math.log(pruned["ppl"]), -math.log(run["ppl"]))
-        for run in runs
+        recovery.gap_recovered(-math.log(dense["ppl"]), -math.log(pruned["ppl"]), -math.log(run["ppl"])) for run in runs
     ]
     gap, gap_std = mean_spread(recovered)
     gap_ppl, gap_ppl_std = mean_spread(recovered_ppl)
@@ -311,12 +310,15 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1", help="seeds for the main methods")
     parser.add_argument("--claim-seeds", default="0", help="seeds for the claim rows (FFN, share sweep, selection)")
     parser.add_argument("--methods", default=",".join(MAIN_METHODS + CLAIM_METHODS))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a busy machine)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {sorted(METHODS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.output.mkdir(parents=True, exist_ok=True)
     work = args.output / "recovery-work"
     started = time.perf_counter()
@@ -324,14 +326,25 @@ def main() -> None:
     tokenizer = load_tokenizer(args.model)
     dense_model = load_model(args.model)
     timer = recovery.StageTimer()
-    with timer.stage("prune"):
-        pruned_model, pruning_report = recovery.prune_copy(
-            dense_model, tokenizer, args.method, args.sparsity, samples=args.prune_samples
-        )
-    with timer.stage("calibrate"):
-        components = recovery.calibrate_components(
-            dense_model, pruned_model, tokenizer, pruning_report, args.calibration_samples, args.pairs
-        )
+    # Pruning and calibration are cached per setting, so a restarted benchmark goes straight to the methods.
+    key = f"{Path(str(args.model)).name}-{args.method}-{args.sparsity}-p{args.prune_samples}-c{args.calibration_samples}-{args.pairs}"
+    cached = work / "cache" / key
+    if (cached / "lost_components").exists():
+        pruned_model = load_model(cached / "pruned")
+        pruning_report = load_report(cached / "pruned")
+        components = LostComponents.load(cached / "lost_components")
+        components.check_matches(pruned_model)
+    else:
+        with timer.stage("prune"):
+            pruned_model, pruning_report = recovery.prune_copy(
+                dense_model, tokenizer, args.method, args.sparsity, samples=args.prune_samples
+            )
+        with timer.stage("calibrate"):
+            components = recovery.calibrate_components(
+                dense_model, pruned_model, tokenizer, pruning_report, args.calibration_samples, args.pairs
+            )
+        save_pruned(pruned_model, tokenizer, cached / "pruned", pruning_report)
+        components.save(cached / "lost_components")
     context = Context(pruned_model, components, tokenizer, args)
     sparsity = measure_sparsity(pruned_model)["overall_sparsity"]
     reference = {}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from peft import LoraConfig, get_peft_model
-from test_evaluation import make_eval_model, make_tiny_tokenizer, one_thread  # noqa: F401 (autouse fixture)
+from test_evaluation import make_eval_model, make_tiny_tokenizer
 
 from peft_restorelcc import cli
 

@@ -16,15 +16,6 @@ from peft_restorelcc.cli import main
 from peft_restorelcc.pruning import REPORT_FILE, calibration_windows, check_nm_pattern, load_report, measure_sparsity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they contend."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_char_tokenizer() -> PreTrainedTokenizerFast:
     """A real (fast) character-level tokenizer whose ids fit the tiny models' vocabulary of 97."""
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}

@@ -87,16 +87,6 @@ def zero_half_of_linear_weights(model: torch.nn.Module) -> torch.nn.Module:
     return pruned
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads waiting on each other
-    made every forward ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
     return make_tiny_tokenizer()

@@ -28,15 +28,6 @@ from peft_restorelcc.pruning import _all_projections as all_projections  # noqa:
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they contend (10-50x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _calibration(samples: int = 8, length: int = 16) -> torch.Tensor:
     return random_input_ids(samples, length, seed=3)
 
