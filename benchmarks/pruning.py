@@ -35,7 +35,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--perplexity-passages", type=int, default=48)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "pruning.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a busy machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model)
     dense = load_model(args.model)
     evaluate = dict(limit=args.limit, perplexity_passages=args.perplexity_passages)
