@@ -115,9 +115,12 @@ def text_windows(
             break
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         stream.append(eos)
-        while len(stream) >= seq_len and (limit is None or len(windows) < limit):
-            window, stream = stream[:seq_len], stream[seq_len:]
+        start = 0
+        while len(stream) - start >= seq_len and (limit is None or len(windows) < limit):
+            window = stream[start : start + seq_len]
             windows.append({"input_ids": window, "labels": list(window)})
+            start += seq_len
+        del stream[:start]  # once per text, so a long text is not copied once per window
     return windows
 
 
