@@ -100,7 +100,7 @@ def train_argv(assets: dict[str, Path], output: Path, *flags: str) -> list[str]:
 
 def test_train_writes_a_loadable_adapter_and_metrics(assets: dict[str, Path], tmp_path: Path, capsys) -> None:
     output = tmp_path / "trained"
-    assert run_cli(train_argv(assets, output, "--max-steps", "3", "--logging-steps", "1")) == 0
+    assert run_cli(train_argv(assets, output, "--max-steps", "3", "--logging-steps", "1", "--threads", "1")) == 0
     printed = capsys.readouterr().out
     assert "final loss" in printed and str(output) in printed
     metrics = json.loads((output / "train_metrics.json").read_text())
@@ -157,6 +157,7 @@ def foreign_teachers(tmp_path_factory) -> tuple[Path, Path]:
         (["--max-steps", "-3"], "--max-steps -3 must be a positive number of steps"),
         (["--max-steps", "0", "--epochs", "0"], "--epochs 0.0 must be > 0"),
         (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
+        (["--threads", "0"], "--threads 0 must be >= 1"),
         (["--distill-alpha", "0.5"], "need --distill-from"),
         (["--data", "nowhere.jsonl"], "neither one of"),
         (["--seq-len", "100"], "exceeds the model's 64 positions"),
