@@ -16,14 +16,6 @@ from transformers import AutoModelForCausalLM
 from peft_restorelcc.pruning import measure_sparsity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory) -> Path:
     return save_model(tmp_path_factory.mktemp("merge") / "pruned", prune_half(make_tiny_model("llama")))

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,35 +19,11 @@ from peft_restorelcc import RestoreLCCConfig
 HEADS = {0: [1, 2], 1: [3]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def run_cli(argv: list[str]) -> int:
-    """``restorelcc`` as installed: the real dispatcher once every subcommand module of cli/__init__.py exists;
-    until then the subcommand alone, mounted the way the dispatcher mounts it (register + ValueError -> exit 2)."""
+    """``restorelcc`` as installed: the real dispatcher (ValueError -> one line on stderr, exit 2)."""
     from peft_restorelcc import cli
 
-    try:
-        cli.build_parser()
-    except ModuleNotFoundError as error:
-        if not (error.name or "").endswith("_command"):
-            raise
-    else:
-        return cli.main(argv)
-    parser = argparse.ArgumentParser(prog="restorelcc")
-    module = importlib.import_module(f"peft_restorelcc.cli.{argv[0]}_command")
-    module.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ValueError as error:
-        print(f"restorelcc {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    return cli.main(argv)
 
 
 def save_model(path: Path, model) -> Path:

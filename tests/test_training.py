@@ -33,15 +33,6 @@ from peft_restorelcc.training import (
 HEADS = {0: [1, 2], 1: [0, 3]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they contend."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def char_tokenizer(reverse: bool = False) -> PreTrainedTokenizerFast:
     """A real fast tokenizer, one token per character, whose ids fit the tiny models' vocabulary (97).
     ``reverse`` gives another tokenizer of the same size (the characters in reverse id order)."""

@@ -78,10 +78,8 @@ ARCHITECTURES = tuple(_TINY_CONFIGS)
 
 def make_tiny_model(model_type: str = "llama", seed: int = 0, **overrides) -> PreTrainedModel:
     """A freshly initialised tiny causal LM in fp32 eval mode; the same seed gives the same weights."""
-    token_ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    config = AutoConfig.for_model(
-        model_type, vocab_size=VOCAB_SIZE, **{**token_ids, **_TINY_CONFIGS[model_type], **overrides}
-    )
+    settings = {"vocab_size": VOCAB_SIZE, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    config = AutoConfig.for_model(model_type, **{**settings, **_TINY_CONFIGS[model_type], **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     # Random init leaves biases at zero; give them values so a lost bias would show.
