@@ -186,6 +186,23 @@ def run_method(name: str, seed: int, context: Context, output: Path) -> dict[str
     }
 
 
+def finished_runs(path: Path, settings: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Runs already in an earlier results file made with the same measurement settings, to be kept, not redone.
+    The dense and pruned rows come back under ``"__reference__"``."""
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    same = ("model", "method", "sparsity", "heads", "steps", "batch_size", "limit", "perplexity_passages",
+            "prune_samples", "calibration_samples", "pairs")  # fmt: skip
+    if any(earlier["settings"].get(key) != settings.get(key) for key in same):
+        return {}
+    kept: dict[str, list[dict[str, Any]]] = {"__reference__": [r for r in earlier["rows"] if "runs" not in r]}
+    for row in earlier["rows"]:
+        if "runs" in row:
+            kept[row["method"]] = row["runs"]
+    return kept
+
+
 def merged_sparsity(model) -> float | None:
     try:
         return recovery.sparsity_after_merge(model)
@@ -322,6 +339,9 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     work = args.output / "recovery-work"
     started = time.perf_counter()
+    results_file = args.output / "recovery.json"
+    # A resumed benchmark adds its time to what the earlier runs took.
+    earlier_seconds = json.loads(results_file.read_text()).get("total_seconds", 0.0) if results_file.exists() else 0.0
 
     tokenizer = load_tokenizer(args.model)
     dense_model = load_model(args.model)
@@ -347,8 +367,12 @@ def main() -> None:
         components.save(cached / "lost_components")
     context = Context(pruned_model, components, tokenizer, args)
     sparsity = measure_sparsity(pruned_model)["overall_sparsity"]
-    reference = {}
+    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    previous = finished_runs(args.output / "recovery.json", settings)
+    reference = {row["method"]: row for row in previous.pop("__reference__", [])}
     for name, model in (("dense", dense_model), ("pruned", pruned_model)):
+        if name in reference:
+            continue
         with timer.stage(f"evaluate {name}"):
             results = evaluate(model, context)
         reference[name] = {
@@ -362,9 +386,8 @@ def main() -> None:
         }
     del dense_model
 
-    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     report: dict[str, Any] = {"settings": settings, "rows": [reference["dense"], reference["pruned"]]}
-    runs: dict[str, list[dict[str, Any]]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {name: list(method_runs) for name, method_runs in previous.items()}
     # First seed of everything first, so an interrupted run still has one full comparison.
     plan = sorted(
         (
@@ -376,7 +399,10 @@ def main() -> None:
         key=lambda item: (item[1] != int(args.seeds.split(",")[0]), methods.index(item[0])),
     )
     failures: dict[str, str] = {}
+    done = {(name, run["seed"]) for name, method_runs in runs.items() for run in method_runs}
     for name, seed in tqdm(plan, desc="methods x seeds"):
+        if (name, seed) in done:
+            continue
         try:
             runs.setdefault(name, []).append(run_method(name, seed, context, work))
         except Exception as error:  # noqa: BLE001 - one broken method must not cost the others' results
@@ -391,7 +417,7 @@ def main() -> None:
         report["pruning"] = {k: pruning_report.get(k) for k in ("method", "sparsity_target", "pattern", "seconds")}
         report["heads_total"] = components.num_heads
         report["stage_seconds"] = timer.seconds
-        report["total_seconds"] = time.perf_counter() - started
+        report["total_seconds"] = earlier_seconds + time.perf_counter() - started
         report["finished"] = len(sum(runs.values(), [])) == len(plan)
         (args.output / "recovery.json").write_text(json.dumps(report, indent=2) + "\n")
         (args.output / "recovery.md").write_text(markdown_table(report) + "\n")
