@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
 import pytest
 import torch
@@ -14,23 +12,11 @@ from tiny_models import make_tiny_model
 
 import peft_restorelcc  # noqa: F401  (registers the tuner, so that PeftModel can load the adapter)
 from peft_restorelcc.calibration import LostComponents
-from peft_restorelcc.cli import calibrate_command
+from peft_restorelcc.cli import main
 from peft_restorelcc.cli.calibrate_command import parse_head_count
 from peft_restorelcc.pruning import save_pruned, structured_prune_heads
 
 FAST = ["--samples", "6", "--pairs", "6", "--max-length", "40", "--batch-size", "3", "--device", "cpu"]
-
-
-def main(argv: list[str]) -> int:
-    """The dispatcher's behaviour for this one command (the other commands need not exist for this test)."""
-    parser = argparse.ArgumentParser(prog="restorelcc")
-    calibrate_command.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ValueError as error:
-        print(f"restorelcc {args.command}: error: {error}", file=sys.stderr)
-        return 2
 
 
 @pytest.fixture(scope="module")
