@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from .files import check_new_output_dir, staged_output_dir
 from .heads import find_head_projections, text_config
 
 # Architectures whose config switch `attention_bias` adds a bias to q/k/v and the output projection.
@@ -80,9 +79,7 @@ def save_merged(model: nn.Module, output_dir: str | os.PathLike, tokenizer=None,
     Refuses, before touching the model, an architecture whose config cannot carry the merged bias, and a
     non-empty output directory. Writes into a temporary sibling directory first, so a failure leaves nothing.
     """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise ValueError(f"Output directory {output_dir} exists and is not empty; choose a new directory.")
+    output_dir = check_new_output_dir(output_dir)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     reason = bias_reload_problem(base)
     if reason is not None:
@@ -95,19 +92,11 @@ def save_merged(model: nn.Module, output_dir: str | os.PathLike, tokenizer=None,
     if not isinstance(merged, PreTrainedModel):
         raise ValueError(f"Expected a transformers PreTrainedModel after merging, got {type(merged).__name__}.")
     make_output_bias_reloadable(merged)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with staged_output_dir(output_dir) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / "restorelcc_export.json").write_text(
             json.dumps({"merged": True, "attention_bias": getattr(text_config(merged), "attention_bias", None)})
         )
-        if output_dir.exists():
-            output_dir.rmdir()
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_dir

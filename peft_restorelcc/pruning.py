@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -34,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from .files import staged_output_dir
 from .heads import head_dim_of, text_config
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -923,36 +922,19 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def _is_nonempty_dir(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
-
-
 def save_pruned(model: nn.Module, tokenizer: Any, output_dir: str | os.PathLike, report: dict[str, Any]) -> Path:
     """Save model (safetensors), tokenizer (may be None) and ``pruning_report.json`` into ``output_dir``.
 
     Everything is written into a temporary directory next to ``output_dir`` and renamed at the end, so a failure
     never leaves a half-written output. A non-empty existing ``output_dir`` is refused.
     """
-    output = Path(output_dir).expanduser().resolve()
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"Output path {output} exists and is a file: pass a new or empty directory.")
-    if _is_nonempty_dir(output):
-        raise ValueError(f"Output directory {output} is not empty: pass a new or empty directory, or remove it.")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
+    with staged_output_dir(output_dir) as staging:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         with open(staging / REPORT_FILE, "w", encoding="utf-8") as handle:
             json.dump(_json_ready(report), handle, indent=2, sort_keys=False)
-        if output.is_dir():
-            output.rmdir()  # empty (checked above); rename cannot replace it on every platform
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output
+    return Path(output_dir).expanduser().resolve()
 
 
 def summary_rows(report: dict[str, Any]) -> Iterable[tuple[str, str]]:

@@ -12,6 +12,7 @@ import datasets
 import lm_eval
 import pytest
 import torch
+from test_data import EXPECTED_EVAL_SIZES
 from tiny_models import VOCAB_SIZE, make_tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -42,15 +43,7 @@ _TOKENIZER_TEXT = [
 ]
 
 # Sizes of the bundled validation splits.
-DOCUMENTED_SIZES = {
-    "boolq": 3270,
-    "rte": 277,
-    "hellaswag": 10042,
-    "winogrande": 1267,
-    "arc_easy": 570,
-    "arc_challenge": 299,
-    "openbookqa": 500,
-}
+DOCUMENTED_SIZES = EXPECTED_EVAL_SIZES
 
 
 def make_tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ..files import staged_output_dir
 
 REPORT_FILE = "merge_report.json"
 
@@ -80,18 +79,10 @@ def save_merged_generic(model: Any, output: Path, tokenizer: Any = None) -> Path
         merged = model.merge_and_unload()
     except (AttributeError, NotImplementedError) as error:  # prompt-learning methods have nothing to fold
         raise ValueError(f"This adapter type cannot be merged into the weights ({error}); keep it separate.") from error
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
+    with staged_output_dir(output) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        if output.is_dir():
-            output.rmdir()  # empty (checked before): a rename cannot replace it everywhere
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output
 
 
