@@ -130,6 +130,14 @@ def _run_models(
             # No gather (a copy of every batch's activations) when every pruned head is the dense head of its index.
             return projections, None if torch.equal(rows, torch.arange(len(rows))) else rows
 
+        def pruned_probe_prompts(model: nn.Module) -> torch.Tensor | None:
+            """The pruned model's heads at the last token of the probe prompts (the paper's probe input)."""
+            if not probe:
+                return None
+            return _capture_last(
+                model, probe.prompts, batch_size, pad_id, padding_side, target_modules, "pruned model: probe", progress
+            )
+
         pruned_iter = iterate_activations(pruned_model, pruned_projections, batches, position, "pruned model", progress)
         if isinstance(dense, nn.Module):
             # Both in memory: run them batch by batch side by side; nothing is stored.
@@ -147,39 +155,13 @@ def _run_models(
                     # zip leaves the second generator suspended, its hooks still in place: close both.
                     pruned_iter.close()
                     dense_iter.close()
-            pruned_prompt = (
-                _capture_last(
-                    pruned_model,
-                    probe.prompts,
-                    batch_size,
-                    pad_id,
-                    padding_side,
-                    target_modules,
-                    "pruned model: probe",
-                    progress,
-                )
-                if probe
-                else None
-            )
+            pruned_prompt = pruned_probe_prompts(pruned_model)
         else:
             # One model at a time: keep the pruned activations (on disk for "all") until the dense model runs.
             store = ActivationStore(on_disk=position == "all", directory=spool_dir)
             for _, pruned_acts in pruned_iter:
                 store.append(pruned_acts)
-            pruned_prompt = (
-                _capture_last(
-                    pruned_model,
-                    probe.prompts,
-                    batch_size,
-                    pad_id,
-                    padding_side,
-                    target_modules,
-                    "pruned model: probe",
-                    progress,
-                )
-                if probe
-                else None
-            )
+            pruned_prompt = pruned_probe_prompts(pruned_model)
             pruned_model = None
             release(pruned_owned)
             dense_model, dense_owned = obtain(dense)
