@@ -265,6 +265,20 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     raise _unknown_name_error(name_or_path)
 
 
+def default_device(requested: str | None = None) -> torch.device:
+    """``requested`` if given, else the GPU where there is one (CUDA, then Apple MPS), else the CPU."""
+    if requested:
+        try:
+            return torch.device(requested)
+        except RuntimeError as error:
+            raise ValueError(f"unknown device {requested!r} ({error}); use cpu, cuda, cuda:N or mps.") from None
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     dtype: torch.dtype = torch.float32,

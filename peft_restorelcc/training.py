@@ -463,6 +463,7 @@ def train_adapter(
     warmup: float = 0.0,
     disable_tqdm: bool | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Train the trainable parameters of a PEFT model with the HF Trainer and save the adapter to ``output_dir``.
 
@@ -479,7 +480,8 @@ def train_adapter(
     ``steps`` (the global step reached), ``steps_this_run``, ``seconds_per_step`` and ``cpu_seconds_per_step``
     (medians over the optimizer steps of wall time and of this process's CPU time, which stays meaningful when other
     processes compete for the cores), ``train_loss`` (mean over this run), ``final_loss`` (the last logged loss),
-    peak memory, sizes. ``callbacks`` are added to the Trainer's.
+    peak memory, sizes. ``callbacks`` are added to the Trainer's. ``device="cpu"`` keeps training on the CPU where
+    a GPU is present; otherwise the Trainer picks its device (the GPU where there is one).
     """
     _check_training_args(
         epochs, learning_rate, batch_size, gradient_accumulation_steps, max_steps, save_steps, logging_steps
@@ -493,7 +495,7 @@ def train_adapter(
     if len(train_dataset) == 0:
         raise ValueError("The training dataset is empty.")
     output_dir = Path(output_dir)
-    use_cpu = not torch.cuda.is_available()
+    use_cpu = torch.device(device).type == "cpu" if device is not None else not torch.cuda.is_available()
     arguments = TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=epochs,

@@ -41,6 +41,15 @@ def test_unknown_name_names_the_embedded_models():
     assert "gemma3-270m" in str(error.value)
 
 
+def test_default_device_takes_a_request_or_the_best_available():
+    assert assets.default_device("cpu") == torch.device("cpu")
+    assert assets.default_device("cuda:1") == torch.device("cuda", 1)  # parsed only: nothing is allocated
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert assets.default_device().type == expected
+    with pytest.raises(ValueError, match="unknown device 'gpu'.*use cpu, cuda"):
+        assets.default_device("gpu")
+
+
 def test_local_directory_resolves_to_itself(tmp_path):
     assert assets.resolve_model_path(tmp_path) == tmp_path
     assert assets.resolve_model_path(str(tmp_path)) == tmp_path

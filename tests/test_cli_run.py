@@ -53,6 +53,8 @@ def test_run_does_every_stage_and_keeps_sparsity(model_dir, tmp_path, capsys):
         (["--heads", "0"], "--heads must be a positive"),
         (["--train-steps", "0"], "--train-steps must be positive"),
         (["--distill-alpha", "2"], "--distill-alpha must be in [0, 1]"),
+        (["--device", "gpu0"], "unknown device 'gpu0'"),
+        (["--eval-batch-size", "0"], "--eval-batch-size >= 1"),
     ],
 )
 def test_bad_flags_exit_2_before_any_work(model_dir, tmp_path, capsys, flags, message):

@@ -134,6 +134,7 @@ def foreign_teachers(tmp_path_factory) -> tuple[Path, Path]:
         (["--distill-alpha", "0.5"], "need --distill-from"),
         (["--data", "nowhere.jsonl"], "neither one of"),
         (["--seq-len", "100"], "exceeds the model's 64 positions"),
+        (["--device", "gpu0"], "unknown device 'gpu0'"),
         (["--resume"], "holds no checkpoint"),
         (["--resume", "not-a-checkpoint"], "is not a Trainer checkpoint"),
     ],

@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 LOST_COMPONENTS_DIR = "lost_components"
 REPORT_FILE = "pruning_report.json"
 
@@ -116,13 +114,13 @@ def _check_args(args: argparse.Namespace) -> int | float:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
-    from ..assets import load_model, load_tokenizer, resolve_model_path
+    from ..assets import default_device, load_model, load_tokenizer, resolve_model_path
     from ..calibration import ModelLoader, build_restorelcc_model, calibrate, refine_lost_init, resolve_head_count
     from ..data import calibration_prompts, contrastive_pairs
 
     num_heads = _check_args(args)
     started = time.perf_counter()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     pruning, kept_heads = pruning_description(read_pruning_report(args))
 
     dense_tokenizer = load_tokenizer(args.dense)

@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="measure perplexity on the first N held-out passages only (default: all)",
     )
-    parser.add_argument("--device", help="device to evaluate on (default: where the model is loaded, the CPU)")
+    parser.add_argument("--device", help="device to evaluate on (default: cuda if available, else cpu)")
     parser.add_argument("--output", metavar="FILE.json", help="write the results as JSON there")
     parser.set_defaults(func=run)
 
@@ -82,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter is not None and not Path(args.adapter).is_dir():
         raise ValueError(f"adapter directory {args.adapter!r} does not exist")
 
-    from peft_restorelcc.assets import load_model, load_tokenizer
+    from peft_restorelcc.assets import default_device, load_model, load_tokenizer
+
+    device = default_device(args.device)
 
     model: Any = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
@@ -94,8 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
         model = PeftModel.from_pretrained(model, args.adapter)
     model.eval()
-    if args.device is not None:
-        model.to(args.device)
+    model.to(device)
 
     results: dict[str, Any] = {"model": args.model, "adapter": args.adapter}
     results.update(evaluate_tasks(model, tokenizer, tasks=tasks, limit=args.limit, batch_size=args.batch_size))

@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..pruning import (
     METHODS,
     calibration_windows,
@@ -86,11 +84,11 @@ def _max_positions(model: Any) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..assets import load_model, load_tokenizer
+    from ..assets import default_device, load_model, load_tokenizer
 
     sparsity, structured = _check_args(args)
     needs_calibration = args.method in ("wanda", "sparsegpt") or structured
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
 
     model = load_model(args.model)
     model.to(device)

@@ -95,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="feed the data in order (then N processes x batch B see the same global batches as 1 process x N*B)",
     )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cpu to train on the CPU where a GPU is present (default: the Trainer's choice, the GPU if any; under "
+        "torchrun/accelerate launch each process takes its own)",
+    )
     parser.add_argument("--save-steps", type=int, default=50, metavar="N", help="checkpoint every N steps")
     parser.add_argument("--logging-steps", type=int, default=10, metavar="N", help="log the loss every N steps")
     parser.add_argument(
@@ -139,6 +145,13 @@ def _check_numbers(args: argparse.Namespace) -> None:
         problems.append(f"--distill-alpha {args.distill_alpha} must be in [0, 1] (1: KL only, 0: LM loss only)")
     if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
         problems.append(f"--temperature {args.temperature} must be > 0 (1 keeps the distributions as they are)")
+    if args.device is not None:
+        from ..assets import default_device
+
+        try:
+            default_device(args.device)
+        except ValueError as error:
+            problems.append(str(error).rstrip("."))
     if problems:
         raise ValueError("; ".join(problems) + ".")
 
@@ -286,6 +299,7 @@ def run(args: argparse.Namespace) -> int:
         save_steps=args.save_steps,
         logging_steps=args.logging_steps,
         shuffle=not args.no_shuffle,
+        device=args.device,
         **distill,
     )
     if not main:
