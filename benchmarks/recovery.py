@@ -118,9 +118,15 @@ METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
     "restorelcc-random": (lambda c: c.restorelcc(init="paper", components=_rescored(c, "random")), VECTOR_LR, True),
     # The paper's own recipe (instruction data, LM loss on the answer) against the benchmark's --data/--distill-alpha.
     "restorelcc-instruction": (lambda c: c.restorelcc(init="paper"), VECTOR_LR, True),
+    "lora-instruction": (
+        lambda c: get_peft_model(c.fresh_pruned(), LoraConfig(r=8, target_modules="all-linear")),
+        MATRIX_LR,
+        True,
+    ),
 }
 # Methods trained on other data or with another loss than the benchmark's --data and --distill-alpha.
-RECIPE_OVERRIDES: dict[str, dict[str, Any]] = {"restorelcc-instruction": {"data": "instruction", "distill_alpha": 0.0}}
+PAPER_RECIPE = {"data": "instruction", "distill_alpha": 0.0}
+RECIPE_OVERRIDES: dict[str, dict[str, Any]] = {"restorelcc-instruction": PAPER_RECIPE, "lora-instruction": PAPER_RECIPE}
 MAIN_METHODS = [
     "restorelcc",
     "restorelcc-lost",
@@ -140,6 +146,7 @@ CLAIM_METHODS = [
     "restorelcc-lost_norm",
     "restorelcc-random",
     "restorelcc-instruction",
+    "lora-instruction",
 ]
 
 
@@ -203,6 +210,7 @@ def run_method(name: str, seed: int, context: Context, output: Path) -> dict[str
         "seconds_per_step": train_metrics.get("seconds_per_step"),
         "train_memory_mb": memory / 2**20,
         "peak_cuda_mb": train_metrics.get("peak_cuda_mb"),
+        "device": str(context.device),
         "learning_rate": learning_rate if trained else None,
         "data": recipe["data"] if trained else None,
         "distill_alpha": recipe["distill_alpha"] if teacher is not None else None,
@@ -220,10 +228,14 @@ def finished_runs(path: Path, settings: dict[str, Any]) -> dict[str, list[dict[s
             "matrix_lr")  # fmt: skip
     if any(earlier["settings"].get(key) != settings.get(key) for key in same):
         return {}
+    # Runs of files written before runs recorded their device ran where that file's settings say (None: the CPU).
+    earlier_device = earlier["settings"].get("device") or "cpu"
     kept: dict[str, list[dict[str, Any]]] = {"__reference__": [r for r in earlier["rows"] if "runs" not in r]}
+    for row in kept["__reference__"]:
+        row.setdefault("device", earlier_device)
     for row in earlier["rows"]:
         if "runs" in row:
-            kept[row["method"]] = row["runs"]
+            kept[row["method"]] = [run | {"device": run.get("device", earlier_device)} for run in row["runs"]]
     return kept
 
 
@@ -267,6 +279,7 @@ def aggregate(name: str, runs: list[dict[str, Any]], dense: dict[str, Any], prun
         "train_memory_mb": runs[0]["train_memory_mb"],
         "train_seconds": statistics.mean(run["train_seconds"] for run in runs),
         "seeds": [run["seed"] for run in runs],
+        "device": ",".join(sorted({run.get("device", "?") for run in runs})),
         "runs": runs,
     }
 
@@ -276,8 +289,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     tasks = list(rows[0]["tasks"])
     lines = [
         "| method | trainable params | " + " | ".join(tasks) + " | avg acc | gap recovered (acc) | ppl | "
-        "gap recovered (log ppl) | sparsity after merge | train s | train memory MB | seeds |",
-        "|---|" + "---|" * (len(tasks) + 9),
+        "gap recovered (log ppl) | sparsity after merge | train s | train memory MB | seeds | ran on |",
+        "|---|" + "---|" * (len(tasks) + 10),
     ]
 
     def spread(value, std, fmt):
@@ -294,7 +307,7 @@ def markdown_table(report: dict[str, Any]) -> str:
             + f" | {spread(row['sparsity_after_merge'], 0, '{:.4f}')} | {row.get('train_seconds', 0):.0f}"
             + f" | {spread(row.get('train_memory_mb'), 0, '{:.0f}')} | "
             + ",".join(map(str, row.get("seeds", [])))
-            + " |"
+            + f" | {row.get('device', '')} |"
         )
     return "\n".join(lines)
 
@@ -419,6 +432,7 @@ def main() -> None:
             "ppl": results.get("perplexity"),
             "sparsity": sparsity if name == "pruned" else 0.0,
             "sparsity_after_merge": sparsity if name == "pruned" else 0.0,
+            "device": str(device),
         }
     if args.distill_alpha > 0:
         context.teacher = dense_model

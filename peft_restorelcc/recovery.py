@@ -138,6 +138,8 @@ def training_memory_bytes(model: nn.Module, batch: dict[str, Any]) -> int:
         saved_bytes += tensor.numel() * tensor.element_size()
         return tensor
 
+    device = model.get_input_embeddings().weight.device
+    batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
     was_training = model.training
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

@@ -1,0 +1,56 @@
+"""The recovery benchmark's bookkeeping: resuming from an earlier results file, and the aggregated rows."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recovery.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("recovery_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def settings(**overrides):
+    base = dict(model="smollm2-135m", method="wanda", sparsity=0.5, heads=0.25, steps=200, batch_size=8, limit=300,
+                perplexity_passages=64, prune_samples=64, calibration_samples=128, pairs=256, data="text",
+                distill_alpha=1.0, vector_lr=1e-2, matrix_lr=5e-4, device="cuda")  # fmt: skip
+    return base | overrides
+
+
+def reference(name, avg_acc, ppl):
+    return {"method": name, "trainable_params": 0, "tasks": {"rte": avg_acc}, "avg_acc": avg_acc, "ppl": ppl}
+
+
+def run(seed, avg_acc, ppl, **extra):
+    return {"seed": seed, "trainable_params": 10, "tasks": {"rte": avg_acc}, "avg_acc": avg_acc, "ppl": ppl,
+            "sparsity_after_merge": 0.5, "train_seconds": 1.0, "train_memory_mb": 1.0} | extra  # fmt: skip
+
+
+def test_resume_keeps_runs_of_the_same_settings_with_their_device(bench, tmp_path):
+    earlier = {"settings": settings(), "rows": [reference("dense", 0.5, 50.0), {"method": "lora", "runs": [run(0, 0.4, 60.0)]}]}
+    path = tmp_path / "recovery.json"
+    path.write_text(json.dumps(earlier))
+    # Another device or batch size for lm-eval does not change what is measured: the runs are kept.
+    kept = bench.finished_runs(path, settings(device="cpu"))
+    assert kept["lora"][0]["device"] == "cuda" and kept["__reference__"][0]["device"] == "cuda"
+    # Other training data is another experiment: nothing is kept.
+    assert bench.finished_runs(path, settings(data="instruction")) == {}
+
+
+def test_aggregate_gives_mean_spread_and_gap_shares(bench):
+    dense, pruned = reference("dense", 0.5, 50.0) | {"sparsity": 0.0}, reference("pruned", 0.3, 100.0) | {"sparsity": 0.5}
+    row = bench.aggregate("restorelcc", [run(0, 0.4, 60.0, device="cpu"), run(1, 0.5, 80.0, device="cuda")], dense, pruned)
+    assert row["avg_acc"] == pytest.approx(0.45) and row["avg_acc_std"] == pytest.approx(0.0707, abs=1e-4)
+    assert row["gap_recovered"] == pytest.approx(0.75)  # mean of 50% and 100%
+    # log-perplexity gap: (log 100 - log 60) / log 2 and (log 100 - log 80) / log 2
+    assert row["gap_recovered_ppl"] == pytest.approx((0.7370 + 0.3219) / 2, abs=1e-3)
+    assert row["device"] == "cpu,cuda"
+    table = bench.markdown_table({"rows": [dense | {"sparsity_after_merge": 0.0}, row]})
+    assert "| restorelcc | 10 |" in table and table.rstrip().endswith("| cpu,cuda |")
