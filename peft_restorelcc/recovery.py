@@ -7,6 +7,7 @@ Each stage is a function over in-memory models, timed by the caller. ``restorelc
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -125,6 +126,18 @@ def headline_accuracy(results: dict[str, Any]) -> float:
         value = metrics.get("acc_norm")
         values.append(metrics["acc"] if value is None else value)
     return sum(values) / len(values)
+
+
+def headline_stderr(results: dict[str, Any]) -> float | None:
+    """Standard error of ``headline_accuracy``: the tasks' own standard errors combined as for a mean of independent
+    estimates. None when a task has none (a single item)."""
+    errors = []
+    for metrics in results["tasks"].values():
+        error = metrics.get("acc_stderr") if metrics.get("acc_norm") is None else metrics.get("acc_norm_stderr")
+        if error is None:
+            return None
+        errors.append(error)
+    return math.sqrt(sum(error**2 for error in errors)) / len(errors)
 
 
 def training_memory_bytes(model: nn.Module, batch: dict[str, Any]) -> int:

@@ -29,6 +29,7 @@ def test_run_does_every_stage_and_keeps_sparsity(model_dir, tmp_path, capsys):
     assert main(["run", "--model", str(model_dir), "--output-dir", str(output), *FAST]) == 0
     printed = capsys.readouterr().out
     assert "| restored |" in printed and "sparsity before merge: 0.5000, after merge: 0.5000" in printed
+    assert "dense - pruned average accuracy: " in printed and "(standard error 0." in printed
     summary = json.loads((output / "results.json").read_text())
     assert set(summary["results"]) == {"dense", "pruned", "restored"}
     for result in summary["results"].values():

@@ -205,7 +205,7 @@ def _accuracy(metrics: dict[str, Any]) -> float:
 
 def results_table(summary: dict[str, Any]) -> str:
     """Markdown: accuracy per task (acc_norm where the task has it), average, perplexity; then costs and times."""
-    from ..recovery import gap_recovered, headline_accuracy
+    from ..recovery import gap_recovered, headline_accuracy, headline_stderr
 
     results = summary["results"]
     tasks = list(results["dense"]["tasks"])
@@ -225,8 +225,15 @@ def results_table(summary: dict[str, Any]) -> str:
             + ("" if recovered is None else f"{recovered:.0%}")
             + f" | {result.get('perplexity', float('nan')):.2f} |"
         )
+    lines.append("")
+    dense_error, pruned_error = headline_stderr(results["dense"]), headline_stderr(results["pruned"])
+    if dense_error is not None and pruned_error is not None:
+        gap_error = (dense_error**2 + pruned_error**2) ** 0.5
+        lines.append(
+            f"dense - pruned average accuracy: {dense_avg - pruned_avg:+.3f} (standard error {gap_error:.3f}"
+            + ("; within noise: raise --limit to measure recovery)" if abs(dense_avg - pruned_avg) < 2 * gap_error else ")")
+        )
     lines += [
-        "",
         f"trainable parameters: {summary['trainable_parameters']:,}",
         f"sparsity before merge: {summary['sparsity_before_merge']:.4f}, after merge: "
         f"{summary['sparsity_after_merge']:.4f}",
