@@ -339,9 +339,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
         axis.set_xlabel("trainable parameters (log)")
         axis.set_ylabel(label)
     settings = report["settings"]
+    recipe = (
+        f"distillation (alpha {settings['distill_alpha']}) on {settings['data']} data"
+        if settings.get("distill_alpha")
+        else f"LM loss on {settings.get('data', 'instruction')} data"
+    )
     figure.suptitle(
         f"{settings['model']} {settings['method']} {settings['sparsity']}: {settings['steps']} steps x batch "
-        f"{settings['batch_size']}, {settings['limit']} items/task"
+        f"{settings['batch_size']}, {settings['limit']} items/task\n{recipe}; rows named -instruction: the paper's "
+        "recipe, LM loss on instruction answers"
     )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
