@@ -11,7 +11,9 @@ and merged (on a copy) to measure the sparsity that survives.
 
 Writes benchmarks/results/recovery.json (rows: dense, pruned, then one per method, seeds aggregated as mean and
 spread), recovery.md (a table) and recovery.png (gap recovered against trainable parameters, log scale). The
-results file is rewritten after every finished run, so an interrupted benchmark keeps what it measured.
+results file is rewritten after every finished run, so an interrupted benchmark keeps what it measured, and a
+rerun with the same measurement settings keeps those runs. Shards run in parallel (other machines, other cores, each
+with its own ``--output``) are merged with ``--resume-from SHARD/recovery.json``: their runs are kept, not redone.
 """
 
 from __future__ import annotations
@@ -118,15 +120,21 @@ METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
     "restorelcc-random": (lambda c: c.restorelcc(init="paper", components=_rescored(c, "random")), VECTOR_LR, True),
     # The paper's own recipe (instruction data, LM loss on the answer) against the benchmark's --data/--distill-alpha.
     "restorelcc-instruction": (lambda c: c.restorelcc(init="paper"), VECTOR_LR, True),
+    "restorelcc-instruction-lr1e-2": (lambda c: c.restorelcc(init="paper"), VECTOR_LR, True),
     "lora-instruction": (
         lambda c: get_peft_model(c.fresh_pruned(), LoraConfig(r=8, target_modules="all-linear")),
         MATRIX_LR,
         True,
     ),
 }
-# Methods trained on other data or with another loss than the benchmark's --data and --distill-alpha.
+# Methods trained on other data, with another loss or learning rate than the benchmark's flags give them.
 PAPER_RECIPE = {"data": "instruction", "distill_alpha": 0.0}
-RECIPE_OVERRIDES: dict[str, dict[str, Any]] = {"restorelcc-instruction": PAPER_RECIPE, "lora-instruction": PAPER_RECIPE}
+RECIPE_OVERRIDES: dict[str, dict[str, Any]] = {
+    # The paper's lr for RestoreLCC; on the default job 1e-2 doubled held-out perplexity for no accuracy.
+    "restorelcc-instruction": PAPER_RECIPE | {"learning_rate": 1e-3},
+    "restorelcc-instruction-lr1e-2": PAPER_RECIPE | {"learning_rate": 1e-2},
+    "lora-instruction": PAPER_RECIPE,
+}
 MAIN_METHODS = [
     "restorelcc",
     "restorelcc-lost",
@@ -146,8 +154,32 @@ CLAIM_METHODS = [
     "restorelcc-lost_norm",
     "restorelcc-random",
     "restorelcc-instruction",
+    "restorelcc-instruction-lr1e-2",
     "lora-instruction",
 ]
+
+
+def recipe_of(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """How a method is trained under the benchmark's settings: data, distillation weight and learning rate."""
+    default_lr = settings["vector_lr"] if METHODS[name][1] == VECTOR_LR else settings["matrix_lr"]
+    return {"data": settings["data"], "distill_alpha": settings["distill_alpha"], "learning_rate": default_lr} | (
+        RECIPE_OVERRIDES.get(name, {})
+    )
+
+
+def trained_as_now(name: str, run: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """Whether an earlier run was trained the way these settings would train it (untrained rows always are)."""
+    if name not in METHODS or not METHODS[name][2]:
+        return True
+    if "learning_rate" not in run:  # written before runs recorded their recipe: the file's settings were it
+        return name not in RECIPE_OVERRIDES
+    recipe = recipe_of(name, settings)
+    # A run records the weight of the KL term only when a teacher took part.
+    return (run.get("data"), run.get("distill_alpha"), run.get("learning_rate")) == (
+        recipe["data"],
+        recipe["distill_alpha"] or None,
+        recipe["learning_rate"],
+    )
 
 
 def evaluate(model, context: Context) -> dict[str, Any]:
@@ -169,13 +201,13 @@ def accuracy_of(results: dict[str, Any]) -> dict[str, float]:
 
 
 def run_method(name: str, seed: int, context: Context, output: Path) -> dict[str, Any]:
-    build, family, trained = METHODS[name]
+    build, _, trained = METHODS[name]
     torch.manual_seed(seed)
     model = build(context)
     trainable = recovery.trainable_parameters(model)
     args = context.args
-    learning_rate = args.vector_lr if family == VECTOR_LR else args.matrix_lr
-    recipe = {"data": args.data, "distill_alpha": args.distill_alpha} | RECIPE_OVERRIDES.get(name, {})
+    recipe = recipe_of(name, vars(args))
+    learning_rate = recipe["learning_rate"]
     teacher = context.teacher if recipe["distill_alpha"] > 0 else None
     dataset = build_train_dataset(recipe["data"], context.tokenizer, samples=args.steps * args.batch_size, seed=seed)
     first_batch = PaddingCollator(pad_token_id_of(context.tokenizer))([dataset[i] for i in range(args.batch_size)])
@@ -217,25 +249,33 @@ def run_method(name: str, seed: int, context: Context, output: Path) -> dict[str
     }
 
 
-def finished_runs(path: Path, settings: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Runs already in an earlier results file made with the same measurement settings, to be kept, not redone.
-    The dense and pruned rows come back under ``"__reference__"``."""
-    if not path.exists():
-        return {}
-    earlier = json.loads(path.read_text())
+def finished_runs(paths: list[Path], settings: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Runs already in earlier results files made with the same measurement settings, to be kept, not redone: the
+    benchmark's own file, and those of shards run elsewhere (``--resume-from``). A run trained otherwise than these
+    settings would train it now (another recipe or learning rate) is dropped. The dense and pruned rows come back
+    under ``"__reference__"``."""
     same = ("model", "method", "sparsity", "heads", "steps", "batch_size", "limit", "perplexity_passages",
             "prune_samples", "calibration_samples", "pairs", "data", "distill_alpha", "vector_lr",
             "matrix_lr")  # fmt: skip
-    if any(earlier["settings"].get(key) != settings.get(key) for key in same):
-        return {}
-    # Runs of files written before runs recorded their device ran where that file's settings say (None: the CPU).
-    earlier_device = earlier["settings"].get("device") or "cpu"
-    kept: dict[str, list[dict[str, Any]]] = {"__reference__": [r for r in earlier["rows"] if "runs" not in r]}
-    for row in kept["__reference__"]:
-        row.setdefault("device", earlier_device)
-    for row in earlier["rows"]:
-        if "runs" in row:
-            kept[row["method"]] = [run | {"device": run.get("device", earlier_device)} for run in row["runs"]]
+    kept: dict[str, list[dict[str, Any]]] = {}
+    seen: set[tuple[str, int]] = set()
+    for path in paths:
+        if not path.exists():
+            continue
+        earlier = json.loads(path.read_text())
+        if any(earlier["settings"].get(key) != settings.get(key) for key in same):
+            continue
+        # Runs of files written before runs recorded their device ran where that file's settings say (None: CPU).
+        earlier_device = earlier["settings"].get("device") or "cpu"
+        if "__reference__" not in kept:
+            kept["__reference__"] = [row | {"device": row.get("device", earlier_device)} for row in earlier["rows"]
+                                     if "runs" not in row]  # fmt: skip
+        for row in earlier["rows"]:
+            for run in row.get("runs", []):
+                if (row["method"], run["seed"]) in seen or not trained_as_now(row["method"], run, settings):
+                    continue
+                seen.add((row["method"], run["seed"]))
+                kept.setdefault(row["method"], []).append(run | {"device": run.get("device", earlier_device)})
     return kept
 
 
@@ -278,6 +318,11 @@ def aggregate(name: str, runs: list[dict[str, Any]], dense: dict[str, Any], prun
         "sparsity_after_merge": runs[0]["sparsity_after_merge"],
         "train_memory_mb": runs[0]["train_memory_mb"],
         "train_seconds": statistics.mean(run["train_seconds"] for run in runs),
+        # A mean over a GPU and a CPU run says nothing: the time per device too.
+        "train_seconds_by_device": {
+            device: statistics.mean(run["train_seconds"] for run in runs if run.get("device", "?") == device)
+            for device in sorted({run.get("device", "?") for run in runs})
+        },
         "seeds": [run["seed"] for run in runs],
         "device": ",".join(sorted({run.get("device", "?") for run in runs})),
         "runs": runs,
@@ -296,6 +341,12 @@ def markdown_table(report: dict[str, Any]) -> str:
     def spread(value, std, fmt):
         return (fmt.format(value) + (f" ± {fmt.format(std)}" if std else "")) if value is not None else ""
 
+    def train_time(row):
+        by_device = row.get("train_seconds_by_device") or {}
+        if len(by_device) > 1:
+            return " / ".join(f"{seconds:.0f} {device}" for device, seconds in by_device.items())
+        return f"{row.get('train_seconds', 0):.0f}"
+
     for row in rows:
         lines.append(
             f"| {row['method']} | {row['trainable_params']:,} | "
@@ -304,7 +355,7 @@ def markdown_table(report: dict[str, Any]) -> str:
             + f" | {spread(row.get('gap_recovered'), row.get('gap_recovered_std'), '{:.0%}')}"
             + f" | {spread(row['ppl'], row.get('ppl_std'), '{:.2f}')}"
             + f" | {spread(row.get('gap_recovered_ppl'), row.get('gap_recovered_ppl_std'), '{:.0%}')}"
-            + f" | {spread(row['sparsity_after_merge'], 0, '{:.4f}')} | {row.get('train_seconds', 0):.0f}"
+            + f" | {spread(row['sparsity_after_merge'], 0, '{:.4f}')} | {train_time(row)}"
             + f" | {spread(row.get('train_memory_mb'), 0, '{:.0f}')} | "
             + ",".join(map(str, row.get("seeds", [])))
             + f" | {row.get('device', '')} |"
@@ -383,19 +434,33 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--eval-batch-size", type=int, default=16, help="lm-eval batch size (raise it on a GPU)")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--resume-from",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="results files of shards run elsewhere with the same settings: their runs are kept, not redone",
+    )
     args = parser.parse_args()
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {sorted(METHODS)}")
+    missing = [str(path) for path in args.resume_from if not path.is_file()]
+    if missing:
+        parser.error(f"--resume-from: no results file at {', '.join(missing)}; give the recovery.json of a shard")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.output.mkdir(parents=True, exist_ok=True)
     work = args.output / "recovery-work"
     started = time.perf_counter()
     results_file = args.output / "recovery.json"
-    # A resumed benchmark adds its time to what the earlier runs took.
-    earlier_seconds = json.loads(results_file.read_text()).get("total_seconds", 0.0) if results_file.exists() else 0.0
+    # A resumed benchmark adds its time to what the earlier runs took, and a merged shard its own (once per shard).
+    earlier = json.loads(results_file.read_text()) if results_file.exists() else {}
+    shard_seconds = earlier.get("shard_seconds", {}) | {
+        str(path.resolve()): json.loads(path.read_text()).get("total_seconds", 0.0) for path in args.resume_from
+    }
+    earlier_seconds = earlier.get("total_seconds", 0.0) - sum(earlier.get("shard_seconds", {}).values())
 
     tokenizer = load_tokenizer(args.model)
     device = default_device(args.device)
@@ -423,7 +488,7 @@ def main() -> None:
     context = Context(pruned_model, components, tokenizer, args)
     sparsity = measure_sparsity(pruned_model)["overall_sparsity"]
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-    previous = finished_runs(args.output / "recovery.json", settings)
+    previous = finished_runs([args.output / "recovery.json", *args.resume_from], settings)
     reference = {row["method"]: row for row in previous.pop("__reference__", [])}
     for name, model in (("dense", dense_model), ("pruned", pruned_model)):
         if name in reference:
@@ -458,14 +523,8 @@ def main() -> None:
     )
     failures: dict[str, str] = {}
     done = {(name, run["seed"]) for name, method_runs in runs.items() for run in method_runs}
-    for name, seed in tqdm(plan, desc="methods x seeds"):
-        if (name, seed) in done:
-            continue
-        try:
-            runs.setdefault(name, []).append(run_method(name, seed, context, work))
-        except Exception as error:  # noqa: BLE001 - one broken method must not cost the others' results
-            failures[f"{name}-seed{seed}"] = f"{type(error).__name__}: {error}"
-            print(f"{name} seed {seed} failed: {failures[f'{name}-seed{seed}']}")
+
+    def write_report() -> None:
         report["rows"] = [reference["dense"], reference["pruned"]] + [
             aggregate(method, method_runs, reference["dense"], reference["pruned"])
             for method, method_runs in runs.items()
@@ -475,11 +534,24 @@ def main() -> None:
         report["pruning"] = {k: pruning_report.get(k) for k in ("method", "sparsity_target", "pattern", "seconds")}
         report["heads_total"] = components.num_heads
         report["stage_seconds"] = timer.seconds
-        report["total_seconds"] = earlier_seconds + time.perf_counter() - started
-        report["finished"] = len(sum(runs.values(), [])) == len(plan)
+        report["shard_seconds"] = shard_seconds
+        report["total_seconds"] = earlier_seconds + time.perf_counter() - started + sum(shard_seconds.values())
+        report["finished"] = all(key in done for key in plan)
         (args.output / "recovery.json").write_text(json.dumps(report, indent=2) + "\n")
         (args.output / "recovery.md").write_text(markdown_table(report) + "\n")
         plot(report, args.output / "recovery.png")
+
+    for name, seed in tqdm(plan, desc="methods x seeds"):
+        if (name, seed) in done:
+            continue
+        try:
+            runs.setdefault(name, []).append(run_method(name, seed, context, work))
+            done.add((name, seed))
+        except Exception as error:  # noqa: BLE001 - one broken method must not cost the others' results
+            failures[f"{name}-seed{seed}"] = f"{type(error).__name__}: {error}"
+            print(f"{name} seed {seed} failed: {failures[f'{name}-seed{seed}']}")
+        write_report()
+    write_report()  # also when every planned run was already done: merges the shards given by --resume-from
     print(markdown_table(report))
     print(f"\ntotal {report['total_seconds'] / 60:.1f} min; results in {args.output / 'recovery.json'}")
 

@@ -38,10 +38,45 @@ def test_resume_keeps_runs_of_the_same_settings_with_their_device(bench, tmp_pat
     path = tmp_path / "recovery.json"
     path.write_text(json.dumps(earlier))
     # Another device or batch size for lm-eval does not change what is measured: the runs are kept.
-    kept = bench.finished_runs(path, settings(device="cpu"))
+    kept = bench.finished_runs([path], settings(device="cpu"))
     assert kept["lora"][0]["device"] == "cuda" and kept["__reference__"][0]["device"] == "cuda"
     # Other training data is another experiment: nothing is kept.
-    assert bench.finished_runs(path, settings(data="instruction")) == {}
+    assert bench.finished_runs([path], settings(data="instruction")) == {}
+
+
+def test_resume_drops_runs_trained_with_another_recipe(bench, tmp_path):
+    lora = run(0, 0.4, 60.0, data="text", distill_alpha=1.0, learning_rate=5e-4)
+    # restorelcc-instruction trains with the paper's lr 1e-3 whatever --vector-lr says; a run at 1e-2 is stale.
+    stale = run(0, 0.41, 180.0, data="instruction", distill_alpha=None, learning_rate=1e-2)
+    current = run(1, 0.42, 100.0, data="instruction", distill_alpha=None, learning_rate=1e-3)
+    free = run(0, 0.40, 99.0, data=None, distill_alpha=1.0, learning_rate=None)  # untrained: nothing to compare
+    earlier = {"settings": settings(), "rows": [reference("dense", 0.5, 50.0),
+               {"method": "lora", "runs": [lora]}, {"method": "restorelcc-instruction", "runs": [stale, current]},
+               {"method": "restorelcc-free", "runs": [free]}]}  # fmt: skip
+    path = tmp_path / "recovery.json"
+    path.write_text(json.dumps(earlier))
+    kept = bench.finished_runs([path], settings())
+    assert [r["seed"] for r in kept["restorelcc-instruction"]] == [1]
+    assert kept["lora"][0]["learning_rate"] == 5e-4 and kept["restorelcc-free"][0]["ppl"] == 99.0
+    # A lower --matrix-lr makes the LoRA run stale too (and the file's settings differ: nothing is kept).
+    assert "lora" not in bench.finished_runs([path], settings(matrix_lr=1e-4))
+
+
+def test_resume_merges_shards_without_repeating_a_run(bench, tmp_path):
+    mine, shard = tmp_path / "recovery.json", tmp_path / "shard.json"
+    lora = dict(data="text", distill_alpha=1.0, learning_rate=5e-4)
+    mine.write_text(json.dumps({"settings": settings(), "rows": [reference("dense", 0.5, 50.0),
+                    {"method": "lora", "runs": [run(0, 0.4, 60.0, **lora)]}]}))  # fmt: skip
+    shard.write_text(json.dumps({"settings": settings(device="cpu"), "rows": [reference("dense", 0.6, 40.0),
+                     {"method": "lora", "runs": [run(0, 0.9, 10.0, **lora), run(1, 0.45, 55.0, **lora)]}]}))  # fmt: skip
+    kept = bench.finished_runs([mine, shard], settings())
+    # The first file wins a run both hold, and the reference rows; the shard adds what only it has.
+    assert [(r["seed"], r["avg_acc"]) for r in kept["lora"]] == [(0, 0.4), (1, 0.45)]
+    assert kept["__reference__"][0]["avg_acc"] == 0.5
+    assert kept["lora"][1]["device"] == "cpu"  # the shard's settings say where its runs ran
+    # A shard of other settings is another experiment: ignored.
+    shard.write_text(json.dumps({"settings": settings(limit=20), "rows": [{"method": "ia3", "runs": [run(0, 0.4, 60.0)]}]}))
+    assert "ia3" not in bench.finished_runs([mine, shard], settings())
 
 
 def test_aggregate_gives_mean_spread_and_gap_shares(bench):
@@ -54,3 +89,5 @@ def test_aggregate_gives_mean_spread_and_gap_shares(bench):
     assert row["device"] == "cpu,cuda"
     table = bench.markdown_table({"rows": [dense | {"sparsity_after_merge": 0.0}, row]})
     assert "| restorelcc | 10 |" in table and table.rstrip().endswith("| cpu,cuda |")
+    # Training time is given per device when the seeds ran on different ones.
+    assert "| 1 cpu / 1 cuda |" in table
