@@ -279,6 +279,15 @@ def finished_runs(paths: list[Path], settings: dict[str, Any]) -> dict[str, list
     return kept
 
 
+def json_settings(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The command's arguments as the results file records them (paths, and lists of them, as strings)."""
+
+    def plain(value: Any) -> Any:
+        return [plain(item) for item in value] if isinstance(value, list) else str(value) if isinstance(value, Path) else value
+
+    return {key: plain(value) for key, value in arguments.items()}
+
+
 def merged_sparsity(model) -> float | None:
     try:
         return recovery.sparsity_after_merge(model)
@@ -487,7 +496,7 @@ def main() -> None:
         components.save(cached / "lost_components")
     context = Context(pruned_model, components, tokenizer, args)
     sparsity = measure_sparsity(pruned_model)["overall_sparsity"]
-    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    settings = json_settings(vars(args))
     previous = finished_runs([args.output / "recovery.json", *args.resume_from], settings)
     reference = {row["method"]: row for row in previous.pop("__reference__", [])}
     for name, model in (("dense", dense_model), ("pruned", pruned_model)):

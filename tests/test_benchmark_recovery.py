@@ -91,3 +91,40 @@ def test_aggregate_gives_mean_spread_and_gap_shares(bench):
     assert "| restorelcc | 10 |" in table and table.rstrip().endswith("| cpu,cuda |")
     # Training time is given per device when the seeds ran on different ones.
     assert "| 1 cpu / 1 cuda |" in table
+
+
+def test_settings_with_shards_are_written_as_json(bench):
+    recorded = bench.json_settings({"output": Path("/results"), "resume_from": [Path("/a/recovery.json")], "steps": 3})
+    assert json.loads(json.dumps(recorded)) == {"output": "/results", "resume_from": ["/a/recovery.json"], "steps": 3}
+
+
+def test_shards_run_apart_then_merge_into_one_results_file(bench, tmp_path, monkeypatch):
+    """The whole benchmark on a tiny model: one shard per method, then a merge that reruns nothing."""
+    from test_training import char_tokenizer
+    from tiny_models import make_tiny_model
+
+    model_dir = tmp_path / "tiny-llama"
+    make_tiny_model("llama", max_position_embeddings=512, initializer_range=0.3).save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    common = ["--model", str(model_dir), "--steps", "1", "--batch-size", "2", "--limit", "2", "--perplexity-passages",
+              "2", "--prune-samples", "4", "--calibration-samples", "6", "--pairs", "8", "--seeds", "0",
+              "--claim-seeds", "0", "--device", "cpu"]  # fmt: skip
+    mine, shard = tmp_path / "mine", tmp_path / "shard"
+
+    def benchmark(*flags):
+        monkeypatch.setattr("sys.argv", ["recovery.py", *common, *flags])
+        bench.main()
+        return json.loads((Path(flags[flags.index("--output") + 1]) / "recovery.json").read_text())
+
+    first = benchmark("--methods", "restorelcc-free", "--output", str(mine))
+    other = benchmark("--methods", "head-bias", "--output", str(shard), "--resume-from", str(mine / "recovery.json"))
+    assert other["rows"][:2] == first["rows"][:2]  # the shard reuses the dense and pruned rows, not re-measured
+    merged = benchmark(
+        "--methods", "restorelcc-free,head-bias", "--output", str(mine), "--resume-from", str(shard / "recovery.json")
+    )
+    by_method = {row["method"]: row for row in merged["rows"]}
+    assert set(by_method) == {"dense", "pruned", "restorelcc-free", "head-bias"} and merged["finished"]
+    assert by_method["head-bias"]["runs"] == {r["method"]: r for r in other["rows"]}["head-bias"]["runs"]
+    assert by_method["head-bias"]["sparsity_after_merge"] == pytest.approx(0.5, abs=0.01)
+    assert merged["settings"]["resume_from"] == [str(shard / "recovery.json")]
+    assert (mine / "recovery.png").stat().st_size > 0 and "| head-bias |" in (mine / "recovery.md").read_text()
