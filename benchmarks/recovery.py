@@ -288,6 +288,11 @@ def json_settings(arguments: dict[str, Any]) -> dict[str, Any]:
     return {key: plain(value) for key, value in arguments.items()}
 
 
+def own_seconds(report: dict[str, Any]) -> float:
+    """Seconds a results file's own runs took: its total less the shards merged into it."""
+    return report.get("own_seconds", report.get("total_seconds", 0.0) - sum(report.get("shard_seconds", {}).values()))
+
+
 def merged_sparsity(model) -> float | None:
     try:
         return recovery.sparsity_after_merge(model)
@@ -464,12 +469,13 @@ def main() -> None:
     work = args.output / "recovery-work"
     started = time.perf_counter()
     results_file = args.output / "recovery.json"
-    # A resumed benchmark adds its time to what the earlier runs took, and a merged shard its own (once per shard).
+    # A resumed benchmark adds its time to what its earlier runs took, and a merged shard the time of its own runs
+    # (once per shard, and not the time of the files that shard itself resumed from).
     earlier = json.loads(results_file.read_text()) if results_file.exists() else {}
     shard_seconds = earlier.get("shard_seconds", {}) | {
-        str(path.resolve()): json.loads(path.read_text()).get("total_seconds", 0.0) for path in args.resume_from
+        str(path.resolve()): own_seconds(json.loads(path.read_text())) for path in args.resume_from
     }
-    earlier_seconds = earlier.get("total_seconds", 0.0) - sum(earlier.get("shard_seconds", {}).values())
+    earlier_seconds = own_seconds(earlier)
 
     tokenizer = load_tokenizer(args.model)
     device = default_device(args.device)
@@ -543,6 +549,7 @@ def main() -> None:
         report["pruning"] = {k: pruning_report.get(k) for k in ("method", "sparsity_target", "pattern", "seconds")}
         report["heads_total"] = components.num_heads
         report["stage_seconds"] = timer.seconds
+        report["own_seconds"] = earlier_seconds + time.perf_counter() - started
         report["shard_seconds"] = shard_seconds
         report["total_seconds"] = earlier_seconds + time.perf_counter() - started + sum(shard_seconds.values())
         report["finished"] = all(key in done for key in plan)

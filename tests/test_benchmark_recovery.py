@@ -128,3 +128,11 @@ def test_shards_run_apart_then_merge_into_one_results_file(bench, tmp_path, monk
     assert by_method["head-bias"]["sparsity_after_merge"] == pytest.approx(0.5, abs=0.01)
     assert merged["settings"]["resume_from"] == [str(shard / "recovery.json")]
     assert (mine / "recovery.png").stat().st_size > 0 and "| head-bias |" in (mine / "recovery.md").read_text()
+
+
+def test_time_of_a_shard_counts_once(bench):
+    main_file = {"total_seconds": 100.0}
+    # A shard that resumed from the main file records the main file's time as a shard of its own.
+    shard = {"total_seconds": 130.0, "shard_seconds": {"/main/recovery.json": 100.0}}
+    assert bench.own_seconds(main_file) == 100.0 and bench.own_seconds(shard) == 30.0
+    assert bench.own_seconds({"own_seconds": 7.0, "total_seconds": 50.0}) == 7.0
