@@ -314,6 +314,10 @@ def aggregate(name: str, runs: list[dict[str, Any]], dense: dict[str, Any], prun
     recovered_ppl = [
         recovery.gap_recovered(-math.log(dense["ppl"]), -math.log(pruned["ppl"]), -math.log(run["ppl"])) for run in runs
     ]
+    train_seconds_by_device = {
+        device: statistics.mean(run["train_seconds"] for run in runs if run.get("device", "?") == device)
+        for device in sorted({run.get("device", "?") for run in runs})
+    }
     gap, gap_std = mean_spread(recovered)
     gap_ppl, gap_ppl_std = mean_spread(recovered_ppl)
     return {
@@ -333,12 +337,9 @@ def aggregate(name: str, runs: list[dict[str, Any]], dense: dict[str, Any], prun
         "train_memory_mb": runs[0]["train_memory_mb"],
         "train_seconds": statistics.mean(run["train_seconds"] for run in runs),
         # A mean over a GPU and a CPU run says nothing: the time per device too.
-        "train_seconds_by_device": {
-            device: statistics.mean(run["train_seconds"] for run in runs if run.get("device", "?") == device)
-            for device in sorted({run.get("device", "?") for run in runs})
-        },
+        "train_seconds_by_device": train_seconds_by_device,
         "seeds": [run["seed"] for run in runs],
-        "device": ",".join(sorted({run.get("device", "?") for run in runs})),
+        "device": ",".join(train_seconds_by_device),
         "runs": runs,
     }
 
@@ -551,7 +552,7 @@ def main() -> None:
         report["stage_seconds"] = timer.seconds
         report["own_seconds"] = earlier_seconds + time.perf_counter() - started
         report["shard_seconds"] = shard_seconds
-        report["total_seconds"] = earlier_seconds + time.perf_counter() - started + sum(shard_seconds.values())
+        report["total_seconds"] = report["own_seconds"] + sum(shard_seconds.values())
         report["finished"] = all(key in done for key in plan)
         (args.output / "recovery.json").write_text(json.dumps(report, indent=2) + "\n")
         (args.output / "recovery.md").write_text(markdown_table(report) + "\n")
