@@ -126,6 +126,8 @@ METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
         MATRIX_LR,
         True,
     ),
+    # IA3 also keeps sparsity after merge; the strongest such method under distillation.
+    "ia3-instruction": (lambda c: get_peft_model(c.fresh_pruned(), IA3Config(task_type="CAUSAL_LM")), VECTOR_LR, True),
 }
 # Methods trained on other data, with another loss or learning rate than the benchmark's flags give them.
 PAPER_RECIPE = {"data": "instruction", "distill_alpha": 0.0}
@@ -134,6 +136,7 @@ RECIPE_OVERRIDES: dict[str, dict[str, Any]] = {
     "restorelcc-instruction": PAPER_RECIPE | {"learning_rate": 1e-3},
     "restorelcc-instruction-lr1e-2": PAPER_RECIPE | {"learning_rate": 1e-2},
     "lora-instruction": PAPER_RECIPE,
+    "ia3-instruction": PAPER_RECIPE,
 }
 MAIN_METHODS = [
     "restorelcc",
@@ -156,6 +159,7 @@ CLAIM_METHODS = [
     "restorelcc-instruction",
     "restorelcc-instruction-lr1e-2",
     "lora-instruction",
+    "ia3-instruction",
 ]
 
 
