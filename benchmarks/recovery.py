@@ -382,6 +382,20 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def spread_labels(points: list[tuple[float, float]], min_gap: float) -> list[float]:
+    """Heights for the labels of (x, y) points so that labels of points at nearly the same x (within a factor of
+    1.5, as on a log axis) stand at least ``min_gap`` apart: several methods share RestoreLCC's parameter count."""
+    heights = [y for _, y in points]
+    for index in sorted(range(len(points)), key=lambda i: points[i][1]):
+        x = points[index][0]
+        below = [heights[other] for other in range(len(points)) if other != index and 1 / 1.5 < points[other][0] / x < 1.5
+                 and (points[other][1], other) < (points[index][1], index)]  # fmt: skip
+        for height in sorted(below):
+            if heights[index] - height < min_gap:
+                heights[index] = height + min_gap
+    return heights
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     os.environ.setdefault("MPLBACKEND", "Agg")
     import matplotlib.pyplot as plt
@@ -391,17 +405,20 @@ def plot(report: dict[str, Any], path: Path) -> None:
         (axes[0], "gap_recovered", "share of the accuracy gap recovered"),
         (axes[1], "gap_recovered_ppl", "share of the log-perplexity gap recovered"),
     ):
-        for row in report["rows"]:
-            if row.get(key) is None or row["trainable_params"] == 0:
-                continue
+        rows = [row for row in report["rows"] if row.get(key) is not None and row["trainable_params"] > 0]
+        values = [row[key] for row in rows]
+        label_heights = spread_labels(
+            [(row["trainable_params"], row[key]) for row in rows], 0.045 * (max(values) - min(values) or 1.0)
+        )
+        for row, label_height in zip(rows, label_heights, strict=True):
             colour = "tab:red" if row["method"].startswith("restorelcc") else "tab:blue"
             axis.errorbar(row["trainable_params"], row[key], yerr=row.get(f"{key}_std") or 0, fmt="o", color=colour)
             axis.annotate(
                 row["method"],
                 (row["trainable_params"], row[key]),
+                xytext=(row["trainable_params"] * 1.08, label_height),
                 fontsize=7,
-                xytext=(4, 2),
-                textcoords="offset points",
+                arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.5} if label_height != row[key] else None,
             )
         axis.set_xscale("log")
         axis.axhline(1.0, color="grey", linestyle=":", linewidth=1)

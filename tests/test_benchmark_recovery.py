@@ -136,3 +136,13 @@ def test_time_of_a_shard_counts_once(bench):
     shard = {"total_seconds": 130.0, "shard_seconds": {"/main/recovery.json": 100.0}}
     assert bench.own_seconds(main_file) == 100.0 and bench.own_seconds(shard) == 30.0
     assert bench.own_seconds({"own_seconds": 7.0, "total_seconds": 50.0}) == 7.0
+
+
+def test_labels_of_points_at_the_same_parameter_count_are_spread_apart(bench):
+    # Three rows at RestoreLCC's 8,704 parameters, two of them nearly level; one far away at LoRA's count.
+    points = [(8704, 0.41), (8704, 0.40), (8640, 0.43), (2_442_240, 0.405)]
+    heights = bench.spread_labels(points, min_gap=0.05)
+    assert heights[1] == 0.40  # the lowest keeps its place
+    assert heights[0] == pytest.approx(0.45)  # pushed above the lowest
+    assert heights[2] == pytest.approx(0.50)  # and then above the one it was pushed to
+    assert heights[3] == 0.405  # another x: untouched
