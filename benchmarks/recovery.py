@@ -77,6 +77,14 @@ class Context:
         return [round(i * (num_layers - 1) / max(1, count - 1)) for i in range(count)] if count > 1 else [0]
 
 
+def _lora_all_linear(context: Context):
+    return get_peft_model(context.fresh_pruned(), LoraConfig(r=8, target_modules="all-linear"))
+
+
+def _ia3(context: Context):
+    return get_peft_model(context.fresh_pruned(), IA3Config(task_type="CAUSAL_LM"))
+
+
 def _rescored(context: Context, strategy: str):
     return score_heads(context.components, strategy, seed=0)
 
@@ -87,7 +95,7 @@ METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
     "restorelcc-lost": (lambda c: c.restorelcc(init="lost"), VECTOR_LR, True),
     "restorelcc-free": (lambda c: c.restorelcc(init="lost"), VECTOR_LR, False),
     "head-bias": (lambda c: c.restorelcc(init="paper", use_components=False), VECTOR_LR, True),
-    "lora": (lambda c: get_peft_model(c.fresh_pruned(), LoraConfig(r=8, target_modules="all-linear")), MATRIX_LR, True),
+    "lora": (_lora_all_linear, MATRIX_LR, True),
     "lora-oproj": (
         lambda c: get_peft_model(c.fresh_pruned(), LoraConfig(r=8, target_modules=["o_proj"])),
         MATRIX_LR,
@@ -98,7 +106,7 @@ METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
         MATRIX_LR,
         True,
     ),
-    "ia3": (lambda c: get_peft_model(c.fresh_pruned(), IA3Config(task_type="CAUSAL_LM")), VECTOR_LR, True),
+    "ia3": (_ia3, VECTOR_LR, True),
     "ln-tuning": (lambda c: get_peft_model(c.fresh_pruned(), LNTuningConfig(task_type="CAUSAL_LM")), VECTOR_LR, True),
     # The paper's claims at small scale.
     "ffn-bias": (
@@ -121,13 +129,9 @@ METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
     # The paper's own recipe (instruction data, LM loss on the answer) against the benchmark's --data/--distill-alpha.
     "restorelcc-instruction": (lambda c: c.restorelcc(init="paper"), VECTOR_LR, True),
     "restorelcc-instruction-lr1e-2": (lambda c: c.restorelcc(init="paper"), VECTOR_LR, True),
-    "lora-instruction": (
-        lambda c: get_peft_model(c.fresh_pruned(), LoraConfig(r=8, target_modules="all-linear")),
-        MATRIX_LR,
-        True,
-    ),
+    "lora-instruction": (_lora_all_linear, MATRIX_LR, True),
     # IA3 also keeps sparsity after merge; the strongest such method under distillation.
-    "ia3-instruction": (lambda c: get_peft_model(c.fresh_pruned(), IA3Config(task_type="CAUSAL_LM")), VECTOR_LR, True),
+    "ia3-instruction": (_ia3, VECTOR_LR, True),
 }
 # Methods trained on other data, with another loss or learning rate than the benchmark's flags give them.
 PAPER_RECIPE = {"data": "instruction", "distill_alpha": 0.0}
@@ -386,13 +390,13 @@ def spread_labels(points: list[tuple[float, float]], min_gap: float) -> list[flo
     """Heights for the labels of (x, y) points so that labels of points at nearly the same x (within a factor of
     1.5, as on a log axis) stand at least ``min_gap`` apart: several methods share RestoreLCC's parameter count."""
     heights = [y for _, y in points]
+    placed: list[int] = []  # labels already set, from the lowest point up
     for index in sorted(range(len(points)), key=lambda i: points[i][1]):
         x = points[index][0]
-        below = [heights[other] for other in range(len(points)) if other != index and 1 / 1.5 < points[other][0] / x < 1.5
-                 and (points[other][1], other) < (points[index][1], index)]  # fmt: skip
-        for height in sorted(below):
+        for height in sorted(heights[other] for other in placed if 1 / 1.5 < points[other][0] / x < 1.5):
             if heights[index] - height < min_gap:
                 heights[index] = height + min_gap
+        placed.append(index)
     return heights
 
 
