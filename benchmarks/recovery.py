@@ -386,14 +386,14 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def spread_labels(points: list[tuple[float, float]], min_gap: float) -> list[float]:
-    """Heights for the labels of (x, y) points so that labels of points at nearly the same x (within a factor of
-    1.5, as on a log axis) stand at least ``min_gap`` apart: several methods share RestoreLCC's parameter count."""
+def spread_labels(points: list[tuple[float, float]], min_gap: float, x_factor: float = 1.5) -> list[float]:
+    """Heights for the labels of (x, y) points so that labels of points at nearly the same x (within ``x_factor``,
+    as on a log axis) stand at least ``min_gap`` apart: several methods share RestoreLCC's parameter count."""
     heights = [y for _, y in points]
     placed: list[int] = []  # labels already set, from the lowest point up
     for index in sorted(range(len(points)), key=lambda i: points[i][1]):
         x = points[index][0]
-        for height in sorted(heights[other] for other in placed if 1 / 1.5 < points[other][0] / x < 1.5):
+        for height in sorted(heights[other] for other in placed if 1 / x_factor < points[other][0] / x < x_factor):
             if heights[index] - height < min_gap:
                 heights[index] = height + min_gap
         placed.append(index)
@@ -412,7 +412,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         rows = [row for row in report["rows"] if row.get(key) is not None and row["trainable_params"] > 0]
         values = [row[key] for row in rows]
         label_heights = spread_labels(
-            [(row["trainable_params"], row[key]) for row in rows], 0.045 * (max(values) - min(values) or 1.0)
+            [(row["trainable_params"], row[key]) for row in rows],
+            0.045 * (max(values) - min(values) or 1.0),
+            x_factor=3.0,  # a label runs about half a decade to the right of its point
         )
         for row, label_height in zip(rows, label_heights, strict=True):
             colour = "tab:red" if row["method"].startswith("restorelcc") else "tab:blue"
