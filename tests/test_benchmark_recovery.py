@@ -146,3 +146,10 @@ def test_labels_of_points_at_the_same_parameter_count_are_spread_apart(bench):
     assert heights[0] == pytest.approx(0.45)  # pushed above the lowest
     assert heights[2] == pytest.approx(0.50)  # and then above the one it was pushed to
     assert heights[3] == 0.405  # another x: untouched
+
+
+def test_a_wider_x_factor_spreads_labels_of_nearby_parameter_counts(bench):
+    # RestoreLCC at 25% and 50% of the heads: 8,704 and 17,280 parameters, labels level.
+    points = [(8704, 0.41), (17_280, 0.41)]
+    assert bench.spread_labels(points, min_gap=0.05) == [0.41, 0.41]  # twice apart: outside the default 1.5
+    assert bench.spread_labels(points, min_gap=0.05, x_factor=3.0)[1] == pytest.approx(0.46)
