@@ -77,6 +77,10 @@ class Context:
         return [round(i * (num_layers - 1) / max(1, count - 1)) for i in range(count)] if count > 1 else [0]
 
 
+def _restorelcc_paper(context: Context):
+    return context.restorelcc(init="paper")
+
+
 def _lora_all_linear(context: Context):
     return get_peft_model(context.fresh_pruned(), LoraConfig(r=8, target_modules="all-linear"))
 
@@ -91,7 +95,7 @@ def _rescored(context: Context, strategy: str):
 
 # name -> (builder(context) -> PeftModel, learning rate, trained?)
 METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
-    "restorelcc": (lambda c: c.restorelcc(init="paper"), VECTOR_LR, True),
+    "restorelcc": (_restorelcc_paper, VECTOR_LR, True),
     "restorelcc-lost": (lambda c: c.restorelcc(init="lost"), VECTOR_LR, True),
     "restorelcc-free": (lambda c: c.restorelcc(init="lost"), VECTOR_LR, False),
     "head-bias": (lambda c: c.restorelcc(init="paper", use_components=False), VECTOR_LR, True),
@@ -127,8 +131,8 @@ METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
     ),
     "restorelcc-random": (lambda c: c.restorelcc(init="paper", components=_rescored(c, "random")), VECTOR_LR, True),
     # The paper's own recipe (instruction data, LM loss on the answer) against the benchmark's --data/--distill-alpha.
-    "restorelcc-instruction": (lambda c: c.restorelcc(init="paper"), VECTOR_LR, True),
-    "restorelcc-instruction-lr1e-2": (lambda c: c.restorelcc(init="paper"), VECTOR_LR, True),
+    "restorelcc-instruction": (_restorelcc_paper, VECTOR_LR, True),
+    "restorelcc-instruction-lr1e-2": (_restorelcc_paper, VECTOR_LR, True),
     "lora-instruction": (_lora_all_linear, MATRIX_LR, True),
     # IA3 also keeps sparsity after merge; the strongest such method under distillation.
     "ia3-instruction": (_ia3, VECTOR_LR, True),
