@@ -14,6 +14,7 @@ spread), recovery.md (a table) and recovery.png (gap recovered against trainable
 results file is rewritten after every finished run, so an interrupted benchmark keeps what it measured, and a
 rerun with the same measurement settings keeps those runs. Shards run in parallel (other machines, other cores, each
 with its own ``--output``) are merged with ``--resume-from SHARD/recovery.json``: their runs are kept, not redone.
+With ``--merge-only`` (and the shards' measurement flags) a merge runs nothing and loads no model: seconds, anywhere.
 """
 
 from __future__ import annotations
@@ -265,21 +266,27 @@ def run_method(name: str, seed: int, context: Context, output: Path) -> dict[str
     }
 
 
+def measured_alike(earlier: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """Whether an earlier results file measured what these settings measure (where it ran, lm-eval's batch size,
+    threads and the methods and seeds it planned do not change a run's numbers)."""
+    same = ("model", "method", "sparsity", "heads", "steps", "batch_size", "limit", "perplexity_passages",
+            "prune_samples", "calibration_samples", "pairs", "data", "distill_alpha", "vector_lr",
+            "matrix_lr")  # fmt: skip
+    return all(earlier.get(key) == settings.get(key) for key in same)
+
+
 def finished_runs(paths: list[Path], settings: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Runs already in earlier results files made with the same measurement settings, to be kept, not redone: the
     benchmark's own file, and those of shards run elsewhere (``--resume-from``). A run trained otherwise than these
     settings would train it now (another recipe or learning rate) is dropped. The dense and pruned rows come back
     under ``"__reference__"``."""
-    same = ("model", "method", "sparsity", "heads", "steps", "batch_size", "limit", "perplexity_passages",
-            "prune_samples", "calibration_samples", "pairs", "data", "distill_alpha", "vector_lr",
-            "matrix_lr")  # fmt: skip
     kept: dict[str, list[dict[str, Any]]] = {}
     seen: set[tuple[str, int]] = set()
     for path in paths:
         if not path.exists():
             continue
         earlier = json.loads(path.read_text())
-        if any(earlier["settings"].get(key) != settings.get(key) for key in same):
+        if not measured_alike(earlier["settings"], settings):
             continue
         # Runs of files written before runs recorded their device ran where that file's settings say (None: CPU).
         earlier_device = earlier["settings"].get("device") or "cpu"
@@ -307,6 +314,18 @@ def json_settings(arguments: dict[str, Any]) -> dict[str, Any]:
 def own_seconds(report: dict[str, Any]) -> float:
     """Seconds a results file's own runs took: its total less the shards merged into it."""
     return report.get("own_seconds", report.get("total_seconds", 0.0) - sum(report.get("shard_seconds", {}).values()))
+
+
+def shard_times(output: Path, earlier: dict[str, Any], shards: dict[Path, dict[str, Any]]) -> dict[str, float]:
+    """Seconds of every results file whose runs a merge into ``output`` holds, each counted once by its path: the
+    shards merged into ``output`` before, those given now, and the shards those merged themselves (a merged file's
+    total is its own time and theirs). ``output``'s own time is counted apart, so it is left out."""
+    seconds = dict(earlier.get("shard_seconds", {}))
+    for report in shards.values():
+        seconds |= report.get("shard_seconds", {})
+    seconds |= {str(path.resolve()): own_seconds(report) for path, report in shards.items()}
+    seconds.pop(str(output.resolve()), None)
+    return seconds
 
 
 def merged_sparsity(model) -> float | None:
@@ -455,6 +474,55 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def prepare(
+    args: argparse.Namespace, reference: dict[str, dict[str, Any]], timer: recovery.StageTimer
+) -> tuple[Context, dict[str, Any]]:
+    """The context every method uses and the pruning report: the pruned model and its lost components (cached per
+    setting, so a restarted benchmark goes straight to the methods), and the dense and pruned rows where no earlier
+    results file has them (added to ``reference``)."""
+    tokenizer = load_tokenizer(args.model)
+    device = default_device(args.device)
+    dense_model = load_model(args.model).to(device)
+    key = f"{Path(str(args.model)).name}-{args.method}-{args.sparsity}-p{args.prune_samples}-c{args.calibration_samples}-{args.pairs}"
+    cached = args.output / "recovery-work" / "cache" / key
+    if (cached / "lost_components").exists():
+        pruned_model = load_model(cached / "pruned").to(device)
+        pruning_report = load_report(cached / "pruned")
+        components = LostComponents.load(cached / "lost_components")
+        components.check_matches(pruned_model)
+    else:
+        with timer.stage("prune"):
+            pruned_model, pruning_report = recovery.prune_copy(
+                dense_model, tokenizer, args.method, args.sparsity, samples=args.prune_samples
+            )
+        with timer.stage("calibrate"):
+            components = recovery.calibrate_components(
+                dense_model, pruned_model, tokenizer, pruning_report, args.calibration_samples, args.pairs
+            )
+        save_pruned(pruned_model, tokenizer, cached / "pruned", pruning_report)
+        components.save(cached / "lost_components")
+    context = Context(pruned_model, components, tokenizer, args)
+    sparsity = measure_sparsity(pruned_model)["overall_sparsity"]
+    for name, model in (("dense", dense_model), ("pruned", pruned_model)):
+        if name in reference:
+            continue
+        with timer.stage(f"evaluate {name}"):
+            results = evaluate(model, context)
+        reference[name] = {
+            "method": name,
+            "trainable_params": 0,
+            "tasks": accuracy_of(results),
+            "avg_acc": recovery.headline_accuracy(results),
+            "ppl": results.get("perplexity"),
+            "sparsity": sparsity if name == "pruned" else 0.0,
+            "sparsity_after_merge": sparsity if name == "pruned" else 0.0,
+            "device": str(device),
+        }
+    if args.distill_alpha > 0:
+        context.teacher = dense_model  # the context keeps the dense model only as the distillation teacher
+    return context, pruning_report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -491,6 +559,11 @@ def main() -> None:
         default=[],
         help="results files of shards run elsewhere with the same settings: their runs are kept, not redone",
     )
+    parser.add_argument(
+        "--merge-only",
+        action="store_true",
+        help="run nothing: write one report from --output's results and the --resume-from shards (same settings)",
+    )
     args = parser.parse_args()
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
@@ -501,67 +574,37 @@ def main() -> None:
         parser.error(f"--resume-from: no results file at {', '.join(missing)}; give the recovery.json of a shard")
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.output.mkdir(parents=True, exist_ok=True)
-    work = args.output / "recovery-work"
     started = time.perf_counter()
     results_file = args.output / "recovery.json"
     # A resumed benchmark adds its time to what its earlier runs took, and a merged shard the time of its own runs
     # (once per shard, and not the time of the files that shard itself resumed from).
     earlier = json.loads(results_file.read_text()) if results_file.exists() else {}
-    shard_seconds = earlier.get("shard_seconds", {}) | {
-        str(path.resolve()): own_seconds(json.loads(path.read_text())) for path in args.resume_from
-    }
+    shard_seconds = shard_times(results_file, earlier, {path: json.loads(path.read_text()) for path in args.resume_from})
     earlier_seconds = own_seconds(earlier)
-
-    tokenizer = load_tokenizer(args.model)
-    device = default_device(args.device)
-    dense_model = load_model(args.model).to(device)
-    timer = recovery.StageTimer()
-    # Pruning and calibration are cached per setting, so a restarted benchmark goes straight to the methods.
-    key = f"{Path(str(args.model)).name}-{args.method}-{args.sparsity}-p{args.prune_samples}-c{args.calibration_samples}-{args.pairs}"
-    cached = work / "cache" / key
-    if (cached / "lost_components").exists():
-        pruned_model = load_model(cached / "pruned").to(device)
-        pruning_report = load_report(cached / "pruned")
-        components = LostComponents.load(cached / "lost_components")
-        components.check_matches(pruned_model)
-    else:
-        with timer.stage("prune"):
-            pruned_model, pruning_report = recovery.prune_copy(
-                dense_model, tokenizer, args.method, args.sparsity, samples=args.prune_samples
-            )
-        with timer.stage("calibrate"):
-            components = recovery.calibrate_components(
-                dense_model, pruned_model, tokenizer, pruning_report, args.calibration_samples, args.pairs
-            )
-        save_pruned(pruned_model, tokenizer, cached / "pruned", pruning_report)
-        components.save(cached / "lost_components")
-    context = Context(pruned_model, components, tokenizer, args)
-    sparsity = measure_sparsity(pruned_model)["overall_sparsity"]
     settings = json_settings(vars(args))
-    previous = finished_runs([args.output / "recovery.json", *args.resume_from], settings)
+    previous = finished_runs([results_file, *args.resume_from], settings)
     reference = {row["method"]: row for row in previous.pop("__reference__", [])}
-    for name, model in (("dense", dense_model), ("pruned", pruned_model)):
-        if name in reference:
-            continue
-        with timer.stage(f"evaluate {name}"):
-            results = evaluate(model, context)
-        reference[name] = {
-            "method": name,
-            "trainable_params": 0,
-            "tasks": accuracy_of(results),
-            "avg_acc": recovery.headline_accuracy(results),
-            "ppl": results.get("perplexity"),
-            "sparsity": sparsity if name == "pruned" else 0.0,
-            "sparsity_after_merge": sparsity if name == "pruned" else 0.0,
-            "device": str(device),
-        }
-    if args.distill_alpha > 0:
-        context.teacher = dense_model
-    del dense_model  # the context keeps it only as the distillation teacher
+    runs: dict[str, list[dict[str, Any]]] = {name: list(method_runs) for name, method_runs in previous.items()}
+    timer = recovery.StageTimer()
+    if args.merge_only:
+        # A merge is bookkeeping: no model is loaded, so it runs wherever the results files are.
+        files = [path for path in (results_file, *args.resume_from) if path.exists()]
+        alike = [report for report in (json.loads(path.read_text()) for path in files)
+                 if measured_alike(report["settings"], settings)]  # fmt: skip
+        if not alike or not {"dense", "pruned"} <= set(reference):
+            parser.error(
+                f"--merge-only: no dense and pruned rows measured with these settings in {[str(f) for f in files]};"
+                " give the shards' recovery.json with --resume-from, and the measurement flags they ran with"
+            )
+        pruning_report, heads_total = alike[0]["pruning"], alike[0]["heads_total"]
+        methods = []
+        args.output.mkdir(parents=True, exist_ok=True)
+    else:
+        args.output.mkdir(parents=True, exist_ok=True)
+        context, pruning_report = prepare(args, reference, timer)
+        heads_total = context.total_heads()
 
     report: dict[str, Any] = {"settings": settings, "rows": [reference["dense"], reference["pruned"]]}
-    runs: dict[str, list[dict[str, Any]]] = {name: list(method_runs) for name, method_runs in previous.items()}
     # First seed of everything first, so an interrupted run still has one full comparison.
     plan = sorted(
         (
@@ -583,7 +626,7 @@ def main() -> None:
         ]
         report["failures"] = failures
         report["pruning"] = {k: pruning_report.get(k) for k in ("method", "sparsity_target", "pattern", "seconds")}
-        report["heads_total"] = components.num_heads
+        report["heads_total"] = heads_total
         report["stage_seconds"] = timer.seconds
         report["own_seconds"] = earlier_seconds + time.perf_counter() - started
         report["shard_seconds"] = shard_seconds
@@ -597,7 +640,7 @@ def main() -> None:
         if (name, seed) in done:
             continue
         try:
-            runs.setdefault(name, []).append(run_method(name, seed, context, work))
+            runs.setdefault(name, []).append(run_method(name, seed, context, args.output / "recovery-work"))
             done.add((name, seed))
         except Exception as error:  # noqa: BLE001 - one broken method must not cost the others' results
             failures[f"{name}-seed{seed}"] = f"{type(error).__name__}: {error}"

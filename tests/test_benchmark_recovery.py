@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,7 @@ def test_settings_with_shards_are_written_as_json(bench):
     assert json.loads(json.dumps(recorded)) == {"output": "/results", "resume_from": ["/a/recovery.json"], "steps": 3}
 
 
-def test_shards_run_apart_then_merge_into_one_results_file(bench, tmp_path, monkeypatch):
+def test_shards_run_apart_then_merge_into_one_results_file(bench, tmp_path, monkeypatch, capsys):
     """The whole benchmark on a tiny model: one shard per method, then a merge that reruns nothing."""
     from test_training import char_tokenizer
     from tiny_models import make_tiny_model
@@ -129,6 +130,18 @@ def test_shards_run_apart_then_merge_into_one_results_file(bench, tmp_path, monk
     assert merged["settings"]["resume_from"] == [str(shard / "recovery.json")]
     assert (mine / "recovery.png").stat().st_size > 0 and "| head-bias |" in (mine / "recovery.md").read_text()
 
+    # --merge-only is bookkeeping: it loads no model (this one is gone) and gives the rows a full merge gives.
+    shutil.rmtree(model_dir)
+    files = [str(mine / "recovery.json"), str(shard / "recovery.json")]
+    only = benchmark("--merge-only", "--output", str(tmp_path / "only"), "--resume-from", *files)
+    assert only["rows"] == merged["rows"] and only["heads_total"] == merged["heads_total"]
+    assert only["pruning"] == merged["pruning"] and (tmp_path / "only" / "recovery.png").stat().st_size > 0
+    # Results of other settings hold no rows to merge: a clear error, and nothing written.
+    with pytest.raises(SystemExit):
+        benchmark("--merge-only", "--limit", "3", "--output", str(tmp_path / "none"), "--resume-from", *files)
+    assert "no dense and pruned rows measured with these settings" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
 
 def test_time_of_a_shard_counts_once(bench):
     main_file = {"total_seconds": 100.0}
@@ -136,6 +149,18 @@ def test_time_of_a_shard_counts_once(bench):
     shard = {"total_seconds": 130.0, "shard_seconds": {"/main/recovery.json": 100.0}}
     assert bench.own_seconds(main_file) == 100.0 and bench.own_seconds(shard) == 30.0
     assert bench.own_seconds({"own_seconds": 7.0, "total_seconds": 50.0}) == 7.0
+
+
+def test_a_merge_counts_each_shard_once_and_its_own_shards_too(bench, tmp_path):
+    main, shard, fresh = tmp_path / "main.json", tmp_path / "shard.json", tmp_path / "fresh.json"
+    main_report = {"own_seconds": 100.0, "shard_seconds": {"/b.json": 40.0}, "total_seconds": 140.0}
+    # The shard resumed from main: its record of main's time must not count twice when merged back into main.
+    shard_report = {"own_seconds": 30.0, "shard_seconds": {str(main.resolve()): 100.0}, "total_seconds": 130.0}
+    into_main = bench.shard_times(main, main_report, {shard: shard_report})
+    assert into_main == {"/b.json": 40.0, str(shard.resolve()): 30.0}
+    # Merged elsewhere, main is a shard like any other, and the shard it merged before still counts.
+    into_fresh = bench.shard_times(fresh, {}, {main: main_report, shard: shard_report})
+    assert sum(into_fresh.values()) == 100.0 + 40.0 + 30.0
 
 
 def test_labels_of_points_at_the_same_parameter_count_are_spread_apart(bench):
