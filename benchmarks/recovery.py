@@ -579,7 +579,8 @@ def main() -> None:
     # A resumed benchmark adds its time to what its earlier runs took, and a merged shard the time of its own runs
     # (once per shard, and not the time of the files that shard itself resumed from).
     earlier = json.loads(results_file.read_text()) if results_file.exists() else {}
-    shard_seconds = shard_times(results_file, earlier, {path: json.loads(path.read_text()) for path in args.resume_from})
+    shard_reports = {path: json.loads(path.read_text()) for path in args.resume_from}
+    shard_seconds = shard_times(results_file, earlier, shard_reports)
     earlier_seconds = own_seconds(earlier)
     settings = json_settings(vars(args))
     previous = finished_runs([results_file, *args.resume_from], settings)
@@ -588,21 +589,20 @@ def main() -> None:
     timer = recovery.StageTimer()
     if args.merge_only:
         # A merge is bookkeeping: no model is loaded, so it runs wherever the results files are.
-        files = [path for path in (results_file, *args.resume_from) if path.exists()]
-        alike = [report for report in (json.loads(path.read_text()) for path in files)
-                 if measured_alike(report["settings"], settings)]  # fmt: skip
-        if not alike or not {"dense", "pruned"} <= set(reference):
+        if not {"dense", "pruned"} <= set(reference):  # these rows come only from files measured alike
+            files = [str(path) for path in (results_file, *args.resume_from) if path.exists()]
             parser.error(
-                f"--merge-only: no dense and pruned rows measured with these settings in {[str(f) for f in files]};"
+                f"--merge-only: no dense and pruned rows measured with these settings in {files};"
                 " give the shards' recovery.json with --resume-from, and the measurement flags they ran with"
             )
-        pruning_report, heads_total = alike[0]["pruning"], alike[0]["heads_total"]
+        alike = next(report for report in (earlier, *shard_reports.values())
+                     if report and measured_alike(report["settings"], settings))  # fmt: skip
+        pruning_report, heads_total = alike["pruning"], alike["heads_total"]
         methods = []
-        args.output.mkdir(parents=True, exist_ok=True)
     else:
-        args.output.mkdir(parents=True, exist_ok=True)
-        context, pruning_report = prepare(args, reference, timer)
+        context, pruning_report = prepare(args, reference, timer)  # its files create their own folders
         heads_total = context.total_heads()
+    args.output.mkdir(parents=True, exist_ok=True)
 
     report: dict[str, Any] = {"settings": settings, "rows": [reference["dense"], reference["pruned"]]}
     # First seed of everything first, so an interrupted run still has one full comparison.
