@@ -599,6 +599,9 @@ def main() -> None:
                      if report and measured_alike(report["settings"], settings))  # fmt: skip
         pruning_report, heads_total = alike["pruning"], alike["heads_total"]
         methods = []
+        # The merge planned no runs: its file records the methods it holds, not the defaults of flags it ignored
+        # (each run records its own seed).
+        settings |= {"methods": ",".join(runs), "seeds": None, "claim_seeds": None}
     else:
         context, pruning_report = prepare(args, reference, timer)  # its files create their own folders
         heads_total = context.total_heads()

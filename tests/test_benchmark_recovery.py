@@ -136,6 +136,8 @@ def test_shards_run_apart_then_merge_into_one_results_file(bench, tmp_path, monk
     only = benchmark("--merge-only", "--output", str(tmp_path / "only"), "--resume-from", *files)
     assert only["rows"] == merged["rows"] and only["heads_total"] == merged["heads_total"]
     assert only["pruning"] == merged["pruning"] and (tmp_path / "only" / "recovery.png").stat().st_size > 0
+    # Its settings say what it holds, not the defaults of the --methods/--seeds it ignores.
+    assert only["settings"]["methods"] == "restorelcc-free,head-bias" and only["settings"]["claim_seeds"] is None
     # Results of other settings hold no rows to merge: a clear error, and nothing written.
     with pytest.raises(SystemExit):
         benchmark("--merge-only", "--limit", "3", "--output", str(tmp_path / "none"), "--resume-from", *files)
