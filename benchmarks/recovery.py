@@ -275,18 +275,15 @@ def measured_alike(earlier: dict[str, Any], settings: dict[str, Any]) -> bool:
     return all(earlier.get(key) == settings.get(key) for key in same)
 
 
-def finished_runs(paths: list[Path], settings: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+def finished_runs(reports: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Runs already in earlier results files made with the same measurement settings, to be kept, not redone: the
-    benchmark's own file, and those of shards run elsewhere (``--resume-from``). A run trained otherwise than these
-    settings would train it now (another recipe or learning rate) is dropped. The dense and pruned rows come back
-    under ``"__reference__"``."""
+    benchmark's own file, and those of shards run elsewhere (``--resume-from``), as read (``{}``: no file yet). A run
+    trained otherwise than these settings would train it now (another recipe or learning rate) is dropped. The dense
+    and pruned rows come back under ``"__reference__"``."""
     kept: dict[str, list[dict[str, Any]]] = {}
     seen: set[tuple[str, int]] = set()
-    for path in paths:
-        if not path.exists():
-            continue
-        earlier = json.loads(path.read_text())
-        if not measured_alike(earlier["settings"], settings):
+    for earlier in reports:
+        if not earlier or not measured_alike(earlier["settings"], settings):
             continue
         # Runs of files written before runs recorded their device ran where that file's settings say (None: CPU).
         earlier_device = earlier["settings"].get("device") or "cpu"
@@ -583,7 +580,7 @@ def main() -> None:
     shard_seconds = shard_times(results_file, earlier, shard_reports)
     earlier_seconds = own_seconds(earlier)
     settings = json_settings(vars(args))
-    previous = finished_runs([results_file, *args.resume_from], settings)
+    previous = finished_runs([earlier, *shard_reports.values()], settings)
     reference = {row["method"]: row for row in previous.pop("__reference__", [])}
     runs: dict[str, list[dict[str, Any]]] = {name: list(method_runs) for name, method_runs in previous.items()}
     timer = recovery.StageTimer()

@@ -29,6 +29,11 @@ def reference(name, avg_acc, ppl):
     return {"method": name, "trainable_params": 0, "tasks": {"rte": avg_acc}, "avg_acc": avg_acc, "ppl": ppl}
 
 
+def read(*paths):
+    """Results files as the benchmark reads them once, to pass to ``finished_runs``."""
+    return [json.loads(path.read_text()) for path in paths]
+
+
 def run(seed, avg_acc, ppl, **extra):
     return {"seed": seed, "trainable_params": 10, "tasks": {"rte": avg_acc}, "avg_acc": avg_acc, "ppl": ppl,
             "sparsity_after_merge": 0.5, "train_seconds": 1.0, "train_memory_mb": 1.0} | extra  # fmt: skip
@@ -39,10 +44,10 @@ def test_resume_keeps_runs_of_the_same_settings_with_their_device(bench, tmp_pat
     path = tmp_path / "recovery.json"
     path.write_text(json.dumps(earlier))
     # Another device or batch size for lm-eval does not change what is measured: the runs are kept.
-    kept = bench.finished_runs([path], settings(device="cpu"))
+    kept = bench.finished_runs(read(path), settings(device="cpu"))
     assert kept["lora"][0]["device"] == "cuda" and kept["__reference__"][0]["device"] == "cuda"
     # Other training data is another experiment: nothing is kept.
-    assert bench.finished_runs([path], settings(data="instruction")) == {}
+    assert bench.finished_runs(read(path), settings(data="instruction")) == {}
 
 
 def test_resume_drops_runs_trained_with_another_recipe(bench, tmp_path):
@@ -56,11 +61,11 @@ def test_resume_drops_runs_trained_with_another_recipe(bench, tmp_path):
                {"method": "restorelcc-free", "runs": [free]}]}  # fmt: skip
     path = tmp_path / "recovery.json"
     path.write_text(json.dumps(earlier))
-    kept = bench.finished_runs([path], settings())
+    kept = bench.finished_runs(read(path), settings())
     assert [r["seed"] for r in kept["restorelcc-instruction"]] == [1]
     assert kept["lora"][0]["learning_rate"] == 5e-4 and kept["restorelcc-free"][0]["ppl"] == 99.0
     # A lower --matrix-lr makes the LoRA run stale too (and the file's settings differ: nothing is kept).
-    assert "lora" not in bench.finished_runs([path], settings(matrix_lr=1e-4))
+    assert "lora" not in bench.finished_runs(read(path), settings(matrix_lr=1e-4))
 
 
 def test_resume_merges_shards_without_repeating_a_run(bench, tmp_path):
@@ -70,14 +75,14 @@ def test_resume_merges_shards_without_repeating_a_run(bench, tmp_path):
                     {"method": "lora", "runs": [run(0, 0.4, 60.0, **lora)]}]}))  # fmt: skip
     shard.write_text(json.dumps({"settings": settings(device="cpu"), "rows": [reference("dense", 0.6, 40.0),
                      {"method": "lora", "runs": [run(0, 0.9, 10.0, **lora), run(1, 0.45, 55.0, **lora)]}]}))  # fmt: skip
-    kept = bench.finished_runs([mine, shard], settings())
+    kept = bench.finished_runs(read(mine, shard), settings())
     # The first file wins a run both hold, and the reference rows; the shard adds what only it has.
     assert [(r["seed"], r["avg_acc"]) for r in kept["lora"]] == [(0, 0.4), (1, 0.45)]
     assert kept["__reference__"][0]["avg_acc"] == 0.5
     assert kept["lora"][1]["device"] == "cpu"  # the shard's settings say where its runs ran
     # A shard of other settings is another experiment: ignored.
     shard.write_text(json.dumps({"settings": settings(limit=20), "rows": [{"method": "ia3", "runs": [run(0, 0.4, 60.0)]}]}))
-    assert "ia3" not in bench.finished_runs([mine, shard], settings())
+    assert "ia3" not in bench.finished_runs(read(mine, shard), settings())
 
 
 def test_aggregate_gives_mean_spread_and_gap_shares(bench):
