@@ -90,8 +90,14 @@ def _ia3(context: Context):
     return get_peft_model(context.fresh_pruned(), IA3Config(task_type="CAUSAL_LM"))
 
 
-def _rescored(context: Context, strategy: str):
-    return score_heads(context.components, strategy, seed=0)
+def _rescored(context: Context, strategy: str, seed: int = 0):
+    return score_heads(context.components, strategy, seed=seed)
+
+
+def _random_draw(draw: int) -> Callable[[Context], Any]:
+    """RestoreLCC on heads drawn at random with selection seed ``draw``, whatever the training seed: rows of several
+    draws tell how much the choice of heads moves the result, seeds of one draw how much the training does."""
+    return lambda c: c.restorelcc(init="paper", components=_rescored(c, "random", seed=draw))
 
 
 # name -> (builder(context) -> PeftModel, learning rate, trained?)
@@ -130,7 +136,9 @@ METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
         VECTOR_LR,
         True,
     ),
-    "restorelcc-random": (lambda c: c.restorelcc(init="paper", components=_rescored(c, "random")), VECTOR_LR, True),
+    "restorelcc-random": (_random_draw(0), VECTOR_LR, True),
+    "restorelcc-random-draw1": (_random_draw(1), VECTOR_LR, True),
+    "restorelcc-random-draw2": (_random_draw(2), VECTOR_LR, True),
     # The paper's own recipe (instruction data, LM loss on the answer) against the benchmark's --data/--distill-alpha.
     "restorelcc-instruction": (_restorelcc_paper, VECTOR_LR, True),
     "restorelcc-instruction-lr1e-2": (_restorelcc_paper, VECTOR_LR, True),
@@ -168,6 +176,8 @@ CLAIM_METHODS = [
     "restorelcc-heads-50%",
     "restorelcc-lost_norm",
     "restorelcc-random",
+    "restorelcc-random-draw1",
+    "restorelcc-random-draw2",
     "restorelcc-instruction",
     "restorelcc-instruction-lr1e-2",
     "lora-instruction",

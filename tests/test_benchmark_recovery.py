@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recovery.py"
 
@@ -185,3 +186,30 @@ def test_a_wider_x_factor_spreads_labels_of_nearby_parameter_counts(bench):
     points = [(8704, 0.41), (17_280, 0.41)]
     assert bench.spread_labels(points, min_gap=0.05) == [0.41, 0.41]  # twice apart: outside the default 1.5
     assert bench.spread_labels(points, min_gap=0.05, x_factor=3.0)[1] == pytest.approx(0.46)
+
+
+def test_random_draws_pick_heads_by_their_own_seed_whatever_the_training_seed(bench):
+    from argparse import Namespace
+
+    from tiny_models import make_tiny_model, random_input_ids
+
+    from peft_restorelcc.calibration import calibrate, score_heads, select_heads
+
+    dense, pruned = make_tiny_model("llama"), make_tiny_model("llama")
+    with torch.no_grad():
+        pruned.model.layers[0].self_attn.o_proj.weight[:, :8] = 0
+    prompts = random_input_ids(batch=8, length=8, seed=4).tolist()
+    components = calibrate(dense, pruned, prompts, strategy="lost_norm", kept_heads=None, progress=False)
+    context = bench.Context(pruned, components, None, Namespace(heads=0.5, device="cpu"))
+
+    def wrapped_heads(name, training_seed):
+        torch.manual_seed(training_seed)
+        return bench.METHODS[name][0](context).peft_config["default"].heads
+
+    draws = {}
+    for draw, name in enumerate(["restorelcc-random", "restorelcc-random-draw1", "restorelcc-random-draw2"]):
+        draws[name] = wrapped_heads(name, 0)
+        assert draws[name] == select_heads(score_heads(components, "random", seed=draw), 0.5)
+        assert wrapped_heads(name, 1) == draws[name]  # the training seed does not redraw the heads
+    assert len({str(heads) for heads in draws.values()}) == 3  # three draws, three sets of 4 of the 8 heads
+    assert sum(map(len, draws["restorelcc-random-draw1"].values())) == 4
