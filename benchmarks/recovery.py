@@ -90,14 +90,20 @@ def _ia3(context: Context):
     return get_peft_model(context.fresh_pruned(), IA3Config(task_type="CAUSAL_LM"))
 
 
-def _rescored(context: Context, strategy: str, seed: int = 0):
-    return score_heads(context.components, strategy, seed=seed)
+# RestoreLCC rows whose heads are chosen otherwise than by the calibration's probe: (scoring strategy, selection
+# seed). A random draw keeps its selection seed whatever the training seed: rows of several draws tell how much the
+# choice of heads moves the result, seeds of one draw how much the training does.
+HEAD_SELECTIONS: dict[str, tuple[str, int]] = {
+    "restorelcc-lost_norm": ("lost_norm", 0),
+    "restorelcc-random": ("random", 0),
+    "restorelcc-random-draw1": ("random", 1),
+    "restorelcc-random-draw2": ("random", 2),
+}
 
 
-def _random_draw(draw: int) -> Callable[[Context], Any]:
-    """RestoreLCC on heads drawn at random with selection seed ``draw``, whatever the training seed: rows of several
-    draws tell how much the choice of heads moves the result, seeds of one draw how much the training does."""
-    return lambda c: c.restorelcc(init="paper", components=_rescored(c, "random", seed=draw))
+def _reselected(name: str) -> Callable[[Context], Any]:
+    strategy, seed = HEAD_SELECTIONS[name]
+    return lambda c: c.restorelcc(init="paper", components=score_heads(c.components, strategy, seed=seed))
 
 
 # name -> (builder(context) -> PeftModel, learning rate, trained?)
@@ -131,14 +137,7 @@ METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
     "restorelcc-heads-5%": (lambda c: c.restorelcc(heads=0.05, init="paper"), VECTOR_LR, True),
     "restorelcc-heads-12.5%": (lambda c: c.restorelcc(heads=0.125, init="paper"), VECTOR_LR, True),
     "restorelcc-heads-50%": (lambda c: c.restorelcc(heads=0.5, init="paper"), VECTOR_LR, True),
-    "restorelcc-lost_norm": (
-        lambda c: c.restorelcc(init="paper", components=_rescored(c, "lost_norm")),
-        VECTOR_LR,
-        True,
-    ),
-    "restorelcc-random": (_random_draw(0), VECTOR_LR, True),
-    "restorelcc-random-draw1": (_random_draw(1), VECTOR_LR, True),
-    "restorelcc-random-draw2": (_random_draw(2), VECTOR_LR, True),
+    **{name: (_reselected(name), VECTOR_LR, True) for name in HEAD_SELECTIONS},
     # The paper's own recipe (instruction data, LM loss on the answer) against the benchmark's --data/--distill-alpha.
     "restorelcc-instruction": (_restorelcc_paper, VECTOR_LR, True),
     "restorelcc-instruction-lr1e-2": (_restorelcc_paper, VECTOR_LR, True),

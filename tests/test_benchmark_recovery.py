@@ -1,22 +1,17 @@
 """The recovery benchmark's bookkeeping: resuming from an earlier results file, and the aggregated rows."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recovery.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("recovery_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("recovery")
 
 
 def settings(**overrides):

@@ -1,0 +1,109 @@
+"""Which heads each RestoreLCC row of the recovery benchmark compensated, beside what it recovered.
+
+The probe's choice, lost_norm's and the random draws are compared by the heads they share with the probe's choice
+and by where in the depth they lie (heads in each third of the layers), next to each row's held-out perplexity and
+share of the log-perplexity gap from the results file. Needs no model: the lost components cached by a run of
+``benchmarks/recovery.py`` carry the probe's scores, and the other selections are recomputed from them.
+
+    python benchmarks/head_choice.py        # after benchmarks/recovery.py, from its cache and results
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from peft_restorelcc.calibration import LostComponents, score_heads, select_heads
+
+BENCHMARKS = Path(__file__).parent
+
+
+def _recovery_benchmark() -> Any:
+    # benchmarks/ is not a package: load the sibling script for its table of head selections.
+    spec = importlib.util.spec_from_file_location("recovery_benchmark", BENCHMARKS / "recovery.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def selections(
+    components: LostComponents, share: float, reselected: dict[str, tuple[str, int]]
+) -> dict[str, dict[int, list[int]]]:
+    """The heads of every row at ``share`` of the heads: ``restorelcc`` by the components' own (probe) scores, the
+    rows of ``reselected`` (name -> (strategy, selection seed)) by theirs."""
+    chosen = {"restorelcc": select_heads(components, share)}
+    for name, (strategy, seed) in reselected.items():
+        chosen[name] = select_heads(score_heads(components, strategy, seed=seed), share)
+    return chosen
+
+
+def describe(heads: dict[int, list[int]], reference: dict[int, list[int]], num_layers: int) -> dict[str, Any]:
+    """How many heads ``heads`` shares with ``reference``, how many layers it touches and how many heads it puts in
+    each third of the ``num_layers`` layers (lower, middle, upper)."""
+    pairs = {(layer, head) for layer, indices in heads.items() for head in indices}
+    reference_pairs = {(layer, head) for layer, indices in reference.items() for head in indices}
+    thirds = [0, 0, 0]
+    for layer, _ in pairs:
+        thirds[min(2, 3 * layer // num_layers)] += 1
+    return {"heads": len(pairs), "shared": len(pairs & reference_pairs), "layers": len(heads), "thirds": thirds}
+
+
+def table(
+    chosen: dict[str, dict[int, list[int]]], num_layers: int, num_heads: int, rows: dict[str, dict[str, Any]]
+) -> str:
+    reference = chosen["restorelcc"]
+    expected = round(sum(map(len, reference.values())) ** 2 / num_heads)
+    lines = [
+        f"| row | heads | shared with the probe's (chance: {expected}) | layers touched (of {num_layers}) "
+        "| heads in lower / middle / upper third | held-out ppl | gap recovered (log ppl) | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, heads in chosen.items():
+        facts, row = describe(heads, reference, num_layers), rows.get(name, {})
+        ppl = f"{row['ppl']:.2f}" + (f" ± {row['ppl_std']:.2f}" if row.get("ppl_std") else "") if row else "not run"
+        gap = f"{row['gap_recovered_ppl']:.0%}" if row else ""
+        lines.append(
+            f"| {name} | {facts['heads']} | {facts['shared']} | {facts['layers']} | "
+            + " / ".join(map(str, facts["thirds"]))
+            + f" | {ppl} | {gap} | {','.join(map(str, row.get('seeds', [])))} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=BENCHMARKS / "results" / "recovery.json")
+    parser.add_argument(
+        "--components",
+        type=Path,
+        default=None,
+        help="lost_components folder (default: the one cached beside --results, if there is exactly one)",
+    )
+    args = parser.parse_args()
+    if not args.results.is_file():
+        parser.error(f"no results file at {args.results}; run benchmarks/recovery.py first or pass --results")
+    report = json.loads(args.results.read_text())
+    folder = args.components
+    if folder is None:
+        cached = sorted((args.results.parent / "recovery-work" / "cache").glob("*/lost_components"))
+        if len(cached) != 1:
+            parser.error(
+                f"found {len(cached)} cached lost_components beside {args.results}; pass --components DIR "
+                "(a benchmarks/results/recovery-work/cache/*/lost_components folder)"
+            )
+        folder = cached[0]
+    if not (folder / "lost_components.safetensors").is_file():
+        parser.error(f"--components: no lost_components.safetensors in {folder}; give a folder that calibration wrote")
+    components = LostComponents.load(folder)
+    share = report["settings"]["heads"]
+    chosen = selections(components, share, _recovery_benchmark().HEAD_SELECTIONS)
+    rows = {row["method"]: row for row in report["rows"]}
+    print(f"{share:.0%} of {components.num_heads} heads, components from {folder}\n")
+    print(table(chosen, max(components.layer_indices) + 1, components.num_heads, rows))
+
+
+if __name__ == "__main__":
+    main()
