@@ -13,16 +13,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from peft_restorelcc.calibration import LostComponents, score_heads, select_heads
+from peft_restorelcc.calibration import LostComponents, select_heads
 
 BENCHMARKS = Path(__file__).parent
 
 
 def _recovery_benchmark() -> Any:
-    # benchmarks/ is not a package: load the sibling script for its table of head selections.
+    # benchmarks/ is not a package: load the sibling script for its head selections.
     spec = importlib.util.spec_from_file_location("recovery_benchmark", BENCHMARKS / "recovery.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -30,13 +31,13 @@ def _recovery_benchmark() -> Any:
 
 
 def selections(
-    components: LostComponents, share: float, reselected: dict[str, tuple[str, int]]
+    components: LostComponents, share: float, names: list[str], rescore: Callable[[LostComponents, str], LostComponents]
 ) -> dict[str, dict[int, list[int]]]:
-    """The heads of every row at ``share`` of the heads: ``restorelcc`` by the components' own (probe) scores, the
-    rows of ``reselected`` (name -> (strategy, selection seed)) by theirs."""
+    """The heads of every row at ``share`` of the heads: ``restorelcc`` by the components' own (probe) scores, each
+    of ``names`` by the scores ``rescore(components, name)`` gives it."""
     chosen = {"restorelcc": select_heads(components, share)}
-    for name, (strategy, seed) in reselected.items():
-        chosen[name] = select_heads(score_heads(components, strategy, seed=seed), share)
+    for name in names:
+        chosen[name] = select_heads(rescore(components, name), share)
     return chosen
 
 
@@ -99,7 +100,8 @@ def main() -> None:
         parser.error(f"--components: no lost_components.safetensors in {folder}; give a folder that calibration wrote")
     components = LostComponents.load(folder)
     share = report["settings"]["heads"]
-    chosen = selections(components, share, _recovery_benchmark().HEAD_SELECTIONS)
+    benchmark = _recovery_benchmark()
+    chosen = selections(components, share, list(benchmark.HEAD_SELECTIONS), benchmark.reselected)
     rows = {row["method"]: row for row in report["rows"]}
     print(f"{share:.0%} of {components.num_heads} heads, components from {folder}\n")
     print(table(chosen, max(components.layer_indices) + 1, components.num_heads, rows))

@@ -92,18 +92,40 @@ def _ia3(context: Context):
 
 # RestoreLCC rows whose heads are chosen otherwise than by the calibration's probe: (scoring strategy, selection
 # seed). A random draw keeps its selection seed whatever the training seed: rows of several draws tell how much the
-# choice of heads moves the result, seeds of one draw how much the training does.
+# choice of heads moves the result, seeds of one draw how much the training does. "probe-per-layer" keeps the probe's
+# scores but spreads the heads evenly over the layers (random draws, which do, beat the probe's own choice).
 HEAD_SELECTIONS: dict[str, tuple[str, int]] = {
     "restorelcc-lost_norm": ("lost_norm", 0),
     "restorelcc-random": ("random", 0),
     "restorelcc-random-draw1": ("random", 1),
     "restorelcc-random-draw2": ("random", 2),
+    "restorelcc-probe-per-layer": ("probe-per-layer", 0),
 }
 
 
-def _reselected(name: str) -> Callable[[Context], Any]:
+def spread_over_layers(components: LostComponents) -> LostComponents:
+    """The components re-scored so that selection takes each layer's best head (by its current scores), then each
+    layer's second best, and so on; within one round, layers with the better head go first."""
+    layers = torch.tensor([layer for layer, _ in components.head_ids()])
+    rank_in_layer = torch.empty(components.num_heads)
+    for layer in layers.unique():
+        rows = (layers == layer).nonzero().flatten()
+        rank_in_layer[rows[components.scores[rows].argsort(descending=True, stable=True)]] = torch.arange(
+            len(rows), dtype=torch.float32
+        )
+    return components.with_scores(-rank_in_layer, "probe-per-layer", tie_break=-components.scores)
+
+
+def reselected(components: LostComponents, name: str) -> LostComponents:
+    """``components`` scored the way row ``name`` of :data:`HEAD_SELECTIONS` chooses its heads."""
     strategy, seed = HEAD_SELECTIONS[name]
-    return lambda c: c.restorelcc(init="paper", components=score_heads(c.components, strategy, seed=seed))
+    if strategy == "probe-per-layer":
+        return spread_over_layers(components)
+    return score_heads(components, strategy, seed=seed)
+
+
+def _reselected(name: str) -> Callable[[Context], Any]:
+    return lambda c: c.restorelcc(init="paper", components=reselected(c.components, name))
 
 
 # name -> (builder(context) -> PeftModel, learning rate, trained?)
@@ -177,6 +199,7 @@ CLAIM_METHODS = [
     "restorelcc-random",
     "restorelcc-random-draw1",
     "restorelcc-random-draw2",
+    "restorelcc-probe-per-layer",
     "restorelcc-instruction",
     "restorelcc-instruction-lr1e-2",
     "lora-instruction",

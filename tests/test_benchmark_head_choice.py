@@ -34,7 +34,7 @@ def test_describe_counts_shared_heads_layers_and_thirds(head_choice):
 
 def test_selections_follow_the_probe_scores_and_each_reselection(head_choice):
     measured = components()
-    chosen = head_choice.selections(measured, 0.25, {"draw": ("random", 3), "by-norm": ("lost_norm", 0)})
+    chosen = head_choice.selections(measured, 0.25, ["draw"], lambda c, name: score_heads(c, "random", seed=3))
     assert chosen["restorelcc"] == {4: [2, 3], 5: [0, 1, 2, 3]}  # the 6 top-scored of 24
     assert chosen["draw"] == select_heads(score_heads(measured, "random", seed=3), 0.25)
     assert chosen["draw"] != chosen["restorelcc"]

@@ -208,3 +208,22 @@ def test_random_draws_pick_heads_by_their_own_seed_whatever_the_training_seed(be
         assert wrapped_heads(name, 1) == draws[name]  # the training seed does not redraw the heads
     assert len({str(heads) for heads in draws.values()}) == 3  # three draws, three sets of 4 of the 8 heads
     assert sum(map(len, draws["restorelcc-random-draw1"].values())) == 4
+
+
+def test_probe_per_layer_takes_each_layers_best_heads_round_by_round(bench):
+    from peft_restorelcc.calibration import LostComponents, select_heads
+
+    layers, heads, d = 3, 4, 2
+    total = layers * heads
+    # The probe prefers every head of the last layer to any other: its own top 6 all lie in layers 2 and 1.
+    probe = LostComponents(
+        layer_indices=list(range(layers)), heads_per_layer=[heads] * layers, head_dim=d,
+        basis=torch.eye(d).expand(total, d, d).clone(), singular_values=torch.ones(total, d),
+        mean=torch.ones(total, d), scores=torch.tensor([1.0, 4, 3, 2, 5, 8, 7, 6, 12, 9, 11, 10]),
+    )  # fmt: skip
+    assert select_heads(probe, 6) == {1: [1, 2], 2: [0, 1, 2, 3]}
+    spread = bench.reselected(probe, "restorelcc-probe-per-layer")
+    assert select_heads(spread, 6) == {0: [1, 2], 1: [1, 2], 2: [0, 2]}  # each layer's best two
+    # A round not taken whole goes to the layers whose next head the probe scores higher.
+    assert select_heads(spread, 4) == {0: [1], 1: [1], 2: [0, 2]}
+    assert torch.equal(probe.scores, torch.tensor([1.0, 4, 3, 2, 5, 8, 7, 6, 12, 9, 11, 10]))  # left as it was
