@@ -11,34 +11,31 @@ share of the log-perplexity gap from the results file. Needs no model: the lost 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from peft_restorelcc.calibration import LostComponents, select_heads
+# A script's own folder is first on sys.path: the sibling recovery benchmark, with its head selections.
+import recovery as recovery_benchmark
+
+from peft_restorelcc.calibration import LostComponents
 
 BENCHMARKS = Path(__file__).parent
 
 
-def _recovery_benchmark() -> Any:
-    # benchmarks/ is not a package: load the sibling script for its head selections.
-    spec = importlib.util.spec_from_file_location("recovery_benchmark", BENCHMARKS / "recovery.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def selections(
-    components: LostComponents, share: float, names: list[str], rescore: Callable[[LostComponents, str], LostComponents]
+    share: float, names: list[str], choose: Callable[[str, float], dict[int, list[int]]]
 ) -> dict[str, dict[int, list[int]]]:
-    """The heads of every row at ``share`` of the heads: ``restorelcc`` by the components' own (probe) scores, each
-    of ``names`` by the scores ``rescore(components, name)`` gives it."""
-    chosen = {"restorelcc": select_heads(components, share)}
-    for name in names:
-        chosen[name] = select_heads(rescore(components, name), share)
-    return chosen
+    """The heads of ``restorelcc`` (the probe's top, the reference) and of every row in ``names`` at ``share`` of the
+    heads, as ``choose(name, share)`` gives them."""
+    return {name: choose(name, share) for name in ["restorelcc", *names]}
+
+
+def row_names(head_selections: list[str]) -> list[str]:
+    """The rows to compare with the probe's top: each selection, the instruction rows last, side by side."""
+    instruction = [name for name in head_selections if "instruction" in name]
+    return [name for name in head_selections if name not in instruction] + ["restorelcc-instruction", *instruction]
 
 
 def describe(heads: dict[int, list[int]], reference: dict[int, list[int]], num_layers: int) -> dict[str, Any]:
@@ -59,17 +56,18 @@ def table(
     expected = round(sum(map(len, reference.values())) ** 2 / num_heads)
     lines = [
         f"| row | heads | shared with the probe's (chance: {expected}) | layers touched (of {num_layers}) "
-        "| heads in lower / middle / upper third | held-out ppl | gap recovered (log ppl) | seeds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| heads in lower / middle / upper third | held-out ppl | gap recovered (log ppl) | avg acc | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, heads in chosen.items():
         facts, row = describe(heads, reference, num_layers), rows.get(name, {})
         ppl = f"{row['ppl']:.2f}" + (f" ± {row['ppl_std']:.2f}" if row.get("ppl_std") else "") if row else "not run"
         gap = f"{row['gap_recovered_ppl']:.0%}" if row else ""
+        accuracy = f"{row['avg_acc']:.3f}" if row else ""
         lines.append(
             f"| {name} | {facts['heads']} | {facts['shared']} | {facts['layers']} | "
             + " / ".join(map(str, facts["thirds"]))
-            + f" | {ppl} | {gap} | {','.join(map(str, row.get('seeds', [])))} |"
+            + f" | {ppl} | {gap} | {accuracy} | {','.join(map(str, row.get('seeds', [])))} |"
         )
     return "\n".join(lines)
 
@@ -100,8 +98,11 @@ def main() -> None:
         parser.error(f"--components: no lost_components.safetensors in {folder}; give a folder that calibration wrote")
     components = LostComponents.load(folder)
     share = report["settings"]["heads"]
-    benchmark = _recovery_benchmark()
-    chosen = selections(components, share, list(benchmark.HEAD_SELECTIONS), benchmark.reselected)
+    chosen = selections(
+        share,
+        row_names(list(recovery_benchmark.HEAD_SELECTIONS)),
+        lambda name, heads: recovery_benchmark.chosen_heads(components, name, heads),
+    )
     rows = {row["method"]: row for row in report["rows"]}
     print(f"{share:.0%} of {components.num_heads} heads, components from {folder}\n")
     print(table(chosen, max(components.layer_indices) + 1, components.num_heads, rows))

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from peft_restorelcc import recovery
 from peft_restorelcc.assets import default_device, load_model, load_tokenizer
-from peft_restorelcc.calibration import LostComponents, build_restorelcc_model, score_heads
+from peft_restorelcc.calibration import LostComponents, build_restorelcc_model, score_heads, select_heads
 from peft_restorelcc.pruning import load_report, measure_sparsity, save_pruned
 from peft_restorelcc.training import PaddingCollator, build_train_dataset, pad_token_id_of, train_adapter
 
@@ -90,42 +90,47 @@ def _ia3(context: Context):
     return get_peft_model(context.fresh_pruned(), IA3Config(task_type="CAUSAL_LM"))
 
 
-# RestoreLCC rows whose heads are chosen otherwise than by the calibration's probe: (scoring strategy, selection
-# seed). A random draw keeps its selection seed whatever the training seed: rows of several draws tell how much the
-# choice of heads moves the result, seeds of one draw how much the training does. "probe-per-layer" keeps the probe's
-# scores but spreads the heads evenly over the layers (random draws, which do, beat the probe's own choice).
-HEAD_SELECTIONS: dict[str, tuple[str, int]] = {
-    "restorelcc-lost_norm": ("lost_norm", 0),
-    "restorelcc-random": ("random", 0),
-    "restorelcc-random-draw1": ("random", 1),
-    "restorelcc-random-draw2": ("random", 2),
-    "restorelcc-probe-per-layer": ("probe-per-layer", 0),
+# RestoreLCC rows whose heads are chosen otherwise than as the calibration's probe ranks them: (scoring strategy,
+# selection seed, selection of select_heads). A random draw keeps its selection seed whatever the training seed: rows
+# of several draws tell how much the choice of heads moves the result, seeds of one draw how much the training does.
+# "probe-per-layer" keeps the probe's scores but spreads the heads evenly over the layers (random draws, which do,
+# beat the probe's own choice). Strategy "probe-accuracy" is the probe's accuracies without its validation-loss
+# tie-break (ties in row order): that row was run so before select_heads took a selection, and the library's
+# per-layer selection, which keeps the tie-break, swaps one of its 68 heads on the committed calibration.
+HEAD_SELECTIONS: dict[str, tuple[str, int, str]] = {
+    "restorelcc-lost_norm": ("lost_norm", 0, "top"),
+    "restorelcc-random": ("random", 0, "top"),
+    "restorelcc-random-draw1": ("random", 1, "top"),
+    "restorelcc-random-draw2": ("random", 2, "top"),
+    "restorelcc-probe-per-layer": ("probe-accuracy", 0, "per-layer"),
+    "restorelcc-instruction-per-layer": ("probe", 0, "per-layer"),
 }
 
 
-def spread_over_layers(components: LostComponents) -> LostComponents:
-    """The components re-scored so that selection takes each layer's best head (by its current scores), then each
-    layer's second best, and so on; within one round, layers with the better head go first."""
-    layers = torch.tensor([layer for layer, _ in components.head_ids()])
-    rank_in_layer = torch.empty(components.num_heads)
-    for layer in layers.unique():
-        rows = (layers == layer).nonzero().flatten()
-        rank_in_layer[rows[components.scores[rows].argsort(descending=True, stable=True)]] = torch.arange(
-            len(rows), dtype=torch.float32
-        )
-    return components.with_scores(-rank_in_layer, "probe-per-layer", tie_break=-components.scores)
-
-
 def reselected(components: LostComponents, name: str) -> LostComponents:
-    """``components`` scored the way row ``name`` of :data:`HEAD_SELECTIONS` chooses its heads."""
-    strategy, seed = HEAD_SELECTIONS[name]
-    if strategy == "probe-per-layer":
-        return spread_over_layers(components)
+    """``components`` scored the way row ``name`` of :data:`HEAD_SELECTIONS` ranks its heads."""
+    strategy, seed, _ = HEAD_SELECTIONS[name]
+    if strategy == "probe":
+        return components
+    if strategy == "probe-accuracy":
+        return components.with_scores(components.scores, "probe")
     return score_heads(components, strategy, seed=seed)
 
 
+# RestoreLCC rows on the probe's top heads at --heads, one per recipe.
+PROBE_TOP_ROWS = ("restorelcc", "restorelcc-instruction")
+
+
+def chosen_heads(components: LostComponents, name: str, heads: float) -> dict[int, list[int]]:
+    """The heads row ``name`` (of :data:`PROBE_TOP_ROWS` or :data:`HEAD_SELECTIONS`) compensates at ``heads``."""
+    if name in PROBE_TOP_ROWS:
+        return select_heads(components, heads)
+    return select_heads(reselected(components, name), heads, HEAD_SELECTIONS[name][2])
+
+
 def _reselected(name: str) -> Callable[[Context], Any]:
-    return lambda c: c.restorelcc(init="paper", components=reselected(c.components, name))
+    selection = HEAD_SELECTIONS[name][2]
+    return lambda c: c.restorelcc(init="paper", components=reselected(c.components, name), selection=selection)
 
 
 # name -> (builder(context) -> PeftModel, learning rate, trained?)
@@ -174,6 +179,8 @@ RECIPE_OVERRIDES: dict[str, dict[str, Any]] = {
     # The paper's lr for RestoreLCC; on the default job 1e-2 doubled held-out perplexity for no accuracy.
     "restorelcc-instruction": PAPER_RECIPE | {"learning_rate": 1e-3},
     "restorelcc-instruction-lr1e-2": PAPER_RECIPE | {"learning_rate": 1e-2},
+    # The probe's heads spread over the layers (restorelcc run --selection per-layer) on the paper's recipe.
+    "restorelcc-instruction-per-layer": PAPER_RECIPE | {"learning_rate": 1e-3},
     "lora-instruction": PAPER_RECIPE,
     "ia3-instruction": PAPER_RECIPE,
     # RestoreLCC's rate on this recipe: at 1e-2 RestoreLCC's perplexity doubled, so IA3's may suffer the same way.
@@ -202,6 +209,7 @@ CLAIM_METHODS = [
     "restorelcc-probe-per-layer",
     "restorelcc-instruction",
     "restorelcc-instruction-lr1e-2",
+    "restorelcc-instruction-per-layer",
     "lora-instruction",
     "ia3-instruction",
     "ia3-instruction-lr1e-3",

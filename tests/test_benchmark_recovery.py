@@ -207,23 +207,30 @@ def test_random_draws_pick_heads_by_their_own_seed_whatever_the_training_seed(be
         assert draws[name] == select_heads(score_heads(components, "random", seed=draw), 0.5)
         assert wrapped_heads(name, 1) == draws[name]  # the training seed does not redraw the heads
     assert len({str(heads) for heads in draws.values()}) == 3  # three draws, three sets of 4 of the 8 heads
+    # The per-layer rows wrap their spread selection, not the top one: two heads in each of the two layers.
+    spread = wrapped_heads("restorelcc-instruction-per-layer", 0)
+    assert spread == bench.chosen_heads(components, "restorelcc-instruction-per-layer", 0.5)
+    assert sorted(map(len, spread.values())) == [2, 2] and select_heads(components, 0.5) != spread
     assert sum(map(len, draws["restorelcc-random-draw1"].values())) == 4
 
 
-def test_probe_per_layer_takes_each_layers_best_heads_round_by_round(bench):
-    from peft_restorelcc.calibration import LostComponents, select_heads
+def test_per_layer_rows_spread_the_probes_heads_with_and_without_its_tie_break(bench):
+    from tiny_models import grid_components
 
-    layers, heads, d = 3, 4, 2
-    total = layers * heads
-    # The probe prefers every head of the last layer to any other: its own top 6 all lie in layers 2 and 1.
-    probe = LostComponents(
-        layer_indices=list(range(layers)), heads_per_layer=[heads] * layers, head_dim=d,
-        basis=torch.eye(d).expand(total, d, d).clone(), singular_values=torch.ones(total, d),
-        mean=torch.ones(total, d), scores=torch.tensor([1.0, 4, 3, 2, 5, 8, 7, 6, 12, 9, 11, 10]),
-    )  # fmt: skip
-    assert select_heads(probe, 6) == {1: [1, 2], 2: [0, 1, 2, 3]}
-    spread = bench.reselected(probe, "restorelcc-probe-per-layer")
-    assert select_heads(spread, 6) == {0: [1, 2], 1: [1, 2], 2: [0, 2]}  # each layer's best two
-    # A round not taken whole goes to the layers whose next head the probe scores higher.
-    assert select_heads(spread, 4) == {0: [1], 1: [1], 2: [0, 2]}
-    assert torch.equal(probe.scores, torch.tensor([1.0, 4, 3, 2, 5, 8, 7, 6, 12, 9, 11, 10]))  # left as it was
+    from peft_restorelcc.calibration import select_heads
+
+    # Probe accuracies tie in every layer; the validation loss (tie_break, lower first) prefers each layer's head 1.
+    accuracy, validation_loss = torch.tensor([0.5, 0.5, 0.7, 0.7, 0.6, 0.6]), torch.tensor([2.0, 1, 2, 1, 2, 1])
+    probe = grid_components(3, 2).with_scores(accuracy, "probe", tie_break=validation_loss)
+    assert bench.chosen_heads(probe, "restorelcc", 2) == select_heads(probe, 2) == {1: [0, 1]}
+    # As run before select_heads took a selection: ties in row order, so each layer's head 0 first.
+    assert bench.chosen_heads(probe, "restorelcc-probe-per-layer", 3) == {0: [0], 1: [0], 2: [0]}
+    # The library's per-layer selection (restorelcc run --selection per-layer) keeps the tie-break.
+    assert bench.chosen_heads(probe, "restorelcc-instruction-per-layer", 3) == {0: [1], 1: [1], 2: [1]}
+    assert bench.chosen_heads(probe, "restorelcc-instruction-per-layer", 4) == {0: [1], 1: [0, 1], 2: [1]}
+    # Trained on the paper's recipe whatever the benchmark's --data, --distill-alpha and --vector-lr.
+    settings = {"vector_lr": 1e-2, "data": "text", "distill_alpha": 1}
+    recipe = bench.recipe_of("restorelcc-instruction-per-layer", settings)
+    assert recipe == {"data": "instruction", "distill_alpha": 0.0, "learning_rate": 1e-3}
+
+

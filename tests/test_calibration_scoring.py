@@ -81,6 +81,24 @@ def test_select_heads_counts_fractions_and_bad_counts() -> None:
     assert select_heads(tied, 2) == {1: [2, 3]}  # ties broken by the lower validation loss
 
 
+def test_select_heads_per_layer_takes_each_layers_best_round_by_round() -> None:
+    # The scores prefer every head of the last layer to any other: the top 6 lie in layers 2 and 1 only.
+    scores = torch.tensor([1.0, 4, 3, 2, 5, 8, 7, 6, 12, 9, 11, 10])
+    components = _components(scores=scores, heads=(4, 4, 4))
+    assert select_heads(components, 6) == {1: [1, 2], 2: [0, 1, 2, 3]}
+    assert select_heads(components, 6, "per-layer") == {0: [1, 2], 1: [1, 2], 2: [0, 2]}  # each layer's best two
+    # A round not taken whole goes to the layers whose next head scores higher.
+    assert select_heads(components, 4, "per-layer") == {0: [1], 1: [1], 2: [0, 2]}
+    assert select_heads(components, 1.0 * 12, "per-layer") == select_heads(components, 12)  # all heads either way
+    assert torch.equal(components.scores, scores)  # left as it was
+    # Ties within a layer and between layers follow the ranking's tie-break (lower first), as "top" does.
+    tied = _components(heads=(2, 2)).with_scores(torch.ones(4), "probe", tie_break=torch.tensor([4.0, 3, 2, 1]))
+    assert select_heads(tied, 2) == {1: [0, 1]}
+    assert select_heads(tied, 2, "per-layer") == {0: [1], 1: [1]}
+    with pytest.raises(ValueError, match=r"selection must be one of \('top', 'per-layer'\)"):
+        select_heads(components, 2, "spread")
+
+
 def test_pairs_from_answers_pick_a_similar_other_answer() -> None:
     examples = [
         {"prompt": "Q1", "answer": "the red apple tree"},

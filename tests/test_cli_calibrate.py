@@ -105,6 +105,8 @@ def test_calibrate_structured_model_reads_kept_heads_from_the_report(dense_dir, 
             "all",
             "--init",
             "lost-sequential",
+            "--selection",
+            "per-layer",
             "--output",
             str(output),
             *FAST,
@@ -115,7 +117,17 @@ def test_calibrate_structured_model_reads_kept_heads_from_the_report(dense_dir, 
     assert components.heads_per_layer == [2, 2]
     assert components.metadata["kept_heads"] == {int(k): v for k, v in report["kept_heads"].items()}
     model = PeftModel.from_pretrained(_load(pruned_dir), output)
-    assert sum(len(heads) for heads in model.peft_config["default"].heads.values()) == 2
+    assert [len(heads) for heads in model.peft_config["default"].heads.values()] == [1, 1]  # one per layer
+
+
+def test_selection_choices_are_the_librarys_in_every_command() -> None:
+    from peft_restorelcc.calibration import SELECTIONS
+    from peft_restorelcc.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for command in ("calibrate", "run"):
+        (selection,) = [action for action in commands[command]._actions if action.dest == "selection"]
+        assert tuple(selection.choices) == SELECTIONS and selection.default == "top"
 
 
 def test_bad_arguments_fail_cleanly(dense_dir, tmp_path, capsys) -> None:

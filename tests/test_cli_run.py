@@ -47,6 +47,21 @@ def test_run_does_every_stage_and_keeps_sparsity(model_dir, tmp_path, capsys):
     assert torch.equal(merged.model.layers[1].mlp.down_proj.weight, pruned.model.layers[1].mlp.down_proj.weight)
 
 
+def test_run_spreads_the_heads_over_the_layers_with_selection_per_layer(model_dir, tmp_path):
+    from peft_restorelcc.calibration import LostComponents, select_heads
+
+    output = tmp_path / "run"
+    # Random scores of seed 3 rank heads 2 and 3 of layer 1 first: "top" would take both.
+    flags = [*FAST, "--strategy", "random", "--seed", "3", "--heads", "2", "--selection", "per-layer"]
+    assert main(["run", "--model", str(model_dir), "--output-dir", str(output), *flags]) == 0
+    summary = json.loads((output / "results.json").read_text())
+    components = LostComponents.load(output / "lost_components")
+    assert select_heads(components, 2) == {1: [2, 3]}
+    per_layer = {str(layer): heads for layer, heads in select_heads(components, 2, "per-layer").items()}
+    assert summary["heads"] == per_layer == {"0": [2], "1": [2]}  # each layer's best head
+    assert summary["settings"]["selection"] == "per-layer"
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -93,3 +93,19 @@ def make_tiny_model(model_type: str = "llama", seed: int = 0, **overrides) -> Pr
 def random_input_ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(1, VOCAB_SIZE, (batch, length), generator=generator)
+
+
+def grid_components(layers: int, heads: int, d: int = 2, scores: torch.Tensor | None = None):
+    """Lost components of ``layers`` x ``heads`` heads with identity bases and unit means, for tests of head choice."""
+    from peft_restorelcc.calibration import LostComponents
+
+    total = layers * heads
+    return LostComponents(
+        layer_indices=list(range(layers)),
+        heads_per_layer=[heads] * layers,
+        head_dim=d,
+        basis=torch.eye(d).expand(total, d, d).clone(),
+        singular_values=torch.ones(total, d),
+        mean=torch.ones(total, d),
+        scores=scores,
+    )

@@ -5,7 +5,7 @@ components.save("out/lost_components")
 peft_model = build_restorelcc_model(pruned, components, num_heads=0.1, init="lost")
 """
 
-from .adapter import build_restorelcc_model, refine_lost_init, resolve_head_count, select_heads
+from .adapter import SELECTIONS, build_restorelcc_model, refine_lost_init, resolve_head_count, select_heads
 from .capture import (
     HeadCapture,
     LostAccumulator,
@@ -20,6 +20,7 @@ from .pipeline import calibrate, probe_activations
 from .scoring import pairs_from_answers, probe_scores, random_scores, score_heads
 
 __all__ = [
+    "SELECTIONS",
     "HeadCapture",
     "LostAccumulator",
     "LostComponents",

@@ -28,6 +28,11 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 INITS = ("paper", "lost")
+# How the top heads are taken from the ranking: "top" (the paper) takes the best-scored heads wherever they lie;
+# "per-layer" takes every layer's best head, then every layer's second best, and so on (a round not taken whole goes
+# to the better-scored heads). On SmolLM2-135M the probe's top heads cluster in a few layers, and the same scores
+# spread over the layers recovered more (README, "Recovery against LoRA").
+SELECTIONS = ("top", "per-layer")
 
 
 def resolve_head_count(num_heads: int | float, total: int) -> int:
@@ -45,16 +50,35 @@ def resolve_head_count(num_heads: int | float, total: int) -> int:
     return count
 
 
-def select_heads(components: LostComponents, num_heads: int | float) -> dict[int, list[int]]:
-    """The top-``num_heads`` heads by score, as ``{layer: [sorted head indices]}`` (pruned-model numbering)."""
+def select_heads(components: LostComponents, num_heads: int | float, selection: str = "top") -> dict[int, list[int]]:
+    """``num_heads`` heads by score, as ``{layer: [sorted head indices]}`` (pruned-model numbering).
+
+    ``selection="top"``: the best-scored heads over the whole model. ``"per-layer"``: every layer's best head, then
+    every layer's second best, ... ; within a round the better-scored heads first.
+    """
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
     count = resolve_head_count(num_heads, components.num_heads)
-    chosen = components.ranking()[:count].tolist()
+    ranking = components.ranking()
     head_ids = components.head_ids()
+    if selection == "per-layer":
+        ranking = spread_over_layers(ranking, torch.tensor([layer for layer, _ in head_ids]))
     selected: dict[int, list[int]] = {}
-    for row in chosen:
+    for row in ranking[:count].tolist():
         layer, head = head_ids[row]
         selected.setdefault(layer, []).append(head)
     return {layer: sorted(heads) for layer, heads in sorted(selected.items())}
+
+
+def spread_over_layers(ranking: torch.Tensor, layer_of_row: torch.Tensor) -> torch.Tensor:
+    """``ranking`` (row indices, best first) reordered round by round: each layer's best row, then each layer's
+    second best, ...; rows of one round keep their order in ``ranking``."""
+    layers = layer_of_row[ranking]
+    _, layer_slot = layers.unique(return_inverse=True)
+    # Rank of each row within its layer: how many rows of the same layer come before it in the ranking.
+    seen = torch.nn.functional.one_hot(layer_slot).cumsum(0)
+    rank_in_layer = seen.gather(1, layer_slot[:, None]).squeeze(1) - 1
+    return ranking[torch.argsort(rank_in_layer, stable=True)]
 
 
 def build_restorelcc_model(
@@ -64,10 +88,11 @@ def build_restorelcc_model(
     init: str = "paper",
     num_components: int | None = None,
     adapter_name: str = "default",
+    selection: str = "top",
     **config_kwargs: Any,
 ) -> PeftModel:
-    """Wrap ``pruned_model`` with a RestoreLCC adapter on its top-``num_heads`` heads, bases filled from
-    ``components`` (their first ``num_components`` rows; default all).
+    """Wrap ``pruned_model`` with a RestoreLCC adapter on ``num_heads`` heads chosen by ``selection`` (see
+    :func:`select_heads`), bases filled from ``components`` (their first ``num_components`` rows; default all).
 
     ``init="paper"`` keeps the N(0, init_std) initialisation of magnitudes and bias; ``init="lost"`` sets the
     magnitudes to the coefficients of the mean lost vector in the basis and the bias to zero, so the adapter adds
@@ -88,7 +113,7 @@ def build_restorelcc_model(
     if init == "lost" and not config_kwargs.get("use_components", True):
         raise ValueError("init='lost' sets the magnitudes; it needs use_components=True.")
     components.check_matches(pruned_model)
-    heads = select_heads(components, num_heads)
+    heads = select_heads(components, num_heads, selection)
     target_modules = components.metadata.get("target_modules")
     if target_modules is not None:
         config_kwargs.setdefault("target_modules", target_modules)

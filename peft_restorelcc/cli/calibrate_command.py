@@ -37,6 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--pairs", type=int, default=None, metavar="N", help="contrastive pairs for the probe (default: --samples)"
     )
     parser.add_argument("--strategy", choices=("probe", "lost_norm", "random"), default="probe")
+    parser.add_argument(
+        "--selection",
+        choices=("top", "per-layer"),
+        default="top",
+        help="top: the best-scored heads wherever they lie (the paper); per-layer: each layer's best head, then each "
+        "layer's second best, ... (spreads the heads over the depth)",
+    )
     parser.add_argument("--position", choices=("last", "all"), default="last", help="last prompt token or all tokens")
     parser.add_argument(
         "--init",
@@ -161,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         pruned,
         components,
         num_heads=num_heads,
+        selection=args.selection,
         init="paper" if args.init == "paper" else "lost",
         num_components=args.num_components,
     )
@@ -186,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         ("pruning", json.dumps(pruning) if pruning else "unknown (no pruning_report.json)"),
         ("samples", f"{len(prompts)} prompts, {args.position} position"),
         ("strategy", args.strategy + (f" ({len(pairs)} pairs)" if pairs else "")),
-        ("heads", f"{chosen} of {components.num_heads} in {len(selected)} layers, init {args.init}"),
+        ("heads", f"{chosen} of {components.num_heads} in {len(selected)} layers ({args.selection}), init {args.init}"),
         ("seconds", f"{time.perf_counter() - started:.1f}"),
         ("adapter", str(output)),
         ("lost components", str(output / LOST_COMPONENTS_DIR)),

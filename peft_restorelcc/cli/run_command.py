@@ -33,6 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--strategy", default="probe", choices=("probe", "lost_norm", "random"))
     parser.add_argument("--heads", type=float, default=0.25, help="heads to compensate: a count, or a fraction < 1")
     parser.add_argument(
+        "--selection",
+        default="top",
+        choices=("top", "per-layer"),
+        help="top: the best-scored heads (the paper); per-layer: each layer's best, then each layer's second best, ...",
+    )
+    parser.add_argument(
         "--init",
         default="paper",
         choices=("paper", "lost"),
@@ -150,7 +156,9 @@ def run(args: argparse.Namespace) -> int:
         pruned_results = recovery.evaluate_model(pruned, tokenizer, **evaluate)
     sparsity_before = measure_sparsity(pruned)["overall_sparsity"]
     with timer.stage("train"):
-        model = build_restorelcc_model(pruned, components, num_heads=args.heads, init=args.init)
+        model = build_restorelcc_model(
+            pruned, components, num_heads=args.heads, init=args.init, selection=args.selection
+        )
         heads = model.peft_config["default"].heads
         train_dataset = build_train_dataset(args.data, tokenizer, samples=args.train_samples, seed=args.seed)
         train_metrics = train_adapter(
