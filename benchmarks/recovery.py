@@ -104,6 +104,7 @@ HEAD_SELECTIONS: dict[str, tuple[str, int, str]] = {
     "restorelcc-random-draw2": ("random", 2, "top"),
     "restorelcc-probe-per-layer": ("probe-accuracy", 0, "per-layer"),
     "restorelcc-instruction-per-layer": ("probe", 0, "per-layer"),
+    "restorelcc-instruction-random": ("random", 0, "top"),
 }
 
 
@@ -179,8 +180,10 @@ RECIPE_OVERRIDES: dict[str, dict[str, Any]] = {
     # The paper's lr for RestoreLCC; on the default job 1e-2 doubled held-out perplexity for no accuracy.
     "restorelcc-instruction": PAPER_RECIPE | {"learning_rate": 1e-3},
     "restorelcc-instruction-lr1e-2": PAPER_RECIPE | {"learning_rate": 1e-2},
-    # The probe's heads spread over the layers (restorelcc run --selection per-layer) on the paper's recipe.
+    # The probe's heads spread over the layers (restorelcc run --selection per-layer), and random heads (draw 0),
+    # on the paper's recipe.
     "restorelcc-instruction-per-layer": PAPER_RECIPE | {"learning_rate": 1e-3},
+    "restorelcc-instruction-random": PAPER_RECIPE | {"learning_rate": 1e-3},
     "lora-instruction": PAPER_RECIPE,
     "ia3-instruction": PAPER_RECIPE,
     # RestoreLCC's rate on this recipe: at 1e-2 RestoreLCC's perplexity doubled, so IA3's may suffer the same way.
@@ -210,6 +213,7 @@ CLAIM_METHODS = [
     "restorelcc-instruction",
     "restorelcc-instruction-lr1e-2",
     "restorelcc-instruction-per-layer",
+    "restorelcc-instruction-random",
     "lora-instruction",
     "ia3-instruction",
     "ia3-instruction-lr1e-3",

@@ -46,9 +46,9 @@ def test_main_prints_each_row_beside_its_results(head_choice, tmp_path, monkeypa
     out = capsys.readouterr().out
     assert "| restorelcc | 6 | 6 | 2 | 0 / 0 / 6 | 70.00 ± 0.10 | 40% | 0.380 | 0,1 |" in out
     assert "| restorelcc-random-draw1 | 6 |" in out and "not run" in out  # a selection with no results yet
-    # The paper's recipe on the probe's top heads sits beside the same recipe on spread heads.
+    # The paper's recipe on the probe's top heads sits beside the same recipe on other heads.
     lines = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| restorelcc-instruction")]
-    assert lines == ["| restorelcc-instruction", "| restorelcc-instruction-per-layer"]
+    assert lines == ["| restorelcc-instruction", "| restorelcc-instruction-per-layer", "| restorelcc-instruction-random"]
     # Components that are not there, or none cached beside the results: clear errors that name the fix.
     monkeypatch.setattr("sys.argv", ["head_choice.py", "--results", str(results), "--components", str(tmp_path / "x")])
     with pytest.raises(SystemExit):

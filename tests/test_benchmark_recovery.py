@@ -207,6 +207,7 @@ def test_random_draws_pick_heads_by_their_own_seed_whatever_the_training_seed(be
         assert draws[name] == select_heads(score_heads(components, "random", seed=draw), 0.5)
         assert wrapped_heads(name, 1) == draws[name]  # the training seed does not redraw the heads
     assert len({str(heads) for heads in draws.values()}) == 3  # three draws, three sets of 4 of the 8 heads
+    assert wrapped_heads("restorelcc-instruction-random", 1) == draws["restorelcc-random"]  # draw 0, other recipe
     # The per-layer rows wrap their spread selection, not the top one: two heads in each of the two layers.
     spread = wrapped_heads("restorelcc-instruction-per-layer", 0)
     assert spread == bench.chosen_heads(components, "restorelcc-instruction-per-layer", 0.5)
@@ -230,7 +231,7 @@ def test_per_layer_rows_spread_the_probes_heads_with_and_without_its_tie_break(b
     assert bench.chosen_heads(probe, "restorelcc-instruction-per-layer", 4) == {0: [1], 1: [0, 1], 2: [1]}
     # Trained on the paper's recipe whatever the benchmark's --data, --distill-alpha and --vector-lr.
     settings = {"vector_lr": 1e-2, "data": "text", "distill_alpha": 1}
-    recipe = bench.recipe_of("restorelcc-instruction-per-layer", settings)
-    assert recipe == {"data": "instruction", "distill_alpha": 0.0, "learning_rate": 1e-3}
+    for name in ("restorelcc-instruction-per-layer", "restorelcc-instruction-random"):
+        assert bench.recipe_of(name, settings) == {"data": "instruction", "distill_alpha": 0.0, "learning_rate": 1e-3}
 
 
