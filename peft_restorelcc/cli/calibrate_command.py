@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("top", "per-layer"),
         default="top",
         help="top: the best-scored heads wherever they lie (the paper); per-layer: each layer's best head, then each "
-        "layer's second best, ... (spreads the heads over the depth)",
+        "layer's second best, ... (spreads the heads over the depth; it recovered more perplexity under distillation)",
     )
     parser.add_argument("--position", choices=("last", "all"), default="last", help="last prompt token or all tokens")
     parser.add_argument(

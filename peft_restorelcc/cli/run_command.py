@@ -36,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--selection",
         default="top",
         choices=("top", "per-layer"),
-        help="top: the best-scored heads (the paper); per-layer: each layer's best, then each layer's second best, ...",
+        help="top: the best-scored heads (the paper); per-layer: each layer's best, then each layer's second best, ... "
+        "(it recovered more perplexity with --data text --distill-alpha 1, no more accuracy with the defaults)",
     )
     parser.add_argument(
         "--init",
