@@ -1,8 +1,8 @@
 """Which heads each RestoreLCC row of the recovery benchmark compensated, beside what it recovered.
 
-The probe's choice, lost_norm's and the random draws are compared by the heads they share with the probe's choice
-and by where in the depth they lie (heads in each third of the layers), next to each row's held-out perplexity and
-share of the log-perplexity gap from the results file. Needs no model: the lost components cached by a run of
+The probe's choice, lost_norm's, the random draws and the per-layer spread are compared by the heads they share with
+the probe's choice and by where in the depth they lie (heads in each third of the layers), next to each row's held-out
+perplexity, share of the log-perplexity gap and average accuracy from the results file. Needs no model: the lost components cached by a run of
 ``benchmarks/recovery.py`` carry the probe's scores, and the other selections are recomputed from them.
 
     python benchmarks/head_choice.py        # after benchmarks/recovery.py, from its cache and results
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +23,18 @@ from peft_restorelcc.calibration import LostComponents
 BENCHMARKS = Path(__file__).parent
 
 
-def selections(
-    share: float, names: list[str], choose: Callable[[str, float], dict[int, list[int]]]
-) -> dict[str, dict[int, list[int]]]:
-    """The heads of ``restorelcc`` (the probe's top, the reference) and of every row in ``names`` at ``share`` of the
-    heads, as ``choose(name, share)`` gives them."""
-    return {name: choose(name, share) for name in ["restorelcc", *names]}
+def selections(components: LostComponents, share: float, names: list[str]) -> dict[str, dict[int, list[int]]]:
+    """The heads each row of ``names`` compensates at ``share`` of the heads, as the recovery benchmark chooses them."""
+    return {name: recovery_benchmark.chosen_heads(components, name, share) for name in names}
 
 
-def row_names(head_selections: list[str]) -> list[str]:
-    """The rows to compare with the probe's top: each selection, the instruction rows last, side by side."""
-    instruction = [name for name in head_selections if "instruction" in name]
-    return [name for name in head_selections if name not in instruction] + ["restorelcc-instruction", *instruction]
+def row_names() -> list[str]:
+    """The RestoreLCC rows on the probe's top heads and on every other head selection: those trained as the
+    benchmark's flags say first (``restorelcc``, the reference, leading), then those with a recipe of their own (the
+    paper's), side by side."""
+    names = [*recovery_benchmark.PROBE_TOP_ROWS, *recovery_benchmark.HEAD_SELECTIONS]
+    own_recipe = [name for name in names if name in recovery_benchmark.RECIPE_OVERRIDES]
+    return [name for name in names if name not in own_recipe] + own_recipe
 
 
 def describe(heads: dict[int, list[int]], reference: dict[int, list[int]], num_layers: int) -> dict[str, Any]:
@@ -98,11 +97,7 @@ def main() -> None:
         parser.error(f"--components: no lost_components.safetensors in {folder}; give a folder that calibration wrote")
     components = LostComponents.load(folder)
     share = report["settings"]["heads"]
-    chosen = selections(
-        share,
-        row_names(list(recovery_benchmark.HEAD_SELECTIONS)),
-        lambda name, heads: recovery_benchmark.chosen_heads(components, name, heads),
-    )
+    chosen = selections(components, share, row_names())
     rows = {row["method"]: row for row in report["rows"]}
     print(f"{share:.0%} of {components.num_heads} heads, components from {folder}\n")
     print(table(chosen, max(components.layer_indices) + 1, components.num_heads, rows))

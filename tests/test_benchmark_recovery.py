@@ -233,5 +233,3 @@ def test_per_layer_rows_spread_the_probes_heads_with_and_without_its_tie_break(b
     settings = {"vector_lr": 1e-2, "data": "text", "distill_alpha": 1}
     for name in ("restorelcc-instruction-per-layer", "restorelcc-instruction-random"):
         assert bench.recipe_of(name, settings) == {"data": "instruction", "distill_alpha": 0.0, "learning_rate": 1e-3}
-
-
