@@ -233,3 +233,14 @@ def test_per_layer_rows_spread_the_probes_heads_with_and_without_its_tie_break(b
     settings = {"vector_lr": 1e-2, "data": "text", "distill_alpha": 1}
     for name in ("restorelcc-instruction-per-layer", "restorelcc-instruction-random"):
         assert bench.recipe_of(name, settings) == {"data": "instruction", "distill_alpha": 0.0, "learning_rate": 1e-3}
+
+
+def test_mixed_recipe_row_trains_on_the_papers_data_with_half_the_loss_from_the_teacher(bench):
+    settings = {"vector_lr": 1e-2, "matrix_lr": 5e-4, "data": "text", "distill_alpha": 1}
+    recipe = bench.recipe_of("restorelcc-instruction-distill", settings)
+    assert recipe == {"data": "instruction", "distill_alpha": 0.5, "learning_rate": 1e-3}
+    # A run records the KL weight it trained with; one of the paper's recipe alone (no teacher) is another row's.
+    mixed = run(0, 0.4, 93.0, data="instruction", distill_alpha=0.5, learning_rate=1e-3)
+    assert bench.trained_as_now("restorelcc-instruction-distill", mixed, settings)
+    paper = mixed | {"distill_alpha": None}
+    assert not bench.trained_as_now("restorelcc-instruction-distill", paper, settings)
