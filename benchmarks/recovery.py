@@ -93,16 +93,14 @@ def _ia3(context: Context):
 # RestoreLCC rows whose heads are chosen otherwise than as the calibration's probe ranks them: (scoring strategy,
 # selection seed, selection of select_heads). A random draw keeps its selection seed whatever the training seed: rows
 # of several draws tell how much the choice of heads moves the result, seeds of one draw how much the training does.
-# "probe-per-layer" keeps the probe's scores but spreads the heads evenly over the layers (random draws, which do,
-# beat the probe's own choice). Strategy "probe-accuracy" is the probe's accuracies without its validation-loss
-# tie-break (ties in row order): that row was run so before select_heads took a selection, and the library's
-# per-layer selection, which keeps the tie-break, swaps one of its 68 heads on the committed calibration.
+# The "per-layer" rows keep the probe's scores but spread the heads evenly over the layers, as `restorelcc run
+# --selection per-layer` does (random draws, which do, beat the probe's own choice under distillation).
 HEAD_SELECTIONS: dict[str, tuple[str, int, str]] = {
     "restorelcc-lost_norm": ("lost_norm", 0, "top"),
     "restorelcc-random": ("random", 0, "top"),
     "restorelcc-random-draw1": ("random", 1, "top"),
     "restorelcc-random-draw2": ("random", 2, "top"),
-    "restorelcc-probe-per-layer": ("probe-accuracy", 0, "per-layer"),
+    "restorelcc-per-layer": ("probe", 0, "per-layer"),
     "restorelcc-instruction-per-layer": ("probe", 0, "per-layer"),
     "restorelcc-instruction-random": ("random", 0, "top"),
 }
@@ -113,8 +111,6 @@ def reselected(components: LostComponents, name: str) -> LostComponents:
     strategy, seed, _ = HEAD_SELECTIONS[name]
     if strategy == "probe":
         return components
-    if strategy == "probe-accuracy":
-        return components.with_scores(components.scores, "probe")
     return score_heads(components, strategy, seed=seed)
 
 
@@ -214,7 +210,7 @@ CLAIM_METHODS = [
     "restorelcc-random",
     "restorelcc-random-draw1",
     "restorelcc-random-draw2",
-    "restorelcc-probe-per-layer",
+    "restorelcc-per-layer",
     "restorelcc-instruction",
     "restorelcc-instruction-lr1e-2",
     "restorelcc-instruction-per-layer",
@@ -235,8 +231,11 @@ def recipe_of(name: str, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def trained_as_now(name: str, run: dict[str, Any], settings: dict[str, Any]) -> bool:
-    """Whether an earlier run was trained the way these settings would train it (untrained rows always are)."""
-    if name not in METHODS or not METHODS[name][2]:
+    """Whether an earlier run was trained the way these settings would train it (untrained rows always are; runs of
+    a row the benchmark no longer defines are not: a merge drops a retired row instead of keeping it unexplained)."""
+    if name not in METHODS:
+        return False
+    if not METHODS[name][2]:
         return True
     if "learning_rate" not in run:  # written before runs recorded their recipe: the file's settings were it
         return name not in RECIPE_OVERRIDES

@@ -64,6 +64,17 @@ def test_resume_drops_runs_trained_with_another_recipe(bench, tmp_path):
     assert "lora" not in bench.finished_runs(read(path), settings(matrix_lr=1e-4))
 
 
+def test_resume_drops_runs_of_a_row_the_benchmark_no_longer_defines(bench, tmp_path):
+    lora = run(0, 0.4, 60.0, data="text", distill_alpha=1.0, learning_rate=5e-4)
+    retired = run(0, 0.38, 67.1, data="text", distill_alpha=1.0, learning_rate=1e-2)
+    earlier = {"settings": settings(), "rows": [reference("dense", 0.5, 50.0), {"method": "lora", "runs": [lora]},
+               {"method": "restorelcc-probe-per-layer", "runs": [retired]}]}  # fmt: skip
+    path = tmp_path / "recovery.json"
+    path.write_text(json.dumps(earlier))
+    kept = bench.finished_runs(read(path), settings())
+    assert set(kept) == {"__reference__", "lora"}
+
+
 def test_resume_merges_shards_without_repeating_a_run(bench, tmp_path):
     mine, shard = tmp_path / "recovery.json", tmp_path / "shard.json"
     lora = dict(data="text", distill_alpha=1.0, learning_rate=5e-4)
@@ -215,7 +226,7 @@ def test_random_draws_pick_heads_by_their_own_seed_whatever_the_training_seed(be
     assert sum(map(len, draws["restorelcc-random-draw1"].values())) == 4
 
 
-def test_per_layer_rows_spread_the_probes_heads_with_and_without_its_tie_break(bench):
+def test_per_layer_rows_spread_the_probes_heads_keeping_its_tie_break(bench):
     from tiny_models import grid_components
 
     from peft_restorelcc.calibration import select_heads
@@ -224,11 +235,10 @@ def test_per_layer_rows_spread_the_probes_heads_with_and_without_its_tie_break(b
     accuracy, validation_loss = torch.tensor([0.5, 0.5, 0.7, 0.7, 0.6, 0.6]), torch.tensor([2.0, 1, 2, 1, 2, 1])
     probe = grid_components(3, 2).with_scores(accuracy, "probe", tie_break=validation_loss)
     assert bench.chosen_heads(probe, "restorelcc", 2) == select_heads(probe, 2) == {1: [0, 1]}
-    # As run before select_heads took a selection: ties in row order, so each layer's head 0 first.
-    assert bench.chosen_heads(probe, "restorelcc-probe-per-layer", 3) == {0: [0], 1: [0], 2: [0]}
-    # The library's per-layer selection (restorelcc run --selection per-layer) keeps the tie-break.
-    assert bench.chosen_heads(probe, "restorelcc-instruction-per-layer", 3) == {0: [1], 1: [1], 2: [1]}
-    assert bench.chosen_heads(probe, "restorelcc-instruction-per-layer", 4) == {0: [1], 1: [0, 1], 2: [1]}
+    # Both recipes' per-layer rows select as restorelcc run --selection per-layer does, keeping the tie-break.
+    for name in ("restorelcc-per-layer", "restorelcc-instruction-per-layer"):
+        assert bench.chosen_heads(probe, name, 3) == select_heads(probe, 3, "per-layer") == {0: [1], 1: [1], 2: [1]}
+        assert bench.chosen_heads(probe, name, 4) == {0: [1], 1: [0, 1], 2: [1]}
     # Trained on the paper's recipe whatever the benchmark's --data, --distill-alpha and --vector-lr.
     settings = {"vector_lr": 1e-2, "data": "text", "distill_alpha": 1}
     for name in ("restorelcc-instruction-per-layer", "restorelcc-instruction-random"):
