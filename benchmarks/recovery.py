@@ -168,6 +168,7 @@ METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
     "restorelcc-instruction-lr1e-2": (_restorelcc_paper, VECTOR_LR, True),
     "restorelcc-instruction-distill": (_restorelcc_paper, VECTOR_LR, True),
     "lora-instruction": (_lora_all_linear, MATRIX_LR, True),
+    "lora-instruction-distill": (_lora_all_linear, MATRIX_LR, True),
     # IA3 also keeps sparsity after merge; the strongest such method under distillation.
     "ia3-instruction": (_ia3, VECTOR_LR, True),
     "ia3-instruction-lr1e-3": (_ia3, VECTOR_LR, True),
@@ -186,6 +187,7 @@ RECIPE_OVERRIDES: dict[str, dict[str, Any]] = {
     # (the paper's recipe alone raised held-out perplexity above the pruned model's, distillation lowered it).
     "restorelcc-instruction-distill": PAPER_RECIPE | {"learning_rate": 1e-3, "distill_alpha": 0.5},
     "lora-instruction": PAPER_RECIPE,
+    "lora-instruction-distill": PAPER_RECIPE | {"distill_alpha": 0.5},
     "ia3-instruction": PAPER_RECIPE,
     # RestoreLCC's rate on this recipe: at 1e-2 RestoreLCC's perplexity doubled, so IA3's may suffer the same way.
     "ia3-instruction-lr1e-3": PAPER_RECIPE | {"learning_rate": 1e-3},
@@ -217,6 +219,7 @@ CLAIM_METHODS = [
     "restorelcc-instruction-random",
     "restorelcc-instruction-distill",
     "lora-instruction",
+    "lora-instruction-distill",
     "ia3-instruction",
     "ia3-instruction-lr1e-3",
 ]

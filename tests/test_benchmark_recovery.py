@@ -245,10 +245,14 @@ def test_per_layer_rows_spread_the_probes_heads_keeping_its_tie_break(bench):
         assert bench.recipe_of(name, settings) == {"data": "instruction", "distill_alpha": 0.0, "learning_rate": 1e-3}
 
 
-def test_mixed_recipe_row_trains_on_the_papers_data_with_half_the_loss_from_the_teacher(bench):
+def test_mixed_recipe_rows_train_on_the_papers_data_with_half_the_loss_from_the_teacher(bench):
     settings = {"vector_lr": 1e-2, "matrix_lr": 5e-4, "data": "text", "distill_alpha": 1}
     recipe = bench.recipe_of("restorelcc-instruction-distill", settings)
     assert recipe == {"data": "instruction", "distill_alpha": 0.5, "learning_rate": 1e-3}
+    # LoRA at its own rate, as on the paper's recipe alone.
+    lora = bench.recipe_of("lora-instruction-distill", settings)
+    assert lora == {"data": "instruction", "distill_alpha": 0.5, "learning_rate": 5e-4}
+    assert bench.recipe_of("lora-instruction", settings)["learning_rate"] == lora["learning_rate"]
     # A run records the KL weight it trained with; one of the paper's recipe alone (no teacher) is another row's.
     mixed = run(0, 0.4, 93.0, data="instruction", distill_alpha=0.5, learning_rate=1e-3)
     assert bench.trained_as_now("restorelcc-instruction-distill", mixed, settings)
