@@ -2,8 +2,9 @@
 
 The probe's choice, lost_norm's, the random draws and the per-layer spread are compared by the heads they share with
 the probe's choice and by where in the depth they lie (heads in each third of the layers), next to each row's held-out
-perplexity, share of the log-perplexity gap and average accuracy from the results file. Needs no model: the lost components cached by a run of
-``benchmarks/recovery.py`` carry the probe's scores, and the other selections are recomputed from them.
+perplexity, share of the log-perplexity gap and average accuracy from the results file. Needs no model: the lost
+components cached by a run of ``benchmarks/recovery.py`` carry the probe's scores, and the other selections are
+recomputed from them.
 
     python benchmarks/head_choice.py        # after benchmarks/recovery.py, from its cache and results
 """

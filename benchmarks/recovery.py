@@ -175,22 +175,24 @@ METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
 }
 # Methods trained on other data, with another loss or learning rate than the benchmark's flags give them.
 PAPER_RECIPE = {"data": "instruction", "distill_alpha": 0.0}
+# The paper's lr for RestoreLCC; on the default job 1e-2 doubled held-out perplexity for no accuracy.
+RESTORELCC_LR = {"learning_rate": 1e-3}
+# Both recipes at once: the LM loss on the answers (accuracy) plus KL to the dense model on the same positions
+# (the paper's recipe alone raised held-out perplexity above the pruned model's, distillation lowered it).
+BOTH_RECIPES = PAPER_RECIPE | {"distill_alpha": 0.5}
 RECIPE_OVERRIDES: dict[str, dict[str, Any]] = {
-    # The paper's lr for RestoreLCC; on the default job 1e-2 doubled held-out perplexity for no accuracy.
-    "restorelcc-instruction": PAPER_RECIPE | {"learning_rate": 1e-3},
+    "restorelcc-instruction": PAPER_RECIPE | RESTORELCC_LR,
     "restorelcc-instruction-lr1e-2": PAPER_RECIPE | {"learning_rate": 1e-2},
     # The probe's heads spread over the layers (restorelcc run --selection per-layer), and random heads (draw 0),
     # on the paper's recipe.
-    "restorelcc-instruction-per-layer": PAPER_RECIPE | {"learning_rate": 1e-3},
-    "restorelcc-instruction-random": PAPER_RECIPE | {"learning_rate": 1e-3},
-    # Both recipes at once: the LM loss on the answers (accuracy) plus KL to the dense model on the same positions
-    # (the paper's recipe alone raised held-out perplexity above the pruned model's, distillation lowered it).
-    "restorelcc-instruction-distill": PAPER_RECIPE | {"learning_rate": 1e-3, "distill_alpha": 0.5},
+    "restorelcc-instruction-per-layer": PAPER_RECIPE | RESTORELCC_LR,
+    "restorelcc-instruction-random": PAPER_RECIPE | RESTORELCC_LR,
+    "restorelcc-instruction-distill": BOTH_RECIPES | RESTORELCC_LR,
     "lora-instruction": PAPER_RECIPE,
-    "lora-instruction-distill": PAPER_RECIPE | {"distill_alpha": 0.5},
+    "lora-instruction-distill": BOTH_RECIPES,
     "ia3-instruction": PAPER_RECIPE,
     # RestoreLCC's rate on this recipe: at 1e-2 RestoreLCC's perplexity doubled, so IA3's may suffer the same way.
-    "ia3-instruction-lr1e-3": PAPER_RECIPE | {"learning_rate": 1e-3},
+    "ia3-instruction-lr1e-3": PAPER_RECIPE | RESTORELCC_LR,
 }
 MAIN_METHODS = [
     "restorelcc",
