@@ -464,14 +464,23 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def spread_labels(points: list[tuple[float, float]], min_gap: float, x_factor: float = 1.5) -> list[float]:
+def spread_labels(
+    points: list[tuple[float, float]], min_gap: float, x_factor: float = 1.5, reaches: list[float] | None = None
+) -> list[float]:
     """Heights for the labels of (x, y) points so that labels of points at nearly the same x (within ``x_factor``,
-    as on a log axis) stand at least ``min_gap`` apart: several methods share RestoreLCC's parameter count."""
+    as on a log axis) stand at least ``min_gap`` apart: several methods share RestoreLCC's parameter count.
+    ``reaches`` (one per point) widens that for a long label: it runs right to ``reach`` times its x, so a point
+    further right but under it also counts as near."""
     heights = [y for _, y in points]
+    reaches = reaches or [x_factor] * len(points)
+
+    def near(one: int, other: int) -> bool:
+        left, right = sorted((one, other), key=lambda i: points[i][0])
+        return points[right][0] / points[left][0] < max(x_factor, reaches[left])
+
     placed: list[int] = []  # labels already set, from the lowest point up
     for index in sorted(range(len(points)), key=lambda i: points[i][1]):
-        x = points[index][0]
-        for height in sorted(heights[other] for other in placed if 1 / x_factor < points[other][0] / x < x_factor):
+        for height in sorted(heights[other] for other in placed if near(index, other)):
             if heights[index] - height < min_gap:
                 heights[index] = height + min_gap
         placed.append(index)
@@ -492,7 +501,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         label_heights = spread_labels(
             [(row["trainable_params"], row[key]) for row in rows],
             0.045 * (max(values) - min(values) or 1.0),
-            x_factor=3.0,  # a label runs about half a decade to the right of its point
+            x_factor=3.0,  # a short label runs about half a decade to the right of its point
+            reaches=[10 ** (0.026 * len(row["method"])) for row in rows],  # a character: ~0.026 decade at fontsize 7
         )
         for row, label_height in zip(rows, label_heights, strict=True):
             colour = "tab:red" if row["method"].startswith("restorelcc") else "tab:blue"

@@ -194,6 +194,16 @@ def test_a_wider_x_factor_spreads_labels_of_nearby_parameter_counts(bench):
     assert bench.spread_labels(points, min_gap=0.05, x_factor=3.0)[1] == pytest.approx(0.46)
 
 
+def test_a_long_label_spreads_the_label_of_a_point_it_runs_over(bench):
+    # restorelcc-instruction-heads-50% at 17,280 parameters runs right over ia3-instruction at 57,600, nearly level.
+    points = [(17_280, -0.41), (57_600, -0.40)]
+    assert bench.spread_labels(points, min_gap=0.05, x_factor=3.0)[1] == -0.40  # 3.3x apart: not near by x alone
+    heights = bench.spread_labels(points, min_gap=0.05, x_factor=3.0, reaches=[7.0, 1.5])
+    assert heights == [-0.41, pytest.approx(-0.36)]
+    # The reach of the right-hand label does not matter: it runs away from the other point.
+    assert bench.spread_labels(points, min_gap=0.05, x_factor=3.0, reaches=[1.5, 7.0])[1] == -0.40
+
+
 def test_random_draws_pick_heads_by_their_own_seed_whatever_the_training_seed(bench):
     from argparse import Namespace
 
