@@ -167,6 +167,7 @@ METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
     "restorelcc-instruction": (_restorelcc_paper, VECTOR_LR, True),
     "restorelcc-instruction-lr1e-2": (_restorelcc_paper, VECTOR_LR, True),
     "restorelcc-instruction-distill": (_restorelcc_paper, VECTOR_LR, True),
+    "restorelcc-instruction-heads-50%": (lambda c: c.restorelcc(heads=0.5, init="paper"), VECTOR_LR, True),
     "lora-instruction": (_lora_all_linear, MATRIX_LR, True),
     "lora-instruction-distill": (_lora_all_linear, MATRIX_LR, True),
     # IA3 also keeps sparsity after merge; the strongest such method under distillation.
@@ -188,6 +189,8 @@ RECIPE_OVERRIDES: dict[str, dict[str, Any]] = {
     "restorelcc-instruction-per-layer": PAPER_RECIPE | RESTORELCC_LR,
     "restorelcc-instruction-random": PAPER_RECIPE | RESTORELCC_LR,
     "restorelcc-instruction-distill": BOTH_RECIPES | RESTORELCC_LR,
+    # Twice the heads (17,280 parameters, still under 1% of LoRA's): whether capacity limits the paper's recipe.
+    "restorelcc-instruction-heads-50%": PAPER_RECIPE | RESTORELCC_LR,
     "lora-instruction": PAPER_RECIPE,
     "lora-instruction-distill": BOTH_RECIPES,
     "ia3-instruction": PAPER_RECIPE,
@@ -220,6 +223,7 @@ CLAIM_METHODS = [
     "restorelcc-instruction-per-layer",
     "restorelcc-instruction-random",
     "restorelcc-instruction-distill",
+    "restorelcc-instruction-heads-50%",
     "lora-instruction",
     "lora-instruction-distill",
     "ia3-instruction",
