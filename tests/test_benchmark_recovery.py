@@ -251,7 +251,8 @@ def test_per_layer_rows_spread_the_probes_heads_keeping_its_tie_break(bench):
         assert bench.chosen_heads(probe, name, 4) == {0: [1], 1: [0, 1], 2: [1]}
     # Trained on the paper's recipe whatever the benchmark's --data, --distill-alpha and --vector-lr.
     settings = {"vector_lr": 1e-2, "data": "text", "distill_alpha": 1}
-    for name in ("restorelcc-instruction-per-layer", "restorelcc-instruction-random", "restorelcc-instruction-heads-50%"):
+    shares = ("restorelcc-instruction-heads-50%", "restorelcc-instruction-heads-70%")
+    for name in ("restorelcc-instruction-per-layer", "restorelcc-instruction-random", *shares):
         assert bench.recipe_of(name, settings) == {"data": "instruction", "distill_alpha": 0.0, "learning_rate": 1e-3}
 
 
