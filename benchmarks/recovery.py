@@ -82,6 +82,11 @@ def _restorelcc_paper(context: Context):
     return context.restorelcc(init="paper")
 
 
+def _restorelcc_on_share(heads: float) -> Callable[[Context], Any]:
+    """RestoreLCC (paper init) on another share of the heads than the benchmark's --heads."""
+    return lambda context: context.restorelcc(heads=heads, init="paper")
+
+
 def _lora_all_linear(context: Context):
     return get_peft_model(context.fresh_pruned(), LoraConfig(r=8, target_modules="all-linear"))
 
@@ -159,16 +164,16 @@ METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
         VECTOR_LR,
         True,
     ),
-    "restorelcc-heads-5%": (lambda c: c.restorelcc(heads=0.05, init="paper"), VECTOR_LR, True),
-    "restorelcc-heads-12.5%": (lambda c: c.restorelcc(heads=0.125, init="paper"), VECTOR_LR, True),
-    "restorelcc-heads-50%": (lambda c: c.restorelcc(heads=0.5, init="paper"), VECTOR_LR, True),
+    "restorelcc-heads-5%": (_restorelcc_on_share(0.05), VECTOR_LR, True),
+    "restorelcc-heads-12.5%": (_restorelcc_on_share(0.125), VECTOR_LR, True),
+    "restorelcc-heads-50%": (_restorelcc_on_share(0.5), VECTOR_LR, True),
     **{name: (_reselected(name), VECTOR_LR, True) for name in HEAD_SELECTIONS},
     # The paper's own recipe (instruction data, LM loss on the answer) against the benchmark's --data/--distill-alpha.
     "restorelcc-instruction": (_restorelcc_paper, VECTOR_LR, True),
     "restorelcc-instruction-lr1e-2": (_restorelcc_paper, VECTOR_LR, True),
     "restorelcc-instruction-distill": (_restorelcc_paper, VECTOR_LR, True),
-    "restorelcc-instruction-heads-50%": (lambda c: c.restorelcc(heads=0.5, init="paper"), VECTOR_LR, True),
-    "restorelcc-instruction-heads-70%": (lambda c: c.restorelcc(heads=0.7, init="paper"), VECTOR_LR, True),
+    "restorelcc-instruction-heads-50%": (_restorelcc_on_share(0.5), VECTOR_LR, True),
+    "restorelcc-instruction-heads-70%": (_restorelcc_on_share(0.7), VECTOR_LR, True),
     "lora-instruction": (_lora_all_linear, MATRIX_LR, True),
     "lora-instruction-distill": (_lora_all_linear, MATRIX_LR, True),
     # IA3 also keeps sparsity after merge; the strongest such method under distillation.
