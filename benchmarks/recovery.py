@@ -284,6 +284,25 @@ def accuracy_of(results: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def headline_item_scores(results: dict[str, Any]) -> dict[str, str]:
+    """Each task's per-item scores of the headline metric, as the results file keeps them ("0110...")."""
+    return {
+        task: results["items"][task]["acc" if metrics.get("acc_norm") is None else "acc_norm"]
+        for task, metrics in results["tasks"].items()
+    }
+
+
+def item_noise(dense: dict[str, Any], pruned: dict[str, Any], run: dict[str, Any]) -> float | None:
+    """The paired standard error, over items, of a run's share of the accuracy gap (None where a row was measured
+    before runs kept their items)."""
+    if not all("items" in row for row in (dense, pruned, run)):
+        return None
+    decoded = [
+        {task: recovery.item_scores(scores) for task, scores in row["items"].items()} for row in (dense, pruned, run)
+    ]
+    return recovery.gap_recovered_stderr(*decoded)
+
+
 def run_method(name: str, seed: int, context: Context, output: Path) -> dict[str, Any]:
     build, _, trained = METHODS[name]
     torch.manual_seed(seed)
@@ -330,6 +349,7 @@ def run_method(name: str, seed: int, context: Context, output: Path) -> dict[str
         "learning_rate": learning_rate if trained else None,
         "data": recipe["data"] if trained else None,
         "distill_alpha": recipe["distill_alpha"] if teacher is not None else None,
+        "items": headline_item_scores(results),
     }
 
 
@@ -354,9 +374,14 @@ def finished_runs(reports: list[dict[str, Any]], settings: dict[str, Any]) -> di
             continue
         # Runs of files written before runs recorded their device ran where that file's settings say (None: CPU).
         earlier_device = earlier["settings"].get("device") or "cpu"
-        if "__reference__" not in kept:
-            kept["__reference__"] = [row | {"device": row.get("device", earlier_device)} for row in earlier["rows"]
-                                     if "runs" not in row]  # fmt: skip
+        references = [
+            row | {"device": row.get("device", earlier_device)} for row in earlier["rows"] if "runs" not in row
+        ]
+        # The first file's dense and pruned rows, unless a later one kept their items too (measured alike).
+        if "__reference__" not in kept or (
+            all("items" in row for row in references) and not all("items" in row for row in kept["__reference__"])
+        ):
+            kept["__reference__"] = references
         for row in earlier["rows"]:
             for run in row.get("runs", []):
                 if (row["method"], run["seed"]) in seen or not trained_as_now(row["method"], run, settings):
@@ -418,6 +443,8 @@ def aggregate(name: str, runs: list[dict[str, Any]], dense: dict[str, Any], prun
         for device in sorted({run.get("device", "?") for run in runs})
     }
     gap, gap_std = mean_spread(recovered)
+    noise = [item_noise(dense, pruned, run) for run in runs]
+    measured_noise = [value for value in noise if value is not None]
     gap_ppl, gap_ppl_std = mean_spread(recovered_ppl)
     return {
         "method": name,
@@ -429,6 +456,8 @@ def aggregate(name: str, runs: list[dict[str, Any]], dense: dict[str, Any], prun
         "ppl_std": ppl_std,
         "gap_recovered": gap,
         "gap_recovered_std": gap_std,
+        # Item noise is shared by every seed (the same items), so averaging seeds does not shrink it.
+        "gap_recovered_item_stderr": statistics.mean(measured_noise) if measured_noise else None,
         "gap_recovered_ppl": gap_ppl,
         "gap_recovered_ppl_std": gap_ppl_std,
         "sparsity": pruned["sparsity"],
@@ -447,10 +476,14 @@ def markdown_table(report: dict[str, Any]) -> str:
     rows = report["rows"]
     tasks = list(rows[0]["tasks"])
     lines = [
-        "| method | trainable params | " + " | ".join(tasks) + " | avg acc | gap recovered (acc) | ppl | "
-        "gap recovered (log ppl) | sparsity after merge | train s | train memory MB | seeds | ran on |",
-        "|---|" + "---|" * (len(tasks) + 10),
+        "| method | trainable params | " + " | ".join(tasks) + " | avg acc | gap recovered (acc) | item noise (acc) | "
+        "ppl | gap recovered (log ppl) | sparsity after merge | train s | train memory MB | seeds | ran on |",
+        "|---|" + "---|" * (len(tasks) + 11),
     ]
+
+    def item_noise_cell(row):
+        noise = row.get("gap_recovered_item_stderr")
+        return "" if noise is None else f"±{noise:.0%}"
 
     def spread(value, std, fmt):
         return (fmt.format(value) + (f" ± {fmt.format(std)}" if std else "")) if value is not None else ""
@@ -466,7 +499,7 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"| {row['method']} | {row['trainable_params']:,} | "
             + " | ".join(f"{row['tasks'][task]:.3f}" for task in tasks)
             + f" | {spread(row['avg_acc'], row.get('avg_acc_std'), '{:.3f}')}"
-            + f" | {spread(row.get('gap_recovered'), row.get('gap_recovered_std'), '{:.0%}')}"
+            + f" | {spread(row.get('gap_recovered'), row.get('gap_recovered_std'), '{:.0%}')} | {item_noise_cell(row)}"
             + f" | {spread(row['ppl'], row.get('ppl_std'), '{:.2f}')}"
             + f" | {spread(row.get('gap_recovered_ppl'), row.get('gap_recovered_ppl_std'), '{:.0%}')}"
             + f" | {spread(row['sparsity_after_merge'], 0, '{:.4f}')} | {train_time(row)}"
@@ -592,6 +625,7 @@ def prepare(
             "sparsity": sparsity if name == "pruned" else 0.0,
             "sparsity_after_merge": sparsity if name == "pruned" else 0.0,
             "device": str(device),
+            "items": headline_item_scores(results),
         }
     if args.distill_alpha > 0:
         context.teacher = dense_model  # the context keeps the dense model only as the distillation teacher

@@ -252,6 +252,7 @@ def evaluate_tasks(
     limit: int | None = None,
     batch_size: int = 16,
     device: str | None = None,
+    per_item: bool = False,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of an in-memory causal LM (a ``PeftModel`` too) on the paper tasks, via lm-eval.
 
@@ -262,7 +263,10 @@ def evaluate_tasks(
          "average": {"acc", "acc_norm"},   # unweighted mean over the tasks
          "limit": limit, "num_items": {task: n}}
 
-    ``device`` moves the model there first; otherwise it is evaluated where it is.
+    ``device`` moves the model there first; otherwise it is evaluated where it is. ``per_item`` adds
+    ``"items": {task: {"acc": "0110...", "acc_norm": ...}}``, one character per item in item order ("1": right),
+    compact in JSON, for paired comparisons of models on the same items (a difference between two models measured
+    on the same items is less noisy than one between two independent samples).
     """
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
@@ -285,7 +289,7 @@ def evaluate_tasks(
     manager = TaskManager(include_defaults=False)
     loaded = manager.load(lm_eval_task_configs(names, limit))
     try:
-        raw = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=_BOOTSTRAP_ITERS, log_samples=False)
+        raw = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=_BOOTSTRAP_ITERS, log_samples=per_item)
     finally:
         model.train(was_training)
     if raw is None:  # only on non-zero ranks of a distributed run
@@ -312,7 +316,19 @@ def evaluate_tasks(
     average = {
         metric: float(np.mean([scores[metric] for scores in per_task.values()])) for metric in ("acc", "acc_norm")
     }
-    return {"tasks": per_task, "average": average, "limit": limit, "num_items": num_items}
+    results = {"tasks": per_task, "average": average, "limit": limit, "num_items": num_items}
+    if per_item:
+        results["items"] = {task: _item_scores(raw["samples"][TASK_PREFIX + task], task) for task in names}
+    return results
+
+
+def _item_scores(samples: list[dict[str, Any]], task: str) -> dict[str, str]:
+    """Each item's score as "0"/"1" in item order, with the same acc_norm = acc rule as the task's averages."""
+    ordered = sorted(samples, key=lambda sample: sample["doc_id"])
+    acc = "".join(str(int(sample["acc"])) for sample in ordered)
+    if task in _ACC_ONLY_TASKS:
+        return {"acc": acc, "acc_norm": acc}
+    return {"acc": acc, "acc_norm": "".join(str(int(sample["acc_norm"])) for sample in ordered)}
 
 
 # ------------------------------------------------------------------------------------------------ perplexity

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -92,10 +93,12 @@ def evaluate_model(
     limit: int | None = 100,
     perplexity_passages: int = 64,
     batch_size: int = 16,
+    per_item: bool = True,
 ) -> dict[str, Any]:
-    """Accuracy on the paper's tasks (lm-eval) and perplexity on held-out LAMBADA passages."""
+    """Accuracy on the paper's tasks (lm-eval) and perplexity on held-out LAMBADA passages; with ``per_item``, each
+    item's score too (see ``evaluate_tasks``), for ``paired_stderr`` and ``gap_recovered_stderr``."""
     model.eval()
-    results = evaluate_tasks(model, tokenizer, tasks=tasks, limit=limit, batch_size=batch_size)
+    results = evaluate_tasks(model, tokenizer, tasks=tasks, limit=limit, batch_size=batch_size, per_item=per_item)
     if perplexity_passages:
         results["perplexity"] = perplexity(model, tokenizer, text_passages("heldout")[:perplexity_passages])
     return results
@@ -117,6 +120,71 @@ def gap_recovered(dense_accuracy: float, pruned_accuracy: float, accuracy: float
     if abs(gap) < 1e-12:
         return None
     return (accuracy - pruned_accuracy) / gap
+
+
+def headline_items(results: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    """Each task's per-item 0/1 scores of the headline metric (acc_norm where the task has it, else acc), or None
+    when the results were evaluated without ``per_item``."""
+    if "items" not in results:
+        return None
+    headline = {}
+    for task, metrics in results["tasks"].items():
+        scores = results["items"][task]["acc" if metrics.get("acc_norm") is None else "acc_norm"]
+        headline[task] = item_scores(scores)
+    return headline
+
+
+def item_scores(scores: str) -> np.ndarray:
+    """A string of per-item scores as ``evaluate_tasks(per_item=True)`` writes them ("0110...") as a 0/1 array."""
+    return np.frombuffer(scores.encode(), dtype=np.uint8) - ord("0")
+
+
+def _stderr_of_mean_over_tasks(per_item: dict[str, np.ndarray]) -> float | None:
+    # The headline is an unweighted mean of task means: its variance is the tasks' variances of the mean over T^2.
+    if any(len(values) < 2 for values in per_item.values()):
+        return None
+    variance = sum(np.var(values.astype(float), ddof=1) / len(values) for values in per_item.values())
+    return math.sqrt(variance) / len(per_item)
+
+
+def _same_items(*item_sets: dict[str, np.ndarray]) -> None:
+    first = item_sets[0]
+    for other in item_sets[1:]:
+        if other.keys() != first.keys() or any(len(other[task]) != len(first[task]) for task in first):
+            raise ValueError(
+                "paired standard errors need results on the same tasks and items; evaluate every model with the"
+                " same --tasks and --limit"
+            )
+
+
+def paired_stderr(items_a: dict[str, np.ndarray], items_b: dict[str, np.ndarray]) -> float | None:
+    """Standard error of the difference of two models' headline accuracies measured on the same items (from
+    ``headline_items``). Items both models get right, or both wrong, add no noise to the difference, which makes
+    it smaller than the two accuracies' own errors combined. None with a single item in a task."""
+    _same_items(items_a, items_b)
+    return _stderr_of_mean_over_tasks({task: items_a[task].astype(int) - items_b[task] for task in items_a})
+
+
+def gap_recovered_stderr(
+    dense_items: dict[str, np.ndarray], pruned_items: dict[str, np.ndarray], restored_items: dict[str, np.ndarray]
+) -> float | None:
+    """Standard error, from the sampling of items, of ``gap_recovered`` for three models measured on the same items
+    (first order, the delta method: the error of (restored - pruned) - g * (dense - pruned) at the measured share g,
+    over the gap). It does not include the spread between training seeds. None when there is no gap."""
+    _same_items(dense_items, pruned_items, restored_items)
+    dense, pruned, restored = (
+        {task: values.astype(float) for task, values in items.items()}
+        for items in (dense_items, pruned_items, restored_items)
+    )
+    dense_mean, pruned_mean, restored_mean = (
+        sum(values.mean() for values in items.values()) / len(items) for items in (dense, pruned, restored)
+    )
+    share = gap_recovered(dense_mean, pruned_mean, restored_mean)
+    if share is None:
+        return None
+    linearised = {task: (restored[task] - pruned[task]) - share * (dense[task] - pruned[task]) for task in dense}
+    error = _stderr_of_mean_over_tasks(linearised)
+    return None if error is None else error / abs(dense_mean - pruned_mean)
 
 
 def headline_accuracy(results: dict[str, Any]) -> float:

@@ -106,6 +106,40 @@ def test_aggregate_gives_mean_spread_and_gap_shares(bench):
     assert "| 1 cpu / 1 cuda |" in table
 
 
+def test_aggregate_gives_the_item_noise_of_the_gap_share_where_every_row_kept_its_items(bench):
+    from peft_restorelcc.recovery import gap_recovered_stderr, item_scores
+
+    dense = reference("dense", 0.75, 50.0) | {"sparsity": 0.0, "items": {"rte": "11011101"}}
+    pruned = reference("pruned", 0.375, 100.0) | {"sparsity": 0.5, "items": {"rte": "10010100"}}
+    first, second = run(0, 0.625, 60.0, items={"rte": "11010101"}), run(1, 0.5, 60.0, items={"rte": "10011100"})
+    row = bench.aggregate("restorelcc", [first, second], dense, pruned)
+    expected = [
+        gap_recovered_stderr(*({"rte": item_scores(r["items"]["rte"])} for r in (dense, pruned, one)))
+        for one in (first, second)
+    ]
+    assert all(value > 0 for value in expected)
+    assert row["gap_recovered_item_stderr"] == pytest.approx(sum(expected) / 2)
+    assert f"| ±{row['gap_recovered_item_stderr']:.0%} |" in bench.markdown_table({"rows": [row]})
+    # A run measured before runs kept their items adds nothing; with none at all there is no figure.
+    older = run(2, 0.5, 60.0)
+    assert bench.aggregate("restorelcc", [first, older], dense, pruned)["gap_recovered_item_stderr"] == pytest.approx(
+        expected[0]
+    )
+    assert bench.aggregate("restorelcc", [older], dense, pruned)["gap_recovered_item_stderr"] is None
+
+
+def test_resume_prefers_dense_and_pruned_rows_that_kept_their_items(bench, tmp_path):
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps({"settings": settings(), "rows": [reference("dense", 0.5, 50.0)]}))
+    with_items = reference("dense", 0.5, 50.0) | {"items": {"rte": "10"}}
+    second.write_text(json.dumps({"settings": settings(), "rows": [with_items]}))
+    assert bench.finished_runs(read(first, second), settings())["__reference__"][0]["items"] == {"rte": "10"}
+    # Between two files with items the first still wins.
+    other = reference("dense", 0.5, 50.0) | {"items": {"rte": "01"}}
+    first.write_text(json.dumps({"settings": settings(), "rows": [other]}))
+    assert bench.finished_runs(read(first, second), settings())["__reference__"][0]["items"] == {"rte": "01"}
+
+
 def test_settings_with_shards_are_written_as_json(bench):
     recorded = bench.json_settings({"output": Path("/results"), "resume_from": [Path("/a/recovery.json")], "steps": 3})
     assert json.loads(json.dumps(recorded)) == {"output": "/results", "resume_from": ["/a/recovery.json"], "steps": 3}
@@ -139,6 +173,9 @@ def test_shards_run_apart_then_merge_into_one_results_file(bench, tmp_path, monk
     assert set(by_method) == {"dense", "pruned", "restorelcc-free", "head-bias"} and merged["finished"]
     assert by_method["head-bias"]["runs"] == {r["method"]: r for r in other["rows"]}["head-bias"]["runs"]
     assert by_method["head-bias"]["sparsity_after_merge"] == pytest.approx(0.5, abs=0.01)
+    # Every model's per-item scores are kept (two items per task), for paired standard errors.
+    for kept in (by_method["dense"], by_method["pruned"], *by_method["head-bias"]["runs"]):
+        assert {task: len(scores) for task, scores in kept["items"].items()} == {task: 2 for task in kept["tasks"]}
     assert merged["settings"]["resume_from"] == [str(shard / "recovery.json")]
     assert (mine / "recovery.png").stat().st_size > 0 and "| head-bias |" in (mine / "recovery.md").read_text()
 

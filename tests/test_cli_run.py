@@ -29,9 +29,11 @@ def test_run_does_every_stage_and_keeps_sparsity(model_dir, tmp_path, capsys):
     assert main(["run", "--model", str(model_dir), "--output-dir", str(output), *FAST]) == 0
     printed = capsys.readouterr().out
     assert "| restored |" in printed and "sparsity before merge: 0.5000, after merge: 0.5000" in printed
-    assert "dense - pruned average accuracy: " in printed and "(standard error 0." in printed
+    # Every model answered the same items: the errors printed are paired ones.
+    assert "dense - pruned average accuracy: " in printed and "(paired standard error over the same items 0." in printed
     summary = json.loads((output / "results.json").read_text())
     assert set(summary["results"]) == {"dense", "pruned", "restored"}
+    assert all(len(result["items"]["boolq"]["acc"]) == 2 for result in summary["results"].values())
     for result in summary["results"].values():
         assert set(result["tasks"]) == {"arc_easy", "boolq"} and result["perplexity"] > 1
     assert summary["sparsity_before_merge"] == summary["sparsity_after_merge"] == pytest.approx(0.5)
@@ -85,3 +87,27 @@ def test_a_non_empty_output_dir_is_refused(model_dir, tmp_path, capsys):
     assert main(["run", "--model", str(model_dir), "--output-dir", str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+def _scored(acc: float, items: str) -> dict:
+    return {"tasks": {"rte": {"acc": acc, "acc_stderr": 0.1, "acc_norm": None}}, "items": {"rte": {"acc": items}}}
+
+
+def test_results_table_gives_paired_errors_when_every_model_kept_its_items():
+    from peft_restorelcc.cli.run_command import results_table
+
+    results = {"dense": _scored(0.75, "11101101"), "pruned": _scored(0.375, "10001100"),
+               "restored": _scored(0.625, "11001101")}  # fmt: skip
+    summary = {"results": results, "trainable_parameters": 16, "sparsity_before_merge": 0.5,
+               "sparsity_after_merge": 0.5, "stage_seconds": {"train": 1.0}}  # fmt: skip
+    # dense - pruned per item: 0,1,1,0,0,0,0,1: mean 3/8, variance (3 (5/8)^2 + 5 (3/8)^2) / 7 = 15/56, over 8 items.
+    paired = (15 / 56 / 8) ** 0.5
+    # restored - pruned - 2/3 (dense - pruned): 0,1/3,-2/3,0,0,0,0,1/3 (mean 0, variance 2/21) over 8, over the gap.
+    share_error = (2 / 21 / 8) ** 0.5 / 0.375
+    table = results_table(summary)
+    assert f"| 67% ± {share_error:.0%} |" in table
+    assert f"(paired standard error over the same items {paired:.3f}" in table
+    # Results without items (evaluated earlier, or elsewhere): the unpaired error from lm-eval's own errors.
+    for result in results.values():
+        del result["items"]
+    assert f"(standard error {(0.1**2 + 0.1**2) ** 0.5:.3f}" in results_table(summary)

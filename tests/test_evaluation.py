@@ -146,7 +146,7 @@ def test_task_sizes_and_names() -> None:
 
 
 def test_all_seven_tasks_run_with_limit(model, tokenizer) -> None:
-    results = evaluate_tasks(model, tokenizer, limit=4, batch_size=16)
+    results = evaluate_tasks(model, tokenizer, limit=4, batch_size=16, per_item=True)
     assert list(results["tasks"]) == list(PAPER_TASKS)
     assert results["limit"] == 4
     assert results["num_items"] == {task: 4 for task in PAPER_TASKS}
@@ -158,6 +158,12 @@ def test_all_seven_tasks_run_with_limit(model, tokenizer) -> None:
         assert results["average"][metric] == pytest.approx(mean)
     # Length normalisation is a no-op for WinoGrande's shared continuation.
     assert results["tasks"]["winogrande"]["acc_norm"] == results["tasks"]["winogrande"]["acc"]
+    # Each item's score, in item order: they average to lm-eval's own accuracies.
+    for task, scores in results["tasks"].items():
+        for metric in ("acc", "acc_norm"):
+            items = results["items"][task][metric]
+            assert len(items) == 4 and set(items) <= {"0", "1"}, task
+            assert items.count("1") / 4 == pytest.approx(scores[metric]), (task, metric)
     table = format_results_table(results)
     assert all(task in table for task in PAPER_TASKS) and "average" in table
 
@@ -176,8 +182,8 @@ def test_same_model_same_numbers_other_model_other_numbers(model, tokenizer) -> 
     tasks = ["arc_easy", "boolq", "winogrande"]
     first = evaluate_tasks(model, tokenizer, tasks=tasks, limit=30, batch_size=8)
     # A different batch size regroups the requests; with the items fixed the scores must not move.
-    second = evaluate_tasks(model, tokenizer, tasks=tasks, limit=30, batch_size=16)
-    assert first == second
+    second = evaluate_tasks(model, tokenizer, tasks=tasks, limit=30, batch_size=16, per_item=True)
+    assert first == {key: value for key, value in second.items() if key != "items"}  # per_item only adds items
     pruned = evaluate_tasks(zero_half_of_linear_weights(model), tokenizer, tasks=tasks, limit=30, batch_size=16)
     assert pruned["tasks"] != first["tasks"]
     # Not only one item: the pruned model moves accuracy on every task.

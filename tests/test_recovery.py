@@ -1,10 +1,19 @@
-"""The numbers the main job reports: headline accuracy, its standard error, the share of the gap recovered."""
+"""The numbers the main job reports: headline accuracy, its standard error, the share of the gap recovered and
+the paired standard errors of differences measured on the same items."""
 
 import math
 
+import numpy as np
 import pytest
 
-from peft_restorelcc.recovery import gap_recovered, headline_accuracy, headline_stderr
+from peft_restorelcc.recovery import (
+    gap_recovered,
+    gap_recovered_stderr,
+    headline_accuracy,
+    headline_items,
+    headline_stderr,
+    paired_stderr,
+)
 
 RESULTS = {
     "tasks": {
@@ -28,3 +37,62 @@ def test_gap_recovered_is_the_share_of_the_dense_pruned_gap():
     assert gap_recovered(0.5, 0.3, 0.45) == pytest.approx(0.75)
     assert gap_recovered(0.5, 0.3, 0.2) == pytest.approx(-0.5)
     assert gap_recovered(0.4, 0.4, 0.5) is None  # no gap, no share
+
+
+def _items(**tasks: list[int]) -> dict[str, np.ndarray]:
+    return {task: np.array(values, dtype=np.uint8) for task, values in tasks.items()}
+
+
+def test_headline_items_decode_the_headline_metric_of_each_task():
+    results = RESULTS | {
+        "items": {
+            "boolq": {"acc": "101", "acc_norm": "101"},
+            "hellaswag": {"acc": "0011", "acc_norm": "1100"},
+        }
+    }
+    items = headline_items(results)
+    assert items["boolq"].tolist() == [1, 0, 1]
+    assert items["hellaswag"].tolist() == [1, 1, 0, 0]  # acc_norm, as in headline_accuracy
+    assert headline_items(RESULTS) is None  # evaluated without per_item
+
+
+def test_paired_stderr_by_hand():
+    # Differences 1, 0, 0, 1: sample variance 1/3, over 4 items; the mean over two tasks halves the error.
+    a, b = _items(rte=[1, 0, 1, 1]), _items(rte=[0, 0, 1, 0])
+    assert paired_stderr(a, b) == pytest.approx(math.sqrt(1 / 3 / 4))
+    assert paired_stderr(a | {"copa": a["rte"]}, b | {"copa": b["rte"]}) == pytest.approx(math.sqrt(2 / 12) / 2)
+    assert paired_stderr(a, a) == 0.0  # the same answers: no noise in their difference
+    assert paired_stderr(_items(rte=[1]), _items(rte=[0])) is None
+
+
+def test_paired_stderr_is_below_the_unpaired_one_when_models_mostly_agree():
+    rng = np.random.default_rng(0)
+    pruned = rng.random(1000) < 0.5
+    restored = np.where(rng.random(1000) < 0.1, ~pruned, pruned)  # 10% of the answers change
+    unpaired = math.sqrt(pruned.var(ddof=1) / 1000 + restored.var(ddof=1) / 1000)
+    paired = paired_stderr({"t": restored.astype(np.uint8)}, {"t": pruned.astype(np.uint8)})
+    assert paired < 0.5 * unpaired
+
+
+def test_gap_recovered_stderr_agrees_with_a_bootstrap_over_items():
+    rng = np.random.default_rng(1)
+    dense, pruned, restored = {}, {}, {}
+    for task, size in (("boolq", 600), ("rte", 300), ("arc_easy", 400)):
+        pruned[task] = (rng.random(size) < 0.5).astype(np.uint8)
+        dense[task] = np.maximum(pruned[task], rng.random(size) < 0.4).astype(np.uint8)  # right on more items
+        restored[task] = np.where(rng.random(size) < 0.6, dense[task], pruned[task]).astype(np.uint8)
+    bootstrap = []
+    for _ in range(2000):
+        picks = {task: rng.integers(0, len(values), len(values)) for task, values in dense.items()}
+        means = [np.mean([model[task][picks[task]].mean() for task in picks]) for model in (dense, pruned, restored)]
+        bootstrap.append(gap_recovered(*means))
+    assert gap_recovered_stderr(dense, pruned, restored) == pytest.approx(np.std(bootstrap), rel=0.1)
+
+
+def test_gap_recovered_stderr_is_none_without_a_gap_and_refuses_other_items():
+    same = _items(rte=[1, 0, 1, 0])
+    assert gap_recovered_stderr(same, same, _items(rte=[1, 1, 1, 0])) is None
+    with pytest.raises(ValueError, match="same --tasks and --limit"):
+        gap_recovered_stderr(same, same, _items(rte=[1, 0, 1]))
+    with pytest.raises(ValueError, match="same --tasks and --limit"):
+        paired_stderr(same, _items(copa=[1, 0, 1, 0]))

@@ -214,34 +214,48 @@ def _accuracy(metrics: dict[str, Any]) -> float:
 
 def results_table(summary: dict[str, Any]) -> str:
     """Markdown: accuracy per task (acc_norm where the task has it), average, perplexity; then costs and times."""
-    from ..recovery import gap_recovered, headline_accuracy, headline_stderr
+    from .. import recovery
 
     results = summary["results"]
+    # All three models answered the same items: the errors of their differences are paired ones.
+    items = {name: recovery.headline_items(result) for name, result in results.items()}
+    paired = all(value is not None for value in items.values())
     tasks = list(results["dense"]["tasks"])
     lines = [
         "| model | " + " | ".join(tasks) + " | average | gap recovered | perplexity |",
         "|---|" + "---|" * (len(tasks) + 3),
     ]
-    dense_avg, pruned_avg = headline_accuracy(results["dense"]), headline_accuracy(results["pruned"])
+    dense_avg, pruned_avg = recovery.headline_accuracy(results["dense"]), recovery.headline_accuracy(results["pruned"])
     for name, result in results.items():
-        average = headline_accuracy(result)
-        recovered = gap_recovered(dense_avg, pruned_avg, average) if name == "restored" else None
+        average = recovery.headline_accuracy(result)
+        recovered = recovery.gap_recovered(dense_avg, pruned_avg, average) if name == "restored" else None
+        recovered_error = None
+        if paired and recovered is not None:
+            recovered_error = recovery.gap_recovered_stderr(items["dense"], items["pruned"], items[name])
         cells = [f"{_accuracy(result['tasks'][task]):.3f}" for task in tasks]
         lines.append(
             f"| {name} | "
             + " | ".join(cells)
             + f" | {average:.3f} | "
             + ("" if recovered is None else f"{recovered:.0%}")
+            + ("" if recovered_error is None else f" ± {recovered_error:.0%}")
             + f" | {result.get('perplexity', float('nan')):.2f} |"
         )
     lines.append("")
-    dense_error, pruned_error = headline_stderr(results["dense"]), headline_stderr(results["pruned"])
-    if dense_error is not None and pruned_error is not None:
-        gap_error = (dense_error**2 + pruned_error**2) ** 0.5
+    if paired:
+        gap_error = recovery.paired_stderr(items["dense"], items["pruned"])
+        kind = "paired standard error over the same items"
+    else:
+        dense_error, pruned_error = (recovery.headline_stderr(results[name]) for name in ("dense", "pruned"))
+        has_errors = dense_error is not None and pruned_error is not None
+        gap_error, kind = ((dense_error**2 + pruned_error**2) ** 0.5 if has_errors else None), "standard error"
+    if gap_error is not None:
         lines.append(
-            f"dense - pruned average accuracy: {dense_avg - pruned_avg:+.3f} (standard error {gap_error:.3f}"
+            f"dense - pruned average accuracy: {dense_avg - pruned_avg:+.3f} ({kind} {gap_error:.3f}"
             + ("; within noise: raise --limit to measure recovery)" if abs(dense_avg - pruned_avg) < 2 * gap_error else ")")
         )
+    if paired:
+        lines.append("gap recovered: ± its standard error from the items sampled (another seed adds its own spread)")
     lines += [
         f"trainable parameters: {summary['trainable_parameters']:,}",
         f"sparsity before merge: {summary['sparsity_before_merge']:.4f}, after merge: "
