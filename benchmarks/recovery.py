@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -56,6 +57,7 @@ class Context:
         self.pruned, self.components, self.tokenizer, self.args = pruned, components, tokenizer, args
         self.device = default_device(args.device)
         self.teacher = None  # the dense model, when the methods are trained by distillation
+        self.pruned_fingerprint: str | None = None  # weights_fingerprint of the pruned model
 
     def fresh_pruned(self):
         return copy.deepcopy(self.pruned)
@@ -350,6 +352,7 @@ def run_method(name: str, seed: int, context: Context, output: Path) -> dict[str
         "data": recipe["data"] if trained else None,
         "distill_alpha": recipe["distill_alpha"] if teacher is not None else None,
         "items": headline_item_scores(results),
+        "pruned_weights_sha256": context.pruned_fingerprint,
     }
 
 
@@ -582,6 +585,28 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short sha256 of a model's weights: which model a row measured. The same Wanda pass on another machine can
+    prune differently (float rounding decides near-ties), so the settings alone do not say."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_same_models(reference: dict[str, dict[str, Any]], fingerprints: dict[str, str]) -> None:
+    """Refuse to add runs to earlier results measured on other dense or pruned weights than these."""
+    for name, fingerprint in fingerprints.items():
+        earlier = reference.get(name, {}).get("weights_sha256")
+        if earlier is not None and earlier != fingerprint:
+            raise SystemExit(
+                f"the {name} model here (weights sha256 {fingerprint}) is not the one the earlier results measured"
+                f" ({earlier}): its runs would be compared with another model's row. Give another --output and no"
+                " --resume-from to measure this model apart, or run where the earlier results were made."
+            )
+
+
 def prepare(
     args: argparse.Namespace, reference: dict[str, dict[str, Any]], timer: recovery.StageTimer
 ) -> tuple[Context, dict[str, Any]]:
@@ -609,7 +634,10 @@ def prepare(
             )
         save_pruned(pruned_model, tokenizer, cached / "pruned", pruning_report)
         components.save(cached / "lost_components")
+    fingerprints = {"dense": weights_fingerprint(dense_model), "pruned": weights_fingerprint(pruned_model)}
+    check_same_models(reference, fingerprints)
     context = Context(pruned_model, components, tokenizer, args)
+    context.pruned_fingerprint = fingerprints["pruned"]
     sparsity = measure_sparsity(pruned_model)["overall_sparsity"]
     for name, model in (("dense", dense_model), ("pruned", pruned_model)):
         if name in reference:
@@ -626,6 +654,7 @@ def prepare(
             "sparsity_after_merge": sparsity if name == "pruned" else 0.0,
             "device": str(device),
             "items": headline_item_scores(results),
+            "weights_sha256": fingerprints[name],
         }
     if args.distill_alpha > 0:
         context.teacher = dense_model  # the context keeps the dense model only as the distillation teacher

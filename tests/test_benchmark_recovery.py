@@ -140,6 +140,18 @@ def test_resume_prefers_dense_and_pruned_rows_that_kept_their_items(bench, tmp_p
     assert bench.finished_runs(read(first, second), settings())["__reference__"][0]["items"] == {"rte": "01"}
 
 
+def test_runs_are_refused_on_other_weights_than_the_earlier_rows_measured(bench):
+    model = torch.nn.Linear(3, 2)
+    fingerprint = bench.weights_fingerprint(model)
+    assert fingerprint == bench.weights_fingerprint(model) and len(fingerprint) == 16
+    reference = {"pruned": {"weights_sha256": fingerprint}, "dense": {}}  # rows of older files record none
+    bench.check_same_models(reference, {"dense": "anything", "pruned": fingerprint})
+    with torch.no_grad():
+        model.weight[0, 0] = 0.0  # one more weight pruned: another model
+    with pytest.raises(SystemExit, match="is not the one the earlier results measured"):
+        bench.check_same_models(reference, {"pruned": bench.weights_fingerprint(model)})
+
+
 def test_settings_with_shards_are_written_as_json(bench):
     recorded = bench.json_settings({"output": Path("/results"), "resume_from": [Path("/a/recovery.json")], "steps": 3})
     assert json.loads(json.dumps(recorded)) == {"output": "/results", "resume_from": ["/a/recovery.json"], "steps": 3}
@@ -173,6 +185,11 @@ def test_shards_run_apart_then_merge_into_one_results_file(bench, tmp_path, monk
     assert set(by_method) == {"dense", "pruned", "restorelcc-free", "head-bias"} and merged["finished"]
     assert by_method["head-bias"]["runs"] == {r["method"]: r for r in other["rows"]}["head-bias"]["runs"]
     assert by_method["head-bias"]["sparsity_after_merge"] == pytest.approx(0.5, abs=0.01)
+    # Every run records the pruned weights it trained on, and they are those of the pruned row.
+    assert {run["pruned_weights_sha256"] for run in by_method["head-bias"]["runs"]} == {
+        by_method["pruned"]["weights_sha256"]
+    }
+    assert by_method["dense"]["weights_sha256"] != by_method["pruned"]["weights_sha256"]
     # Every model's per-item scores are kept (two items per task), for paired standard errors.
     for kept in (by_method["dense"], by_method["pruned"], *by_method["head-bias"]["runs"]):
         assert {task: len(scores) for task, scores in kept["items"].items()} == {task: 2 for task in kept["tasks"]}
