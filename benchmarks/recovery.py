@@ -607,6 +607,17 @@ def check_same_models(reference: dict[str, dict[str, Any]], fingerprints: dict[s
             )
 
 
+def runs_on_other_weights(reference: dict[str, dict[str, Any]], runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The runs (``"method seed N"``) that record training on other pruned weights than the pruned row measured."""
+    measured = reference.get("pruned", {}).get("weights_sha256")
+    return [
+        f"{name} seed {run['seed']}"
+        for name, method_runs in runs.items()
+        for run in method_runs
+        if measured is not None and run.get("pruned_weights_sha256") not in (None, measured)
+    ]
+
+
 def prepare(
     args: argparse.Namespace, reference: dict[str, dict[str, Any]], timer: recovery.StageTimer
 ) -> tuple[Context, dict[str, Any]]:
@@ -725,6 +736,12 @@ def main() -> None:
     reference = {row["method"]: row for row in previous.pop("__reference__", [])}
     runs: dict[str, list[dict[str, Any]]] = {name: list(method_runs) for name, method_runs in previous.items()}
     timer = recovery.StageTimer()
+    mixed = runs_on_other_weights(reference, runs)
+    if mixed:
+        parser.error(
+            f"{', '.join(mixed)} trained on other pruned weights than the pruned row measured: merge results made"
+            " from the same pruned model (another machine can prune differently), or measure them apart"
+        )
     if args.merge_only:
         # A merge is bookkeeping: no model is loaded, so it runs wherever the results files are.
         if not {"dense", "pruned"} <= set(reference):  # these rows come only from files measured alike

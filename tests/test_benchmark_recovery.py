@@ -152,6 +152,15 @@ def test_runs_are_refused_on_other_weights_than_the_earlier_rows_measured(bench)
         bench.check_same_models(reference, {"pruned": bench.weights_fingerprint(model)})
 
 
+def test_runs_trained_on_other_pruned_weights_are_named(bench):
+    reference = {"pruned": {"weights_sha256": "aaaa"}}
+    # Older runs record no weights (ia3 here): nothing to compare.
+    runs = {"lora": [run(0, 0.4, 60.0, pruned_weights_sha256="aaaa"), run(1, 0.4, 60.0, pruned_weights_sha256="bbbb")],
+            "ia3": [run(0, 0.4, 60.0)]}  # fmt: skip
+    assert bench.runs_on_other_weights(reference, runs) == ["lora seed 1"]
+    assert bench.runs_on_other_weights({"pruned": {}}, runs) == []
+
+
 def test_settings_with_shards_are_written_as_json(bench):
     recorded = bench.json_settings({"output": Path("/results"), "resume_from": [Path("/a/recovery.json")], "steps": 3})
     assert json.loads(json.dumps(recorded)) == {"output": "/results", "resume_from": ["/a/recovery.json"], "steps": 3}
@@ -209,6 +218,14 @@ def test_shards_run_apart_then_merge_into_one_results_file(bench, tmp_path, monk
         benchmark("--merge-only", "--limit", "3", "--output", str(tmp_path / "none"), "--resume-from", *files)
     assert "no dense and pruned rows measured with these settings" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+    # A run trained on other pruned weights than the pruned row measured is not merged beside it.
+    tampered = json.loads((shard / "recovery.json").read_text())
+    next(row for row in tampered["rows"] if row["method"] == "head-bias")["runs"][0]["pruned_weights_sha256"] = "0" * 16
+    (tmp_path / "tampered.json").write_text(json.dumps(tampered))
+    with pytest.raises(SystemExit):
+        benchmark("--merge-only", "--output", str(tmp_path / "mixed"), "--resume-from", str(tmp_path / "tampered.json"))
+    assert "head-bias seed 0 trained on other pruned weights" in capsys.readouterr().err
+    assert not (tmp_path / "mixed").exists()
 
 
 def test_time_of_a_shard_counts_once(bench):
