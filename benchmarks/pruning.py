@@ -50,7 +50,7 @@ def main() -> None:
             {
                 "model": name,
                 "tasks": {
-                    task: metrics["acc"] if metrics.get("acc_norm") is None else metrics["acc_norm"]
+                    task: metrics[recovery.headline_metric(metrics)]
                     for task, metrics in results["tasks"].items()
                 },
                 "avg_acc": recovery.headline_accuracy(results),

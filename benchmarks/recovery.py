@@ -276,12 +276,13 @@ def evaluate(model, context: Context) -> dict[str, Any]:
         limit=args.limit,
         perplexity_passages=args.perplexity_passages,
         batch_size=args.eval_batch_size,
+        per_item=True,  # every row keeps its items, for paired errors (item_noise)
     )
 
 
 def accuracy_of(results: dict[str, Any]) -> dict[str, float]:
     return {
-        task: (metrics["acc"] if metrics.get("acc_norm") is None else metrics["acc_norm"])
+        task: metrics[recovery.headline_metric(metrics)]
         for task, metrics in results["tasks"].items()
     }
 
@@ -289,7 +290,7 @@ def accuracy_of(results: dict[str, Any]) -> dict[str, float]:
 def headline_item_scores(results: dict[str, Any]) -> dict[str, str]:
     """Each task's per-item scores of the headline metric, as the results file keeps them ("0110...")."""
     return {
-        task: results["items"][task]["acc" if metrics.get("acc_norm") is None else "acc_norm"]
+        task: results["items"][task][recovery.headline_metric(metrics)]
         for task, metrics in results["tasks"].items()
     }
 
@@ -446,8 +447,8 @@ def aggregate(name: str, runs: list[dict[str, Any]], dense: dict[str, Any], prun
         for device in sorted({run.get("device", "?") for run in runs})
     }
     gap, gap_std = mean_spread(recovered)
-    noise = [item_noise(dense, pruned, run) for run in runs]
-    measured_noise = [value for value in noise if value is not None]
+    # Item noise is shared by every seed (the same items), so averaging seeds does not shrink it.
+    item_stderr, _ = mean_spread([item_noise(dense, pruned, run) for run in runs])
     gap_ppl, gap_ppl_std = mean_spread(recovered_ppl)
     return {
         "method": name,
@@ -459,8 +460,7 @@ def aggregate(name: str, runs: list[dict[str, Any]], dense: dict[str, Any], prun
         "ppl_std": ppl_std,
         "gap_recovered": gap,
         "gap_recovered_std": gap_std,
-        # Item noise is shared by every seed (the same items), so averaging seeds does not shrink it.
-        "gap_recovered_item_stderr": statistics.mean(measured_noise) if measured_noise else None,
+        "gap_recovered_item_stderr": item_stderr,
         "gap_recovered_ppl": gap_ppl,
         "gap_recovered_ppl_std": gap_ppl_std,
         "sparsity": pruned["sparsity"],

@@ -93,7 +93,7 @@ def evaluate_model(
     limit: int | None = 100,
     perplexity_passages: int = 64,
     batch_size: int = 16,
-    per_item: bool = True,
+    per_item: bool = False,
 ) -> dict[str, Any]:
     """Accuracy on the paper's tasks (lm-eval) and perplexity on held-out LAMBADA passages; with ``per_item``, each
     item's score too (see ``evaluate_tasks``), for ``paired_stderr`` and ``gap_recovered_stderr``."""
@@ -122,6 +122,11 @@ def gap_recovered(dense_accuracy: float, pruned_accuracy: float, accuracy: float
     return (accuracy - pruned_accuracy) / gap
 
 
+def headline_metric(metrics: dict[str, Any]) -> str:
+    """The metric a task is reported by: acc_norm where the task has it, else acc (lm-eval's usual headline)."""
+    return "acc" if metrics.get("acc_norm") is None else "acc_norm"
+
+
 def headline_items(results: dict[str, Any]) -> dict[str, np.ndarray] | None:
     """Each task's per-item 0/1 scores of the headline metric (acc_norm where the task has it, else acc), or None
     when the results were evaluated without ``per_item``."""
@@ -129,8 +134,7 @@ def headline_items(results: dict[str, Any]) -> dict[str, np.ndarray] | None:
         return None
     headline = {}
     for task, metrics in results["tasks"].items():
-        scores = results["items"][task]["acc" if metrics.get("acc_norm") is None else "acc_norm"]
-        headline[task] = item_scores(scores)
+        headline[task] = item_scores(results["items"][task][headline_metric(metrics)])
     return headline
 
 
@@ -189,10 +193,7 @@ def gap_recovered_stderr(
 
 def headline_accuracy(results: dict[str, Any]) -> float:
     """The average over tasks of acc_norm where a task has it, else acc (lm-eval's usual headline numbers)."""
-    values = []
-    for metrics in results["tasks"].values():
-        value = metrics.get("acc_norm")
-        values.append(metrics["acc"] if value is None else value)
+    values = [metrics[headline_metric(metrics)] for metrics in results["tasks"].values()]
     return sum(values) / len(values)
 
 
@@ -201,7 +202,7 @@ def headline_stderr(results: dict[str, Any]) -> float | None:
     estimates. None when a task has none (a single item)."""
     errors = []
     for metrics in results["tasks"].values():
-        error = metrics.get("acc_stderr") if metrics.get("acc_norm") is None else metrics.get("acc_norm_stderr")
+        error = metrics.get(f"{headline_metric(metrics)}_stderr")
         if error is None:
             return None
         errors.append(error)
