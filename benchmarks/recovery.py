@@ -38,7 +38,7 @@ from tqdm import tqdm
 from peft_restorelcc import recovery
 from peft_restorelcc.assets import default_device, load_model, load_tokenizer
 from peft_restorelcc.calibration import LostComponents, build_restorelcc_model, score_heads, select_heads
-from peft_restorelcc.pruning import load_report, measure_sparsity, save_pruned
+from peft_restorelcc.pruning import load_report, measure_sparsity, resolve_sparsity, save_pruned
 from peft_restorelcc.training import PaddingCollator, build_train_dataset, pad_token_id_of, train_adapter
 
 RESULTS = Path(__file__).parent / "results"
@@ -360,7 +360,7 @@ def run_method(name: str, seed: int, context: Context, output: Path) -> dict[str
 def measured_alike(earlier: dict[str, Any], settings: dict[str, Any]) -> bool:
     """Whether an earlier results file measured what these settings measure (where it ran, lm-eval's batch size,
     threads and the methods and seeds it planned do not change a run's numbers)."""
-    same = ("model", "method", "sparsity", "heads", "steps", "batch_size", "limit", "perplexity_passages",
+    same = ("model", "method", "sparsity", "pattern", "heads", "steps", "batch_size", "limit", "perplexity_passages",
             "prune_samples", "calibration_samples", "pairs", "data", "distill_alpha", "vector_lr",
             "matrix_lr")  # fmt: skip
     return all(earlier.get(key) == settings.get(key) for key in same)
@@ -576,7 +576,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         else f"LM loss on {settings.get('data', 'instruction')} data"
     )
     figure.suptitle(
-        f"{settings['model']} {settings['method']} {settings['sparsity']}: {settings['steps']} steps x batch "
+        f"{settings['model']} {settings['method']} {settings.get('pattern') or settings['sparsity']}: {settings['steps']} steps x batch "
         f"{settings['batch_size']}, {settings['limit']} items/task\n{recipe}; rows named -instruction: the paper's "
         "recipe, LM loss on instruction answers"
     )
@@ -627,7 +627,9 @@ def prepare(
     tokenizer = load_tokenizer(args.model)
     device = default_device(args.device)
     dense_model = load_model(args.model).to(device)
-    key = f"{Path(str(args.model)).name}-{args.method}-{args.sparsity}-p{args.prune_samples}-c{args.calibration_samples}-{args.pairs}"
+    # The key of an unstructured run has no pattern part, so caches made before --pattern existed stay found.
+    shape = f"{args.sparsity}" + (f"-{args.pattern.replace(':', 'of')}" if args.pattern else "")
+    key = f"{Path(str(args.model)).name}-{args.method}-{shape}-p{args.prune_samples}-c{args.calibration_samples}-{args.pairs}"
     cached = args.output / "recovery-work" / "cache" / key
     if (cached / "lost_components").exists():
         pruned_model = load_model(cached / "pruned").to(device)
@@ -637,7 +639,8 @@ def prepare(
     else:
         with timer.stage("prune"):
             pruned_model, pruning_report = recovery.prune_copy(
-                dense_model, tokenizer, args.method, args.sparsity, samples=args.prune_samples
+                dense_model, tokenizer, args.method, None if args.pattern else args.sparsity, args.pattern,
+                samples=args.prune_samples,
             )
         with timer.stage("calibrate"):
             components = recovery.calibrate_components(
@@ -676,7 +679,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--method", default="wanda")
-    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--sparsity", type=float, default=None, help="fraction of weights to zero (default 0.5)")
+    parser.add_argument(
+        "--pattern", default=None, metavar="N:M", help="semi-structured pruning, e.g. 2:4 (implies the sparsity)"
+    )
     parser.add_argument("--heads", type=float, default=0.25)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -714,6 +720,11 @@ def main() -> None:
         help="run nothing: write one report from --output's results and the --resume-from shards (same settings)",
     )
     args = parser.parse_args()
+    try:  # the results file records the sparsity an N:M pattern implies, so runs resume alike whichever was given
+        args.sparsity, _ = resolve_sparsity(0.5 if args.sparsity is None and not args.pattern else args.sparsity,
+                                            args.pattern)  # fmt: skip
+    except ValueError as error:
+        parser.error(f"--sparsity/--pattern: {error}")
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:

@@ -228,6 +228,55 @@ def test_shards_run_apart_then_merge_into_one_results_file(bench, tmp_path, monk
     assert not (tmp_path / "mixed").exists()
 
 
+def test_a_semi_structured_benchmark_prunes_to_its_pattern_and_is_kept_apart(bench, tmp_path, monkeypatch):
+    """--pattern 2:4 on a tiny model: the pruned model holds the pattern, the file records it, and its runs are never
+    resumed into (or from) an unstructured benchmark at the same sparsity."""
+    from test_training import char_tokenizer
+    from tiny_models import make_tiny_model
+
+    from peft_restorelcc.assets import load_model
+    from peft_restorelcc.pruning import check_nm_pattern
+
+    model_dir = tmp_path / "tiny-llama"
+    make_tiny_model("llama", max_position_embeddings=512, initializer_range=0.3).save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    monkeypatch.setattr("sys.argv", ["recovery.py", "--model", str(model_dir), "--pattern", "2:4", "--limit", "2",
+                                     "--perplexity-passages", "2", "--prune-samples", "4", "--calibration-samples",
+                                     "6", "--pairs", "8", "--methods", "restorelcc-free", "--device", "cpu",
+                                     "--output", str(tmp_path / "out")])  # fmt: skip
+    bench.main()
+    report = json.loads((tmp_path / "out" / "recovery.json").read_text())
+    assert report["settings"]["pattern"] == "2:4" and report["settings"]["sparsity"] == 0.5
+    assert report["pruning"]["pattern"] == "2:4"
+    (cache,) = (tmp_path / "out" / "recovery-work" / "cache").iterdir()
+    assert cache.name.endswith("-0.5-2of4-p4-c6-8")
+    pruned = load_model(cache / "pruned")
+    projections = [module.weight for name, module in pruned.named_modules() if name.endswith(("o_proj", "down_proj"))]
+    assert projections and all(check_nm_pattern(weight, 2, 4) for weight in projections)
+    assert {row["method"]: row for row in report["rows"]}["restorelcc-free"]["sparsity_after_merge"] == (
+        pytest.approx(0.5, abs=0.01)
+    )
+    assert not bench.measured_alike(report["settings"], report["settings"] | {"pattern": None})
+    # A file written before --pattern existed records no pattern: it measured what an unstructured run measures.
+    assert bench.measured_alike(settings(), settings(pattern=None))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--pattern", "1:4", "--sparsity", "0.5"], "implies sparsity=0.75"),
+        (["--pattern", "2x4"], "Malformed N:M pattern '2x4'"),
+        (["--sparsity", "1.5"], "outside [0, 1)"),
+    ],
+)
+def test_bad_sparsity_flags_are_named_before_any_model_loads(bench, tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.setattr("sys.argv", ["recovery.py", "--model", str(tmp_path / "no-model"), *flags,
+                                     "--output", str(tmp_path / "out")])  # fmt: skip
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_time_of_a_shard_counts_once(bench):
     main_file = {"total_seconds": 100.0}
     # A shard that resumed from the main file records the main file's time as a shard of its own.
