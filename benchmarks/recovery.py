@@ -38,6 +38,7 @@ from tqdm import tqdm
 from peft_restorelcc import recovery
 from peft_restorelcc.assets import default_device, load_model, load_tokenizer
 from peft_restorelcc.calibration import LostComponents, build_restorelcc_model, score_heads, select_heads
+from peft_restorelcc.evaluation import chance_accuracy, task_size
 from peft_restorelcc.pruning import load_report, measure_sparsity, resolve_sparsity, save_pruned
 from peft_restorelcc.training import PaddingCollator, build_train_dataset, pad_token_id_of, train_adapter
 
@@ -296,15 +297,33 @@ def headline_item_scores(results: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def item_noise(dense: dict[str, Any], pruned: dict[str, Any], run: dict[str, Any]) -> float | None:
-    """The paired standard error, over items, of a run's share of the accuracy gap (None where a row was measured
-    before runs kept their items)."""
-    if not all("items" in row for row in (dense, pruned, run)):
+def item_noise(
+    dense: dict[str, Any], pruned: dict[str, Any], run: dict[str, Any], tasks: list[str] | None = None
+) -> float | None:
+    """The paired standard error, over items, of a run's share of the accuracy gap over ``tasks`` (all when None;
+    None where a row was measured before runs kept their items)."""
+    if not all("items" in row for row in (dense, pruned, run)) or tasks == []:
         return None
     decoded = [
-        {task: recovery.item_scores(scores) for task, scores in row["items"].items()} for row in (dense, pruned, run)
+        {task: recovery.item_scores(scores) for task, scores in row["items"].items() if tasks is None or task in tasks}
+        for row in (dense, pruned, run)
     ]
     return recovery.gap_recovered_stderr(*decoded)
+
+
+def above_chance(dense: dict[str, Any], limit: int | None) -> dict[str, Any]:
+    """The tasks the dense model scores above chance on (``recovery.tasks_above_chance``), with each task's chance
+    accuracy on the items measured: the share of the gap over them is the one a model at chance cannot blur."""
+    item_counts = {
+        task: len(dense["items"][task]) if "items" in dense else min(limit or task_size(task), task_size(task))
+        for task in dense["tasks"]
+    }
+    chance = {task: chance_accuracy(task, limit) for task in dense["tasks"]}
+    return {
+        "tasks": recovery.tasks_above_chance(dense["tasks"], chance, item_counts),
+        "chance": chance,
+        "z": recovery.ABOVE_CHANCE_Z,
+    }
 
 
 def run_method(name: str, seed: int, context: Context, output: Path) -> dict[str, Any]:
@@ -429,7 +448,13 @@ def merged_sparsity(model) -> float | None:
         return None
 
 
-def aggregate(name: str, runs: list[dict[str, Any]], dense: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
+def aggregate(
+    name: str,
+    runs: list[dict[str, Any]],
+    dense: dict[str, Any],
+    pruned: dict[str, Any],
+    tasks_above_chance: list[str] | None = None,
+) -> dict[str, Any]:
     def mean_spread(values: list[float | None]) -> tuple[float | None, float]:
         present = [value for value in values if value is not None]  # None: no gap to recover
         if not present:
@@ -451,6 +476,11 @@ def aggregate(name: str, runs: list[dict[str, Any]], dense: dict[str, Any], prun
     # Item noise is shared by every seed (the same items), so averaging seeds does not shrink it.
     item_stderr, _ = mean_spread([item_noise(dense, pruned, run) for run in runs])
     gap_ppl, gap_ppl_std = mean_spread(recovered_ppl)
+    above = tasks_above_chance or []
+    gap_above, gap_above_std = mean_spread(
+        [recovery.gap_recovered_on(above, dense["tasks"], pruned["tasks"], run["tasks"]) for run in runs]
+    )
+    item_stderr_above, _ = mean_spread([item_noise(dense, pruned, run, above) for run in runs])
     return {
         "method": name,
         "trainable_params": runs[0]["trainable_params"],
@@ -462,6 +492,10 @@ def aggregate(name: str, runs: list[dict[str, Any]], dense: dict[str, Any], prun
         "gap_recovered": gap,
         "gap_recovered_std": gap_std,
         "gap_recovered_item_stderr": item_stderr,
+        # The same share over the tasks the dense model is above chance on (report["above_chance"]["tasks"]).
+        "gap_recovered_above_chance": gap_above,
+        "gap_recovered_above_chance_std": gap_above_std,
+        "gap_recovered_above_chance_item_stderr": item_stderr_above,
         "gap_recovered_ppl": gap_ppl,
         "gap_recovered_ppl_std": gap_ppl_std,
         "sparsity": pruned["sparsity"],
@@ -481,13 +515,19 @@ def markdown_table(report: dict[str, Any]) -> str:
     tasks = list(rows[0]["tasks"])
     lines = [
         "| method | trainable params | " + " | ".join(tasks) + " | avg acc | gap recovered (acc) | item noise (acc) | "
-        "ppl | gap recovered (log ppl) | sparsity after merge | train s | train memory MB | seeds | ran on |",
-        "|---|" + "---|" * (len(tasks) + 11),
+        "gap recovered (acc, tasks above chance) | ppl | gap recovered (log ppl) | sparsity after merge | train s | "
+        "train memory MB | seeds | ran on |",
+        "|---|" + "---|" * (len(tasks) + 12),
     ]
 
-    def item_noise_cell(row):
-        noise = row.get("gap_recovered_item_stderr")
+    def item_noise_cell(row, key="gap_recovered_item_stderr"):
+        noise = row.get(key)
         return "" if noise is None else f"±{noise:.0%}"
+
+    def above_chance_cell(row):
+        share = spread(row.get("gap_recovered_above_chance"), row.get("gap_recovered_above_chance_std"), "{:.0%}")
+        noise = item_noise_cell(row, "gap_recovered_above_chance_item_stderr")
+        return share + (f" (items {noise})" if share and noise else "")
 
     def spread(value, std, fmt):
         return (fmt.format(value) + (f" ± {fmt.format(std)}" if std else "")) if value is not None else ""
@@ -504,12 +544,21 @@ def markdown_table(report: dict[str, Any]) -> str:
             + " | ".join(f"{row['tasks'][task]:.3f}" for task in tasks)
             + f" | {spread(row['avg_acc'], row.get('avg_acc_std'), '{:.3f}')}"
             + f" | {spread(row.get('gap_recovered'), row.get('gap_recovered_std'), '{:.0%}')} | {item_noise_cell(row)}"
+            + f" | {above_chance_cell(row)}"
             + f" | {spread(row['ppl'], row.get('ppl_std'), '{:.2f}')}"
             + f" | {spread(row.get('gap_recovered_ppl'), row.get('gap_recovered_ppl_std'), '{:.0%}')}"
             + f" | {spread(row['sparsity_after_merge'], 0, '{:.4f}')} | {train_time(row)}"
             + f" | {spread(row.get('train_memory_mb'), 0, '{:.0f}')} | "
             + ",".join(map(str, row.get("seeds", [])))
             + f" | {row.get('device', '')} |"
+        )
+    if "above_chance" in report:
+        chance = report["above_chance"]
+        lines.append(
+            f"\nTasks above chance (the dense model beats a question-blind answer by more than {chance['z']} standard"
+            f" errors): {', '.join(chance['tasks']) or 'none'}. Chance: "
+            + ", ".join(f"{task} {value:.3f}" for task, value in chance["chance"].items())
+            + "."
         )
     return "\n".join(lines)
 
@@ -754,6 +803,9 @@ def main() -> None:
     shard_seconds = shard_times(results_file, earlier, shard_reports)
     earlier_seconds = own_seconds(earlier)
     settings = json_settings(vars(args))
+    if earlier and measured_alike(earlier["settings"], settings):
+        # The file keeps the runs of the shards merged into it before, so its settings keep naming them.
+        settings["resume_from"] = list(dict.fromkeys(earlier["settings"].get("resume_from", []) + settings["resume_from"]))
     previous = finished_runs([earlier, *shard_reports.values()], settings)
     reference = {row["method"]: row for row in previous.pop("__reference__", [])}
     runs: dict[str, list[dict[str, Any]]] = {name: list(method_runs) for name, method_runs in previous.items()}
@@ -798,9 +850,11 @@ def main() -> None:
     failures: dict[str, str] = {}
     done = {(name, run["seed"]) for name, method_runs in runs.items() for run in method_runs}
 
+    report["above_chance"] = above_chance(reference["dense"], args.limit)
+
     def write_report() -> None:
         report["rows"] = [reference["dense"], reference["pruned"]] + [
-            aggregate(method, method_runs, reference["dense"], reference["pruned"])
+            aggregate(method, method_runs, reference["dense"], reference["pruned"], report["above_chance"]["tasks"])
             for method, method_runs in runs.items()
             if method_runs
         ]

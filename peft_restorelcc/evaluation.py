@@ -189,6 +189,32 @@ _TASK_FIELDS: dict[str, dict[str, Any]] = {
 _ACC_ONLY_TASKS = frozenset({"winogrande"})
 
 
+# A model that ignores the question can still score: on tasks whose answers are the same words for every item it
+# can always give the more common one; where the choices change with the item it picks one of them blindly.
+_FIXED_ANSWER_FIELD = {"boolq": "answer", "rte": "label"}
+_CHOICE_COUNT: dict[str, Any] = {
+    "hellaswag": lambda row: len(row["endings"]),
+    "winogrande": lambda row: 2,
+    "arc_easy": lambda row: len(row["choices"]["text"]),
+    "arc_challenge": lambda row: len(row["choices"]["text"]),
+    "openbookqa": lambda row: len(row["choices"]["text"]),
+}
+
+
+def chance_accuracy(task: str, limit: int | None = None) -> float:
+    """What a model that ignores the question scores on the first ``limit`` items of ``task`` (all when None): the
+    share of the most common answer where every item has the same answers (BoolQ's no/yes, RTE's True/False), else
+    the mean of 1/number of choices (lm-eval scores each choice on its own, so its position gives nothing away)."""
+    resolve_tasks([task])
+    dataset = eval_dataset(task)
+    if limit:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    if task in _FIXED_ANSWER_FIELD:
+        answers = dataset[_FIXED_ANSWER_FIELD[task]]
+        return max(answers.count(answer) for answer in set(answers)) / len(answers)
+    return sum(1.0 / _CHOICE_COUNT[task](row) for row in dataset) / len(dataset)
+
+
 def resolve_tasks(tasks: Sequence[str] | None) -> list[str]:
     """Validate task names (``None`` means all of ``PAPER_TASKS``); raises ValueError naming the known tasks."""
     if tasks is None:

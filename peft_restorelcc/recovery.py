@@ -191,6 +191,38 @@ def gap_recovered_stderr(
     return None if error is None else error / abs(dense_mean - pruned_mean)
 
 
+# One-sided 5%: a task counts as above chance when the dense model beats a question-blind answer by this many
+# standard errors of its own accuracy.
+ABOVE_CHANCE_Z = 1.645
+
+
+def tasks_above_chance(
+    accuracies: dict[str, float], chance: dict[str, float], item_counts: dict[str, int], z: float = ABOVE_CHANCE_Z
+) -> list[str]:
+    """The tasks on which a model (the dense one) scores above chance (``chance_accuracy``) by more than ``z``
+    standard errors. A model at chance on a task has nothing there for pruning to remove or recovery to give back:
+    such a task only adds noise to the gap, or inverts it (a pruned model that always answers "yes" beats a dense
+    model at chance on BoolQ). Chosen from the dense model alone, so the choice does not depend on any result."""
+    above = []
+    for task, accuracy in accuracies.items():
+        stderr = math.sqrt(max(accuracy * (1.0 - accuracy), 1e-12) / item_counts[task])
+        if (accuracy - chance[task]) / stderr > z:
+            above.append(task)
+    return above
+
+
+def gap_recovered_on(
+    tasks: list[str], dense_tasks: dict[str, float], pruned_tasks: dict[str, float], restored_tasks: dict[str, float]
+) -> float | None:
+    """``gap_recovered`` of the mean headline accuracy over ``tasks`` only (per-task accuracies in, as rows hold
+    them). None when no task is given or there is no gap."""
+    if not tasks:
+        return None
+    dense, pruned, restored = (sum(values[task] for task in tasks) / len(tasks)
+                               for values in (dense_tasks, pruned_tasks, restored_tasks))  # fmt: skip
+    return gap_recovered(dense, pruned, restored)
+
+
 def headline_accuracy(results: dict[str, Any]) -> float:
     """The average over tasks of acc_norm where a task has it, else acc (lm-eval's usual headline numbers)."""
     values = [metrics[headline_metric(metrics)] for metrics in results["tasks"].values()]

@@ -128,6 +128,31 @@ def test_aggregate_gives_the_item_noise_of_the_gap_share_where_every_row_kept_it
     assert bench.aggregate("restorelcc", [older], dense, pruned)["gap_recovered_item_stderr"] is None
 
 
+def test_the_gap_share_over_tasks_above_chance_leaves_out_a_task_the_dense_model_is_at_chance_on(bench):
+    from peft_restorelcc.evaluation import chance_accuracy
+
+    tasks = {"boolq": 0.52, "hellaswag": 0.46}
+    dense = {"method": "dense", "trainable_params": 0, "tasks": tasks, "avg_acc": 0.49, "ppl": 50.0, "sparsity": 0.0,
+             "sparsity_after_merge": 0.0, "items": {"boolq": "10" * 150, "hellaswag": "1" * 138 + "0" * 162}}  # fmt: skip
+    pruned = dense | {"method": "pruned", "tasks": {"boolq": 0.62, "hellaswag": 0.36}, "avg_acc": 0.49, "ppl": 90.0,
+                      "sparsity": 0.5, "sparsity_after_merge": 0.5, "items": {"boolq": "1" * 186 + "0" * 114, "hellaswag": "1" * 108 + "0" * 192}}
+    above = bench.above_chance(dense, 300)
+    assert above["tasks"] == ["hellaswag"] and above["chance"]["boolq"] == pytest.approx(chance_accuracy("boolq", 300))
+    restored = run(0, 0.53, 60.0, tasks={"boolq": 0.62, "hellaswag": 0.44},
+                   items={"boolq": "1" * 186 + "0" * 114, "hellaswag": "1" * 132 + "0" * 168})  # fmt: skip
+    row = bench.aggregate("restorelcc", [restored], dense, pruned, above["tasks"])
+    assert row["gap_recovered"] is None  # the pruned model's BoolQ lead cancels its HellaSwag loss
+    assert row["gap_recovered_above_chance"] == pytest.approx(0.8)
+    assert 0 < row["gap_recovered_above_chance_item_stderr"] < 1
+    table = bench.markdown_table({"rows": [dense, pruned, row], "above_chance": above})
+    assert f"| 80% (items ±{row['gap_recovered_above_chance_item_stderr']:.0%}) |" in table
+    assert "more than 1.645 standard errors): hellaswag. Chance: boolq 0.6" in table
+    # Rows without item scores still get the share, from their per-task accuracies, but no item noise.
+    plain = bench.aggregate("restorelcc", [run(0, 0.53, 60.0, tasks=restored["tasks"])], dense, pruned, ["hellaswag"])
+    assert plain["gap_recovered_above_chance"] == pytest.approx(0.8)
+    assert plain["gap_recovered_above_chance_item_stderr"] is None
+
+
 def test_resume_prefers_dense_and_pruned_rows_that_kept_their_items(bench, tmp_path):
     first, second = tmp_path / "first.json", tmp_path / "second.json"
     first.write_text(json.dumps({"settings": settings(), "rows": [reference("dense", 0.5, 50.0)]}))
@@ -213,6 +238,9 @@ def test_shards_run_apart_then_merge_into_one_results_file(bench, tmp_path, monk
     assert only["pruning"] == merged["pruning"] and (tmp_path / "only" / "recovery.png").stat().st_size > 0
     # Its settings say what it holds, not the defaults of the --methods/--seeds it ignores.
     assert only["settings"]["methods"] == "restorelcc-free,head-bias" and only["settings"]["claim_seeds"] is None
+    # A merge in place (to add what a newer benchmark computes) keeps the rows and still names the shards merged.
+    again = benchmark("--merge-only", "--output", str(mine))
+    assert again["rows"] == merged["rows"] and again["settings"]["resume_from"] == [str(shard / "recovery.json")]
     # Results of other settings hold no rows to merge: a clear error, and nothing written.
     with pytest.raises(SystemExit):
         benchmark("--merge-only", "--limit", "3", "--output", str(tmp_path / "none"), "--resume-from", *files)

@@ -111,3 +111,29 @@ def test_results_table_gives_paired_errors_when_every_model_kept_its_items():
     for result in results.values():
         del result["items"]
     assert f"(standard error {(0.1**2 + 0.1**2) ** 0.5:.3f}" in results_table(summary)
+
+
+def test_results_table_gives_the_gap_over_the_tasks_the_dense_model_is_above_chance_on():
+    from peft_restorelcc.cli.run_command import results_table
+
+    def scored(rte_items: str, hellaswag_items: str) -> dict:
+        accuracy = {task: scores.count("1") / len(scores) for task, scores in (("rte", rte_items),
+                                                                             ("hellaswag", hellaswag_items))}  # fmt: skip
+        return {
+            "tasks": {task: {"acc": value, "acc_stderr": 0.1, "acc_norm": None} for task, value in accuracy.items()},
+            "items": {"rte": {"acc": rte_items}, "hellaswag": {"acc": hellaswag_items}},
+        }
+
+    # RTE: the dense model at chance, the pruned one above it (a yes-bias); HellaSwag (chance 0.25): 6 of 8 right,
+    # z = (0.75 - 0.25) / sqrt(0.75 * 0.25 / 8) = 3.3.
+    results = {"dense": scored("10101010", "11101101"), "pruned": scored("11111100", "10001100"),
+               "restored": scored("11111100", "11001101")}  # fmt: skip
+    summary = {"results": results, "trainable_parameters": 16, "sparsity_before_merge": 0.5,
+               "sparsity_after_merge": 0.5, "stage_seconds": {"train": 1.0}}  # fmt: skip
+    table = results_table(summary)
+    # Over both tasks the gap is +0.0625 (the pruned model's RTE lead eats most of its HellaSwag loss), of which the
+    # restored model seems to give back 200%; over HellaSwag alone it is +0.375, and 2/3 of it comes back.
+    assert "dense - pruned average accuracy: +0.062" in table and "| 200% ± " in table
+    share_error = (2 / 21 / 8) ** 0.5 / 0.375  # as in the one-task test above: the same HellaSwag items
+    assert f"above chance on (hellaswag): dense - pruned +0.375 (paired standard error {(15 / 56 / 8) ** 0.5:.3f})" in table
+    assert f"gap recovered 67% ± {share_error:.0%}" in table

@@ -242,3 +242,18 @@ def test_perplexity_rejects_nothing_to_predict(model, tokenizer) -> None:
         perplexity(model, tokenizer, [""], max_length=16)
     with pytest.raises(ValueError):
         perplexity(model, tokenizer, _TEXTS, max_length=1)
+
+
+def test_chance_is_the_common_answer_on_fixed_answers_and_one_over_the_choices_elsewhere() -> None:
+    from peft_restorelcc.data import eval_dataset
+    from peft_restorelcc.evaluation import chance_accuracy
+
+    answers = eval_dataset("boolq")["answer"][:300]
+    assert chance_accuracy("boolq", 300) == pytest.approx(max(answers.count(True), answers.count(False)) / 300)
+    assert chance_accuracy("boolq", 300) > 0.6  # BoolQ's answers are mostly "yes"
+    assert chance_accuracy("winogrande") == 0.5 and chance_accuracy("hellaswag", 50) == 0.25
+    # ARC has items with three and five choices as well as four.
+    arc = eval_dataset("arc_challenge")
+    assert chance_accuracy("arc_challenge") == pytest.approx(sum(1 / len(row["text"]) for row in arc["choices"]) / len(arc))
+    with pytest.raises(ValueError, match="unknown task"):
+        chance_accuracy("piqa2")

@@ -8,11 +8,13 @@ import pytest
 
 from peft_restorelcc.recovery import (
     gap_recovered,
+    gap_recovered_on,
     gap_recovered_stderr,
     headline_accuracy,
     headline_items,
     headline_stderr,
     paired_stderr,
+    tasks_above_chance,
 )
 
 RESULTS = {
@@ -96,3 +98,26 @@ def test_gap_recovered_stderr_is_none_without_a_gap_and_refuses_other_items():
         gap_recovered_stderr(same, same, _items(rte=[1, 0, 1]))
     with pytest.raises(ValueError, match="same --tasks and --limit"):
         paired_stderr(same, _items(copa=[1, 0, 1, 0]))
+
+
+def test_tasks_above_chance_are_those_the_model_beats_a_blind_answer_on_by_more_than_z_standard_errors():
+    chance = {"boolq": 0.62, "hellaswag": 0.25, "winogrande": 0.5, "openbookqa": 0.25}
+    accuracies = {"boolq": 0.52, "hellaswag": 0.46, "winogrande": 0.49, "openbookqa": 0.30}
+    counts = {"boolq": 300, "hellaswag": 300, "winogrande": 300, "openbookqa": 300}
+    # OpenBookQA: 0.05 over chance with a standard error of sqrt(0.3 * 0.7 / 300) = 0.0265, so z = 1.89.
+    assert tasks_above_chance(accuracies, chance, counts) == ["hellaswag", "openbookqa"]
+    assert tasks_above_chance(accuracies, chance, counts, z=2.0) == ["hellaswag"]
+    # Fewer items, larger error: the same lead no longer counts.
+    assert tasks_above_chance(accuracies, chance, counts | {"openbookqa": 100}) == ["hellaswag"]
+    # Below chance (a dense model that loses to always answering "yes") never counts, whatever the item count.
+    assert "boolq" not in tasks_above_chance(accuracies, chance, counts | {"boolq": 10**6})
+
+
+def test_gap_recovered_on_some_tasks_averages_only_those():
+    dense, pruned = {"boolq": 0.5, "hellaswag": 0.5, "arc_easy": 0.4}, {"boolq": 0.8, "hellaswag": 0.3, "arc_easy": 0.3}
+    restored = {"boolq": 0.8, "hellaswag": 0.4, "arc_easy": 0.35}
+    # Over all three the gap is 0 (the pruned model's BoolQ lead cancels its losses): nothing to measure.
+    assert gap_recovered(sum(dense.values()) / 3, sum(pruned.values()) / 3, sum(restored.values()) / 3) is None
+    # Over the other two: dense 0.45, pruned 0.30, restored 0.375.
+    assert gap_recovered_on(["hellaswag", "arc_easy"], dense, pruned, restored) == pytest.approx(0.5)
+    assert gap_recovered_on([], dense, pruned, restored) is None

@@ -262,6 +262,7 @@ def results_table(summary: dict[str, Any]) -> str:
         )
     if paired:
         lines.append("gap recovered: ± its standard error from the items sampled (another seed adds its own spread)")
+        lines.append(_above_chance_line(results, items))
     lines += [
         f"trainable parameters: {summary['trainable_parameters']:,}",
         f"sparsity before merge: {summary['sparsity_before_merge']:.4f}, after merge: "
@@ -269,6 +270,30 @@ def results_table(summary: dict[str, Any]) -> str:
         "seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()),
     ]
     return "\n".join(lines)
+
+
+def _above_chance_line(results: dict[str, Any], items: dict[str, Any]) -> str:
+    """The gap and its share recovered over the tasks the dense model is above chance on: on a small model some
+    tasks sit at chance, where pruning has nothing to remove and a pruned model's bias can even score higher."""
+    from .. import recovery
+    from ..evaluation import chance_accuracy
+
+    accuracies = {name: {task: _accuracy(metrics) for task, metrics in result["tasks"].items()}
+                  for name, result in results.items()}  # fmt: skip
+    counts = {task: len(scores) for task, scores in items["dense"].items()}
+    chance = {task: chance_accuracy(task, count) for task, count in counts.items()}
+    above = recovery.tasks_above_chance(accuracies["dense"], chance, counts)
+    if not above:
+        return "tasks above chance: none (the dense model is at chance on every task: raise --limit or use a larger model)"
+    kept = [{task: scores[task] for task in above} for scores in (items["dense"], items["pruned"], items["restored"])]
+    gap = sum(accuracies["dense"][task] - accuracies["pruned"][task] for task in above) / len(above)
+    share = recovery.gap_recovered_on(above, accuracies["dense"], accuracies["pruned"], accuracies["restored"])
+    error = recovery.gap_recovered_stderr(*kept)
+    recovered = "" if share is None else f", gap recovered {share:.0%}" + ("" if error is None else f" ± {error:.0%}")
+    return (
+        f"over the tasks the dense model is above chance on ({', '.join(above)}): dense - pruned {gap:+.3f} (paired"
+        f" standard error {recovery.paired_stderr(kept[0], kept[1]):.3f}){recovered}"
+    )
 
 
 def plot_accuracies(summary: dict[str, Any], path: Path) -> Path | None:
