@@ -586,20 +586,30 @@ def spread_labels(
     return heights
 
 
+# The paired item noise of each accuracy share a plot panel shows (perplexity has none: it is not per item).
+ITEM_NOISE_OF = {
+    "gap_recovered": "gap_recovered_item_stderr",
+    "gap_recovered_above_chance": "gap_recovered_above_chance_item_stderr",
+}
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     os.environ.setdefault("MPLBACKEND", "Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for axis, key, label in (
-        (axes[0], "gap_recovered", "share of the accuracy gap recovered"),
-        (axes[1], "gap_recovered_ppl", "share of the log-perplexity gap recovered"),
-    ):
+    above = report.get("above_chance", {}).get("tasks")
+    panels = [("gap_recovered", "share of the accuracy gap recovered\n(all tasks)")]
+    if above:
+        panels.append(("gap_recovered_above_chance", f"share of the accuracy gap recovered\n({len(above)} tasks above chance)"))
+    panels.append(("gap_recovered_ppl", "share of the log-perplexity gap recovered"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 6.5))
+    for axis, (key, label) in zip(axes, panels, strict=True):
         rows = [row for row in report["rows"] if row.get(key) is not None and row["trainable_params"] > 0]
-        values = [row[key] for row in rows]
+        # The axis always shows 0 and 1 (the lines drawn there): labels are spread by its height, not the points'.
+        values = [row[key] for row in rows] + [0.0, 1.0]
         label_heights = spread_labels(
             [(row["trainable_params"], row[key]) for row in rows],
-            0.045 * (max(values) - min(values) or 1.0),
+            0.045 * (max(values) - min(values)),
             x_factor=3.0,  # a short label runs about half a decade to the right of its point
             # A label starts at 1.08x its point; a character is about 0.03 decade at fontsize 7 (read off the plot).
             reaches=[1.08 * 10 ** (0.03 * len(row["method"])) for row in rows],
@@ -607,10 +617,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
         for row, label_height in zip(rows, label_heights, strict=True):
             colour = "tab:red" if row["method"].startswith("restorelcc") else "tab:blue"
             axis.errorbar(row["trainable_params"], row[key], yerr=row.get(f"{key}_std") or 0, fmt="o", color=colour)
-            if key == "gap_recovered" and row.get("gap_recovered_item_stderr"):
+            item_noise_key = ITEM_NOISE_OF.get(key)
+            if item_noise_key and row.get(item_noise_key):
                 # Item noise beside the seeds' spread: on a small gap it is the larger error, and it says how far
                 # apart two points must be before the items can tell them apart.
-                axis.errorbar(row["trainable_params"], row[key], yerr=row["gap_recovered_item_stderr"], fmt="none",
+                axis.errorbar(row["trainable_params"], row[key], yerr=row[item_noise_key], fmt="none",
                               color=colour, alpha=0.35, capsize=4, linewidth=3)  # fmt: skip
             axis.annotate(
                 row["method"],
@@ -621,7 +632,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             )
         axis.set_xscale("log")
         axis.axhline(1.0, color="grey", linestyle=":", linewidth=1)
-        if key == "gap_recovered":
+        if key != "gap_recovered_ppl":
             axis.axhline(GOAL_SHARE, color="tab:green", linestyle="--", linewidth=1)
             axis.annotate(f"goal: {GOAL_SHARE:.0%}", (0.01, GOAL_SHARE), xycoords=("axes fraction", "data"),
                           xytext=(0, 3), textcoords="offset points", fontsize=7, color="tab:green")  # fmt: skip
