@@ -315,10 +315,11 @@ def above_chance(dense: dict[str, Any], limit: int | None) -> dict[str, Any]:
     """The tasks the dense model scores above chance on (``recovery.tasks_above_chance``), with each task's chance
     accuracy on the items measured: the share of the gap over them is the one a model at chance cannot blur."""
     item_counts = {
-        task: len(dense["items"][task]) if "items" in dense else min(limit or task_size(task), task_size(task))
+        task: len(dense["items"][task]) if "items" in dense else min(limit or math.inf, task_size(task))
         for task in dense["tasks"]
     }
-    chance = {task: chance_accuracy(task, limit) for task in dense["tasks"]}
+    # Chance on exactly the items counted, as `restorelcc run` computes it.
+    chance = {task: chance_accuracy(task, count) for task, count in item_counts.items()}
     return {
         "tasks": recovery.tasks_above_chance(dense["tasks"], chance, item_counts),
         "chance": chance,
