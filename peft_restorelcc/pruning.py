@@ -230,6 +230,20 @@ def measure_sparsity(model: nn.Module) -> dict[str, Any]:
     return {"layers": layers, "overall_sparsity": zeros / total if total else 0.0, "zeros": zeros, "total": total}
 
 
+def hold_pruned_weights_at_zero(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+    """Make training keep the model's sparsity: every decoder projection's gradient is zeroed where its weight is
+    zero now, so optimisers whose step is zero on a zero gradient (SGD, Adam and AdamW without weight decay; decoupled
+    decay only shrinks a zero) leave the pruned weights at exactly zero. Lets the whole pruned model be fine-tuned
+    (sparse fine-tuning, the usual ceiling for parameter-efficient recovery) without a merge that densifies it.
+    Returns the hooks' handles (``handle.remove()`` lets the weights move again)."""
+    handles = []
+    for block in _all_projections(model):
+        for module in block.values():
+            kept = module.weight.detach() != 0
+            handles.append(module.weight.register_hook(lambda gradient, kept=kept: gradient * kept))
+    return handles
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Pruning one weight
 # ----------------------------------------------------------------------------------------------------------------

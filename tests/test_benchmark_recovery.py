@@ -258,7 +258,8 @@ def test_shards_run_apart_then_merge_into_one_results_file(bench, tmp_path, monk
 
 def test_a_semi_structured_benchmark_prunes_to_its_pattern_and_is_kept_apart(bench, tmp_path, monkeypatch):
     """--pattern 2:4 on a tiny model: the pruned model holds the pattern, the file records it, and its runs are never
-    resumed into (or from) an unstructured benchmark at the same sparsity."""
+    resumed into (or from) an unstructured benchmark at the same sparsity. Sparse fine-tuning trains every weight
+    and keeps the pattern too."""
     from test_training import char_tokenizer
     from tiny_models import make_tiny_model
 
@@ -270,7 +271,8 @@ def test_a_semi_structured_benchmark_prunes_to_its_pattern_and_is_kept_apart(ben
     char_tokenizer().save_pretrained(model_dir)
     monkeypatch.setattr("sys.argv", ["recovery.py", "--model", str(model_dir), "--pattern", "2:4", "--limit", "2",
                                      "--perplexity-passages", "2", "--prune-samples", "4", "--calibration-samples",
-                                     "6", "--pairs", "8", "--methods", "restorelcc-free", "--device", "cpu",
+                                     "6", "--pairs", "8", "--methods", "restorelcc-free,sparse-ft-instruction",
+                                     "--claim-seeds", "0", "--steps", "2", "--batch-size", "2", "--device", "cpu",
                                      "--output", str(tmp_path / "out")])  # fmt: skip
     bench.main()
     report = json.loads((tmp_path / "out" / "recovery.json").read_text())
@@ -281,9 +283,18 @@ def test_a_semi_structured_benchmark_prunes_to_its_pattern_and_is_kept_apart(ben
     pruned = load_model(cache / "pruned")
     projections = [module.weight for name, module in pruned.named_modules() if name.endswith(("o_proj", "down_proj"))]
     assert projections and all(check_nm_pattern(weight, 2, 4) for weight in projections)
-    assert {row["method"]: row for row in report["rows"]}["restorelcc-free"]["sparsity_after_merge"] == (
-        pytest.approx(0.5, abs=0.01)
-    )
+    rows = {row["method"]: row for row in report["rows"]}
+    assert rows["restorelcc-free"]["sparsity_after_merge"] == pytest.approx(0.5, abs=0.01)
+    # Sparse fine-tuning trained every weight of the pruned model (the tied embedding once), on the paper's recipe
+    # at its own rate, and the model it saved still holds 2:4 in every projection.
+    (sparse_run,) = rows["sparse-ft-instruction"]["runs"]
+    assert sparse_run["trainable_params"] == sum(parameter.numel() for parameter in pruned.parameters())
+    assert (sparse_run["data"], sparse_run["learning_rate"]) == ("instruction", 5e-5)
+    trained = load_model(tmp_path / "out" / "recovery-work" / "sparse-ft-instruction-seed0")
+    trained_projections = {name: module.weight for name, module in trained.named_modules() if name.endswith("proj")}
+    assert all(check_nm_pattern(weight, 2, 4) for weight in trained_projections.values())
+    assert sparse_run["sparsity_after_merge"] == rows["pruned"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert any(not torch.equal(trained.state_dict()[name], tensor) for name, tensor in pruned.state_dict().items())
     assert not bench.measured_alike(report["settings"], report["settings"] | {"pattern": None})
     # A file written before --pattern existed records no pattern: it measured what an unstructured run measures.
     assert bench.measured_alike(settings(), settings(pattern=None))

@@ -14,6 +14,7 @@ from peft_restorelcc.pruning import (
     REPORT_FILE,
     check_nm_pattern,
     find_decoder_layers,
+    hold_pruned_weights_at_zero,
     load_report,
     magnitude_prune_weight,
     measure_sparsity,
@@ -202,6 +203,42 @@ def test_padding_is_left_out_of_the_statistics() -> None:
         prune_model(second, method, 0.5, calibration_input_ids=other, attention_mask=mask, batch_size=2, progress=False)
         for name, tensor in first.state_dict().items():
             torch.testing.assert_close(tensor, second.state_dict()[name], rtol=1e-5, atol=1e-6)
+
+
+# --- training a pruned model ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_held_pruned_weights_stay_zero_while_the_rest_trains(arch: str, weight_decay: float) -> None:
+    model = make_tiny_model(arch)
+    prune_model(model, "wanda", 0.5, calibration_input_ids=_calibration(), progress=False)
+    before = _state(model)
+    zeros_before = {name: _out_in(module) == 0 for block in all_projections(model) for name, module in block.items()}
+    handles = hold_pruned_weights_at_zero(model)
+    assert len(handles) == len(zeros_before)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=weight_decay)
+    ids = random_input_ids()
+    for _ in range(3):
+        model(ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    for block in all_projections(model):
+        for name, module in block.items():
+            weight = _out_in(module)
+            assert torch.equal(weight == 0, zeros_before[name]), name  # the same weights are zero, no more, no fewer
+    assert measure_sparsity(model)["overall_sparsity"] == pytest.approx(0.5)
+    changed = [name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])]
+    assert any("embed" in name or "wte" in name for name in changed) and len(changed) > len(zeros_before)
+
+    # Without the hooks, the same training fills the pruned weights in.
+    for handle in handles:
+        handle.remove()
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert measure_sparsity(model)["overall_sparsity"] < 0.4
 
 
 # --- saving -----------------------------------------------------------------------------------------------------
