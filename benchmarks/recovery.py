@@ -539,6 +539,50 @@ def aggregate(
     }
 
 
+def paired_differences(rows: list[dict[str, Any]], against: str, tasks: list[str]) -> dict[str, dict[str, Any]]:
+    """Over ``tasks``, each row's accuracy minus row ``against``'s on the same items, with the paired standard error
+    (``recovery.paired_stderr``): the difference of two methods with the noise of the items they share taken out.
+    Two trained rows are compared at the lowest seed both ran; the dense and pruned rows, one measurement each, pair
+    with the other row's lowest seed. Rows that kept no items, or share no seed with ``against``, are left out."""
+
+    def lowest_seed(row: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
+        if "runs" not in row:
+            return None, row
+        run = min(row["runs"], key=lambda run: run["seed"])
+        return run["seed"], run
+
+    def accuracy_and_items(run: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        items = {task: recovery.item_scores(scores) for task, scores in run["items"].items() if task in tasks}
+        return statistics.mean(float(scores.mean()) for scores in items.values()), items
+
+    reference = next((row for row in rows if row["method"] == against), None)
+    if reference is None or not tasks:
+        return {}
+    differences = {}
+    for row in rows:
+        if row["method"] == against:
+            continue
+        if "runs" in row and "runs" in reference:
+            seeds = {run["seed"] for run in row["runs"]} & {run["seed"] for run in reference["runs"]}
+            if not seeds:
+                continue
+            seed = min(seeds)
+            run, base = (next(run for run in each["runs"] if run["seed"] == seed) for each in (row, reference))
+        else:
+            (row_seed, run), (base_seed, base) = lowest_seed(row), lowest_seed(reference)
+            seed = row_seed if row_seed is not None else base_seed
+        if "items" not in run or "items" not in base:
+            continue
+        accuracy, items = accuracy_and_items(run)
+        base_accuracy, base_items = accuracy_and_items(base)
+        differences[row["method"]] = {
+            "seed": seed,
+            "difference": accuracy - base_accuracy,
+            "stderr": recovery.paired_stderr(items, base_items),
+        }
+    return differences
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     rows = report["rows"]
     tasks = list(rows[0]["tasks"])
@@ -580,6 +624,27 @@ def markdown_table(report: dict[str, Any]) -> str:
             + f" | {spread(row.get('train_memory_mb'), 0, '{:.0f}')} | "
             + ",".join(map(str, row.get("seeds", [])))
             + f" | {row.get('device', '')} |"
+        )
+    if report.get("paired_with"):
+        paired = report["paired_with"]
+
+        def seed_of(pair: dict[str, Any]) -> str:
+            return "" if pair["seed"] is None else f" (seed {pair['seed']})"
+
+        def stderr_of(pair: dict[str, Any]) -> str:
+            return "" if pair["stderr"] is None else f" ± {pair['stderr']:.4f}"
+
+        lines.append(
+            f"\nOn the same items, over the tasks above chance, accuracy minus {paired['method']}'s (± the paired"
+            " standard error): "
+            + (
+                "; ".join(
+                    f"{method}{seed_of(pair)} {pair['difference']:+.4f}{stderr_of(pair)}"
+                    for method, pair in paired["differences"].items()
+                )
+                or "none (no task above chance, or no other row kept its items on a seed this one ran)"
+            )
+            + "."
         )
     if "above_chance" in report:
         chance = report["above_chance"]
@@ -636,12 +701,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
         rows = [row for row in report["rows"] if row.get(key) is not None and row["trainable_params"] > 0]
         # The axis always shows 0 and 1 (the lines drawn there): labels are spread by its height, not the points'.
         values = [row[key] for row in rows] + [0.0, 1.0]
+        # A label starts at 1.08x its point; a character is about 0.03 decade at fontsize 7 (read off the plot).
+        reaches = [1.08 * 10 ** (0.03 * len(row["method"])) for row in rows]
         label_heights = spread_labels(
             [(row["trainable_params"], row[key]) for row in rows],
             0.045 * (max(values) - min(values)),
             x_factor=3.0,  # a short label runs about half a decade to the right of its point
-            # A label starts at 1.08x its point; a character is about 0.03 decade at fontsize 7 (read off the plot).
-            reaches=[1.08 * 10 ** (0.03 * len(row["method"])) for row in rows],
+            reaches=reaches,
         )
         for row, label_height in zip(rows, label_heights, strict=True):
             colour = "tab:red" if row["method"].startswith("restorelcc") else "tab:blue"
@@ -660,6 +726,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.5} if label_height != row[key] else None,
             )
         axis.set_xscale("log")
+        if rows:  # room for the rightmost labels inside the axis
+            axis.set_xlim(right=max(row["trainable_params"] * reach for row, reach in zip(rows, reaches, strict=True)))
         axis.axhline(1.0, color="grey", linestyle=":", linewidth=1)
         if key != "gap_recovered_ppl":
             axis.axhline(GOAL_SHARE, color="tab:green", linestyle="--", linewidth=1)
@@ -819,6 +887,12 @@ def main() -> None:
         action="store_true",
         help="run nothing: write one report from --output's results and the --resume-from shards (same settings)",
     )
+    parser.add_argument(
+        "--paired-with",
+        default=None,
+        metavar="METHOD",
+        help="also report every row's accuracy over the tasks above chance minus this row's, on the same items",
+    )
     args = parser.parse_args()
     try:  # the results file records the sparsity an N:M pattern implies, so runs resume alike whichever was given
         args.sparsity, _ = resolve_sparsity(0.5 if args.sparsity is None and not args.pattern else args.sparsity,
@@ -829,6 +903,8 @@ def main() -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {sorted(METHODS)}")
+    if args.paired_with is not None and args.paired_with not in {"dense", "pruned", *METHODS}:
+        parser.error(f"--paired-with: unknown row {args.paired_with!r}; give dense, pruned or one of {sorted(METHODS)}")
     missing = [str(path) for path in args.resume_from if not path.is_file()]
     if missing:
         parser.error(f"--resume-from: no results file at {', '.join(missing)}; give the recovery.json of a shard")
@@ -898,6 +974,11 @@ def main() -> None:
             for method, method_runs in runs.items()
             if method_runs
         ]
+        if args.paired_with:
+            report["paired_with"] = {
+                "method": args.paired_with,
+                "differences": paired_differences(report["rows"], args.paired_with, report["above_chance"]["tasks"]),
+            }
         report["failures"] = failures
         report["pruning"] = {k: pruning_report.get(k) for k in ("method", "sparsity_target", "pattern", "seconds")}
         report["heads_total"] = heads_total

@@ -128,6 +128,36 @@ def test_aggregate_gives_the_item_noise_of_the_gap_share_where_every_row_kept_it
     assert bench.aggregate("restorelcc", [older], dense, pruned)["gap_recovered_item_stderr"] is None
 
 
+def test_paired_differences_compare_rows_on_their_shared_seed_over_the_tasks_given(bench):
+    from peft_restorelcc.recovery import item_scores, paired_stderr
+
+    def items(rte, boolq="1111"):
+        return {"rte": rte, "boolq": boolq}
+
+    pruned = reference("pruned", 0.25, 100.0) | {"items": items("1000")}
+    restorelcc = {"method": "restorelcc", "runs": [run(1, 0.5, 60.0, items=items("1100")),
+                                                   run(0, 0.75, 60.0, items=items("1110", "0000"))]}  # fmt: skip
+    lora = {"method": "lora", "runs": [run(0, 1.0, 60.0, items=items("1111")), run(2, 0.0, 60.0, items=items("0000"))]}
+    unpaired = {"method": "ia3", "runs": [run(3, 0.5, 60.0, items=items("1100"))]}
+    older = {"method": "dora", "runs": [run(0, 0.5, 60.0)]}  # measured before runs kept their items
+    rows = [pruned, restorelcc, lora, unpaired, older]
+    differences = bench.paired_differences(rows, "restorelcc", ["rte"])
+    assert set(differences) == {"pruned", "lora"}  # ia3 shares no seed, dora kept no items
+    # LoRA against RestoreLCC at seed 0, the one both ran; only RTE counts (BoolQ differs but is not given).
+    assert differences["lora"]["seed"] == 0
+    assert differences["lora"]["difference"] == pytest.approx(1.0 - 0.75)
+    expected = paired_stderr({"rte": item_scores("1111")}, {"rte": item_scores("1110")})
+    assert differences["lora"]["stderr"] == pytest.approx(expected) and expected > 0
+    # The pruned row is one measurement: it pairs with RestoreLCC's lowest seed.
+    assert differences["pruned"] == {"seed": 0, "difference": pytest.approx(0.25 - 0.75),
+                                     "stderr": pytest.approx(paired_stderr({"rte": item_scores("1000")},
+                                                                           {"rte": item_scores("1110")}))}  # fmt: skip
+    report = {"rows": [], "paired_with": {"method": "restorelcc", "differences": differences}}
+    assert f"lora (seed 0) +0.2500 ± {expected:.4f}" in bench.markdown_table(report | {"rows": [restorelcc | {
+        "trainable_params": 1, "tasks": {"rte": 0.75}, "avg_acc": 0.75, "ppl": 60.0, "sparsity_after_merge": 0.5}]})
+    assert bench.paired_differences(rows, "lora-oproj", ["rte"]) == {} == bench.paired_differences(rows, "lora", [])
+
+
 def test_the_gap_share_over_tasks_above_chance_leaves_out_a_task_the_dense_model_is_at_chance_on(bench):
     from peft_restorelcc.evaluation import chance_accuracy
 
@@ -235,6 +265,16 @@ def test_shards_run_apart_then_merge_into_one_results_file(bench, tmp_path, monk
     files = [str(mine / "recovery.json"), str(shard / "recovery.json")]
     only = benchmark("--merge-only", "--output", str(tmp_path / "only"), "--resume-from", *files)
     assert only["rows"] == merged["rows"] and only["heads_total"] == merged["heads_total"]
+    paired = benchmark("--merge-only", "--output", str(tmp_path / "paired"), "--paired-with", "pruned",
+                       "--resume-from", *files)["paired_with"]  # fmt: skip
+    # Every other row against the pruned one, over the tasks above chance: the dense row's difference is its lead.
+    rows, above = {row["method"]: row for row in only["rows"]}, only["above_chance"]["tasks"]
+    assert paired["method"] == "pruned" and set(paired["differences"]) == {"dense", "restorelcc-free", "head-bias"}
+    assert paired["differences"]["dense"]["difference"] == pytest.approx(
+        sum(rows["dense"]["tasks"][task] - rows["pruned"]["tasks"][task] for task in above) / len(above)
+    )
+    assert paired["differences"]["head-bias"]["seed"] == 0
+    assert "accuracy minus pruned's (± the paired standard error): dense " in (tmp_path / "paired" / "recovery.md").read_text()
     assert only["pruning"] == merged["pruning"] and (tmp_path / "only" / "recovery.png").stat().st_size > 0
     # Its settings say what it holds, not the defaults of the --methods/--seeds it ignores.
     assert only["settings"]["methods"] == "restorelcc-free,head-bias" and only["settings"]["claim_seeds"] is None
@@ -306,6 +346,7 @@ def test_a_semi_structured_benchmark_prunes_to_its_pattern_and_is_kept_apart(ben
         (["--pattern", "1:4", "--sparsity", "0.5"], "implies sparsity=0.75"),
         (["--pattern", "2x4"], "Malformed N:M pattern '2x4'"),
         (["--sparsity", "1.5"], "outside [0, 1)"),
+        (["--paired-with", "restorelcc-instructions"], "--paired-with: unknown row 'restorelcc-instructions'"),
     ],
 )
 def test_bad_sparsity_flags_are_named_before_any_model_loads(bench, tmp_path, monkeypatch, capsys, flags, message):
