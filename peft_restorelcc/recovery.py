@@ -164,9 +164,10 @@ def _same_items(*item_sets: dict[str, np.ndarray]) -> None:
 def paired_stderr(items_a: dict[str, np.ndarray], items_b: dict[str, np.ndarray]) -> float | None:
     """Standard error of the difference of two models' headline accuracies measured on the same items (from
     ``headline_items``). Items both models get right, or both wrong, add no noise to the difference, which makes
-    it smaller than the two accuracies' own errors combined. None with a single item in a task."""
+    it smaller than the two accuracies' own errors combined. The scores may also be each item's mean over several
+    training seeds. None with a single item in a task."""
     _same_items(items_a, items_b)
-    return _stderr_of_mean_over_tasks({task: items_a[task].astype(int) - items_b[task] for task in items_a})
+    return _stderr_of_mean_over_tasks({task: items_a[task].astype(float) - items_b[task] for task in items_a})
 
 
 def gap_recovered_stderr(

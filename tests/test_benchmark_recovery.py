@@ -128,7 +128,7 @@ def test_aggregate_gives_the_item_noise_of_the_gap_share_where_every_row_kept_it
     assert bench.aggregate("restorelcc", [older], dense, pruned)["gap_recovered_item_stderr"] is None
 
 
-def test_paired_differences_compare_rows_on_their_shared_seed_over_the_tasks_given(bench):
+def test_paired_differences_compare_rows_over_their_shared_seeds_on_the_tasks_given(bench):
     from peft_restorelcc.recovery import item_scores, paired_stderr
 
     def items(rte, boolq="1111"):
@@ -137,24 +137,32 @@ def test_paired_differences_compare_rows_on_their_shared_seed_over_the_tasks_giv
     pruned = reference("pruned", 0.25, 100.0) | {"items": items("1000")}
     restorelcc = {"method": "restorelcc", "runs": [run(1, 0.5, 60.0, items=items("1100")),
                                                    run(0, 0.75, 60.0, items=items("1110", "0000"))]}  # fmt: skip
-    lora = {"method": "lora", "runs": [run(0, 1.0, 60.0, items=items("1111")), run(2, 0.0, 60.0, items=items("0000"))]}
+    lora = {"method": "lora", "runs": [run(0, 1.0, 60.0, items=items("1111")), run(2, 0.0, 60.0, items=items("0000")),
+                                       run(1, 0.5, 60.0, items=items("1010"))]}  # fmt: skip
     unpaired = {"method": "ia3", "runs": [run(3, 0.5, 60.0, items=items("1100"))]}
     older = {"method": "dora", "runs": [run(0, 0.5, 60.0)]}  # measured before runs kept their items
-    rows = [pruned, restorelcc, lora, unpaired, older]
+    partly = {"method": "ln-tuning", "runs": [run(0, 0.5, 60.0), run(1, 0.25, 60.0, items=items("0100"))]}
+    rows = [pruned, restorelcc, lora, unpaired, older, partly]
     differences = bench.paired_differences(rows, "restorelcc", ["rte"])
-    assert set(differences) == {"pruned", "lora"}  # ia3 shares no seed, dora kept no items
-    # LoRA against RestoreLCC at seed 0, the one both ran; only RTE counts (BoolQ differs but is not given).
-    assert differences["lora"]["seed"] == 0
-    assert differences["lora"]["difference"] == pytest.approx(1.0 - 0.75)
-    expected = paired_stderr({"rte": item_scores("1111")}, {"rte": item_scores("1110")})
-    assert differences["lora"]["stderr"] == pytest.approx(expected) and expected > 0
-    # The pruned row is one measurement: it pairs with RestoreLCC's lowest seed.
-    assert differences["pruned"] == {"seed": 0, "difference": pytest.approx(0.25 - 0.75),
-                                     "stderr": pytest.approx(paired_stderr({"rte": item_scores("1000")},
-                                                                           {"rte": item_scores("1110")}))}  # fmt: skip
+    assert set(differences) == {"pruned", "lora", "ln-tuning"}  # ia3 shares no seed, dora kept no items
+    # LoRA against RestoreLCC over seeds 0 and 1, the ones both ran (not LoRA's seed 2), each item's score averaged
+    # over them: RTE 1, .5, 1, .5 against 1, 1, .5, 0. Only RTE counts (BoolQ differs but is not given).
+    assert differences["lora"]["seeds"] == [0, 1]
+    assert differences["lora"]["difference"] == pytest.approx(0.75 - 0.625)
+    # Per-item differences 0, -.5, .5, .5: sum of squared deviations from their mean .125 is .6875.
+    assert differences["lora"]["stderr"] == pytest.approx((0.6875 / 3 / 4) ** 0.5)
+    # The pruned row is one measurement: it pairs with every seed of RestoreLCC (1 - 1, 0 - 1, 0 - .5, 0 - 0).
+    assert differences["pruned"] == {"seeds": [0, 1], "difference": pytest.approx(0.25 - 0.625),
+                                     "stderr": pytest.approx((0.6875 / 3 / 4) ** 0.5)}  # fmt: skip
+    # A row whose lowest seed predates kept items still pairs on the seeds that kept them, as one seed's scores.
+    one_seed = paired_stderr({"rte": item_scores("0100")}, {"rte": item_scores("1100")})
+    assert differences["ln-tuning"] == {"seeds": [1], "difference": pytest.approx(0.25 - 0.5),
+                                        "stderr": pytest.approx(one_seed)}  # fmt: skip
     report = {"rows": [], "paired_with": {"method": "restorelcc", "differences": differences}}
-    assert f"lora (seed 0) +0.2500 ± {expected:.4f}" in bench.markdown_table(report | {"rows": [restorelcc | {
-        "trainable_params": 1, "tasks": {"rte": 0.75}, "avg_acc": 0.75, "ppl": 60.0, "sparsity_after_merge": 0.5}]})
+    line = bench.markdown_table(report | {"rows": [restorelcc | {
+        "trainable_params": 1, "tasks": {"rte": 0.625}, "avg_acc": 0.625, "ppl": 60.0, "sparsity_after_merge": 0.5}]})
+    assert f"lora (seeds 0,1) +0.1250 ± {differences['lora']['stderr']:.4f}" in line
+    assert f"ln-tuning (seed 1) -0.2500 ± {one_seed:.4f}" in line
     assert bench.paired_differences(rows, "lora-oproj", ["rte"]) == {} == bench.paired_differences(rows, "lora", [])
 
 
@@ -273,7 +281,7 @@ def test_shards_run_apart_then_merge_into_one_results_file(bench, tmp_path, monk
     assert paired["differences"]["dense"]["difference"] == pytest.approx(
         sum(rows["dense"]["tasks"][task] - rows["pruned"]["tasks"][task] for task in above) / len(above)
     )
-    assert paired["differences"]["head-bias"]["seed"] == 0
+    assert paired["differences"]["head-bias"]["seeds"] == [0]
     assert "accuracy minus pruned's (± the paired standard error): dense " in (tmp_path / "paired" / "recovery.md").read_text()
     assert only["pruning"] == merged["pruning"] and (tmp_path / "only" / "recovery.png").stat().st_size > 0
     # Its settings say what it holds, not the defaults of the --methods/--seeds it ignores.
@@ -454,6 +462,18 @@ def test_per_layer_rows_spread_the_probes_heads_keeping_its_tie_break(bench):
     shares = ("restorelcc-instruction-heads-50%", "restorelcc-instruction-heads-70%")
     for name in ("restorelcc-instruction-per-layer", "restorelcc-instruction-random", *shares):
         assert bench.recipe_of(name, settings) == {"data": "instruction", "distill_alpha": 0.0, "learning_rate": 1e-3}
+
+
+def test_every_row_runs_by_default_once_and_every_recipe_belongs_to_a_row(bench):
+    default_rows = bench.MAIN_METHODS + bench.CLAIM_METHODS
+    assert sorted(default_rows) == sorted(bench.METHODS)
+    assert set(bench.RECIPE_OVERRIDES) <= set(bench.METHODS)
+    # The learning-rate rows differ from their row only in the rate.
+    settings = {"vector_lr": 1e-2, "matrix_lr": 5e-4, "data": "text", "distill_alpha": 1}
+    paper = bench.recipe_of("restorelcc-instruction", settings)
+    for name, rate in (("restorelcc-instruction-lr3e-4", 3e-4), ("restorelcc-instruction-lr1e-2", 1e-2)):
+        assert bench.recipe_of(name, settings) == paper | {"learning_rate": rate}
+        assert bench.METHODS[name][0] is bench.METHODS["restorelcc-instruction"][0]
 
 
 def test_mixed_recipe_rows_train_on_the_papers_data_with_half_the_loss_from_the_teacher(bench):
