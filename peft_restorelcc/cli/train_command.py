@@ -67,7 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--samples", type=int, default=PAPER_SAMPLES, metavar="N", help="training sequences")
     parser.add_argument("--epochs", type=float, default=PAPER_EPOCHS, metavar="E", help="passes over the data")
-    parser.add_argument("--lr", type=float, default=PAPER_LEARNING_RATE, metavar="LR", help="peak learning rate")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=PAPER_LEARNING_RATE,
+        metavar="LR",
+        help="peak learning rate (default: the paper's %(default)g; on SmolLM2-135M over 750 steps, 3e-4 gave the same"
+        " accuracy at lower held-out perplexity, see the README)",
+    )
     parser.add_argument(
         "--max-steps", type=int, default=-1, metavar="N", help="optimizer steps; overrides --epochs (default: -1)"
     )
