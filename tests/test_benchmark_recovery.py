@@ -355,6 +355,9 @@ def test_a_semi_structured_benchmark_prunes_to_its_pattern_and_is_kept_apart(ben
         (["--pattern", "2x4"], "Malformed N:M pattern '2x4'"),
         (["--sparsity", "1.5"], "outside [0, 1)"),
         (["--paired-with", "restorelcc-instructions"], "--paired-with: unknown row 'restorelcc-instructions'"),
+        # In-task pairs are the evaluation tasks' items after the first 300: a longer evaluation would score them.
+        (["--methods", "lora,sparse-ft-instruction-in-task", "--limit", "301"], "--limit 301 would score some of them"),
+        (["--methods", "lora", "--data", "instruction-in-task", "--limit", "400"], "lora train on the evaluation"),
     ],
 )
 def test_bad_sparsity_flags_are_named_before_any_model_loads(bench, tmp_path, monkeypatch, capsys, flags, message):
@@ -474,6 +477,25 @@ def test_every_row_runs_by_default_once_and_every_recipe_belongs_to_a_row(bench)
     for name, rate in (("restorelcc-instruction-lr3e-4", 3e-4), ("restorelcc-instruction-lr1e-2", 1e-2)):
         assert bench.recipe_of(name, settings) == paper | {"learning_rate": rate}
         assert bench.METHODS[name][0] is bench.METHODS["restorelcc-instruction"][0]
+
+
+def test_in_task_rows_train_on_the_items_after_the_evaluated_ones_and_cut_none(bench):
+    from peft_restorelcc.assets import load_tokenizer
+    from peft_restorelcc.data import in_task_examples
+    from peft_restorelcc.training import IGNORE_INDEX
+
+    settings = {"vector_lr": 1e-2, "matrix_lr": 5e-4, "data": "text", "distill_alpha": 1}
+    assert bench.recipe_of("restorelcc-instruction-in-task", settings) == (
+        bench.recipe_of("restorelcc-instruction", settings) | {"data": bench.IN_TASK_DATA}
+    )
+    tokenizer = load_tokenizer("smollm2-135m")
+    dataset = bench.training_dataset(bench.IN_TASK_DATA, tokenizer, samples=6000, seed=2)
+    examples = in_task_examples("train", seed=2)
+    assert len(dataset) == len(examples)  # fewer pairs than samples: all of them, as the other data choices do
+    for row, example in zip(dataset, examples):
+        prompt = [token for token, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX]
+        assert tokenizer.decode(prompt) == example["prompt"]  # HellaSwag's long prompts too: nothing cut
+    assert len(bench.training_dataset(bench.IN_TASK_DATA, tokenizer, samples=16, seed=2)) == 16
 
 
 def test_mixed_recipe_rows_train_on_the_papers_data_with_half_the_loss_from_the_teacher(bench):

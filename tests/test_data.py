@@ -24,6 +24,9 @@ TRAIN_ITEMS, VALIDATION_ITEMS = 2941, 334
 WIDE_TRAIN_ITEMS, WIDE_VALIDATION_ITEMS = 5513, 600
 WIDE = data.WIDE_TRAINING_SOURCES
 LAMBADA_TRAIN, LAMBADA_HELDOUT = 4129, 1024
+# HellaSwag items 300-2799 (2248 + 252; none shares a video with items 0-299), ARC-Easy 300-569 (242 + 28) and
+# OpenBookQA 300-499 (182 + 18).
+IN_TASK_TRAIN, IN_TASK_VALIDATION = 2672, 298
 
 
 def _norm(text: str) -> str:
@@ -36,19 +39,21 @@ def _question_of(prompt: str) -> str:
     return prompt[len("Question: ") :].split("\n", 1)[0]
 
 
+_EVAL_QUESTION_FIELDS = {
+    "boolq": lambda r: r["question"],
+    "rte": lambda r: r["sentence1"] + " " + r["sentence2"],
+    "hellaswag": lambda r: r["ctx"],
+    "winogrande": lambda r: r["sentence"],
+    "arc_easy": lambda r: r["question"],
+    "arc_challenge": lambda r: r["question"],
+    "openbookqa": lambda r: r["question_stem"],
+}
+
+
 @pytest.fixture(scope="module")
 def eval_questions() -> set[str]:
-    fields = {
-        "boolq": lambda r: r["question"],
-        "rte": lambda r: r["sentence1"] + " " + r["sentence2"],
-        "hellaswag": lambda r: r["ctx"],
-        "winogrande": lambda r: r["sentence"],
-        "arc_easy": lambda r: r["question"],
-        "arc_challenge": lambda r: r["question"],
-        "openbookqa": lambda r: r["question_stem"],
-    }
     questions = set()
-    for task, field in fields.items():
+    for task, field in _EVAL_QUESTION_FIELDS.items():
         questions.update(_norm(field(row)) for row in data.eval_dataset(task))
     return questions
 
@@ -185,6 +190,45 @@ def test_no_evaluation_item_in_training_or_calibration_data(eval_questions):
     # Also no evaluation question hidden inside a longer training question.
     joined = "\n".join(sorted(questions))
     assert not [q for q in eval_questions if len(q) > 40 and q in joined]
+
+
+def test_in_task_pairs_come_only_from_items_after_the_evaluated_ones():
+    train, validation = data.in_task_examples("train"), data.in_task_examples("validation")
+    assert (len(train), len(validation)) == (IN_TASK_TRAIN, IN_TASK_VALIDATION)
+    assert not {e["prompt"] for e in train} & {e["prompt"] for e in validation}
+    assert data.in_task_examples("train", limit=30, seed=4) == data.in_task_examples("train", seed=4)[:30]
+    # Read independently from the raw splits: the answers of the items after the first 300 (HellaSwag's without
+    # WikiHow's bracket tags, keyed by label and context as the prompt shows them), and what the first 300 ask.
+    def untagged(text: str) -> str:
+        return _norm(re.sub(r"\[[a-z]+\]", " ", text))
+
+    answers: dict[str, set[str]] = {}
+    for task, stem in (("arc_easy", "question"), ("openbookqa", "question_stem")):
+        rows = data.eval_dataset(task)
+        for row in rows.select(range(300, len(rows))):
+            key = row["choices"]["label"].index(row["answerKey"].strip())
+            answers.setdefault(_norm(row[stem]), set()).add(_norm(row["choices"]["text"][key]))
+    hellaswag = data.eval_dataset("hellaswag")
+    evaluated_videos = set(hellaswag.select(range(300))["source_id"])
+    for row in hellaswag.select(range(300, 2800)):
+        if row["source_id"] not in evaluated_videos:
+            context = untagged(f"{row['activity_label']} {row['ctx_a']} {row['ctx_b']}")
+            answers.setdefault(context, set()).add(untagged(row["endings"][int(row["label"])]))
+    evaluated = set()
+    for task, field in _EVAL_QUESTION_FIELDS.items():
+        rows = data.eval_dataset(task)
+        evaluated.update(_norm(field(row)) for row in rows.select(range(min(300, len(rows)))))
+    evaluated_hellaswag = {untagged(row["ctx"]) for row in hellaswag.select(range(300))}
+    for example in train + validation:
+        question = _norm(_question_of(example["prompt"]))
+        assert _norm(example["response"]) in answers[question]
+        assert question not in evaluated and not [q for q in evaluated | evaluated_hellaswag if len(q) > 40 and q in question]
+    assert len({_norm(_question_of(e["prompt"])) for e in train + validation}) > 2900
+    # None of them is among the pairs the default data trains on.
+    default_questions = {_question_of(e["prompt"]) for e in data.instruction_examples("train")}
+    assert not {_question_of(e["prompt"]) for e in train} & default_questions
+    with pytest.raises(ValueError, match="'train' or 'validation'"):
+        data.in_task_examples("test")
 
 
 def test_text_passages():
