@@ -28,6 +28,7 @@ import importlib.util
 import json
 import random
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import datasets
@@ -170,20 +171,25 @@ def _source_items(source: str) -> list[tuple[str, list[str], int]]:
     return items
 
 
+Item = tuple[str, tuple[str, ...], int]  # (question, choices, index of the correct choice)
+
+
+def _split_by_question(items: Iterable[tuple[str, list[str], int]]) -> dict[str, tuple[Item, ...]]:
+    """Items stripped and put on the "train" or "validation" side by a hash of their question."""
+    split: dict[str, list[Item]] = {"train": [], "validation": []}
+    for question, choices, answer in items:
+        side = "validation" if _bucket(question, VALIDATION_BUCKETS) == 0 else "train"
+        split[side].append((question.strip(), tuple(choice.strip() for choice in choices), answer))
+    return {side: tuple(side_items) for side, side_items in split.items()}
+
+
 @functools.lru_cache(maxsize=2)
-def _split_items(sources: tuple[str, ...]) -> dict[str, tuple[tuple[str, tuple[str, ...], int], ...]]:
-    """All items of ``sources``, cleaned, deduplicated against the evaluation tasks and split."""
+def _split_items(sources: tuple[str, ...]) -> dict[str, tuple[Item, ...]]:
+    """All items of ``sources``, deduplicated against the evaluation tasks and split."""
     forbidden = _eval_questions()
-    split: dict[str, list] = {"train": [], "validation": []}
-    for source in sources:
-        for question, choices, answer in _source_items(source):
-            choices = [choice.strip() for choice in choices]
-            question = question.strip()
-            if normalise_text(question) in forbidden:
-                continue
-            side = "validation" if _bucket(question, VALIDATION_BUCKETS) == 0 else "train"
-            split[side].append((question, tuple(choices), answer))
-    return {side: tuple(items) for side, items in split.items()}
+    return _split_by_question(
+        item for source in sources for item in _source_items(source) if normalise_text(item[0]) not in forbidden
+    )
 
 
 def _in_task_item(task: str, row: dict) -> tuple[str, list[str], int]:
@@ -195,29 +201,33 @@ def _in_task_item(task: str, row: dict) -> tuple[str, list[str], int]:
     return question, list(choices["text"]), list(choices["label"]).index(row["answerKey"].strip())
 
 
+def _rows(task: str, start: int, stop: int) -> datasets.Dataset:
+    rows = eval_dataset(task)
+    return rows.select(range(min(start, len(rows)), min(stop, len(rows))))
+
+
 @functools.lru_cache(maxsize=1)
-def _in_task_split() -> dict[str, tuple[tuple[str, tuple[str, ...], int], ...]]:
-    evaluated = {task: eval_dataset(task).select(range(min(EVALUATED_ITEMS, len(eval_dataset(task))))) for task in EVAL_TASKS}
+def _in_task_split() -> dict[str, tuple[Item, ...]]:
+    evaluated = {task: _rows(task, 0, EVALUATED_ITEMS) for task in EVAL_TASKS}
     forbidden = {normalise_text(_eval_question(task, row)) for task, rows in evaluated.items() for row in rows}
     # HellaSwag cuts one video or article into several consecutive items: none from a source an evaluated item has.
     forbidden_sources = set(evaluated["hellaswag"]["source_id"])
-    split: dict[str, list] = {"train": [], "validation": []}
-    for task in IN_TASK_SOURCES:
-        rows = eval_dataset(task)
-        for row in rows.select(range(EVALUATED_ITEMS, min(len(rows), EVALUATED_ITEMS + IN_TASK_ITEMS_PER_TASK))):
-            if normalise_text(_eval_question(task, row)) in forbidden or row.get("source_id") in forbidden_sources:
-                continue
-            question, choices, answer = _in_task_item(task, row)
-            side = "validation" if _bucket(question, VALIDATION_BUCKETS) == 0 else "train"
-            split[side].append((question.strip(), tuple(choice.strip() for choice in choices), answer))
-    return {side: tuple(items) for side, items in split.items()}
+    return _split_by_question(
+        _in_task_item(task, row)
+        for task in IN_TASK_SOURCES
+        for row in _rows(task, EVALUATED_ITEMS, EVALUATED_ITEMS + IN_TASK_ITEMS_PER_TASK)
+        if normalise_text(_eval_question(task, row)) not in forbidden and row.get("source_id") not in forbidden_sources
+    )
 
 
-def _items(
-    split: str, sources: tuple[str, ...] = TRAINING_SOURCES
-) -> tuple[tuple[str, tuple[str, ...], int], ...]:
+def _check_split(split: str) -> None:
+    # Before any data is read.
     if split not in ("train", "validation"):
         raise ValueError(f"Unknown split {split!r}: use 'train' or 'validation'.")
+
+
+def _items(split: str, sources: tuple[str, ...] = TRAINING_SOURCES) -> tuple[Item, ...]:
+    _check_split(split)
     if sources not in (TRAINING_SOURCES, WIDE_TRAINING_SOURCES):
         raise ValueError(f"Unknown sources {sources!r}: use data.TRAINING_SOURCES or data.WIDE_TRAINING_SOURCES.")
     return _split_items(sources)[split]
@@ -236,6 +246,14 @@ def _shuffled(items: list, seed: int, limit: int | None) -> list:
     return items if limit is None else items[:limit]
 
 
+def _instruction_pairs(items: Iterable[Item], seed: int, limit: int | None) -> list[dict]:
+    examples = [
+        {"prompt": _instruction_prompt(question, choices), "response": " " + choices[answer]}
+        for question, choices, answer in items
+    ]
+    return _shuffled(examples, seed, limit)
+
+
 def instruction_examples(
     split: str = "train", limit: int | None = None, seed: int = 0, sources: tuple[str, ...] = TRAINING_SOURCES
 ) -> list[dict]:
@@ -244,11 +262,7 @@ def instruction_examples(
     Shuffled by ``seed`` then cut to ``limit``; "train" and "validation" share no question. ``sources`` is
     ``TRAINING_SOURCES`` (the default) or ``WIDE_TRAINING_SOURCES`` (PIQA and SciQ too).
     """
-    examples = [
-        {"prompt": _instruction_prompt(question, choices), "response": " " + choices[answer]}
-        for question, choices, answer in _items(split, sources)
-    ]
-    return _shuffled(examples, seed, limit)
+    return _instruction_pairs(_items(split, sources), seed, limit)
 
 
 def in_task_examples(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
@@ -258,13 +272,8 @@ def in_task_examples(split: str = "train", limit: int | None = None, seed: int =
     ``EVALUATED_ITEMS`` of each task (HellaSwag items of a video or article an evaluated item shows are left out).
     An evaluation of more than the first ``EVALUATED_ITEMS`` items would score some of them.
     """
-    if split not in ("train", "validation"):
-        raise ValueError(f"Unknown split {split!r}: use 'train' or 'validation'.")
-    examples = [
-        {"prompt": _instruction_prompt(question, choices), "response": " " + choices[answer]}
-        for question, choices, answer in _in_task_split()[split]
-    ]
-    return _shuffled(examples, seed, limit)
+    _check_split(split)
+    return _instruction_pairs(_in_task_split()[split], seed, limit)
 
 
 def contrastive_pairs(limit: int | None = None, seed: int = 0) -> list[dict]:
