@@ -68,7 +68,8 @@ DEFAULT_LEARNING_RATES = {VECTOR_LR: 1e-2, MATRIX_LR: 5e-4}
 # Pairs from the evaluation tasks' own items after the first data.EVALUATED_ITEMS (data.in_task_examples): what
 # in-task training data is worth, which the package otherwise lacks. Only with --limit <= EVALUATED_ITEMS.
 IN_TASK_DATA = "instruction-in-task"
-# HellaSwag's four endings make long prompts (up to 265 tokens with the answer): at 320 none is cut.
+# HellaSwag's four endings make long prompts (up to 266 tokens with the answer and EOS, docs/data.md): at 320 none
+# is cut.
 IN_TASK_SEQ_LEN = 320
 
 
