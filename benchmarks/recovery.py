@@ -68,6 +68,9 @@ DEFAULT_LEARNING_RATES = {VECTOR_LR: 1e-2, MATRIX_LR: 5e-4}
 # Pairs from the evaluation tasks' own items after the first data.EVALUATED_ITEMS (data.in_task_examples): what
 # in-task training data is worth, which the package otherwise lacks. Only with --limit <= EVALUATED_ITEMS.
 IN_TASK_DATA = "instruction-in-task"
+# The same items in the form lm-eval scores them (the task's own prompt, then the answer, no options shown).
+CLOZE_IN_TASK_DATA = "cloze-in-task"
+IN_TASK_FORM = {IN_TASK_DATA: "options", CLOZE_IN_TASK_DATA: "cloze"}
 # HellaSwag's four endings make long prompts (up to 266 tokens with the answer and EOS, docs/data.md): at 320 none
 # is cut.
 IN_TASK_SEQ_LEN = 320
@@ -219,6 +222,8 @@ METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
     "sparse-ft-instruction-wide": (_sparse_finetuning, MATRIX_LR, True),
     "restorelcc-instruction-in-task": (_restorelcc_paper, VECTOR_LR, True),
     "sparse-ft-instruction-in-task": (_sparse_finetuning, MATRIX_LR, True),
+    "restorelcc-cloze-in-task": (_restorelcc_paper, VECTOR_LR, True),
+    "sparse-ft-cloze-in-task": (_sparse_finetuning, MATRIX_LR, True),
     # IA3 also keeps sparsity after merge; the strongest such method under distillation.
     "ia3-instruction": (_ia3, VECTOR_LR, True),
     "ia3-instruction-lr1e-3": (_ia3, VECTOR_LR, True),
@@ -258,6 +263,9 @@ RECIPE_OVERRIDES: dict[str, dict[str, Any]] = {
     # and OpenBookQA themselves.
     "restorelcc-instruction-in-task": PAPER_RECIPE | RESTORELCC_LR | {"data": IN_TASK_DATA},
     "sparse-ft-instruction-in-task": PAPER_RECIPE | {"learning_rate": 5e-5, "data": IN_TASK_DATA},
+    # Or the form? The same items as lm-eval scores them: trained on the likelihood the evaluation compares.
+    "restorelcc-cloze-in-task": PAPER_RECIPE | RESTORELCC_LR | {"data": CLOZE_IN_TASK_DATA},
+    "sparse-ft-cloze-in-task": PAPER_RECIPE | {"learning_rate": 5e-5, "data": CLOZE_IN_TASK_DATA},
     "ia3-instruction": PAPER_RECIPE,
     # RestoreLCC's rate on this recipe: at 1e-2 RestoreLCC's perplexity doubled, so IA3's may suffer the same way.
     "ia3-instruction-lr1e-3": PAPER_RECIPE | RESTORELCC_LR,
@@ -302,6 +310,8 @@ CLAIM_METHODS = [
     "sparse-ft-instruction-wide",
     "restorelcc-instruction-in-task",
     "sparse-ft-instruction-in-task",
+    "restorelcc-cloze-in-task",
+    "sparse-ft-cloze-in-task",
 ]
 
 
@@ -332,10 +342,10 @@ def trained_as_now(name: str, run: dict[str, Any], settings: dict[str, Any]) -> 
 
 
 def training_dataset(data: str, tokenizer, samples: int, seed: int) -> datasets.Dataset:
-    """The training sequences of a recipe's data: ``build_train_dataset``'s, or the in-task pairs."""
-    if data != IN_TASK_DATA:
+    """The training sequences of a recipe's data: ``build_train_dataset``'s, or the in-task pairs in one form."""
+    if data not in IN_TASK_FORM:
         return build_train_dataset(data, tokenizer, samples=samples, seed=seed)
-    examples = in_task_examples("train", limit=samples, seed=seed)
+    examples = in_task_examples("train", limit=samples, seed=seed, form=IN_TASK_FORM[data])
     return datasets.Dataset.from_list(instruction_records(examples, tokenizer, IN_TASK_SEQ_LEN))
 
 
@@ -912,7 +922,7 @@ def main() -> None:
     parser.add_argument(
         "--data",
         default="text",
-        help=f"training data: instruction, instruction-wide, {IN_TASK_DATA}, text, mixed or a .jsonl file",
+        help=f"training data: instruction, instruction-wide, {', '.join(IN_TASK_FORM)}, text, mixed or a .jsonl file",
     )
     parser.add_argument(
         "--distill-alpha",
@@ -953,7 +963,7 @@ def main() -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {sorted(METHODS)}")
-    in_task = [name for name in methods if recipe_of(name, vars(args))["data"] == IN_TASK_DATA]
+    in_task = [name for name in methods if recipe_of(name, vars(args))["data"] in IN_TASK_FORM]
     if in_task and args.limit > EVALUATED_ITEMS:
         parser.error(
             f"{', '.join(in_task)} train on the evaluation tasks' items after the first {EVALUATED_ITEMS}, and"

