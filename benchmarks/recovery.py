@@ -800,8 +800,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     )
     figure.suptitle(
         f"{settings['model']} {settings['method']} {settings.get('pattern') or settings['sparsity']}: {settings['steps']} steps x batch "
-        f"{settings['batch_size']}, {settings['limit']} items/task\n{recipe}; rows named -instruction: the paper's "
-        "recipe, LM loss on instruction answers\nbars: spread over seeds"
+        f"{settings['batch_size']}, {settings['limit']} items/task\n{recipe}; rows named -instruction or -in-task: the "
+        "paper's recipe, LM loss on the answers\nbars: spread over seeds"
         + ("; wide faint bars: item noise (paired SE)" * any(row.get("gap_recovered_item_stderr") for row in report["rows"]))
     )
     figure.tight_layout()
