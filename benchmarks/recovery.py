@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from tqdm import tqdm
 from peft_restorelcc import recovery
 from peft_restorelcc.assets import default_device, load_model, load_tokenizer
 from peft_restorelcc.calibration import LostComponents, build_restorelcc_model, score_heads, select_heads
-from peft_restorelcc.data import EVALUATED_ITEMS, in_task_examples
+from peft_restorelcc.data import EVALUATED_ITEMS, in_task_examples, instruction_examples
 from peft_restorelcc.evaluation import chance_accuracy, task_size
 from peft_restorelcc.pruning import (
     hold_pruned_weights_at_zero,
@@ -71,6 +72,10 @@ IN_TASK_DATA = "instruction-in-task"
 # The same items in the form lm-eval scores them (the task's own prompt, then the answer, no options shown).
 CLOZE_IN_TASK_DATA = "cloze-in-task"
 IN_TASK_FORM = {IN_TASK_DATA: "options", CLOZE_IN_TASK_DATA: "cloze"}
+# The recipe's pairs (which lift ARC-c, a task with no in-task items) and the cloze in-task pairs (which lift
+# HellaSwag) together, shuffled into one set.
+MIXED_IN_TASK_DATA = "instruction-and-cloze-in-task"
+IN_TASK_DATA_CHOICES = (*IN_TASK_FORM, MIXED_IN_TASK_DATA)
 # HellaSwag's four endings make long prompts (up to 266 tokens with the answer and EOS, docs/data.md): at 320 none
 # is cut.
 IN_TASK_SEQ_LEN = 320
@@ -224,6 +229,7 @@ METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
     "sparse-ft-instruction-in-task": (_sparse_finetuning, MATRIX_LR, True),
     "restorelcc-cloze-in-task": (_restorelcc_paper, VECTOR_LR, True),
     "sparse-ft-cloze-in-task": (_sparse_finetuning, MATRIX_LR, True),
+    "restorelcc-instruction-and-cloze-in-task": (_restorelcc_paper, VECTOR_LR, True),
     # IA3 also keeps sparsity after merge; the strongest such method under distillation.
     "ia3-instruction": (_ia3, VECTOR_LR, True),
     "ia3-instruction-lr1e-3": (_ia3, VECTOR_LR, True),
@@ -266,6 +272,8 @@ RECIPE_OVERRIDES: dict[str, dict[str, Any]] = {
     # Or the form? The same items as lm-eval scores them: trained on the likelihood the evaluation compares.
     "restorelcc-cloze-in-task": PAPER_RECIPE | RESTORELCC_LR | {"data": CLOZE_IN_TASK_DATA},
     "sparse-ft-cloze-in-task": PAPER_RECIPE | {"learning_rate": 5e-5, "data": CLOZE_IN_TASK_DATA},
+    # Both kinds at once: does each keep what it gave back on its own tasks?
+    "restorelcc-instruction-and-cloze-in-task": PAPER_RECIPE | RESTORELCC_LR | {"data": MIXED_IN_TASK_DATA},
     "ia3-instruction": PAPER_RECIPE,
     # RestoreLCC's rate on this recipe: at 1e-2 RestoreLCC's perplexity doubled, so IA3's may suffer the same way.
     "ia3-instruction-lr1e-3": PAPER_RECIPE | RESTORELCC_LR,
@@ -312,6 +320,7 @@ CLAIM_METHODS = [
     "sparse-ft-instruction-in-task",
     "restorelcc-cloze-in-task",
     "sparse-ft-cloze-in-task",
+    "restorelcc-instruction-and-cloze-in-task",
 ]
 
 
@@ -342,10 +351,16 @@ def trained_as_now(name: str, run: dict[str, Any], settings: dict[str, Any]) -> 
 
 
 def training_dataset(data: str, tokenizer, samples: int, seed: int) -> datasets.Dataset:
-    """The training sequences of a recipe's data: ``build_train_dataset``'s, or the in-task pairs in one form."""
-    if data not in IN_TASK_FORM:
+    """The training sequences of a recipe's data: ``build_train_dataset``'s, the in-task pairs in one form, or the
+    recipe's pairs and the cloze in-task pairs shuffled together."""
+    if data not in IN_TASK_DATA_CHOICES:
         return build_train_dataset(data, tokenizer, samples=samples, seed=seed)
-    examples = in_task_examples("train", limit=samples, seed=seed, form=IN_TASK_FORM[data])
+    if data == MIXED_IN_TASK_DATA:
+        examples = instruction_examples("train", seed=seed) + in_task_examples("train", seed=seed, form="cloze")
+        random.Random(seed).shuffle(examples)
+        examples = examples[:samples]
+    else:
+        examples = in_task_examples("train", limit=samples, seed=seed, form=IN_TASK_FORM[data])
     return datasets.Dataset.from_list(instruction_records(examples, tokenizer, IN_TASK_SEQ_LEN))
 
 
@@ -922,7 +937,7 @@ def main() -> None:
     parser.add_argument(
         "--data",
         default="text",
-        help=f"training data: instruction, instruction-wide, {', '.join(IN_TASK_FORM)}, text, mixed or a .jsonl file",
+        help=f"training data: instruction, instruction-wide, {', '.join(IN_TASK_DATA_CHOICES)}, text, mixed or a .jsonl file",
     )
     parser.add_argument(
         "--distill-alpha",
@@ -963,7 +978,7 @@ def main() -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {sorted(METHODS)}")
-    in_task = [name for name in methods if recipe_of(name, vars(args))["data"] in IN_TASK_FORM]
+    in_task = [name for name in methods if recipe_of(name, vars(args))["data"] in IN_TASK_DATA_CHOICES]
     if in_task and args.limit > EVALUATED_ITEMS:
         parser.error(
             f"{', '.join(in_task)} train on the evaluation tasks' items after the first {EVALUATED_ITEMS}, and"

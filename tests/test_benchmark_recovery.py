@@ -360,6 +360,7 @@ def test_a_semi_structured_benchmark_prunes_to_its_pattern_and_is_kept_apart(ben
         (["--methods", "lora", "--data", "instruction-in-task", "--limit", "400"], "lora train on the evaluation"),
         (["--methods", "restorelcc-cloze-in-task", "--limit", "500"], "restorelcc-cloze-in-task train on the eval"),
         (["--methods", "ia3", "--data", "cloze-in-task", "--limit", "301"], "ia3 train on the evaluation"),
+        (["--methods", "restorelcc-instruction-and-cloze-in-task", "--limit", "301"], "--limit 301 would score"),
     ],
 )
 def test_bad_sparsity_flags_are_named_before_any_model_loads(bench, tmp_path, monkeypatch, capsys, flags, message):
@@ -517,3 +518,29 @@ def test_mixed_recipe_rows_train_on_the_papers_data_with_half_the_loss_from_the_
     assert bench.trained_as_now("restorelcc-instruction-distill", mixed, settings)
     paper = mixed | {"distill_alpha": None}
     assert not bench.trained_as_now("restorelcc-instruction-distill", paper, settings)
+
+
+def test_the_mixed_row_trains_on_the_recipes_pairs_and_the_cloze_in_task_pairs_once_each(bench):
+    from peft_restorelcc.assets import load_tokenizer
+    from peft_restorelcc.data import in_task_examples, instruction_examples
+    from peft_restorelcc.training import IGNORE_INDEX
+
+    settings = {"vector_lr": 1e-2, "matrix_lr": 5e-4, "data": "text", "distill_alpha": 1}
+    name = "restorelcc-instruction-and-cloze-in-task"
+    assert bench.recipe_of(name, settings) == (
+        bench.recipe_of("restorelcc-instruction", settings) | {"data": bench.MIXED_IN_TASK_DATA}
+    )
+    tokenizer = load_tokenizer("smollm2-135m")
+    dataset = bench.training_dataset(bench.MIXED_IN_TASK_DATA, tokenizer, samples=6000, seed=1)
+
+    def prompt_of(row):
+        return tokenizer.decode([token for token, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX])
+
+    prompts = [prompt_of(row) for row in dataset]
+    expected = [e["prompt"] for e in instruction_examples("train") + in_task_examples("train", form="cloze")]
+    assert sorted(prompts) == sorted(expected)  # every pair of both, once, none cut
+    # Shuffled together, not one set after the other.
+    recipe = {e["prompt"] for e in instruction_examples("train")}
+    assert 0.3 < sum(prompt in recipe for prompt in prompts[:500]) / 500 < 0.7
+    first = bench.training_dataset(bench.MIXED_IN_TASK_DATA, tokenizer, samples=40, seed=1)
+    assert [prompt_of(row) for row in first] == prompts[:40]
