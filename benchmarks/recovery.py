@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import statistics
 import time
 from collections.abc import Callable
@@ -40,7 +39,7 @@ from tqdm import tqdm
 from peft_restorelcc import recovery
 from peft_restorelcc.assets import default_device, load_model, load_tokenizer
 from peft_restorelcc.calibration import LostComponents, build_restorelcc_model, score_heads, select_heads
-from peft_restorelcc.data import EVALUATED_ITEMS, in_task_examples, instruction_examples
+from peft_restorelcc.data import EVALUATED_ITEMS, in_task_examples, instruction_examples, shuffled
 from peft_restorelcc.evaluation import chance_accuracy, task_size
 from peft_restorelcc.pruning import (
     hold_pruned_weights_at_zero,
@@ -357,8 +356,7 @@ def training_dataset(data: str, tokenizer, samples: int, seed: int) -> datasets.
         return build_train_dataset(data, tokenizer, samples=samples, seed=seed)
     if data == MIXED_IN_TASK_DATA:
         examples = instruction_examples("train", seed=seed) + in_task_examples("train", seed=seed, form="cloze")
-        random.Random(seed).shuffle(examples)
-        examples = examples[:samples]
+        examples = shuffled(examples, seed, samples)
     else:
         examples = in_task_examples("train", limit=samples, seed=seed, form=IN_TASK_FORM[data])
     return datasets.Dataset.from_list(instruction_records(examples, tokenizer, IN_TASK_SEQ_LEN))

@@ -249,7 +249,8 @@ def _instruction_prompt(question: str, choices: tuple[str, ...]) -> str:
     return INSTRUCTION_TEMPLATE.format(question=question, options=options)
 
 
-def _shuffled(items: list, seed: int, limit: int | None) -> list:
+def shuffled(items: list, seed: int, limit: int | None) -> list:
+    """A copy of ``items`` in an order drawn with ``seed``, cut to ``limit``: how every set of pairs here is drawn."""
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be None or >= 0, got {limit}.")
     items = list(items)
@@ -262,7 +263,7 @@ def _instruction_pairs(items: Iterable[Item], seed: int, limit: int | None) -> l
         {"prompt": _instruction_prompt(question, choices), "response": " " + choices[answer]}
         for question, choices, answer in items
     ]
-    return _shuffled(examples, seed, limit)
+    return shuffled(examples, seed, limit)
 
 
 def instruction_examples(
@@ -299,7 +300,7 @@ def in_task_examples(
         {"prompt": _CLOZE_PROMPTS[task].format(question=question), "response": " " + choices[answer]}
         for task, (question, choices, answer) in tagged
     ]
-    return _shuffled(examples, seed, limit)
+    return shuffled(examples, seed, limit)
 
 
 def contrastive_pairs(limit: int | None = None, seed: int = 0) -> list[dict]:
@@ -322,7 +323,7 @@ def contrastive_pairs(limit: int | None = None, seed: int = 0) -> list[dict]:
                 "wrong": " " + rng.choice(wrongs),
             }
         )
-    return _shuffled(pairs, seed, limit)
+    return shuffled(pairs, seed, limit)
 
 
 def calibration_prompts(n: int, seed: int = 0) -> list[str]:
