@@ -229,6 +229,7 @@ METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
     "restorelcc-cloze-in-task": (_restorelcc_paper, VECTOR_LR, True),
     "sparse-ft-cloze-in-task": (_sparse_finetuning, MATRIX_LR, True),
     "restorelcc-instruction-and-cloze-in-task": (_restorelcc_paper, VECTOR_LR, True),
+    "sparse-ft-instruction-and-cloze-in-task": (_sparse_finetuning, MATRIX_LR, True),
     # IA3 also keeps sparsity after merge; the strongest such method under distillation.
     "ia3-instruction": (_ia3, VECTOR_LR, True),
     "ia3-instruction-lr1e-3": (_ia3, VECTOR_LR, True),
@@ -273,6 +274,7 @@ RECIPE_OVERRIDES: dict[str, dict[str, Any]] = {
     "sparse-ft-cloze-in-task": PAPER_RECIPE | {"learning_rate": 5e-5, "data": CLOZE_IN_TASK_DATA},
     # Both kinds at once: does each keep what it gave back on its own tasks?
     "restorelcc-instruction-and-cloze-in-task": PAPER_RECIPE | RESTORELCC_LR | {"data": MIXED_IN_TASK_DATA},
+    "sparse-ft-instruction-and-cloze-in-task": PAPER_RECIPE | {"learning_rate": 5e-5, "data": MIXED_IN_TASK_DATA},
     "ia3-instruction": PAPER_RECIPE,
     # RestoreLCC's rate on this recipe: at 1e-2 RestoreLCC's perplexity doubled, so IA3's may suffer the same way.
     "ia3-instruction-lr1e-3": PAPER_RECIPE | RESTORELCC_LR,
@@ -320,6 +322,7 @@ CLAIM_METHODS = [
     "restorelcc-cloze-in-task",
     "sparse-ft-cloze-in-task",
     "restorelcc-instruction-and-cloze-in-task",
+    "sparse-ft-instruction-and-cloze-in-task",
 ]
 
 

@@ -361,6 +361,7 @@ def test_a_semi_structured_benchmark_prunes_to_its_pattern_and_is_kept_apart(ben
         (["--methods", "restorelcc-cloze-in-task", "--limit", "500"], "restorelcc-cloze-in-task train on the eval"),
         (["--methods", "ia3", "--data", "cloze-in-task", "--limit", "301"], "ia3 train on the evaluation"),
         (["--methods", "restorelcc-instruction-and-cloze-in-task", "--limit", "301"], "--limit 301 would score"),
+        (["--methods", "sparse-ft-instruction-and-cloze-in-task", "--limit", "301"], "--limit 301 would score"),
     ],
 )
 def test_bad_sparsity_flags_are_named_before_any_model_loads(bench, tmp_path, monkeypatch, capsys, flags, message):
@@ -526,10 +527,12 @@ def test_the_mixed_row_trains_on_the_recipes_pairs_and_the_cloze_in_task_pairs_o
     from peft_restorelcc.training import IGNORE_INDEX
 
     settings = {"vector_lr": 1e-2, "matrix_lr": 5e-4, "data": "text", "distill_alpha": 1}
-    name = "restorelcc-instruction-and-cloze-in-task"
-    assert bench.recipe_of(name, settings) == (
-        bench.recipe_of("restorelcc-instruction", settings) | {"data": bench.MIXED_IN_TASK_DATA}
-    )
+    for method in ("restorelcc", "sparse-ft"):  # only the data differs from the recipe's row
+        name = f"{method}-instruction-and-cloze-in-task"
+        assert bench.recipe_of(name, settings) == (
+            bench.recipe_of(f"{method}-instruction", settings) | {"data": bench.MIXED_IN_TASK_DATA}
+        )
+        assert bench.METHODS[name] == bench.METHODS[f"{method}-instruction"]
     tokenizer = load_tokenizer("smollm2-135m")
     dataset = bench.training_dataset(bench.MIXED_IN_TASK_DATA, tokenizer, samples=6000, seed=1)
 
