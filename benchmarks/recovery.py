@@ -358,7 +358,8 @@ def training_dataset(data: str, tokenizer, samples: int, seed: int) -> datasets.
     if data not in IN_TASK_DATA_CHOICES:
         return build_train_dataset(data, tokenizer, samples=samples, seed=seed)
     if data == MIXED_IN_TASK_DATA:
-        examples = instruction_examples("train", seed=seed) + in_task_examples("train", seed=seed, form="cloze")
+        cloze = in_task_examples("train", seed=seed, form=IN_TASK_FORM[CLOZE_IN_TASK_DATA])
+        examples = instruction_examples("train", seed=seed) + cloze
         examples = shuffled(examples, seed, samples)
     else:
         examples = in_task_examples("train", limit=samples, seed=seed, form=IN_TASK_FORM[data])

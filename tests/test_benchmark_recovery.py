@@ -483,11 +483,17 @@ def test_every_row_runs_by_default_once_and_every_recipe_belongs_to_a_row(bench)
         assert bench.METHODS[name][0] is bench.METHODS["restorelcc-instruction"][0]
 
 
+def prompt_of(row: dict, tokenizer) -> str:
+    """The prompt a training sequence holds: its tokens that carry no loss, decoded."""
+    from peft_restorelcc.training import IGNORE_INDEX
+
+    return tokenizer.decode([token for token, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX])
+
+
 @pytest.mark.parametrize(("data", "form"), [("instruction-in-task", "options"), ("cloze-in-task", "cloze")])
 def test_in_task_rows_train_on_the_items_after_the_evaluated_ones_and_cut_none(bench, data, form):
     from peft_restorelcc.assets import load_tokenizer
     from peft_restorelcc.data import in_task_examples
-    from peft_restorelcc.training import IGNORE_INDEX
 
     settings = {"vector_lr": 1e-2, "matrix_lr": 5e-4, "data": "text", "distill_alpha": 1}
     rows = {"options": "instruction-in-task", "cloze": "cloze-in-task"}[form]
@@ -501,8 +507,7 @@ def test_in_task_rows_train_on_the_items_after_the_evaluated_ones_and_cut_none(b
     examples = in_task_examples("train", seed=2, form=form)
     assert len(dataset) == len(examples)  # fewer pairs than samples: all of them, as the other data choices do
     for row, example in zip(dataset, examples):
-        prompt = [token for token, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX]
-        assert tokenizer.decode(prompt) == example["prompt"]  # HellaSwag's long prompts too: nothing cut
+        assert prompt_of(row, tokenizer) == example["prompt"]  # HellaSwag's long prompts too: nothing cut
     assert len(bench.training_dataset(data, tokenizer, samples=16, seed=2)) == 16
 
 
@@ -524,7 +529,6 @@ def test_mixed_recipe_rows_train_on_the_papers_data_with_half_the_loss_from_the_
 def test_the_mixed_row_trains_on_the_recipes_pairs_and_the_cloze_in_task_pairs_once_each(bench):
     from peft_restorelcc.assets import load_tokenizer
     from peft_restorelcc.data import in_task_examples, instruction_examples
-    from peft_restorelcc.training import IGNORE_INDEX
 
     settings = {"vector_lr": 1e-2, "matrix_lr": 5e-4, "data": "text", "distill_alpha": 1}
     for method in ("restorelcc", "sparse-ft"):  # only the data differs from the recipe's row
@@ -535,15 +539,12 @@ def test_the_mixed_row_trains_on_the_recipes_pairs_and_the_cloze_in_task_pairs_o
         assert bench.METHODS[name] == bench.METHODS[f"{method}-instruction"]
     tokenizer = load_tokenizer("smollm2-135m")
     dataset = bench.training_dataset(bench.MIXED_IN_TASK_DATA, tokenizer, samples=6000, seed=1)
-
-    def prompt_of(row):
-        return tokenizer.decode([token for token, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX])
-
-    prompts = [prompt_of(row) for row in dataset]
-    expected = [e["prompt"] for e in instruction_examples("train") + in_task_examples("train", form="cloze")]
+    prompts = [prompt_of(row, tokenizer) for row in dataset]
+    recipe_pairs = instruction_examples("train")
+    expected = [e["prompt"] for e in recipe_pairs + in_task_examples("train", form="cloze")]
     assert sorted(prompts) == sorted(expected)  # every pair of both, once, none cut
     # Shuffled together, not one set after the other.
-    recipe = {e["prompt"] for e in instruction_examples("train")}
+    recipe = {e["prompt"] for e in recipe_pairs}
     assert 0.3 < sum(prompt in recipe for prompt in prompts[:500]) / 500 < 0.7
     first = bench.training_dataset(bench.MIXED_IN_TASK_DATA, tokenizer, samples=40, seed=1)
-    assert [prompt_of(row) for row in first] == prompts[:40]
+    assert [prompt_of(row, tokenizer) for row in first] == prompts[:40]
