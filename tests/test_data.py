@@ -151,6 +151,31 @@ def test_wide_sources_add_piqa_and_sciq_to_the_default_items():
         data.instruction_examples("train", sources=("piqa",))
 
 
+def test_cloze_pairs_are_the_same_items_as_the_options_pairs_without_options():
+    extra = data.EXTRA_SOURCES
+    for split, count in (
+        ("train", WIDE_TRAIN_ITEMS - TRAIN_ITEMS),
+        ("validation", WIDE_VALIDATION_ITEMS - VALIDATION_ITEMS),
+    ):
+        cloze = data.cloze_examples(split, seed=3)
+        options = data.instruction_examples(split, seed=3, sources=extra)
+        assert len(cloze) == len(options) == count
+        # Item by item in the same order: the question as ARC is scored, then the same answer; no option shown.
+        for cloze_pair, options_pair in zip(cloze, options):
+            question = options_pair["prompt"][len("Question: ") : options_pair["prompt"].index("\nA. ")]
+            assert cloze_pair["prompt"] == f"Question: {question}\nAnswer:"
+            assert cloze_pair["response"] == options_pair["response"]
+    # PIQA and SciQ alone are the wide sources' items less the default's.
+    default, wide = data.instruction_examples("train"), data.instruction_examples("train", sources=WIDE)
+    assert sorted(e["prompt"] for e in data.instruction_examples("train", sources=extra)) == sorted(
+        {e["prompt"] for e in wide} - {e["prompt"] for e in default}
+    )
+    assert data.cloze_examples("train", limit=25, seed=2) == data.cloze_examples("train", seed=2)[:25]
+    assert data.cloze_examples("train", sources=data.TRAINING_SOURCES)[0]["prompt"].endswith("\nAnswer:")
+    with pytest.raises(ValueError, match="EXTRA_SOURCES"):
+        data.cloze_examples("train", sources=("sciq",))
+
+
 def test_piqa_and_sciq_answer_the_right_solution_at_every_position():
     """Read from the raw sets independently: each item's response is its correct answer, and SciQ's answer (stored
     apart from its three distractors) does not always sit behind the same letter."""
@@ -182,6 +207,7 @@ def test_piqa_and_sciq_answer_the_right_solution_at_every_position():
 
 def test_no_evaluation_item_in_training_or_calibration_data(eval_questions):
     used = [e["prompt"] for split in ("train", "validation") for e in data.instruction_examples(split, sources=WIDE)]
+    used += [e["prompt"] for split in ("train", "validation") for e in data.cloze_examples(split)]
     used += [p["prompt"] for p in data.contrastive_pairs()]
     used += data.calibration_prompts(TRAIN_ITEMS)
     questions = {_norm(_question_of(prompt)) for prompt in used}

@@ -168,7 +168,7 @@ def test_smollm2_tokenizer_mixed_data_trains_a_tiny_llama(tmp_path: Path) -> Non
     """The real SmolLM2 tokenizer (pad == EOS, no BOS) on the real instruction and text data, with a tiny Llama of
     the same vocabulary."""
     from peft_restorelcc.assets import load_tokenizer
-    from peft_restorelcc.data import WIDE_TRAINING_SOURCES, instruction_examples
+    from peft_restorelcc.data import WIDE_TRAINING_SOURCES, instruction_and_cloze_examples, instruction_examples
 
     tokenizer = load_tokenizer("smollm2-135m")
     example = instruction_examples("train", limit=1, seed=3)[0]
@@ -192,6 +192,18 @@ def test_smollm2_tokenizer_mixed_data_trains_a_tiny_llama(tmp_path: Path) -> Non
     responses = [tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX]) for row in wide]
     cut = [response for response in responses if response not in full]
     assert len(cut) == 9 and all(any(f.startswith(response) for f in full) for response in cut)
+
+    # --data instruction-and-cloze: the default's pairs and PIQA's and SciQ's without options, each once, shuffled
+    # together; the same nine PIQA solutions outgrow the window.
+    both_examples = instruction_and_cloze_examples("train", seed=2)
+    both = build_train_dataset("instruction-and-cloze", tokenizer, samples=None, seq_len=128, seed=2)
+    assert len(both) == len(both_examples) == len(wide_examples)
+    full = [example["response"] + tokenizer.eos_token for example in both_examples]
+    responses = [tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX]) for row in both]
+    assert sum(response != answer for response, answer in zip(responses, full)) == 9
+    assert all(answer.startswith(response) for response, answer in zip(responses, full))
+    first = build_train_dataset("instruction-and-cloze", tokenizer, samples=50, seq_len=128, seed=2)
+    assert first["input_ids"] == both["input_ids"][:50]
 
     # tiny_models.make_tiny_model fixes vocab_size=97, so the same tiny shape is built here with the real vocabulary.
     config = LlamaConfig(

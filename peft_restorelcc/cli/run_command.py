@@ -56,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--data",
         default="instruction",
         help="training data: instruction (the paper's question -> answer, loss on the answer), instruction-wide "
-        "(the same plus PIQA and SciQ), text (LAMBADA windows), mixed, or a .jsonl file",
+        "(the same plus PIQA and SciQ), instruction-and-cloze (the same plus PIQA and SciQ as question -> answer, no "
+        "options shown), text (LAMBADA windows), mixed, or a .jsonl file",
     )
     # The paper's recipe by default: on the seven tasks it recovered most of the accuracy gap, where distillation on
     # text recovered perplexity instead (benchmarks/results/recovery.md).

@@ -31,9 +31,9 @@ the pruned model --model, and write the trained adapter (load it with `import pe
 PeftModel.from_pretrained) and {METRICS_FILE} to --output. Checkpoints go to --output/checkpoint-<step>;
 --resume continues the latest (or the given) one.
 
-Loss: next-token cross entropy on the response only (--data instruction, or instruction-wide: PIQA and SciQ too) or
-on every token (--data text). With --distill-from DENSE: A * KL(dense || student) + (1 - A) * LM on the same
-positions (A = --distill-alpha).
+Loss: next-token cross entropy on the response only (--data instruction; instruction-wide, PIQA and SciQ too; or
+instruction-and-cloze, PIQA and SciQ as question -> answer with no options shown) or on every token (--data text).
+With --distill-from DENSE: A * KL(dense || student) + (1 - A) * LM on the same positions (A = --distill-alpha).
 
 Defaults follow the paper: lr {PAPER_LEARNING_RATE:g}, {PAPER_EPOCHS} epochs, batch {PAPER_BATCH_SIZE}, {PAPER_SAMPLES} samples
 (750 optimizer steps). Scaled for CPU: fp32 instead of bf16, and sequences cut at --seq-len 128 tokens (the
