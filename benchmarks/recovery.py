@@ -41,6 +41,8 @@ from peft_restorelcc.assets import default_device, load_model, load_tokenizer
 from peft_restorelcc.calibration import LostComponents, build_restorelcc_model, score_heads, select_heads
 from peft_restorelcc.data import (
     EVALUATED_ITEMS,
+    WIDE_TRAINING_SOURCES,
+    cloze_examples,
     in_task_examples,
     instruction_and_cloze_examples,
     instruction_examples,
@@ -84,6 +86,9 @@ IN_TASK_DATA_CHOICES = (*IN_TASK_FORM, MIXED_IN_TASK_DATA)
 # The mix with its in-task half swapped for as many cloze pairs from sets no task evaluates (PIQA and SciQ, 2,572
 # against 2,672): does the mix's gain need the tasks' own items, or only pairs in the form they are scored in?
 MIXED_EXTRA_DATA = "instruction-and-cloze-piqa-sciq"
+# Every pair of the five sets no task evaluates in the cloze form, none with options: are the recipe's options pairs
+# needed at all?
+CLOZE_WIDE_DATA = "cloze-wide"
 # HellaSwag's four endings make long prompts (up to 266 tokens with the answer and EOS, docs/data.md): at 320 none
 # is cut.
 IN_TASK_SEQ_LEN = 320
@@ -240,6 +245,7 @@ METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
     "restorelcc-instruction-and-cloze-in-task": (_restorelcc_paper, VECTOR_LR, True),
     "sparse-ft-instruction-and-cloze-in-task": (_sparse_finetuning, MATRIX_LR, True),
     "restorelcc-instruction-and-cloze-piqa-sciq": (_restorelcc_paper, VECTOR_LR, True),
+    "restorelcc-cloze-wide": (_restorelcc_paper, VECTOR_LR, True),
     # IA3 also keeps sparsity after merge; the strongest such method under distillation.
     "ia3-instruction": (_ia3, VECTOR_LR, True),
     "ia3-instruction-lr1e-3": (_ia3, VECTOR_LR, True),
@@ -286,6 +292,7 @@ RECIPE_OVERRIDES: dict[str, dict[str, Any]] = {
     "restorelcc-instruction-and-cloze-in-task": PAPER_RECIPE | RESTORELCC_LR | {"data": MIXED_IN_TASK_DATA},
     "sparse-ft-instruction-and-cloze-in-task": PAPER_RECIPE | {"learning_rate": 5e-5, "data": MIXED_IN_TASK_DATA},
     "restorelcc-instruction-and-cloze-piqa-sciq": PAPER_RECIPE | RESTORELCC_LR | {"data": MIXED_EXTRA_DATA},
+    "restorelcc-cloze-wide": PAPER_RECIPE | RESTORELCC_LR | {"data": CLOZE_WIDE_DATA},
     "ia3-instruction": PAPER_RECIPE,
     # RestoreLCC's rate on this recipe: at 1e-2 RestoreLCC's perplexity doubled, so IA3's may suffer the same way.
     "ia3-instruction-lr1e-3": PAPER_RECIPE | RESTORELCC_LR,
@@ -335,6 +342,7 @@ CLAIM_METHODS = [
     "restorelcc-instruction-and-cloze-in-task",
     "sparse-ft-instruction-and-cloze-in-task",
     "restorelcc-instruction-and-cloze-piqa-sciq",
+    "restorelcc-cloze-wide",
 ]
 
 
@@ -365,11 +373,14 @@ def trained_as_now(name: str, run: dict[str, Any], settings: dict[str, Any]) -> 
 
 
 def training_dataset(data: str, tokenizer, samples: int, seed: int) -> datasets.Dataset:
-    """The training sequences of a recipe's data: ``build_train_dataset``'s, the in-task pairs in one form, or the
-    recipe's pairs and cloze pairs (the in-task ones, or PIQA's and SciQ's) shuffled together."""
-    if data not in (*IN_TASK_DATA_CHOICES, MIXED_EXTRA_DATA):
+    """The training sequences of a recipe's data: ``build_train_dataset``'s, the in-task pairs in one form, the
+    recipe's pairs and cloze pairs (the in-task ones, or PIQA's and SciQ's) shuffled together, or the five sets no
+    task evaluates in the cloze form alone."""
+    if data not in (*IN_TASK_DATA_CHOICES, MIXED_EXTRA_DATA, CLOZE_WIDE_DATA):
         return build_train_dataset(data, tokenizer, samples=samples, seed=seed)
-    if data == MIXED_EXTRA_DATA:  # --data instruction-and-cloze of train and run, at the in-task rows' length
+    if data == CLOZE_WIDE_DATA:
+        examples = cloze_examples("train", limit=samples, seed=seed, sources=WIDE_TRAINING_SOURCES)
+    elif data == MIXED_EXTRA_DATA:  # --data instruction-and-cloze of train and run, at the in-task rows' length
         examples = instruction_and_cloze_examples("train", limit=samples, seed=seed)
     elif data == MIXED_IN_TASK_DATA:
         cloze = in_task_examples("train", seed=seed, form=IN_TASK_FORM[CLOZE_IN_TASK_DATA])
@@ -955,6 +966,7 @@ def main() -> None:
         default="text",
         help=(
             f"training data: instruction, instruction-wide, {', '.join(IN_TASK_DATA_CHOICES)}, {MIXED_EXTRA_DATA},"
+            f" {CLOZE_WIDE_DATA},"
             " text, mixed or a .jsonl file"
         ),
     )

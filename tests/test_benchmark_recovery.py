@@ -571,3 +571,19 @@ def test_the_piqa_sciq_row_swaps_the_mixes_in_task_pairs_for_cloze_pairs_of_piqa
     assert 0.3 < sum(prompt in recipe for prompt in prompts[:500]) / 500 < 0.7
     first = bench.training_dataset(bench.MIXED_EXTRA_DATA, tokenizer, samples=40, seed=1)
     assert [prompt_of(row, tokenizer) for row in first] == prompts[:40]
+
+
+def test_the_cloze_wide_row_trains_on_every_pair_of_the_five_sets_in_the_cloze_form_alone(bench):
+    from peft_restorelcc.assets import load_tokenizer
+    from peft_restorelcc.data import WIDE_TRAINING_SOURCES, cloze_examples
+
+    settings = {"vector_lr": 1e-2, "matrix_lr": 5e-4, "data": "text", "distill_alpha": 1}
+    assert bench.recipe_of("restorelcc-cloze-wide", settings) == (
+        bench.recipe_of("restorelcc-instruction", settings) | {"data": bench.CLOZE_WIDE_DATA}
+    )
+    tokenizer = load_tokenizer("smollm2-135m")
+    dataset = bench.training_dataset(bench.CLOZE_WIDE_DATA, tokenizer, samples=6000, seed=1)
+    prompts = [prompt_of(row, tokenizer) for row in dataset]
+    pairs = cloze_examples("train", seed=1, sources=WIDE_TRAINING_SOURCES)
+    assert prompts == [e["prompt"] for e in pairs]  # each once, in the seed's order, none cut
+    assert len(prompts) == 5513 and not any("\nA. " in prompt for prompt in prompts)  # no options shown
