@@ -965,9 +965,8 @@ def main() -> None:
         "--data",
         default="text",
         help=(
-            f"training data: instruction, instruction-wide, {', '.join(IN_TASK_DATA_CHOICES)}, {MIXED_EXTRA_DATA},"
-            f" {CLOZE_WIDE_DATA},"
-            " text, mixed or a .jsonl file"
+            f"training data: instruction, instruction-wide, {', '.join(IN_TASK_DATA_CHOICES)},"
+            f" {MIXED_EXTRA_DATA}, {CLOZE_WIDE_DATA}, text, mixed or a .jsonl file"
         ),
     )
     parser.add_argument(

@@ -205,9 +205,9 @@ def build_train_dataset(
         records: list[dict[str, list[int]]] = []
         if data == "instruction-and-cloze":
             examples = data_module.instruction_and_cloze_examples("train", samples, seed)
-            records += instruction_records(examples, tokenizer, seq_len)
         elif data != "text":
             examples = data_module.instruction_examples("train", wanted_instruction[data], seed, sources)
+        if data != "text":
             records += instruction_records(examples, tokenizer, seq_len)
         if data in ("text", "mixed"):
             passages = data_module.text_passages("train")
