@@ -526,8 +526,22 @@ def test_mixed_recipe_rows_train_on_the_papers_data_with_half_the_loss_from_the_
     assert not bench.trained_as_now("restorelcc-instruction-distill", paper, settings)
 
 
-def test_the_mixed_row_trains_on_the_recipes_pairs_and_the_cloze_in_task_pairs_once_each(bench):
+def assert_recipes_pairs_shuffled_with(bench, data: str, recipe_pairs: list[dict], other_pairs: list[dict]) -> None:
+    """A mixed row's sequences (seed 1): every pair of both sets once and none cut, shuffled together rather than one
+    set after the other, and a shorter run reads the longer one's first sequences."""
     from peft_restorelcc.assets import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    dataset = bench.training_dataset(data, tokenizer, samples=6000, seed=1)
+    prompts = [prompt_of(row, tokenizer) for row in dataset]
+    assert sorted(prompts) == sorted(e["prompt"] for e in recipe_pairs + other_pairs)
+    recipe = {e["prompt"] for e in recipe_pairs}
+    assert 0.3 < sum(prompt in recipe for prompt in prompts[:500]) / 500 < 0.7
+    first = bench.training_dataset(data, tokenizer, samples=40, seed=1)
+    assert [prompt_of(row, tokenizer) for row in first] == prompts[:40]
+
+
+def test_the_mixed_row_trains_on_the_recipes_pairs_and_the_cloze_in_task_pairs_once_each(bench):
     from peft_restorelcc.data import in_task_examples, instruction_examples
 
     settings = {"vector_lr": 1e-2, "matrix_lr": 5e-4, "data": "text", "distill_alpha": 1}
@@ -537,21 +551,12 @@ def test_the_mixed_row_trains_on_the_recipes_pairs_and_the_cloze_in_task_pairs_o
             bench.recipe_of(f"{method}-instruction", settings) | {"data": bench.MIXED_IN_TASK_DATA}
         )
         assert bench.METHODS[name] == bench.METHODS[f"{method}-instruction"]
-    tokenizer = load_tokenizer("smollm2-135m")
-    dataset = bench.training_dataset(bench.MIXED_IN_TASK_DATA, tokenizer, samples=6000, seed=1)
-    prompts = [prompt_of(row, tokenizer) for row in dataset]
-    recipe_pairs = instruction_examples("train")
-    expected = [e["prompt"] for e in recipe_pairs + in_task_examples("train", form="cloze")]
-    assert sorted(prompts) == sorted(expected)  # every pair of both, once, none cut
-    # Shuffled together, not one set after the other.
-    recipe = {e["prompt"] for e in recipe_pairs}
-    assert 0.3 < sum(prompt in recipe for prompt in prompts[:500]) / 500 < 0.7
-    first = bench.training_dataset(bench.MIXED_IN_TASK_DATA, tokenizer, samples=40, seed=1)
-    assert [prompt_of(row, tokenizer) for row in first] == prompts[:40]
+    assert_recipes_pairs_shuffled_with(
+        bench, bench.MIXED_IN_TASK_DATA, instruction_examples("train"), in_task_examples("train", form="cloze")
+    )
 
 
 def test_the_piqa_sciq_row_swaps_the_mixes_in_task_pairs_for_cloze_pairs_of_piqa_and_sciq(bench):
-    from peft_restorelcc.assets import load_tokenizer
     from peft_restorelcc.data import cloze_examples, instruction_examples
 
     settings = {"vector_lr": 1e-2, "matrix_lr": 5e-4, "data": "text", "distill_alpha": 1}
@@ -562,15 +567,9 @@ def test_the_piqa_sciq_row_swaps_the_mixes_in_task_pairs_for_cloze_pairs_of_piqa
     assert bench.METHODS[name] == bench.METHODS["restorelcc-instruction"]
     # Sets no task evaluates: --limit is not capped for it.
     assert bench.MIXED_EXTRA_DATA not in bench.IN_TASK_DATA_CHOICES
-    tokenizer = load_tokenizer("smollm2-135m")
-    dataset = bench.training_dataset(bench.MIXED_EXTRA_DATA, tokenizer, samples=6000, seed=1)
-    prompts = [prompt_of(row, tokenizer) for row in dataset]
-    recipe_pairs, cloze_pairs = instruction_examples("train"), cloze_examples("train")
-    assert sorted(prompts) == sorted(e["prompt"] for e in recipe_pairs + cloze_pairs)  # each once, none cut
-    recipe = {e["prompt"] for e in recipe_pairs}
-    assert 0.3 < sum(prompt in recipe for prompt in prompts[:500]) / 500 < 0.7
-    first = bench.training_dataset(bench.MIXED_EXTRA_DATA, tokenizer, samples=40, seed=1)
-    assert [prompt_of(row, tokenizer) for row in first] == prompts[:40]
+    assert_recipes_pairs_shuffled_with(
+        bench, bench.MIXED_EXTRA_DATA, instruction_examples("train"), cloze_examples("train")
+    )
 
 
 def test_the_cloze_wide_row_trains_on_every_pair_of_the_five_sets_in_the_cloze_form_alone(bench):
