@@ -133,6 +133,9 @@ def _restorelcc_on_share(heads: float) -> Callable[[Context], Any]:
     return lambda context: context.restorelcc(heads=heads, init="paper")
 
 
+_restorelcc_on_half_the_heads = _restorelcc_on_share(0.5)
+
+
 def _lora_all_linear(context: Context):
     return get_peft_model(context.fresh_pruned(), LoraConfig(r=8, target_modules="all-linear"))
 
@@ -222,14 +225,14 @@ METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
     ),
     "restorelcc-heads-5%": (_restorelcc_on_share(0.05), VECTOR_LR, True),
     "restorelcc-heads-12.5%": (_restorelcc_on_share(0.125), VECTOR_LR, True),
-    "restorelcc-heads-50%": (_restorelcc_on_share(0.5), VECTOR_LR, True),
+    "restorelcc-heads-50%": (_restorelcc_on_half_the_heads, VECTOR_LR, True),
     **{name: (_reselected(name), VECTOR_LR, True) for name in HEAD_SELECTIONS},
     # The paper's own recipe (instruction data, LM loss on the answer) against the benchmark's --data/--distill-alpha.
     "restorelcc-instruction": (_restorelcc_paper, VECTOR_LR, True),
     "restorelcc-instruction-lr1e-2": (_restorelcc_paper, VECTOR_LR, True),
     "restorelcc-instruction-lr3e-4": (_restorelcc_paper, VECTOR_LR, True),
     "restorelcc-instruction-distill": (_restorelcc_paper, VECTOR_LR, True),
-    "restorelcc-instruction-heads-50%": (_restorelcc_on_share(0.5), VECTOR_LR, True),
+    "restorelcc-instruction-heads-50%": (_restorelcc_on_half_the_heads, VECTOR_LR, True),
     "restorelcc-instruction-heads-70%": (_restorelcc_on_share(0.7), VECTOR_LR, True),
     "lora-instruction": (_lora_all_linear, MATRIX_LR, True),
     "lora-instruction-distill": (_lora_all_linear, MATRIX_LR, True),
@@ -246,6 +249,8 @@ METHODS: dict[str, tuple[Callable[[Context], Any], float, bool]] = {
     "sparse-ft-instruction-and-cloze-in-task": (_sparse_finetuning, MATRIX_LR, True),
     "restorelcc-instruction-and-cloze-piqa-sciq": (_restorelcc_paper, VECTOR_LR, True),
     "restorelcc-cloze-wide": (_restorelcc_paper, VECTOR_LR, True),
+    "restorelcc-instruction-and-cloze-in-task-heads-50%": (_restorelcc_on_half_the_heads, VECTOR_LR, True),
+    "restorelcc-instruction-and-cloze-piqa-sciq-heads-50%": (_restorelcc_on_half_the_heads, VECTOR_LR, True),
     # IA3 also keeps sparsity after merge; the strongest such method under distillation.
     "ia3-instruction": (_ia3, VECTOR_LR, True),
     "ia3-instruction-lr1e-3": (_ia3, VECTOR_LR, True),
@@ -293,6 +298,9 @@ RECIPE_OVERRIDES: dict[str, dict[str, Any]] = {
     "sparse-ft-instruction-and-cloze-in-task": PAPER_RECIPE | {"learning_rate": 5e-5, "data": MIXED_IN_TASK_DATA},
     "restorelcc-instruction-and-cloze-piqa-sciq": PAPER_RECIPE | RESTORELCC_LR | {"data": MIXED_EXTRA_DATA},
     "restorelcc-cloze-wide": PAPER_RECIPE | RESTORELCC_LR | {"data": CLOZE_WIDE_DATA},
+    # The two mixes on twice the heads (17,280 parameters, 0.71% of LoRA's): the best data with more capacity.
+    "restorelcc-instruction-and-cloze-in-task-heads-50%": PAPER_RECIPE | RESTORELCC_LR | {"data": MIXED_IN_TASK_DATA},
+    "restorelcc-instruction-and-cloze-piqa-sciq-heads-50%": PAPER_RECIPE | RESTORELCC_LR | {"data": MIXED_EXTRA_DATA},
     "ia3-instruction": PAPER_RECIPE,
     # RestoreLCC's rate on this recipe: at 1e-2 RestoreLCC's perplexity doubled, so IA3's may suffer the same way.
     "ia3-instruction-lr1e-3": PAPER_RECIPE | RESTORELCC_LR,
@@ -343,6 +351,8 @@ CLAIM_METHODS = [
     "sparse-ft-instruction-and-cloze-in-task",
     "restorelcc-instruction-and-cloze-piqa-sciq",
     "restorelcc-cloze-wide",
+    "restorelcc-instruction-and-cloze-in-task-heads-50%",
+    "restorelcc-instruction-and-cloze-piqa-sciq-heads-50%",
 ]
 
 

@@ -586,3 +586,14 @@ def test_the_cloze_wide_row_trains_on_every_pair_of_the_five_sets_in_the_cloze_f
     pairs = cloze_examples("train", seed=1, sources=WIDE_TRAINING_SOURCES)
     assert prompts == [e["prompt"] for e in pairs]  # each once, in the seed's order, none cut
     assert len(prompts) == 5513 and not any("\nA. " in prompt for prompt in prompts)  # no options shown
+
+
+@pytest.mark.parametrize("mix", ["in-task", "piqa-sciq"])
+def test_the_mixes_on_half_the_heads_differ_from_their_mix_only_in_the_share(bench, mix):
+    settings = {"vector_lr": 1e-2, "matrix_lr": 5e-4, "data": "text", "distill_alpha": 1}
+    name = f"restorelcc-instruction-and-cloze-{mix}"
+    assert bench.recipe_of(f"{name}-heads-50%", settings) == bench.recipe_of(name, settings)
+    # The builder of the paper's recipe on 50% of the heads; the mix itself is built on the benchmark's --heads.
+    assert bench.METHODS[f"{name}-heads-50%"] == bench.METHODS["restorelcc-instruction-heads-50%"]
+    assert bench.METHODS[name] == bench.METHODS["restorelcc-instruction"]
+
