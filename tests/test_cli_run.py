@@ -32,6 +32,7 @@ def test_run_does_every_stage_and_keeps_sparsity(model_dir, tmp_path, capsys):
     # Every model answered the same items: the errors printed are paired ones.
     assert "dense - pruned average accuracy: " in printed and "(paired standard error over the same items 0." in printed
     summary = json.loads((output / "results.json").read_text())
+    assert summary["settings"]["data"] == "instruction-and-cloze"  # the default: the recipe's pairs and the cloze ones
     assert set(summary["results"]) == {"dense", "pruned", "restored"}
     assert all(len(result["items"]["boolq"]["acc"]) == 2 for result in summary["results"].values())
     for result in summary["results"].values():

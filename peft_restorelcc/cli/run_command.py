@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..training import DEFAULT_DATA
+
 DEFAULT_OUTPUT = "runs/restorelcc-run"
 
 
@@ -37,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="top",
         choices=("top", "per-layer"),
         help="top: the best-scored heads (the paper); per-layer: each layer's best, then each layer's second best, ... "
-        "(it recovered more perplexity with --data text --distill-alpha 1, no more accuracy with the defaults)",
+        "(it recovered more perplexity with --data text --distill-alpha 1, no more accuracy with --data instruction)",
     )
     parser.add_argument(
         "--init",
@@ -54,13 +56,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
         "--data",
-        default="instruction",
-        help="training data: instruction (the paper's question -> answer, loss on the answer), instruction-wide "
-        "(the same plus PIQA and SciQ), instruction-and-cloze (the same plus PIQA and SciQ as question -> answer, no "
-        "options shown), text (LAMBADA windows), mixed, or a .jsonl file",
+        default=DEFAULT_DATA,
+        help="training data: instruction-and-cloze (the default: the recipe's question -> answer pairs plus PIQA's and "
+        "SciQ's with no options shown, loss on the answer), instruction (the recipe's pairs alone, the paper's "
+        "recipe), instruction-wide (the same plus PIQA and SciQ with options), text (LAMBADA windows), mixed, or a "
+        ".jsonl file",
     )
-    # The paper's recipe by default: on the seven tasks it recovered most of the accuracy gap, where distillation on
-    # text recovered perplexity instead (benchmarks/results/recovery.md).
+    # The LM loss on answers by default: on the seven tasks it recovered accuracy, where distillation on text
+    # recovered perplexity instead (benchmarks/results/recovery.md).
     parser.add_argument(
         "--distill-alpha",
         type=float,

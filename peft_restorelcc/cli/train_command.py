@@ -16,6 +16,7 @@ from typing import Any
 
 from ..training import (
     DATA_CHOICES,
+    DEFAULT_DATA,
     PAPER_BATCH_SIZE,
     PAPER_EPOCHS,
     PAPER_LEARNING_RATE,
@@ -31,16 +32,17 @@ the pruned model --model, and write the trained adapter (load it with `import pe
 PeftModel.from_pretrained) and {METRICS_FILE} to --output. Checkpoints go to --output/checkpoint-<step>;
 --resume continues the latest (or the given) one.
 
-Loss: next-token cross entropy on the response only (--data instruction; instruction-wide, PIQA and SciQ too; or
-instruction-and-cloze, PIQA and SciQ as question -> answer with no options shown) or on every token (--data text).
+Loss: next-token cross entropy on the response only (--data instruction-and-cloze, the default: the recipe's
+question -> answer pairs with options and PIQA's and SciQ's with none shown; instruction, the recipe's pairs alone;
+instruction-wide, PIQA and SciQ with options too) or on every token (--data text).
 With --distill-from DENSE: A * KL(dense || student) + (1 - A) * LM on the same positions (A = --distill-alpha).
 
 Defaults follow the paper: lr {PAPER_LEARNING_RATE:g}, {PAPER_EPOCHS} epochs, batch {PAPER_BATCH_SIZE}, {PAPER_SAMPLES} samples
 (750 optimizer steps). Scaled for CPU: fp32 instead of bf16, and sequences cut at --seq-len 128 tokens (the
-instruction items here are shorter than 100 tokens, so none of them is cut). Measured on a 2-core machine shared
-with other jobs, SmolLM2-135M, batch 8 x 128 tokens: 6.2 s per step with --threads 1 (10.3 s with --distill-from;
-LoRA r=8 on all linear layers 9.7 s), but 18 to 48 s with 2 threads, which then fight the other jobs for the
-cores. The paper budget is then about an hour on one thread; for a quick run lower --samples or pass --max-steps.
+recipe's pairs are shorter than 100 tokens; nine of PIQA's 1,674 answers are longer and lose their end).
+Measured on a 2-core machine shared with other jobs, SmolLM2-135M, batch 8 x 128 tokens, --data instruction:
+6.2 s per step with --threads 1 (10.3 s with --distill-from; LoRA r=8 on all linear layers 9.7 s), but 18 to 48 s
+with 2 threads, which then fight the other jobs for the cores. The paper budget is then about an hour on one thread; for a quick run lower --samples or pass --max-steps.
 """
 
 
@@ -61,10 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, metavar="DIR", help="new or empty directory (or the one resumed)")
     parser.add_argument(
         "--data",
-        default="instruction",
+        default=DEFAULT_DATA,
         metavar="SOURCE",
         help=f"one of {', '.join(DATA_CHOICES)}, or a JSONL file of {{prompt, response}} or {{text}} lines "
-        "(default: instruction)",
+        f"(default: {DEFAULT_DATA})",
     )
     parser.add_argument("--samples", type=int, default=PAPER_SAMPLES, metavar="N", help="training sequences")
     parser.add_argument("--epochs", type=float, default=PAPER_EPOCHS, metavar="E", help="passes over the data")
