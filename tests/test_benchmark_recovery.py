@@ -596,4 +596,3 @@ def test_the_mixes_on_half_the_heads_differ_from_their_mix_only_in_the_share(ben
     # The builder of the paper's recipe on 50% of the heads; the mix itself is built on the benchmark's --heads.
     assert bench.METHODS[f"{name}-heads-50%"] == bench.METHODS["restorelcc-instruction-heads-50%"]
     assert bench.METHODS[name] == bench.METHODS["restorelcc-instruction"]
-

@@ -193,8 +193,8 @@ def test_smollm2_tokenizer_mixed_data_trains_a_tiny_llama(tmp_path: Path) -> Non
     cut = [response for response in responses if response not in full]
     assert len(cut) == 9 and all(any(f.startswith(response) for f in full) for response in cut)
 
-    # --data instruction-and-cloze (the default): the recipe's pairs and PIQA's and SciQ's without options, each once, shuffled
-    # together; the same nine PIQA solutions outgrow the window.
+    # --data instruction-and-cloze (the default): the recipe's pairs and PIQA's and SciQ's without options, each once,
+    # shuffled together; the same nine PIQA solutions outgrow the window.
     both_examples = instruction_and_cloze_examples("train", seed=2)
     both = build_train_dataset("instruction-and-cloze", tokenizer, samples=None, seq_len=128, seed=2)
     assert len(both) == len(both_examples) == len(wide_examples)

@@ -42,7 +42,8 @@ Defaults follow the paper: lr {PAPER_LEARNING_RATE:g}, {PAPER_EPOCHS} epochs, ba
 recipe's pairs are shorter than 100 tokens; nine of PIQA's 1,674 answers are longer and lose their end).
 Measured on a 2-core machine shared with other jobs, SmolLM2-135M, batch 8 x 128 tokens, --data instruction:
 6.2 s per step with --threads 1 (10.3 s with --distill-from; LoRA r=8 on all linear layers 9.7 s), but 18 to 48 s
-with 2 threads, which then fight the other jobs for the cores. The paper budget is then about an hour on one thread; for a quick run lower --samples or pass --max-steps.
+with 2 threads, which then fight the other jobs for the cores. The paper budget is then about an hour on one
+thread; for a quick run lower --samples or pass --max-steps.
 """
 
 
