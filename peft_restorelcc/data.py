@@ -325,8 +325,8 @@ def cloze_examples(
     correct answer's text, no options shown.
 
     The items of ``instruction_examples`` for the same ``split`` and ``sources`` (by default ``EXTRA_SOURCES``,
-    PIQA and SciQ; ``SCIENCE_SOURCES`` gives MMLU's school science), in the form ``in_task_examples(form="cloze")`` gives the evaluation tasks' own items, and
-    drawn the same way: shuffled by ``seed``, then cut to ``limit``.
+    PIQA and SciQ; ``SCIENCE_SOURCES`` gives MMLU's school science), in the form ``in_task_examples(form="cloze")``
+    gives the evaluation tasks' own items, and drawn the same way: shuffled by ``seed``, then cut to ``limit``.
     """
     examples = [
         {"prompt": CLOZE_TEMPLATE.format(question=question), "response": " " + choices[answer]}

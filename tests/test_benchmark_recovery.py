@@ -527,10 +527,16 @@ def test_mixed_recipe_rows_train_on_the_papers_data_with_half_the_loss_from_the_
 
 
 def assert_recipes_pairs_shuffled_with(
-    bench, data: str, recipe_pairs: list[dict], other_pairs: list[dict], samples: int = 6000
+    bench,
+    data: str,
+    recipe_pairs: list[dict],
+    other_pairs: list[dict],
+    samples: int = 6000,
+    recipe_share: tuple[float, float] = (0.3, 0.7),
 ) -> None:
     """A mixed row's sequences (seed 1): every pair of both sets once and none cut, shuffled together rather than one
-    set after the other, and a shorter run reads the longer one's first sequences."""
+    set after the other (the first 500 hold ``recipe_pairs`` at a share inside ``recipe_share``), and a shorter run
+    reads the longer one's first sequences."""
     from peft_restorelcc.assets import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
@@ -538,7 +544,8 @@ def assert_recipes_pairs_shuffled_with(
     prompts = [prompt_of(row, tokenizer) for row in dataset]
     assert sorted(prompts) == sorted(e["prompt"] for e in recipe_pairs + other_pairs)
     recipe = {e["prompt"] for e in recipe_pairs}
-    assert 0.3 < sum(prompt in recipe for prompt in prompts[:500]) / 500 < 0.7
+    low, high = recipe_share
+    assert low < sum(prompt in recipe for prompt in prompts[:500]) / 500 < high
     first = bench.training_dataset(data, tokenizer, samples=40, seed=1)
     assert [prompt_of(row, tokenizer) for row in first] == prompts[:40]
 
@@ -604,16 +611,12 @@ def test_the_science_rows_add_mmlus_science_pairs_to_their_mix_and_nothing_else(
     # The in-task one reads evaluation items after the first 300, so --limit stays capped for it; the other does not.
     assert (science_data in bench.IN_TASK_DATA_CHOICES) == (mix == "in-task")
     tokenizer = load_tokenizer("smollm2-135m")
-    mix_pairs = [prompt_of(row, tokenizer) for row in bench.training_dataset(mix_data, tokenizer, 8000, seed=1)]
+    mix_pairs = [{"prompt": prompt_of(row, tokenizer)} for row in bench.training_dataset(mix_data, tokenizer, 8000, 1)]
+    # Every pair of the mix and of the science set once, none cut, the science pairs (a fifth) spread through the run.
     science_pairs = cloze_examples("train", seed=1, sources=SCIENCE_SOURCES)
-    # Every pair of the mix and of the science set once, none cut, the science pairs spread through the run.
-    mixed = bench.training_dataset(science_data, tokenizer, samples=8000, seed=1)
-    prompts = [prompt_of(row, tokenizer) for row in mixed]
-    assert sorted(prompts) == sorted(mix_pairs + [e["prompt"] for e in science_pairs])
-    science = {e["prompt"] for e in science_pairs}
-    assert 0.1 < sum(prompt in science for prompt in prompts[:1000]) / 1000 < 0.35
-    shorter = bench.training_dataset(science_data, tokenizer, samples=40, seed=1)
-    assert [prompt_of(row, tokenizer) for row in shorter] == prompts[:40]
+    assert_recipes_pairs_shuffled_with(
+        bench, science_data, science_pairs, mix_pairs, samples=8000, recipe_share=(0.1, 0.35)
+    )
 
 
 @pytest.mark.parametrize("mix", ["in-task", "piqa-sciq"])
