@@ -149,12 +149,17 @@ def check_table(table: Any) -> dict[str, dict[str, Any]]:
             raise ValueError(f"{where}: missing {', '.join(missing)} (give them in the row, defaults or kinds)")
         if not 0 <= row["distill_alpha"] <= 1 or row["learning_rate"] <= 0:
             raise ValueError(f"{where}: distill_alpha must be in [0, 1] and learning_rate > 0")
-        if row["data"] not in BENCHMARK_DATA:
-            check_data_choice(row["data"])
         if row["calibration"] not in CALIBRATIONS:
             raise ValueError(f"{where}: calibration must be one of {sorted(CALIBRATIONS)}, got {row['calibration']!r}")
-        if row["tasks"] is not None:
-            row["tasks"] = resolve_tasks(row["tasks"])
+        try:
+            if row["data"] not in BENCHMARK_DATA:
+                check_data_choice(row["data"])
+        except ValueError as error:
+            raise ValueError(f"{where}: {error} The benchmark's own sets: {sorted(BENCHMARK_DATA)}.") from None
+        try:
+            row["tasks"] = None if row["tasks"] is None else resolve_tasks([str(task) for task in row["tasks"]])
+        except ValueError as error:
+            raise ValueError(f"{where}: tasks: {error}") from None
         rows[str(name)] = row
     return rows
 

@@ -39,8 +39,8 @@ def table_with(row: str) -> str:
         (table_with("  a: {kind: ia3, about: x, learning_rate: 1.0e-3, heads: 0.5}"), "unknown key 'heads' for kind ia3"),
         (table_with("  a: {kind: ia3, about: x, learning_rate: 1e-3}"), "write 1.0e-3"),
         (table_with("  a: {kind: ia3, about: x}"), "missing learning_rate"),
-        (table_with("  a: {kind: ia3, about: x, learning_rate: 1.0e-3, data: alpaca}"), "--data 'alpaca'"),
-        (table_with("  a: {kind: ia3, about: x, learning_rate: 1.0e-3, tasks: [mmlu]}"), "unknown task(s) mmlu"),
+        (table_with("  a: {kind: ia3, about: x, learning_rate: 1.0e-3, data: alpaca}"), "row 'a': --data 'alpaca'"),
+        (table_with("  a: {kind: ia3, about: x, learning_rate: 1.0e-3, tasks: [mmlu]}"), "row 'a': tasks: unknown task(s) mmlu"),
         (table_with("  a: {kind: ia3, about: x, learning_rate: 1.0e-3, calibration: boolq}"), "calibration must be"),
         (table_with("  a: {kind: restorelcc, about: x, learning_rate: 1.0e-3, heads: 0.5, selection: best, init: paper}"),
          "selection must be one of"),
@@ -74,6 +74,16 @@ def test_a_merge_keeps_runs_trained_as_the_table_says_and_names_the_others(bench
     assert dropped == ["lora-instruction seed 2", "restorelcc-lost_norm seed 0"]
     # Files measured otherwise (here fewer items per task) hold nothing to keep.
     assert results.finished_runs([{"settings": settings, "rows": rows}], settings | {"limit": 4}, table) == ({}, [])
+
+
+def test_a_row_scored_on_some_of_the_tasks_gets_the_gap_over_those(results):
+    """A task-specific row (``tasks: [...]`` in the table) against the dense and pruned rows' scores on its tasks."""
+    dense = {"tasks": {"boolq": 0.6, "arc_easy": 0.5}, "avg_acc": 0.55, "ppl": 50.0}
+    pruned = {"tasks": {"boolq": 0.4, "arc_easy": 0.3}, "avg_acc": 0.35, "ppl": 80.0, "sparsity": 0.5}
+    runs = [run(seed, {}, tasks={"boolq": accuracy}, avg_acc=accuracy) for seed, accuracy in ((0, 0.5), (1, 0.55))]
+    row = results.aggregate("restorelcc-boolq", runs, dense, pruned, tasks_above_chance=["arc_easy", "boolq"])
+    assert row["gap_recovered"] == pytest.approx(0.625) and row["gap_recovered_above_chance"] == pytest.approx(0.625)
+    assert list(row["tasks"]) == ["boolq"] and row["seeds"] == [0, 1]
 
 
 def test_the_runner_runs_resumes_and_merges_rows_on_a_tiny_model(bench, tmp_path, capsys):
