@@ -56,6 +56,22 @@ def test_a_bad_table_is_refused_naming_the_row_and_key(bench, tmp_path, text, me
     assert message in str(error.value)
 
 
+def test_the_benchmarks_own_set_holds_each_pair_once_and_cuts_no_prompt(bench):
+    """instruction-and-cloze-in-task: the recipe's pairs and the in-task cloze pairs, none cut at the benchmark's 320
+    tokens (HellaSwag's long prompts too). The library's sets are tested with the library (tests/test_training.py)."""
+    from peft_restorelcc.assets import load_tokenizer
+    from peft_restorelcc.data import in_task_examples, instruction_examples
+    from peft_restorelcc.training import IGNORE_INDEX
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    dataset = bench.training_dataset("instruction-and-cloze-in-task", tokenizer, samples=10**5, seed=2)
+    prompts = [tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX])
+               for row in dataset]  # fmt: skip
+    pairs = instruction_examples("train", seed=2) + in_task_examples("train", seed=2, form="cloze")
+    assert sorted(prompts) == sorted(pair["prompt"] for pair in pairs)
+    assert len(bench.training_dataset("instruction-and-cloze-in-task", tokenizer, samples=16, seed=2)) == 16
+
+
 def run(seed, recipe, **extra):
     return {"seed": seed, "trainable_params": 10, "tasks": {"rte": 0.4}, "avg_acc": 0.4, "ppl": 60.0,
             "sparsity_after_merge": 0.5, "train_seconds": 1.0, "train_memory_mb": 1.0, **recipe, **extra}  # fmt: skip
