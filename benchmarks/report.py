@@ -116,16 +116,20 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 def recipe_table(report: dict[str, Any]) -> str:
     """How each trained row of a recovery file was trained, as its runs record it: data, loss, learning rate."""
+
+    def recipe(run: dict[str, Any]) -> tuple[str, str, str]:
+        if "learning_rate" not in run:  # written before runs recorded their recipe: the file's settings say it
+            return str(report["settings"].get("data")), "as the file's settings say (not recorded per run)", ""
+        if run["learning_rate"] is None:
+            return "", "not trained", ""
+        alpha = run.get("distill_alpha")
+        loss = {None: "LM loss", 0: "LM loss", 1: "KL to the dense model"}.get(alpha, f"LM loss and KL to the dense model, KL weight {alpha}")
+        return str(run.get("data")), loss, f"{run['learning_rate']:g}"
+
     lines = ["| method | data | loss | learning rate |", "|---|---|---|---|"]
     for row in report["rows"]:
-        if "runs" not in row:
-            continue
-        recipes = {(run.get("data"), run.get("distill_alpha"), run.get("learning_rate")) for run in row["runs"]}
-        for data, alpha, rate in sorted(recipes, key=str):
-            loss = f"KL to the dense model, weight {alpha}" if alpha else "LM loss on the answers"
-            if data is None:  # written before runs recorded their recipe: the file's settings say it
-                data, loss = report["settings"].get("data"), "as the file's settings (not recorded per run)"
-            lines.append(f"| {row['method']} | {data} | {loss} | {'' if rate is None else f'{rate:g}'} |")
+        for data, loss, rate in dict.fromkeys(recipe(run) for run in row.get("runs", [])):
+            lines.append(f"| {row['method']} | {data} | {loss} | {rate} |")
     return "\n".join(lines)
 
 
@@ -208,6 +212,9 @@ def section(path: Path, data: Any) -> str:
     """One results file as a markdown section, headed by its path."""
     if isinstance(data, dict) and {"rows", "settings", "above_chance"} <= set(data):
         body = recovery_section(data)
+        plot = path.with_name("recovery.png")  # drawn by the benchmark before its rows became a table
+        if plot.exists() and plot.resolve().is_relative_to(ROOT):
+            body += ["", f"![{plot.parent.name}](../{plot.resolve().relative_to(ROOT)})"]
     elif isinstance(data, dict) and "rows" in data and all("model" in row for row in data["rows"]):
         body = [*_commands(data.get("commands", [])), _settings_line(data.get("settings", {})), "", pruning_table(data)]
     else:

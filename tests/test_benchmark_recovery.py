@@ -122,6 +122,14 @@ def test_the_runner_runs_resumes_and_merges_rows_on_a_tiny_model(bench, tmp_path
     shard = benchmark("--methods", "sparse-ft-instruction", "--output", str(tmp_path / "b"),
                       "--resume-from", str(tmp_path / "a" / "recovery.json"))  # fmt: skip
     assert shard["rows"][:2] == first["rows"][:2]  # the shard reuses the dense and pruned rows, not re-measured
+    # A row scored on one task (as a task-specific row will be) is one more table entry.
+    table = tmp_path / "table.yaml"
+    table.write_text(bench.TABLE.read_text() + "  lora-arc-easy: {kind: lora, about: LoRA scored on ARC-Easy alone,"
+                     " learning_rate: 5.0e-4, tasks: [arc_easy]}\n")  # fmt: skip
+    one_task = benchmark("--table", str(table), "--methods", "lora-arc-easy", "--output", str(tmp_path / "c"),
+                         "--resume-from", str(tmp_path / "a" / "recovery.json"))["rows"][-1]  # fmt: skip
+    assert one_task["method"] == "lora-arc-easy" and list(one_task["tasks"]) == ["arc_easy"]
+    assert one_task["runs"][0]["recipe"]["tasks"] == ["arc_easy"] and "| lora-arc-easy |" in (tmp_path / "c" / "recovery.md").read_text()
     shutil.rmtree(model_dir)  # a merge is bookkeeping: it loads no model
     merged = benchmark("--merge-only", "--paired-with", "restorelcc-instruction", "--output", str(tmp_path / "m"),
                        "--resume-from", str(tmp_path / "a" / "recovery.json"), str(tmp_path / "b" / "recovery.json"))
