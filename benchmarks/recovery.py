@@ -260,9 +260,10 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 def evaluate(model: torch.nn.Module, context: Context, tasks: list[str] | None = None) -> dict[str, Any]:
     args = context.args
+    # Every row keeps each item's score, for paired errors.
     return recovery.evaluate_model(model, context.tokenizer, tasks=tasks, limit=args.limit,
                                    perplexity_passages=args.perplexity_passages, batch_size=args.eval_batch_size,
-                                   per_item=True)  # fmt: skip  (every row keeps its items, for paired errors)
+                                   per_item=True)  # fmt: skip
 
 
 def measured_row(results: dict[str, Any]) -> dict[str, Any]:
