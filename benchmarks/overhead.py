@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -154,6 +156,7 @@ def main() -> None:
         name: sum(p.numel() for p in model.parameters() if p.requires_grad) for name, model in train_models.items()
     }
     results = {
+        "command": shlex.join(["python", "benchmarks/overhead.py", *sys.argv[1:]]),
         "device": device,
         "torch_threads": torch.get_num_threads(),
         "shape": "SmolLM2-135M (30 layers x 9 heads, head_dim 64), random weights, 50% magnitude-pruned",

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import torch
+from report import pruning_table
 from tqdm import tqdm
 
 from peft_restorelcc import recovery
@@ -39,6 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    command = shlex.join(["python", "benchmarks/pruning.py", *sys.argv[1:]])
     tokenizer = load_tokenizer(args.model)
     dense = load_model(args.model)
     evaluate = dict(limit=args.limit, perplexity_passages=args.perplexity_passages)
@@ -61,7 +65,7 @@ def main() -> None:
         )
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(
-            json.dumps({"settings": vars(args) | {"output": str(args.output)}, "rows": rows}, indent=2)
+            json.dumps({"settings": vars(args) | {"output": str(args.output)}, "commands": [command], "rows": rows}, indent=2)
         )
 
     add_row("dense", dense, None)
@@ -71,22 +75,7 @@ def main() -> None:
         add_row(name, pruned, report)
         del pruned
 
-    tasks = list(rows[0]["tasks"])
-    lines = [
-        "| model | " + " | ".join(tasks) + " | avg | perplexity | sparsity | pruning s |",
-        "|---|" + "---|" * (len(tasks) + 4),
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['model']} | "
-            + " | ".join(f"{row['tasks'][t]:.3f}" for t in tasks)
-            + f" | {row['avg_acc']:.3f} | {row['ppl']:.2f} | "
-            + ("" if row["sparsity"] is None else f"{row['sparsity']:.3f}")
-            + " | "
-            + ("" if row["prune_seconds"] is None else f"{row['prune_seconds']:.0f}")
-            + " |"
-        )
-    table = "\n".join(lines)
+    table = pruning_table({"rows": rows})
     args.output.with_suffix(".md").write_text(table + "\n")
     print(table)
 

@@ -1,0 +1,298 @@
+"""Every results file of benchmarks/results/ as markdown, so that no number in the docs is typed by hand.
+
+    python benchmarks/report.py > docs/benchmarks.md     # every file's table (a test checks the committed copy)
+    python benchmarks/report.py --brief                  # the README's one table: dense / pruned / the methods
+
+Each section is headed by the file's path and the commands the file records (or says that it records none). The
+recovery files get their table of rows; pruning.json its table; any other file (overhead.json, calibration.json, a
+future one) is rendered from its structure: values as key/value tables, lists of records as tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+# What a recovery results file measured, as its section shows it; two files that agree on these hold comparable rows
+# (recovery_results.measured_alike). Kept here so that this script imports no model code: it runs in a second.
+MEASUREMENT_SETTINGS = ("model", "method", "sparsity", "pattern", "steps", "batch_size", "limit",
+                        "perplexity_passages", "prune_samples", "calibration_samples", "pairs")  # fmt: skip
+RESULTS = ROOT / "benchmarks" / "results"
+
+# The README's brief table: the file with RestoreLCC, LoRA and every weight on one pruned model and one budget (the
+# H200 ran the paper's 750 steps; the CPU's 750-step file has no LoRA row), and its rows with their labels.
+BRIEF_FILE = RESULTS / "recovery-750-steps" / "recovery.json"
+BRIEF_ROWS = {
+    "dense": ("dense", ""),
+    "pruned": ("pruned", ""),
+    "restorelcc-instruction": ("RestoreLCC, 25% of the heads", "the paper's recipe"),
+    "lora-instruction": ("LoRA r=8, every linear layer", "the paper's recipe"),
+    "restorelcc-instruction-and-cloze-in-task": ("RestoreLCC, 25% of the heads", "the recipe's and the tasks' own pairs"),
+    "sparse-ft-instruction-and-cloze-in-task": ("every weight, pruned ones held at zero", "the recipe's and the tasks' own pairs"),
+}  # fmt: skip
+
+
+def _spread(value: float | None, std: float | None, fmt: str) -> str:
+    return (fmt.format(value) + (f" ± {fmt.format(std)}" if std else "")) if value is not None else ""
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """A recovery results file's rows: per-task accuracy, average, shares of the accuracy gap (every task, and the
+    tasks above chance) with their item noise, perplexity and its share, sparsity after merge, costs, seeds; then
+    the paired differences (``--paired-with``) and which tasks are above chance."""
+    rows = report["rows"]
+    tasks = list(rows[0]["tasks"])
+    lines = [
+        "| method | trainable params | " + " | ".join(tasks) + " | avg acc | gap recovered (acc) | item noise (acc) | "
+        "gap recovered (acc, tasks above chance) | ppl | gap recovered (log ppl) | sparsity after merge | train s | "
+        "train memory MB | seeds | ran on |",
+        "|---|" + "---|" * (len(tasks) + 12),
+    ]
+
+    def item_noise_cell(row: dict[str, Any], key: str = "gap_recovered_item_stderr") -> str:
+        noise = row.get(key)
+        return "" if noise is None else f"±{noise:.0%}"
+
+    def above_chance_cell(row: dict[str, Any]) -> str:
+        share = _spread(row.get("gap_recovered_above_chance"), row.get("gap_recovered_above_chance_std"), "{:.0%}")
+        noise = item_noise_cell(row, "gap_recovered_above_chance_item_stderr")
+        return share + (f" (items {noise})" if share and noise else "")
+
+    def train_time(row: dict[str, Any]) -> str:
+        by_device = row.get("train_seconds_by_device") or {}
+        if len(by_device) > 1:
+            return " / ".join(f"{seconds:.0f} {device}" for device, seconds in by_device.items())
+        return f"{row.get('train_seconds', 0):.0f}"
+
+    for row in rows:
+        lines.append(
+            f"| {row['method']} | {row['trainable_params']:,} | "
+            + " | ".join(f"{row['tasks'][task]:.3f}" if task in row["tasks"] else "" for task in tasks)
+            + f" | {_spread(row['avg_acc'], row.get('avg_acc_std'), '{:.3f}')}"
+            + f" | {_spread(row.get('gap_recovered'), row.get('gap_recovered_std'), '{:.0%}')} | {item_noise_cell(row)}"
+            + f" | {above_chance_cell(row)}"
+            + f" | {_spread(row['ppl'], row.get('ppl_std'), '{:.2f}')}"
+            + f" | {_spread(row.get('gap_recovered_ppl'), row.get('gap_recovered_ppl_std'), '{:.0%}')}"
+            + f" | {_spread(row['sparsity_after_merge'], 0, '{:.4f}')} | {train_time(row)}"
+            + f" | {_spread(row.get('train_memory_mb'), 0, '{:.0f}')} | "
+            + ",".join(map(str, row.get("seeds", [])))
+            + f" | {row.get('device', '')} |"
+        )
+    if report.get("paired_with"):
+        paired = report["paired_with"]
+
+        def seed_of(pair: dict[str, Any]) -> str:
+            seeds = pair["seeds"]
+            return "" if not seeds else f" (seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))})"
+
+        def stderr_of(pair: dict[str, Any]) -> str:
+            return "" if pair["stderr"] is None else f" ± {pair['stderr']:.4f}"
+
+        lines.append(
+            f"\nOn the same items, over the tasks above chance, accuracy minus {paired['method']}'s (± the paired"
+            " standard error): "
+            + (
+                "; ".join(
+                    f"{method}{seed_of(pair)} {pair['difference']:+.4f}{stderr_of(pair)}"
+                    for method, pair in paired["differences"].items()
+                )
+                or "none (no task above chance, or no other row kept its items on a seed this one ran)"
+            )
+            + "."
+        )
+    if "above_chance" in report:
+        chance = report["above_chance"]
+        lines.append(
+            f"\nTasks above chance (the dense model beats a question-blind answer by more than {chance['z']} standard"
+            f" errors): {', '.join(chance['tasks']) or 'none'}. Chance: "
+            + ", ".join(f"{task} {value:.3f}" for task, value in chance["chance"].items())
+            + "."
+        )
+    return "\n".join(lines)
+
+
+def recipe_table(report: dict[str, Any]) -> str:
+    """How each trained row of a recovery file was trained, as its runs record it: data, loss, learning rate."""
+
+    def recipe(run: dict[str, Any]) -> tuple[str, str, str]:
+        if "learning_rate" not in run:  # written before runs recorded their recipe: the file's settings say it
+            return str(report["settings"].get("data")), "as the file's settings say (not recorded per run)", ""
+        if run["learning_rate"] is None:
+            return "", "not trained", ""
+        alpha = run.get("distill_alpha")
+        loss = {None: "LM loss", 0: "LM loss", 1: "KL to the dense model"}.get(alpha, f"LM loss and KL to the dense model, KL weight {alpha}")
+        return str(run.get("data")), loss, f"{run['learning_rate']:g}"
+
+    lines = ["| method | data | loss | learning rate |", "|---|---|---|---|"]
+    for row in report["rows"]:
+        for data, loss, rate in dict.fromkeys(recipe(run) for run in row.get("runs", [])):
+            lines.append(f"| {row['method']} | {data} | {loss} | {rate} |")
+    return "\n".join(lines)
+
+
+def pruning_table(report: dict[str, Any]) -> str:
+    """benchmarks/pruning.py's rows: per-task accuracy, average, perplexity, sparsity, pruning time."""
+    rows = report["rows"]
+    tasks = list(rows[0]["tasks"])
+    lines = [
+        "| model | " + " | ".join(tasks) + " | avg | perplexity | sparsity | pruning s |",
+        "|---|" + "---|" * (len(tasks) + 4),
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | "
+            + " | ".join(f"{row['tasks'][t]:.3f}" for t in tasks)
+            + f" | {row['avg_acc']:.3f} | {row['ppl']:.2f} | "
+            + ("" if row["sparsity"] is None else f"{row['sparsity']:.3f}")
+            + " | "
+            + ("" if row["prune_seconds"] is None else f"{row['prune_seconds']:.0f}")
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list) and all(not isinstance(item, (dict, list)) for item in value):
+        return ", ".join(map(str, value))
+    return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _is_nested(value: Any) -> bool:
+    return isinstance(value, dict) or (isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value))
+
+
+def structure(data: Any, level: int = 3) -> list[str]:
+    """Any JSON value as markdown: a mapping's plain values as one key/value table, each nested value under its own
+    bold heading; a list of flat records as one table; a list of nested records one block each."""
+    if isinstance(data, list):
+        if all(isinstance(item, dict) and not any(map(_is_nested, item.values())) for item in data):
+            columns = list(dict.fromkeys(key for item in data for key in item))
+            return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + [
+                "| " + " | ".join(_cell(item.get(column)) for column in columns) + " |" for item in data
+            ]
+        lines: list[str] = []
+        for index, item in enumerate(data, 1):
+            lines += [f"{'#' * level} {index}", "", *structure(item, level + 1), ""]
+        return lines
+    if not isinstance(data, dict):
+        return [_cell(data)]
+    plain = {key: value for key, value in data.items() if not _is_nested(value)}
+    lines = ["| key | value |", "|---|---|", *(f"| {key} | {_cell(value)} |" for key, value in plain.items())] if plain else []
+    for key, value in data.items():
+        if _is_nested(value):
+            lines += ["", f"**{key}**", "", *structure(value, level)]
+    return lines
+
+
+def _commands(commands: list[str]) -> list[str]:
+    if not commands:
+        return ["The file records no command."]
+    return ["```bash", *commands, "```"]
+
+
+def _settings_line(settings: dict[str, Any], keys: tuple[str, ...] | None = None) -> str:
+    shown = {key: settings.get(key) for key in keys} if keys else settings
+    return "Its settings: " + ", ".join(f"{key} `{value}`" for key, value in shown.items()) + "."
+
+
+def recovery_section(report: dict[str, Any]) -> list[str]:
+    lines = _commands(report.get("commands", []))
+    if not report.get("commands"):
+        shards = len(report["settings"].get("resume_from") or [])
+        lines.append(_settings_line(report["settings"], MEASUREMENT_SETTINGS) + f" Runs merged from {shards} shard{'s' * (shards != 1)}.")
+    return lines + ["", markdown_table(report), "", "How each row trained:", "", recipe_table(report)]
+
+
+def section(path: Path, data: Any) -> str:
+    """One results file as a markdown section, headed by its path."""
+    if isinstance(data, dict) and {"rows", "settings", "above_chance"} <= set(data):
+        body = recovery_section(data)
+        plot = path.with_name("recovery.png")  # drawn by the benchmark before its rows became a table
+        if plot.exists() and plot.resolve().is_relative_to(ROOT):
+            body += ["", f"![{plot.parent.name}](../{plot.resolve().relative_to(ROOT)})"]
+    elif isinstance(data, dict) and "rows" in data and all("model" in row for row in data["rows"]):
+        body = [*_commands(data.get("commands", [])), _settings_line(data.get("settings", {})), "", pruning_table(data)]
+    else:
+        body = [*_commands([data["command"]] if isinstance(data, dict) and "command" in data else []), "",
+                *structure(data)]  # fmt: skip
+    try:
+        name = path.resolve().relative_to(ROOT)
+    except ValueError:
+        name = path
+    return "\n".join([f"## `{name}`", "", *body]).rstrip() + "\n"
+
+
+def results_files(results: Path = RESULTS) -> list[Path]:
+    return sorted(results.glob("*.json")) + sorted(results.glob("*/recovery.json"))
+
+
+def table_rows(path: Path = ROOT / "benchmarks" / "recovery_methods.yaml") -> str:
+    """The rows benchmarks/recovery.py runs now, from its table (which it checks; here only shown)."""
+    import yaml
+
+    table = yaml.safe_load(path.read_text())
+    lines = ["| row | kind | data | distill_alpha | learning rate | what it is |", "|---|---|---|---|---|---|"]
+    for name, own in table["rows"].items():
+        row = table.get("defaults", {}) | own
+        lines.append(f"| {name} | {row['kind']} | {row['data']} | {row['distill_alpha']} | {row['learning_rate']:g} |"
+                     f" {row['about']} |")  # fmt: skip
+    return "\n".join([f"## The rows `benchmarks/recovery.py` runs now (`{path.relative_to(ROOT)}`)", "", *lines, ""])
+
+
+def render(results: Path = RESULTS) -> str:
+    header = [
+        "# Benchmark results",
+        "",
+        "Generated from the results files by `python benchmarks/report.py > docs/benchmarks.md`: do not edit by hand.",
+        "Rows, columns and the commands are those the files record. In the recovery tables the share of the gap is",
+        "(restored - pruned) / (dense - pruned) of the average accuracy, ± the spread over seeds; the item noise is",
+        "the paired standard error of that share over the items scored. Files may hold rows since retired from the",
+        "benchmark's table; each file's last table says how its rows trained.",
+        "",
+    ]
+    return "\n".join(header) + "\n" + table_rows() + "\n" + "\n".join(section(path, json.loads(path.read_text())) for path in results_files(results))
+
+
+def brief(path: Path = BRIEF_FILE, rows: dict[str, tuple[str, str]] = BRIEF_ROWS) -> str:
+    """The README's one table, from one recovery results file: the rows of ``rows`` with their labels."""
+    report = json.loads(path.read_text())
+    by_name = {row["method"]: row for row in report["rows"]}
+    settings, above = report["settings"], report["above_chance"]["tasks"]
+    devices = sorted({run.get("device", "?") for name in rows for run in by_name[name].get("runs", [])})
+    pruning = settings.get("pattern") or f"{settings['sparsity']:.0%}"
+    lines = [
+        f"From `{path.resolve().relative_to(ROOT)}`: {settings['model']} pruned by {settings['method']}"
+        f" {pruning}, {settings['steps']} steps of batch {settings['batch_size']} on {', '.join(devices)}, the first"
+        f" {settings['limit']} items of each task. Share of the gap over the {len(above)} tasks the dense model is"
+        f" above chance on ({', '.join(above)}), ± the spread over seeds; perplexity on held-out LAMBADA.",
+        "",
+        "| model | trained on | trainable params | sparsity after merge | share of the gap | held-out perplexity |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, (label, data) in rows.items():
+        row = by_name[name]
+        seeds = row.get("seeds", [])
+        share = _spread(row.get("gap_recovered_above_chance"), row.get("gap_recovered_above_chance_std"), "{:.0%}")
+        share += f" ({len(seeds)} seed{'s' * (len(seeds) > 1)})" if seeds else ""
+        lines.append(
+            f"| {label} | {data} | {row['trainable_params']:,} | {row['sparsity_after_merge']:.4f} | {share} |"
+            f" {_spread(row['ppl'], row.get('ppl_std'), '{:.1f}')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--brief", action="store_true", help="only the README's table, from " + str(BRIEF_FILE.relative_to(ROOT)))
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the folder of results files")
+    args = parser.parse_args()
+    print(brief() if args.brief else render(args.results), end="\n" if args.brief else "")
+
+
+if __name__ == "__main__":
+    main()
