@@ -189,9 +189,14 @@ def structure(data: Any, level: int = 3) -> list[str]:
     return lines
 
 
+LEGACY_COMMIT = "df172c2"
+
+
 def _commands(commands: list[str]) -> list[str]:
     if not commands:
-        return ["The file records no command."]
+        # Files written before the runner recorded its commands: the README of that time gave them beside the tables.
+        return [f"The file records no command; the commands that made it are in the README of commit {LEGACY_COMMIT} "
+                f"(`git show {LEGACY_COMMIT}:README.md`), beside its table, in the flags of the runner of that time."]
     return ["```bash", *commands, "```"]
 
 

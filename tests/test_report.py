@@ -56,4 +56,4 @@ def test_a_results_file_of_another_shape_is_rendered_from_its_structure(report, 
     assert "```bash\npython benchmarks/scaling.py --sizes 1 2\n```" in page
     assert "| size | seconds |\n|---|---|\n| 1 | 0.25 |\n| 2 | 0.5 |" in page
     assert "**totals**\n\n| key | value |\n|---|---|\n| seconds | 0.75 |" in page
-    assert page.count("The file records no command.") == 1 and "| machine | 2 cores |" in page
+    assert page.count("The file records no command;") == 1 and "| machine | 2 cores |" in page
