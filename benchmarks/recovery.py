@@ -32,6 +32,7 @@ import datasets
 import torch
 import yaml
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from recovery_plot import plot
 from recovery_results import (
     above_chance,
     aggregate,
@@ -463,6 +464,7 @@ def main(argv: list[str] | None = None) -> None:
                    "finished": all(key in done for key in plan)}  # fmt: skip
         results_file.write_text(json.dumps(report, indent=2) + "\n")
         (args.output / "recovery.md").write_text(markdown_table(report) + "\n")
+        plot(report, args.output / "recovery.png")
         return report
 
     for name, seed in tqdm(plan, desc="rows x seeds"):

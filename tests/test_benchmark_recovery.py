@@ -152,6 +152,8 @@ def test_the_runner_runs_resumes_and_merges_rows_on_a_tiny_model(bench, tmp_path
     section = report.section(tmp_path / "m" / "recovery.json", merged)
     assert all(command in section for command in merged["commands"]) and "| sparse-ft-instruction | " in section
     assert (tmp_path / "m" / "recovery.md").read_text() == report.markdown_table(merged) + "\n"
+    # And the plot of the merged rows, drawn from the same file.
+    assert (tmp_path / "m" / "recovery.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     # Measured otherwise: nothing to merge, a clear error and nothing written.
     with pytest.raises(SystemExit, match="no dense and pruned rows measured with these settings"):
         benchmark("--merge-only", "--limit", "3", "--output", str(tmp_path / "none"),
