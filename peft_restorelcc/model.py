@@ -19,7 +19,7 @@ from .heads import (
     layer_index_of,
     projection_shape,
 )
-from .layer import Linear, RestoreLCCLayer
+from .layer import Linear, RestoreLCCLayer, broken_adapter_error
 
 
 def restorelcc_layers(model: nn.Module) -> Iterator[RestoreLCCLayer]:
@@ -155,8 +155,32 @@ class RestoreLCCModel(BaseTuner):
                 stacklevel=3,
             )
 
-    def _unload_and_optionally_merge(self, merge: bool = True, *args, **kwargs) -> nn.Module:
-        model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
+    def _check_finite_before_merge(self, adapter_names: list[str] | None) -> None:
+        """Every layer's compensation checked before the first is merged: PEFT merges layer by layer, so a NaN in
+        the last layer would otherwise leave the earlier ones merged (and, in merge_and_unload, unwrapped)."""
+        for layer in restorelcc_layers(self.model):
+            names = layer.active_adapters if adapter_names is None else adapter_names
+            for adapter_name in names:
+                if adapter_name in layer.restorelcc_basis and not layer.shift_is_finite(adapter_name):
+                    raise broken_adapter_error(adapter_name, layer.layer_index)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            self._check_finite_before_merge(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        if merge and safe_merge:
+            self._check_finite_before_merge(adapter_names)
+        model = super()._unload_and_optionally_merge(
+            merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
         if merge:
             # A bias the merge created must survive save_pretrained + a stock reload: switch the config on.
             export.make_output_bias_reloadable(model)
