@@ -94,6 +94,10 @@ class RestoreLCCLayer(BaseTunerLayer):
             self.reset_restorelcc_parameters(adapter_name, config.init_std)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.head_indices.pop(adapter_name, None)
+
     def reset_restorelcc_parameters(self, adapter_name: str, init_std: float) -> None:
         for parameters in (self.restorelcc_magnitude, self.restorelcc_bias):
             if adapter_name in parameters:

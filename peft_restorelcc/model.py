@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
@@ -189,6 +190,55 @@ class RestoreLCCModel(BaseTuner):
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # RestoreLCC tensors are created in fp32 and kept there; nothing to cast.
         return
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        # PEFT takes the new active adapter from the first layer it visits. A RestoreLCC adapter may be absent from
+        # that layer (its heads are in other layers), which left no active adapter while others remained. Choose at
+        # the model level instead, and set it on every layer alike.
+        active_before = list(self.active_adapters)
+        super().delete_adapter(adapter_name)
+        if adapter_name in active_before and self.peft_config:
+            remaining_active = [name for name in active_before if name != adapter_name]
+            self.set_adapter(remaining_active or next(iter(self.peft_config)))
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Add ``adapter_name``, whose vector at every head is ``sum_i weights[i] * (m_i V_i + b_i)`` of ``adapters``.
+
+        RestoreLCC adds a constant per head, so this weighted sum is exact (it is what the weighted adapters would
+        add together). The result is a per-head bias (``use_components=False``) on the union of their heads: their
+        bases differ, so no single basis and magnitudes can hold it.
+        """
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError(f"Pass one weight per adapter; got adapters={adapters} and weights={weights}.")
+        unknown = [name for name in adapters if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapters {unknown} do not exist; existing adapters: {list(self.peft_config)}.")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; choose a new name or delete it first.")
+        first = self.peft_config[adapters[0]]
+        if any(self.peft_config[name].target_modules != first.target_modules for name in adapters):
+            raise ValueError(
+                f"Adapters {adapters} target different modules; only adapters on the same projections can be combined."
+            )
+        heads: dict[int, list[int]] = {}
+        for layer in restorelcc_layers(self.model):
+            union = sorted({head for name in adapters for head in layer.head_indices.get(name, [])})
+            if union:
+                heads[layer.layer_index] = union
+        self.peft_config[adapter_name] = replace(
+            first, heads=heads, use_components=False, use_bias=True, init_weights=False
+        )
+        self.inject_adapter(self.model, adapter_name)
+        with torch.no_grad():
+            for layer in restorelcc_layers(self.model):
+                if adapter_name not in layer.restorelcc_bias:
+                    continue
+                combined = layer.restorelcc_bias[adapter_name]
+                row_of_head = {head: row for row, head in enumerate(layer.head_indices[adapter_name])}
+                for name, weight in zip(adapters, weights):
+                    if name in layer.restorelcc_basis:
+                        rows = [row_of_head[head] for head in layer.head_indices[name]]
+                        combined[rows] += weight * layer.head_vectors(name)
 
     @torch.no_grad()
     def set_head_state(self, adapter_name: str, layer_index: int, **tensors: torch.Tensor) -> None:

@@ -139,7 +139,9 @@ def test_save_and_load_reproduce_the_outputs(architecture, config_name, safe_ser
     assert_non_trivial(adapted, base_logits(architecture, inputs))
     model.save_pretrained(tmp_path, safe_serialization=safe_serialization)
     weights_file = "adapter_model.safetensors" if safe_serialization else "adapter_model.bin"
-    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["adapter_config.json", "README.md", weights_file])
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        ["adapter_config.json", "README.md", weights_file]
+    )
     loaded = PeftModel.from_pretrained(make_tiny_model(architecture), tmp_path).eval()
     assert_same(logits(loaded, inputs), adapted)
     # Loaded for inference: nothing trains; is_trainable=True makes exactly the adapter's m and b trainable.
@@ -212,7 +214,11 @@ def test_training_changes_only_the_adapter(architecture, config_name):
     before = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     config = model.peft_config["default"]
-    expected = {name for name, used in [("restorelcc_magnitude", config.use_components), ("restorelcc_bias", config.use_bias)] if used}
+    expected = {
+        name
+        for name, used in [("restorelcc_magnitude", config.use_components), ("restorelcc_bias", config.use_bias)]
+        if used
+    }
     assert {name.rsplit(".", 2)[-2] for name in trainable} == expected
     model.train()
     # Every parameter goes to the optimiser, as a careless training script would: only the adapter may move.
