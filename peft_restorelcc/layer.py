@@ -211,13 +211,17 @@ class Linear(nn.Module, RestoreLCCLayer):
         self._bias_before_merge = None
         self._bias_was_created = False
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         active = list(self.active_adapters)
         if isinstance(self.base_layer, BaseTunerLayer):
             # Another tuner's layer sits inside: let it run, then add the shift it cannot see.
@@ -231,6 +235,24 @@ class Linear(nn.Module, RestoreLCCLayer):
         if bias is None:
             return self.base_layer(x, *args, **kwargs)
         return projection_forward(self.base_layer, x, bias)
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Sample i gets the shift of ``adapter_names[i]`` (none for ``"__base__"`` or an adapter absent here)."""
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} samples; pass one "
+                "adapter name per sample."
+            )
+        result = self.base_layer(x, *args, **kwargs)
+        per_sample = result.new_zeros(len(adapter_names), self.out_features)
+        # One matrix-vector product per distinct adapter, not per sample.
+        for adapter_name in dict.fromkeys(adapter_names):
+            if adapter_name in self.restorelcc_basis:
+                rows = [index for index, name in enumerate(adapter_names) if name == adapter_name]
+                per_sample[rows] = self.output_shift([adapter_name]).to(result.dtype)
+        return result + per_sample.view(len(adapter_names), *([1] * (result.dim() - 2)), self.out_features)
 
     def __repr__(self) -> str:
         return "restorelcc." + super().__repr__()

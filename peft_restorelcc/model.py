@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -190,6 +191,39 @@ class RestoreLCCModel(BaseTuner):
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # RestoreLCC tensors are created in fp32 and kept there; nothing to cast.
         return
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """Mixed adapter batches, as in PEFT's LoRA: ``model(..., adapter_names=[one name per sample])``, with
+        ``"__base__"`` for no adapter. Without this hook PeftModel would drop the argument silently."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call model.eval().")
+        if not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(f"adapter_names must be a list of adapter names, one per sample; got {adapter_names!r}.")
+        unknown = sorted({name for name in adapter_names if name != "__base__"} - set(self.peft_config))
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}.")
+        if any(layer.merged for layer in restorelcc_layers(self.model)):
+            raise ValueError("Cannot pass `adapter_names` while adapters are merged; call unmerge_adapter() first.")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            # Beam search repeats every sample num_beams times.
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+
+        def inject(module, args, module_kwargs):
+            module_kwargs["adapter_names"] = adapter_names
+            return args, module_kwargs
+
+        handles = [layer.register_forward_pre_hook(inject, with_kwargs=True) for layer in restorelcc_layers(self.model)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def delete_adapter(self, adapter_name: str) -> None:
         # PEFT takes the new active adapter from the first layer it visits. A RestoreLCC adapter may be absent from

@@ -3,6 +3,8 @@ guard, training, gradient checkpointing, generate and half precision, on tiny Ll
 with several configs (see conformance.py). Outputs are compared with the base model and with an independent
 computation of what the method adds, and every check first makes sure the adapter changes the logits."""
 
+import copy
+import pickle
 import warnings
 
 import pytest
@@ -334,3 +336,37 @@ def test_inference_mode_config_trains_nothing_and_gives_the_same_outputs(archite
     assert not any(parameter.requires_grad for parameter in frozen.parameters())
     assert any(parameter.requires_grad for parameter in trainable.parameters())
     assert_same(logits(frozen, inputs), logits(trainable, inputs))
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_modules_to_save_train_save_and_reload(architecture, tmp_path):
+    inputs = random_input_ids()
+    model = restorelcc_model(architecture, "some_heads_k3", modules_to_save=["lm_head"])
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(inputs, labels=inputs).loss.backward()
+    optimizer.step()
+    model.eval()
+    trained = logits(model, inputs)
+    with model.disable_adapter():
+        assert_same(logits(model, inputs), base_logits(architecture, inputs))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_tiny_model(architecture), tmp_path).eval()
+    assert_same(logits(loaded, inputs), trained)
+    # The trained lm_head copy matters: without it the output differs.
+    assert_non_trivial(trained, logits(restorelcc_model(architecture, "some_heads_k3"), inputs))
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_pickle_deepcopy_and_status(architecture):
+    inputs = random_input_ids()
+    model = restorelcc_model(architecture, "bias_only")
+    adapted = logits(model, inputs)
+    assert_same(logits(pickle.loads(pickle.dumps(model)), inputs), adapted)
+    assert_same(logits(copy.deepcopy(model), inputs), adapted)
+    status = model.get_model_status()
+    assert status.peft_types == {"default": "RESTORELCC"} and status.num_adapter_layers == 2
+    assert status.trainable_params == 3 * 8 and status.enabled is True and status.merged_adapters == []
+    model.merge_adapter()
+    assert model.get_model_status().merged_adapters == ["default"]
+    assert {layer.module_type for layer in model.get_layer_status()} == {"restorelcc.Linear"}

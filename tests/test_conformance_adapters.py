@@ -285,3 +285,47 @@ def test_registration_is_idempotent_in_any_order():
         result = subprocess.run([sys.executable, "-c", code, order], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
         assert result.stdout.split() == ["RESTORELCC"]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_mixed_adapter_batch_gives_each_sample_its_adapter(architecture):
+    inputs = random_input_ids(batch=4)
+    names = ["other", "__base__", "default", "other"]
+    model = two_adapter_model(architecture)
+    default = logits(model, inputs)
+    model.set_adapter("other")
+    other = logits(model, inputs)
+    with model.disable_adapter():
+        base = logits(model, inputs)
+    assert_non_trivial(default, other)
+    expected = torch.stack(
+        [{"default": default, "other": other, "__base__": base}[name][i] for i, name in enumerate(names)]
+    )
+    with torch.no_grad():
+        mixed = model(inputs, adapter_names=names).logits
+    torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-6)
+    # generate, with beam search repeating every sample.
+    prompt = inputs[:2, :5]
+    settings = {"max_new_tokens": 3, "num_beams": 2, "do_sample": False, "pad_token_id": 0}
+    together = model.generate(input_ids=prompt, adapter_names=["default", "__base__"], **settings)
+    model.set_adapter("default")
+    alone = model.generate(input_ids=prompt[:1], **settings)
+    with model.disable_adapter():
+        alone_base = model.generate(input_ids=prompt[1:], **settings)
+    assert torch.equal(together[:1], alone) and torch.equal(together[1:], alone_base)
+
+
+@pytest.mark.parametrize(
+    "names, prepare, message",
+    [
+        (["default", "typo"], "eval", "non-existing adapter.*typo"),
+        (["default"], "eval", "one adapter name per sample"),
+        (["default", "other"], "train", "training mode"),
+        (["default", "other"], "merge", "merged"),
+    ],
+)
+def test_mixed_adapter_batch_refuses_bad_input(names, prepare, message):
+    model = two_adapter_model("llama")
+    getattr(model, {"eval": "eval", "train": "train", "merge": "merge_adapter"}[prepare])()
+    with pytest.raises(ValueError, match=message):
+        model(random_input_ids(batch=2), adapter_names=names)
