@@ -107,17 +107,6 @@ def projection_weight(module: nn.Module) -> torch.Tensor:
     raise ValueError(f"{type(module).__name__} is not a Linear or Conv1D projection.")
 
 
-def projection_forward(module: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The projection's own forward with ``bias`` in place of its bias (same kernels, so the same rounding)."""
-    if isinstance(module, nn.Linear):
-        return nn.functional.linear(x, module.weight, bias)
-    if isinstance(module, Conv1D):
-        # As Conv1D.forward: addmm over the flattened tokens.
-        output = torch.addmm(bias, x.view(-1, x.size(-1)), module.weight)
-        return output.view(x.size()[:-1] + (module.nf,))
-    raise ValueError(f"{type(module).__name__} is not a Linear or Conv1D projection.")
-
-
 def layer_index_of(module_name: str) -> int:
     """The decoder layer index in a module path such as ``model.layers.12.self_attn.o_proj``."""
     match = _LAYER_INDEX.search("." + module_name)

@@ -9,9 +9,10 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from torch.func import functional_call
 
 from .config import RestoreLCCConfig
-from .heads import projection_forward, projection_shape, projection_weight
+from .heads import projection_shape, projection_weight
 
 
 def broken_adapter_error(adapter_name: str, layer_index: int) -> ValueError:
@@ -229,12 +230,13 @@ class Linear(nn.Module, RestoreLCCLayer):
             output_shift = self.output_shift(active)
             return result if output_shift is None else result + output_shift.to(result.dtype)
         # Adding the shift to the heads' input and projecting equals adding W @ shift to the bias: one
-        # matrix-vector product per forward instead of touching every token's activations, computed exactly as the
-        # merge computes it, so merging changes no output.
+        # matrix-vector product per forward instead of touching every token's activations. The projection runs with
+        # the bias that merging would write (functional_call swaps it in for this call, keeping the module's hooks
+        # and gradients to m and b), so merging changes no output, bit for bit.
         bias = self.shifted_bias(active)
         if bias is None:
             return self.base_layer(x, *args, **kwargs)
-        return projection_forward(self.base_layer, x, bias)
+        return functional_call(self.base_layer, {"bias": bias}, (x, *args), kwargs)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any

@@ -370,3 +370,15 @@ def test_pickle_deepcopy_and_status(architecture):
     model.merge_adapter()
     assert model.get_model_status().merged_adapters == ["default"]
     assert {layer.module_type for layer in model.get_layer_status()} == {"restorelcc.Linear"}
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_hooks_on_the_wrapped_projection_still_fire(architecture):
+    # Calibration hooks the projection under the adapter (its raw head inputs): the adapter must call it.
+    inputs = random_input_ids()
+    model = restorelcc_model(architecture, "some_heads_k3")
+    seen = []
+    for layer in restorelcc_layers(model):
+        layer.get_base_layer().register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-1]))
+    logits(model, inputs)
+    assert seen == [layer.in_features for layer in restorelcc_layers(model)]
