@@ -87,6 +87,16 @@ class RestoreLCCModel(BaseTuner):
                 f"base model has {len(projections)}. Load it onto the model it was calibrated for."
             )
         heads_per_layer = {projection.layer_index: projection.num_heads for projection in projections}
+        if config.heads is not None and config.layers_to_transform is not None:
+            kept = config.layers_to_transform
+            kept = {kept} if isinstance(kept, int) else set(kept)
+            excluded = sorted(set(config.heads) - kept)
+            if excluded:
+                raise ValueError(
+                    f"heads names layers {excluded}, which layers_to_transform={config.layers_to_transform} leaves "
+                    "out; their compensation would be dropped. Remove those layers from heads or add them to "
+                    "layers_to_transform."
+                )
         for layer_index, head_indices in (config.heads or {}).items():
             if layer_index not in heads_per_layer:
                 raise ValueError(

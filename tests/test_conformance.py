@@ -303,11 +303,16 @@ def test_half_precision_base(architecture, dtype):
     torch.testing.assert_close(adapted.float(), logits(full, inputs), rtol=0, atol=tolerance)
     with model.disable_adapter():
         assert_same(logits(model, inputs), base)
+    settings = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0, "return_dict_in_generate": True}
+    generated = model.generate(input_ids=inputs[:, :5], output_scores=True, **settings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.merge_adapter()
     assert_same(logits(model, inputs), adapted)
     assert all(layer.get_base_layer().bias.dtype == dtype for layer in restorelcc_layers(model))
+    generated_merged = model.generate(input_ids=inputs[:, :5], output_scores=True, **settings)
+    assert torch.equal(generated.sequences, generated_merged.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(generated.scores, generated_merged.scores))
     # Training steps in half precision reach the fp32 adapter.
     model.unmerge_adapter()
     model.train()
@@ -382,3 +387,22 @@ def test_hooks_on_the_wrapped_projection_still_fire(architecture):
         layer.get_base_layer().register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-1]))
     logits(model, inputs)
     assert seen == [layer.in_features for layer in restorelcc_layers(model)]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_layers_to_transform_inputs_embeds_and_repeated_merge(architecture):
+    inputs = random_input_ids()
+    model = restorelcc_model(architecture, "all_heads", layers_to_transform=[1])
+    assert [layer.layer_index for layer in restorelcc_layers(model)] == [1]
+    adapted = logits(model, inputs)
+    assert_non_trivial(adapted, base_logits(architecture, inputs))
+    with torch.no_grad():
+        from_embeddings = model(inputs_embeds=model.get_input_embeddings()(inputs)).logits
+    assert_same(from_embeddings, adapted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.merge_adapter()
+        model.merge_adapter()  # PEFT warns that everything is merged already and changes nothing
+    assert_same(logits(model, inputs), adapted)
+    model.unmerge_adapter()
+    assert_same(logits(model, inputs), adapted)
