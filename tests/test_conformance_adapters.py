@@ -2,6 +2,7 @@
 other tuners alongside, and RESTORELCC as a real ``peft.PeftType`` member."""
 
 import json
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -260,13 +261,16 @@ def test_a_config_saved_with_the_plain_string_still_loads(tmp_path):
     assert_same(logits(loaded, inputs), logits(model, inputs))
 
 
-def test_registration_is_idempotent_in_any_order():
-    # Fresh interpreters: peft first or the package first, then repeated registration and reloads.
+def test_registration_is_idempotent_in_any_order(tmp_path):
+    # Fresh interpreters: peft first (then a pickled config, whose unpickling imports the package and so registers
+    # the member before it is looked up) or the package first; then repeated registration and a reload.
+    (tmp_path / "config.pkl").write_bytes(pickle.dumps(restorelcc_config("some_heads_k3")))
     code = textwrap.dedent(
         """
-        import importlib, sys
+        import importlib, pickle, sys
         if sys.argv[1] == "peft-first":
             import peft
+            assert type(pickle.load(open(sys.argv[2], "rb"))).__name__ == "RestoreLCCConfig"
         import peft_restorelcc
         peft_restorelcc._register_with_peft(); peft_restorelcc._register_with_peft()
         importlib.reload(peft_restorelcc)
@@ -282,7 +286,8 @@ def test_registration_is_idempotent_in_any_order():
         """
     )
     for order in ("peft-first", "package-first"):
-        result = subprocess.run([sys.executable, "-c", code, order], capture_output=True, text=True)
+        command = [sys.executable, "-c", code, order, str(tmp_path / "config.pkl")]
+        result = subprocess.run(command, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
         assert result.stdout.split() == ["RESTORELCC"]
 
