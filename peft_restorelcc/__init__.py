@@ -1,7 +1,8 @@
 """peft_restorelcc: RestoreLCC as a PEFT tuner type.
 
-Importing this package registers the ``RESTORELCC`` method with PEFT, so ``get_peft_model``,
-``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` know it. Import it before loading an adapter.
+Importing this package registers the ``RESTORELCC`` method with PEFT: ``peft.PeftType.RESTORELCC`` becomes a member
+of PEFT's enum and the method enters PEFT's tables, so ``get_peft_model``, ``PeftModel.from_pretrained`` and
+``AutoPeftModelForCausalLM`` know it. Import it before loading an adapter.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ class RestoreLCCConfig(PeftConfig):
         super().__post_init__()
         # The enum member once the package has registered it (always, after import); configs saved with the plain
         # string load the same way.
-        self.peft_type = PeftType._value2member_map_.get(PEFT_TYPE, PEFT_TYPE)
+        self.peft_type = PeftType.__members__.get(PEFT_TYPE, PEFT_TYPE)
         self.heads = normalize_heads(self.heads)
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
