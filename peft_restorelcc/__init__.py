@@ -1,7 +1,8 @@
 """peft_restorelcc: RestoreLCC as a PEFT tuner type.
 
-Importing this package registers the ``RESTORELCC`` method with PEFT, so ``get_peft_model``,
-``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` know it. Import it before loading an adapter.
+Importing this package registers the ``RESTORELCC`` method with PEFT: ``peft.PeftType.RESTORELCC`` becomes a member
+of PEFT's enum and the method enters PEFT's tables, so ``get_peft_model``, ``PeftModel.from_pretrained`` and
+``AutoPeftModelForCausalLM`` know it. Import it before loading an adapter.
 """
 
 from __future__ import annotations
@@ -15,19 +16,52 @@ __version__ = "0.1.0"
 __all__ = ["hub", "RestoreLCCConfig", "RestoreLCCLayer", "RestoreLCCModel", "Linear", "restorelcc_layers", "PEFT_TYPE"]
 
 
-def _register_with_peft() -> None:
-    """Fill PEFT's method tables. Idempotent: a second import, or a reload, overwrites the same entries.
+def _peft_type_member():
+    """``peft.PeftType.RESTORELCC``, added to PEFT's closed str-enum on first call and reused afterwards.
 
-    ``peft.utils.register_peft_method`` only accepts members of PEFT's closed ``PeftType`` enum, and refuses a
-    second registration. ``PeftType`` is a str-enum, so the plain string key compares equal wherever PEFT looks a
-    type up, and writing the tables directly needs neither.
+    PEFT reads ``config.peft_type.value``, calls ``PeftType(name)`` and iterates ``list(PeftType)``, so the type
+    must be a real member, built the way ``enum`` builds one (a str instance with name, value and sort order).
+    """
+    from peft.utils.peft_types import PeftType
+
+    existing = PeftType._member_map_.get(PEFT_TYPE)
+    if existing is not None:
+        return existing
+    member = str.__new__(PeftType, PEFT_TYPE)
+    member._name_ = PEFT_TYPE
+    member._value_ = PEFT_TYPE
+    member.__objclass__ = PeftType
+    member._sort_order_ = len(PeftType._member_names_)
+    # type.__setattr__: EnumType's own __setattr__ refuses to touch members.
+    type.__setattr__(PeftType, PEFT_TYPE, member)
+    PeftType._member_names_.append(PEFT_TYPE)
+    PeftType._member_map_[PEFT_TYPE] = member
+    PeftType._value2member_map_[PEFT_TYPE] = member
+    return member
+
+
+def _register_with_peft() -> None:
+    """Make RESTORELCC a PEFT method: a ``PeftType`` member, then PEFT's own ``register_peft_method``.
+
+    Idempotent, so a second import, ``importlib.reload`` or a registration hook running it again all work: the
+    enum member is reused, and entries of an earlier registration are dropped first because
+    ``register_peft_method`` refuses a name twice (a reload brings new classes that must replace the old ones).
+    Not mixed-compatible: PEFT's ``PeftMixedModel`` dispatches on a hard-coded list of LoRA-like tuners.
     """
     from peft import mapping
+    from peft.utils import register_peft_method
 
-    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = RestoreLCCConfig
-    mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = RestoreLCCModel
-    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = RestoreLCCModel.prefix
-    mapping.PEFT_TYPE_TO_MIXED_MODEL_MAPPING[PEFT_TYPE] = RestoreLCCModel
+    peft_type = _peft_type_member()
+    for table in (
+        mapping.PEFT_TYPE_TO_CONFIG_MAPPING,
+        mapping.PEFT_TYPE_TO_TUNER_MAPPING,
+        mapping.PEFT_TYPE_TO_PREFIX_MAPPING,
+        mapping.PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
+    ):
+        table.pop(peft_type, None)
+    register_peft_method(
+        name=PEFT_TYPE.lower(), config_cls=RestoreLCCConfig, model_cls=RestoreLCCModel, prefix=RestoreLCCModel.prefix
+    )
 
 
 _register_with_peft()

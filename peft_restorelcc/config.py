@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
+from peft.utils.peft_types import PeftType
 
 PEFT_TYPE = "RESTORELCC"
 
@@ -99,7 +100,9 @@ class RestoreLCCConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = PEFT_TYPE
+        # The enum member once the package has registered it (always, after import); configs saved with the plain
+        # string load the same way.
+        self.peft_type = PeftType.__members__.get(PEFT_TYPE, PEFT_TYPE)
         self.heads = normalize_heads(self.heads)
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)

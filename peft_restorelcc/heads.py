@@ -163,4 +163,14 @@ def find_head_projections(
             "Pass the name (or dotted suffix) of the attention output projection."
         )
     found.sort(key=lambda projection: projection.layer_index)
+    for first, second in zip(found, found[1:]):
+        if first.layer_index == second.layer_index:
+            # Heads are addressed by layer index (config.heads, calibration files): two projections per layer
+            # would share every address.
+            raise ValueError(
+                f"target_modules={target_modules!r} matches more than one module in layer {first.layer_index} "
+                f"({first.name}, {second.name}); RestoreLCC compensates the heads of one attention output projection "
+                "per layer. Name it by a suffix that includes its parent, e.g. 'attn.c_proj' for GPT-2 (plain "
+                "'c_proj' also matches the MLP)."
+            )
     return found

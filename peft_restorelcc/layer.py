@@ -9,9 +9,18 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from torch.func import functional_call
 
 from .config import RestoreLCCConfig
 from .heads import projection_shape, projection_weight
+
+
+def broken_adapter_error(adapter_name: str, layer_index: int) -> ValueError:
+    """The safe-merge refusal, in the words PEFT's own tuners use (code matching their message catches it too)."""
+    return ValueError(
+        f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken: its RestoreLCC "
+        f"compensation for layer {layer_index} has non-finite (NaN/inf) values. Nothing was merged."
+    )
 
 
 class RestoreLCCLayer(BaseTunerLayer):
@@ -86,6 +95,10 @@ class RestoreLCCLayer(BaseTunerLayer):
             self.reset_restorelcc_parameters(adapter_name, config.init_std)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.head_indices.pop(adapter_name, None)
+
     def reset_restorelcc_parameters(self, adapter_name: str, init_std: float) -> None:
         for parameters in (self.restorelcc_magnitude, self.restorelcc_bias):
             if adapter_name in parameters:
@@ -113,12 +126,29 @@ class RestoreLCCLayer(BaseTunerLayer):
         return None if shift is None else shift.reshape(self.in_features)
 
     def output_shift(self, adapter_names: list[str]) -> torch.Tensor | None:
-        """(out_features,): the input shift seen through the projection weight, ``W @ shift``, in the weight's dtype."""
+        """(out_features,): the input shift seen through the projection weight, ``W @ shift``, in the weight's dtype.
+
+        The product runs in the weight's dtype so that autograd keeps no fp32 copy of a half-precision weight.
+        """
         shift = self.input_shift(adapter_names)
         if shift is None:
             return None
         weight = projection_weight(self.get_base_layer())
         return torch.mv(weight, shift.to(weight.dtype))
+
+    def shift_is_finite(self, adapter_name: str) -> bool:
+        return bool(torch.isfinite(self.output_shift([adapter_name])).all())
+
+    def shifted_bias(self, adapter_names: list[str]) -> torch.Tensor | None:
+        """The projection's bias plus ``W @ shift``, summed in fp32 and rounded once to the bias dtype: exactly what
+        merging writes into the bias, so merged and unmerged outputs are the same bit for bit in every dtype."""
+        output_shift = self.output_shift(adapter_names)
+        if output_shift is None:
+            return None
+        bias = self.get_base_layer().bias
+        if bias is None:
+            return output_shift
+        return (bias.float() + output_shift.float()).to(bias.dtype)
 
 
 class Linear(nn.Module, RestoreLCCLayer):
@@ -146,24 +176,26 @@ class Linear(nn.Module, RestoreLCCLayer):
         if not adapter_names:
             return
         base_layer = self.get_base_layer()
-        weight = projection_weight(base_layer)
-        shift = self.input_shift(adapter_names)
-        # Merge in fp32 so a bf16 base loses no more than the final rounding.
-        bias_delta = weight.detach().float() @ shift.detach().float()
-        old_bias = base_layer.bias
-        new_bias = bias_delta if old_bias is None else old_bias.detach().float() + bias_delta
+        if safe_merge:
+            # Checked per adapter and before anything is written, so a broken adapter leaves the layer untouched.
+            for adapter_name in adapter_names:
+                if not self.shift_is_finite(adapter_name):
+                    raise broken_adapter_error(adapter_name, self.layer_index)
+        with torch.no_grad():
+            new_bias = self.shifted_bias(adapter_names).detach()
         if safe_merge and not torch.isfinite(new_bias).all():
             raise ValueError(
-                f"Merging adapters {adapter_names} into layer {self.layer_index} gives non-finite bias values; "
-                "the adapter weights seem to be broken (NaN/inf). Nothing was merged."
+                f"NaNs detected in the merged weights. The adapter {adapter_names[0]} seems to be broken: merging "
+                f"{adapter_names} into layer {self.layer_index} gives a non-finite bias. Nothing was merged."
             )
+        old_bias = base_layer.bias
         if not self.merged:
             self._bias_before_merge = None if old_bias is None else old_bias.detach().clone()
             self._bias_was_created = old_bias is None
         if old_bias is None:
-            base_layer.bias = nn.Parameter(new_bias.to(weight.dtype), requires_grad=False)
+            base_layer.bias = nn.Parameter(new_bias, requires_grad=False)
         else:
-            old_bias.data = new_bias.to(old_bias.dtype)
+            old_bias.data = new_bias
         self.merged_adapters.extend(adapter_names)
 
     def unmerge(self) -> None:
@@ -180,20 +212,49 @@ class Linear(nn.Module, RestoreLCCLayer):
         self._bias_before_merge = None
         self._bias_was_created = False
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result
-        # Adding the shift to the heads' input and projecting equals adding W @ shift to the output: one
-        # matrix-vector product per forward instead of touching every token's activations.
-        output_shift = self.output_shift(list(self.active_adapters))
-        if output_shift is None:
-            return result
-        return result + output_shift.to(result.dtype)
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
+        active = list(self.active_adapters)
+        if isinstance(self.base_layer, BaseTunerLayer):
+            # Another tuner's layer sits inside: let it run, then add the shift it cannot see.
+            result = self.base_layer(x, *args, **kwargs)
+            output_shift = self.output_shift(active)
+            return result if output_shift is None else result + output_shift.to(result.dtype)
+        # Adding the shift to the heads' input and projecting equals adding W @ shift to the bias: one
+        # matrix-vector product per forward instead of touching every token's activations. The projection runs with
+        # the bias that merging would write (functional_call swaps it in for this call, keeping the module's hooks
+        # and gradients to m and b), so merging changes no output, bit for bit.
+        bias = self.shifted_bias(active)
+        if bias is None:
+            return self.base_layer(x, *args, **kwargs)
+        return functional_call(self.base_layer, {"bias": bias}, (x, *args), kwargs)
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Sample i gets the shift of ``adapter_names[i]`` (none for ``"__base__"`` or an adapter absent here)."""
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} samples; pass one "
+                "adapter name per sample."
+            )
+        result = self.base_layer(x, *args, **kwargs)
+        per_sample = result.new_zeros(len(adapter_names), self.out_features)
+        # One matrix-vector product per distinct adapter, not per sample.
+        for adapter_name in dict.fromkeys(adapter_names):
+            if adapter_name in self.restorelcc_basis:
+                rows = [index for index, name in enumerate(adapter_names) if name == adapter_name]
+                per_sample[rows] = self.output_shift([adapter_name]).to(result.dtype)
+        return result + per_sample.view(len(adapter_names), *([1] * (result.dim() - 2)), self.out_features)
 
     def __repr__(self) -> str:
         return "restorelcc." + super().__repr__()

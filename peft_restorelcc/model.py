@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
@@ -19,7 +21,7 @@ from .heads import (
     layer_index_of,
     projection_shape,
 )
-from .layer import Linear, RestoreLCCLayer
+from .layer import Linear, RestoreLCCLayer, broken_adapter_error
 
 
 def restorelcc_layers(model: nn.Module) -> Iterator[RestoreLCCLayer]:
@@ -85,6 +87,16 @@ class RestoreLCCModel(BaseTuner):
                 f"base model has {len(projections)}. Load it onto the model it was calibrated for."
             )
         heads_per_layer = {projection.layer_index: projection.num_heads for projection in projections}
+        if config.heads is not None and config.layers_to_transform is not None:
+            kept = config.layers_to_transform
+            kept = {kept} if isinstance(kept, int) else set(kept)
+            excluded = sorted(set(config.heads) - kept)
+            if excluded:
+                raise ValueError(
+                    f"heads names layers {excluded}, which layers_to_transform={config.layers_to_transform} leaves "
+                    "out; their compensation would be dropped. Remove those layers from heads or add them to "
+                    "layers_to_transform."
+                )
         for layer_index, head_indices in (config.heads or {}).items():
             if layer_index not in heads_per_layer:
                 raise ValueError(
@@ -155,8 +167,32 @@ class RestoreLCCModel(BaseTuner):
                 stacklevel=3,
             )
 
-    def _unload_and_optionally_merge(self, merge: bool = True, *args, **kwargs) -> nn.Module:
-        model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
+    def _check_finite_before_merge(self, adapter_names: list[str] | None) -> None:
+        """Every layer's compensation checked before the first is merged: PEFT merges layer by layer, so a NaN in
+        the last layer would otherwise leave the earlier ones merged (and, in merge_and_unload, unwrapped)."""
+        for layer in restorelcc_layers(self.model):
+            names = layer.active_adapters if adapter_names is None else adapter_names
+            for adapter_name in names:
+                if adapter_name in layer.restorelcc_basis and not layer.shift_is_finite(adapter_name):
+                    raise broken_adapter_error(adapter_name, layer.layer_index)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            self._check_finite_before_merge(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        if merge and safe_merge:
+            self._check_finite_before_merge(adapter_names)
+        model = super()._unload_and_optionally_merge(
+            merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
         if merge:
             # A bias the merge created must survive save_pretrained + a stock reload: switch the config on.
             export.make_output_bias_reloadable(model)
@@ -165,6 +201,88 @@ class RestoreLCCModel(BaseTuner):
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # RestoreLCC tensors are created in fp32 and kept there; nothing to cast.
         return
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """Mixed adapter batches, as in PEFT's LoRA: ``model(..., adapter_names=[one name per sample])``, with
+        ``"__base__"`` for no adapter. Without this hook PeftModel would drop the argument silently."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call model.eval().")
+        if not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(f"adapter_names must be a list of adapter names, one per sample; got {adapter_names!r}.")
+        unknown = sorted({name for name in adapter_names if name != "__base__"} - set(self.peft_config))
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}.")
+        if any(layer.merged for layer in restorelcc_layers(self.model)):
+            raise ValueError("Cannot pass `adapter_names` while adapters are merged; call unmerge_adapter() first.")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            # Beam search repeats every sample num_beams times.
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+
+        def inject(module, args, module_kwargs):
+            module_kwargs["adapter_names"] = adapter_names
+            return args, module_kwargs
+
+        handles = [layer.register_forward_pre_hook(inject, with_kwargs=True) for layer in restorelcc_layers(self.model)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        # PEFT takes the new active adapter from the first layer it visits. A RestoreLCC adapter may be absent from
+        # that layer (its heads are in other layers), which left no active adapter while others remained. Choose at
+        # the model level instead, and set it on every layer alike.
+        active_before = list(self.active_adapters)
+        super().delete_adapter(adapter_name)
+        if adapter_name in active_before and self.peft_config:
+            remaining_active = [name for name in active_before if name != adapter_name]
+            self.set_adapter(remaining_active or next(iter(self.peft_config)))
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Add ``adapter_name``, whose vector at every head is ``sum_i weights[i] * (m_i V_i + b_i)`` of ``adapters``.
+
+        RestoreLCC adds a constant per head, so this weighted sum is exact (it is what the weighted adapters would
+        add together). The result is a per-head bias (``use_components=False``) on the union of their heads: their
+        bases differ, so no single basis and magnitudes can hold it.
+        """
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError(f"Pass one weight per adapter; got adapters={adapters} and weights={weights}.")
+        unknown = [name for name in adapters if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapters {unknown} do not exist; existing adapters: {list(self.peft_config)}.")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; choose a new name or delete it first.")
+        first = self.peft_config[adapters[0]]
+        if any(self.peft_config[name].target_modules != first.target_modules for name in adapters):
+            raise ValueError(
+                f"Adapters {adapters} target different modules; only adapters on the same projections can be combined."
+            )
+        heads: dict[int, list[int]] = {}
+        for layer in restorelcc_layers(self.model):
+            union = sorted({head for name in adapters for head in layer.head_indices.get(name, [])})
+            if union:
+                heads[layer.layer_index] = union
+        self.peft_config[adapter_name] = replace(
+            first, heads=heads, use_components=False, use_bias=True, init_weights=False
+        )
+        self.inject_adapter(self.model, adapter_name)
+        with torch.no_grad():
+            for layer in restorelcc_layers(self.model):
+                if adapter_name not in layer.restorelcc_bias:
+                    continue
+                combined = layer.restorelcc_bias[adapter_name]
+                row_of_head = {head: row for row, head in enumerate(layer.head_indices[adapter_name])}
+                for name, weight in zip(adapters, weights):
+                    if name in layer.restorelcc_basis:
+                        rows = [row_of_head[head] for head in layer.head_indices[name]]
+                        combined[rows] += weight * layer.head_vectors(name)
 
     @torch.no_grad()
     def set_head_state(self, adapter_name: str, layer_index: int, **tensors: torch.Tensor) -> None:

@@ -258,7 +258,7 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, Path | None, Path, str 
 def run(args: argparse.Namespace) -> int:
     model_path, teacher_path, output, checkpoint = _check_args(args)
 
-    from peft import PeftModel
+    from peft import PeftModel, PeftType
 
     import peft_restorelcc  # noqa: F401  (registers RESTORELCC with PEFT before the adapter is read)
 
@@ -282,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
     teacher = load_model(teacher_path) if teacher_path is not None else None
     if main:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        adapter_type = str(model.peft_config[model.active_adapter].peft_type)
+        adapter_type = PeftType(model.peft_config[model.active_adapter].peft_type).value
         print(
             f"training {adapter_type} adapter: {trainable:,} trainable parameters, {len(dataset)} sequences of "
             f"--data {args.data}" + (f", distilling from {args.distill_from}" if teacher is not None else ""),
