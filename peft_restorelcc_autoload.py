@@ -16,8 +16,6 @@ A failure inside the hook never breaks the interpreter or the import of peft: it
 warning (``import peft_restorelcc`` explicitly to see the full error).
 """
 
-from __future__ import annotations
-
 import os
 import sys
 
