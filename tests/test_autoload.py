@@ -238,14 +238,13 @@ def flat(nested: list[list[float]]) -> torch.Tensor:
     return torch.tensor([value for values in nested for value in values], dtype=torch.float64)
 
 
-def in_process_loglikelihoods(model: torch.nn.Module, tokenizer, task_dir: Path) -> list[list[float]]:
+def in_process_loglikelihoods(model: torch.nn.Module, tokenizer, task_manager) -> list[list[float]]:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     results = simple_evaluate(
         model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, device="cpu"),
-        tasks=[_TASK], task_manager=TaskManager(include_path=str(task_dir)), limit=len(_ITEMS), log_samples=True,
+        tasks=[_TASK], task_manager=task_manager, limit=len(_ITEMS), log_samples=True,
     )  # fmt: skip
     return loglikelihoods(results["samples"][_TASK])
 
@@ -262,10 +261,14 @@ def test_lm_eval_cli_applies_the_adapter_without_an_import(saved, tmp_path: Path
     cli = loglikelihoods([json.loads(line) for line in samples_file.read_text().splitlines()])
     assert [len(choices) for choices in cli] == [len(item["choices"]) for item in _ITEMS]
 
+    from lm_eval.tasks import TaskManager
+
     model = in_process_model(saved)
     tokenizer = make_tiny_tokenizer()
-    expected = in_process_loglikelihoods(model, tokenizer, task_dir)
+    # Only our task: indexing lm-eval's thousands of built-in task files would take longer than the evaluation.
+    task_manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    expected = in_process_loglikelihoods(model, tokenizer, task_manager)
     with model.disable_adapter():
-        without_adapter = in_process_loglikelihoods(model, tokenizer, task_dir)
+        without_adapter = in_process_loglikelihoods(model, tokenizer, task_manager)
     torch.testing.assert_close(flat(cli), flat(expected), rtol=1e-5, atol=1e-4)
     assert (flat(cli) - flat(without_adapter)).abs().max() > 1e-2  # the adapter was applied
