@@ -10,7 +10,7 @@ import registers the method. The finder then removes itself, so later imports do
 
 Switch it off by setting the environment variable ``PEFT_RESTORELCC_AUTOLOAD=0`` (also ``false``, ``no``, ``off``):
 then nothing is installed, and a RestoreLCC adapter loads only after an explicit ``import peft_restorelcc``.
-Interpreters started without site-packages processing (``python -S``, ``-I``) never run the hook either.
+An interpreter started with ``python -S`` (no site-packages processing) never runs the hook either.
 
 A failure inside the hook never breaks the interpreter or the import of peft: it is caught and reported once as a
 warning (``import peft_restorelcc`` explicitly to see the full error).
