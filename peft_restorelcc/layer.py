@@ -106,12 +106,15 @@ class RestoreLCCLayer(BaseTunerLayer):
 
     def head_vectors(self, adapter_name: str) -> torch.Tensor:
         """(H_sel, d): the vector added to each selected head's input slice, ``m @ V + b`` for all heads at once."""
-        vectors = torch.zeros_like(self.restorelcc_basis[adapter_name][:, 0, :])
+        # Always in fp32: under mixed precision (FSDP's param_dtype, a bf16 cast of the whole model) the trained
+        # tensors may arrive in half precision while the fixed basis buffer does not; .float() is free on fp32.
+        basis = self.restorelcc_basis[adapter_name].float()
+        vectors = basis.new_zeros(basis.shape[0], basis.shape[2])
         if adapter_name in self.restorelcc_magnitude:
-            magnitude = self.restorelcc_magnitude[adapter_name]
-            vectors = vectors + torch.einsum("hk,hkd->hd", magnitude, self.restorelcc_basis[adapter_name])
+            magnitude = self.restorelcc_magnitude[adapter_name].float()
+            vectors = vectors + torch.einsum("hk,hkd->hd", magnitude, basis)
         if adapter_name in self.restorelcc_bias:
-            vectors = vectors + self.restorelcc_bias[adapter_name]
+            vectors = vectors + self.restorelcc_bias[adapter_name].float()
         return vectors
 
     def input_shift(self, adapter_names: list[str]) -> torch.Tensor | None:
@@ -120,7 +123,7 @@ class RestoreLCCLayer(BaseTunerLayer):
         for adapter_name in adapter_names:
             if adapter_name not in self.restorelcc_basis:
                 continue
-            per_head = self.restorelcc_basis[adapter_name].new_zeros(self.num_heads, self.head_dim)
+            per_head = self.restorelcc_basis[adapter_name].new_zeros(self.num_heads, self.head_dim, dtype=torch.float32)
             per_head = per_head.index_add(0, self.restorelcc_head_index[adapter_name], self.head_vectors(adapter_name))
             shift = per_head if shift is None else shift + per_head
         return None if shift is None else shift.reshape(self.in_features)

@@ -242,6 +242,21 @@ def test_bf16_base_keeps_fp32_adapter_and_returns_bf16():
     assert model(random_input_ids()).logits.dtype == torch.bfloat16
 
 
+def test_half_precision_adapter_tensors_beside_the_fp32_basis_still_run():
+    # What FSDP's mixed precision (param_dtype=bf16) hands the forward: trained tensors in bf16, the basis buffer not.
+    model = wrapped("llama")
+    layer = next(restorelcc_layers(model))
+    hidden = torch.randn(2, 3, layer.in_features)
+    with torch.no_grad():
+        for parameters in (layer.restorelcc_magnitude, layer.restorelcc_bias):
+            parameters["default"].data = parameters["default"].data.to(torch.bfloat16).float()
+        expected = layer(hidden)
+        for parameters in (layer.restorelcc_magnitude, layer.restorelcc_bias):
+            parameters["default"].data = parameters["default"].data.to(torch.bfloat16)
+        assert layer.restorelcc_basis["default"].dtype == torch.float32
+        torch.testing.assert_close(layer(hidden), expected, rtol=0, atol=0)
+
+
 def test_safe_merge_refuses_non_finite_values_and_changes_nothing():
     model = wrapped("llama")
     layer = next(restorelcc_layers(model))
