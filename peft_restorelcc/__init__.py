@@ -2,7 +2,8 @@
 
 Importing this package registers the ``RESTORELCC`` method with PEFT: ``peft.PeftType.RESTORELCC`` becomes a member
 of PEFT's enum and the method enters PEFT's tables, so ``get_peft_model``, ``PeftModel.from_pretrained`` and
-``AutoPeftModelForCausalLM`` know it. Import it before loading an adapter.
+``AutoPeftModelForCausalLM`` know it. An installed package also imports itself right after ``peft`` is imported
+(``peft_restorelcc_autoload``), so no import is needed; with ``PEFT_RESTORELCC_AUTOLOAD=0`` import it first.
 """
 
 from __future__ import annotations
