@@ -407,9 +407,7 @@ def plot(document: dict[str, Any], path: Path) -> None:
             scale = 2**30 if key == "peak_rss_bytes" else 1
             exponent = document["exponent"][stage][key]
             legend = stage if exponent is None else f"{stage} (slope {exponent:.2f})"
-            axis.plot(
-                [row["params"] for row in mine], [row[key] / scale for row in mine], marker="o", label=legend
-            )
+            axis.plot([row["params"] for row in mine], [row[key] / scale for row in mine], marker="o", label=legend)
         if key == "peak_rss_bytes":
             weights = sorted({(row["params"], row["weight_bytes"]) for row in document["rows"] if row["weight_bytes"]})
             axis.plot([p for p, _ in weights], [w / 2**30 for _, w in weights], "k--", label="bf16 weights")
@@ -513,7 +511,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             shutil.rmtree(root, ignore_errors=True)
     for stage, fitted in document["exponent"].items():
         if fitted["seconds"] is not None:
-            print(f"{stage}: seconds ~ params^{fitted['seconds']:.2f}, peak RSS ~ params^{fitted['peak_rss_bytes']:.2f}")
+            print(
+                f"{stage}: seconds ~ params^{fitted['seconds']:.2f}, peak RSS ~ params^{fitted['peak_rss_bytes']:.2f}"
+            )
     print(f"wrote {args.output}")
     return document
 
