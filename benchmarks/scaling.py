@@ -14,10 +14,11 @@ process) is the stage's own:
   optimizer step. The bytes one step needs beyond the weights (``recovery.training_memory_bytes``) are measured
   after it.
 
-``seconds`` is the wall time of the library call only (model loading excluded, except in ``calibrate``, where the
-loaders are part of the call); peak RSS covers the whole subprocess (interpreter, torch, model). The growth
-exponent per stage is the slope of a least-squares line through (log params, log seconds) and (log params, log peak
-RSS). ``memory_ratio`` = peak RSS / (one model's weights + the stage's activations, see ``activation_bytes``).
+``seconds`` is the wall time of the library call only (``cpu_seconds``: this process's CPU time over it, all
+threads; model loading excluded, except in ``calibrate``, where the loaders are part of the call); peak RSS covers
+the whole subprocess (interpreter, torch, model). The growth exponent per stage is the slope of a least-squares line
+through (log params, log seconds), (log params, log CPU seconds) and (log params, log peak RSS).
+``memory_ratio`` = peak RSS / (one model's weights + the stage's activations, see ``activation_bytes``).
 
     python benchmarks/scaling.py                      # CPU: 135m 360m 1b 3b, writes results/scaling.{json,png}
     python benchmarks/scaling.py --device cuda --shapes 7b --output /tmp/scaling-7b.json   # the GPU check
@@ -190,13 +191,14 @@ def stage_prune(shape: str, work: Path, device: str, options: dict[str, Any]) ->
     model = _load(work / "dense", device, options.get("device_map"))
     config = model.config
     windows = _token_ids(config.vocab_size, options["prune_samples"], options["seq_len"], seed=1)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     report = prune_model(model, "wanda", 0.5, calibration_input_ids=windows, batch_size=8, progress=False)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     save_pruned(model, None, work / "pruned", {key: report[key] for key in ("method", "sparsity_target")})
     hidden_bytes = options["prune_samples"] * options["seq_len"] * config.hidden_size * 2
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "overall_sparsity": report["overall_sparsity"],
         # The block inputs of every calibration sample are kept while a block is pruned (and its outputs formed).
         "activation_bytes": 2 * hidden_bytes,
@@ -222,7 +224,7 @@ def stage_calibrate(shape: str, work: Path, device: str, options: dict[str, Any]
         return ModelLoader(load, config=config, name=name)
 
     prompts = _token_ids(config.vocab_size, options["calibration_samples"], options["seq_len"], seed=2)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     components = calibrate(
         loader("dense"),
         loader("pruned"),
@@ -233,7 +235,7 @@ def stage_calibrate(shape: str, work: Path, device: str, options: dict[str, Any]
         max_length=None,
         progress=False,
     )
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     components.save(work / "components")
     heads = sum(components.heads_per_layer)
     d = components.head_dim
@@ -244,6 +246,7 @@ def stage_calibrate(shape: str, work: Path, device: str, options: dict[str, Any]
     rows = 2 * options["calibration_samples"] * heads * d * 4
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "model_load_seconds": sum(loads),
         "activation_bytes": forward + rows,
         "weight_bytes": None,  # filled from the dense build
@@ -280,6 +283,7 @@ def stage_train(shape: str, work: Path, device: str, options: dict[str, Any]) ->
     step_bytes = training_memory_bytes(peft_model, PaddingCollator(0)(dataset[:8]))
     return {
         "seconds": metrics["seconds_per_step"],
+        "cpu_seconds": metrics["cpu_seconds_per_step"],
         "train_seconds": metrics["seconds"],
         "steps": metrics["steps"],
         "train_loss": metrics["train_loss"],
@@ -364,6 +368,8 @@ def exponents(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
         params = [row["params"] for row in mine]
         fitted[stage] = {
             "seconds": growth_exponent(params, [row["seconds"] for row in mine]),
+            # CPU time of the process (all its threads): less sensitive than wall time to other processes' load.
+            "cpu_seconds": growth_exponent(params, [row["cpu_seconds"] for row in mine]),
             "peak_rss_bytes": growth_exponent(params, [row["peak_rss_bytes"] for row in mine]),
             "shapes": [row["shape"] for row in mine],
         }
@@ -407,7 +413,18 @@ def plot(document: dict[str, Any], path: Path) -> None:
             scale = 2**30 if key == "peak_rss_bytes" else 1
             exponent = document["exponent"][stage][key]
             legend = stage if exponent is None else f"{stage} (slope {exponent:.2f})"
-            axis.plot([row["params"] for row in mine], [row[key] / scale for row in mine], marker="o", label=legend)
+            line = axis.plot(
+                [row["params"] for row in mine], [row[key] / scale for row in mine], marker="o", label=legend
+            )
+            if key == "seconds":
+                axis.plot(
+                    [row["params"] for row in mine],
+                    [row["cpu_seconds"] for row in mine],
+                    ":",
+                    marker=".",
+                    color=line[0].get_color(),
+                    label=f"{stage} CPU seconds (slope {document['exponent'][stage]['cpu_seconds'] or float('nan'):.2f})",
+                )
         if key == "peak_rss_bytes":
             weights = sorted({(row["params"], row["weight_bytes"]) for row in document["rows"] if row["weight_bytes"]})
             axis.plot([p for p, _ in weights], [w / 2**30 for _, w in weights], "k--", label="bf16 weights")
@@ -500,7 +517,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 row["memory_ratio_above_runtime"] = (row["peak_rss_bytes"] - row["runtime_rss_bytes"]) / expected
                 document["rows"].append(row)
                 print(
-                    f"{shape:>5} {stage:<9} {row['seconds']:9.2f} s  peak RSS {row['peak_rss_bytes'] / 2**30:6.2f} GiB"
+                    f"{shape:>5} {stage:<9} {row['seconds']:9.2f} s ({row['cpu_seconds']:.1f} CPU s)  peak RSS {row['peak_rss_bytes'] / 2**30:6.2f} GiB"
                     f"  ({row['memory_ratio_above_runtime']:.2f}x weights+activations above runtime)  load {row['load_average_after'][0]}",
                     flush=True,
                 )
