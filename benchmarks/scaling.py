@@ -338,6 +338,8 @@ def child_main(stage: str, shape: str, work: Path, device: str, options: dict[st
     import peft_restorelcc.calibration  # noqa: F401
     import peft_restorelcc.training  # noqa: F401
 
+    if options.get("threads"):
+        torch.set_num_threads(options["threads"])
     # The interpreter with torch, transformers and the library loaded: what any stage pays before its model.
     baseline = _current_rss_bytes()
     result = STAGE_FUNCTIONS[stage](shape, work, device, options)
@@ -391,7 +393,7 @@ def machine() -> dict[str, Any]:
         "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "torch_default_threads": torch.get_num_threads(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -461,6 +463,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--calibration-samples", type=int, default=None, help="cpu 64, cuda 1000")
     parser.add_argument("--train-samples", type=int, default=None, help="one epoch at batch 8 (cpu 8, cuda 2000)")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per stage (default torch's; 1 on a contended CPU)"
+    )
     parser.add_argument("--work-dir", type=Path, default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--output", type=Path, default=RESULTS / "scaling.json")
     parser.add_argument("--child-stage", choices=STAGES, help=argparse.SUPPRESS)
@@ -479,6 +484,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "train_samples": args.train_samples or (2000 if gpu else 8),
         "batch_size": args.batch_size,
         "device_map": args.device_map,
+        "threads": args.threads,
     }
     shapes = args.shapes or list(CPU_SHAPES)
     document: dict[str, Any] = {
