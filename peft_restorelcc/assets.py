@@ -281,12 +281,23 @@ def default_device(requested: str | None = None) -> torch.device:
 
 def load_model(
     name_or_path: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = "auto",
     device_map: str | dict | None = None,
 ) -> PreTrainedModel:
-    """A causal LM from an embedded name or a local directory, in eval mode."""
+    """A causal LM from an embedded name or a local directory, in eval mode.
+
+    ``dtype="auto"`` (or None) keeps the checkpoint's dtype (a bf16 model stays bf16; fp32 where none is recorded).
+    ``device_map`` goes to accelerate through ``from_pretrained`` (``"auto"`` splits a model over the GPUs and
+    offloads the rest to CPU/disk). A pruned model saved by llm-compressor in compressed-tensors' sparse formats
+    (``sparse-bitmask``, ``sparse-24-bitmask``) is decompressed exactly (``compressed.load_sparse_model``).
+    """
+    from .compressed import load_sparse_model, sparse_format
+
     path = resolve_model_path(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+    dtype = None if dtype == "auto" else dtype
+    if sparse_format(path) is not None:
+        return load_sparse_model(path, dtype=dtype, device_map=device_map)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", device_map=device_map)
     return model.eval()
 
 
@@ -302,7 +313,7 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
 
 def load_model_and_tokenizer(
     name_or_path: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = "auto",
     device_map: str | dict | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(load_model(...), load_tokenizer(...))`` from one resolution of the name."""
