@@ -301,6 +301,42 @@ def load_model(
     return model.eval()
 
 
+def parse_device_map(text: str | None) -> str | dict | None:
+    """``--device-map`` of the CLI: ``auto`` / ``balanced`` / ``balanced_low_0`` / ``sequential`` (accelerate splits
+    the model over the GPUs and offloads what does not fit to CPU, then disk), a device (``cpu``, ``cuda:1``: the
+    whole model there), or a JSON object ``{"module name": device, ...}`` (devices, ``"cpu"`` or ``"disk"``)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"--device-map {text!r} is not valid JSON: {error}") from None
+        if not isinstance(mapping, dict):
+            raise ValueError(f"--device-map {text!r} must be a JSON object of module name -> device.")
+        return mapping
+    if text in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return text
+    return {"": str(default_device(text))}
+
+
+def model_loader(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = "auto", device_map=None):
+    """A ``calibration.ModelLoader`` that loads the model only when calibration needs it (so that the dense and
+    the pruned model are never both in memory), with ``dtype`` and ``device_map`` as in :func:`load_model`; its
+    config is read now, so the structural checks run before any forward pass."""
+    from transformers import AutoConfig
+
+    from .calibration import ModelLoader
+
+    path = resolve_model_path(name_or_path)
+    return ModelLoader(
+        lambda: load_model(path, dtype=dtype, device_map=device_map),
+        config=AutoConfig.from_pretrained(path),
+        name=str(name_or_path),
+    )
+
+
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """The tokenizer of an embedded model or a local directory, always with a pad token."""
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))

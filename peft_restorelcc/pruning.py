@@ -176,6 +176,57 @@ def _weight_matrix(module: nn.Module) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Models dispatched by accelerate (device_map): blocks on several devices, or offloaded to CPU RAM / disk
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _hooks(module: nn.Module) -> list[Any]:
+    hook = getattr(module, "_hf_hook", None)
+    return [] if hook is None else [hook, *getattr(hook, "hooks", [])]
+
+
+def _offload_hook(module: nn.Module) -> Any | None:
+    """accelerate's hook that keeps this module's weights off the device (on the meta device in the module)."""
+    for hook in _hooks(module):
+        if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None:
+            return hook
+    return None
+
+
+def _execution_device(module: nn.Module) -> torch.device | None:
+    """Where accelerate runs this module (its hook's execution device), or None when it is not dispatched."""
+    for candidate in module.modules():
+        for hook in _hooks(candidate):
+            device = getattr(hook, "execution_device", None)
+            if device is not None:
+                return device if isinstance(device, torch.device) else torch.device(device)
+    return None
+
+
+def read_weight(module: nn.Module) -> torch.Tensor:
+    """A projection's weight as stored (in x out for Conv1D), also when accelerate offloaded it (then from the
+    offload hook's weights map, on CPU)."""
+    weight = module.weight.detach()
+    if weight.device.type != "meta":
+        return weight
+    hook = _offload_hook(module)
+    if hook is None or "weight" not in hook.weights_map:
+        raise ValueError(f"{type(module).__name__} has its weight on the meta device and no offloaded copy to read.")
+    return hook.weights_map["weight"]
+
+
+def _write_offloaded_weight(module: nn.Module, value: torch.Tensor) -> None:
+    """Replace an offloaded weight in accelerate's weights map. Offloaded-to-disk weights are read from the user's
+    checkpoint files, which are never written: the pruned weight goes into the loader's in-memory state dict (CPU
+    RAM), which accelerate reads first."""
+    weights_map = _offload_hook(module).weights_map
+    dataset = getattr(weights_map, "dataset", weights_map)
+    key = getattr(weights_map, "prefix", "") + "weight"
+    store = getattr(dataset, "state_dict", dataset)
+    store[key] = value.detach().to("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Masks
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -222,7 +273,7 @@ def measure_sparsity(model: nn.Module) -> dict[str, Any]:
     zeros = total = 0
     for block in _all_projections(model):
         for name, module in block.items():
-            weight = module.weight.detach()
+            weight = read_weight(module)
             block_zeros = int((weight == 0).sum())
             layers[name] = block_zeros / weight.numel()
             zeros += block_zeros
@@ -390,12 +441,14 @@ def _to_device(value: Any, device: torch.device) -> Any:
 def _model_device(model: nn.Module) -> torch.device:
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embeddings is not None:
-        return embeddings.weight.device
+        return _execution_device(embeddings) or embeddings.weight.device
     return next(model.parameters()).device
 
 
 def _block_device(block: nn.Module) -> torch.device:
-    return next(block.parameters()).device
+    """The device the block computes on: accelerate's execution device when dispatched (its weights may be
+    offloaded, on the meta device), else its weights' device."""
+    return _execution_device(block) or next(block.parameters()).device
 
 
 class _BlockInput:
@@ -526,14 +579,21 @@ def _prune_block_with_statistics(
 
 
 def _apply_to_weight(module: nn.Module, prune: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Run an in-place out x in pruning function on a Linear or Conv1D weight."""
+    """Run an in-place out x in pruning function on a Linear or Conv1D weight (offloaded ones included: pruned on
+    the execution device, written back to accelerate's weights map)."""
     with torch.no_grad():
+        offloaded = module.weight.device.type == "meta"
+        stored = read_weight(module)
+        if offloaded:
+            stored = stored.to(_execution_device(module) or stored.device, copy=True)
         if isinstance(module, Conv1D):
-            matrix = module.weight.data.t().contiguous()
+            matrix = stored.t().contiguous()
             prune(matrix)
-            module.weight.data.copy_(matrix.t())
+            stored.copy_(matrix.t())
         else:
-            prune(module.weight.data)
+            prune(stored)
+        if offloaded:
+            _write_offloaded_weight(module, stored)
 
 
 # ----------------------------------------------------------------------------------------------------------------
