@@ -499,6 +499,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "rows": [],
     }
     root = args.work_dir or Path(tempfile.mkdtemp(prefix="restorelcc-scaling-"))
+    run_started = time.perf_counter()
     try:
         for shape in shapes:
             work = root / shape
@@ -527,6 +528,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                     f"  ({row['memory_ratio_above_runtime']:.2f}x weights+activations above runtime)  load {row['load_average_after'][0]}",
                     flush=True,
                 )
+                # Everything since the start, model building, saving and loading included (the GPU check's budget).
+                document["total_seconds"] = round(time.perf_counter() - run_started, 1)
                 write(document, args.output)  # after every row: a long run that stops keeps what finished
             shutil.rmtree(work, ignore_errors=True)
     finally:
@@ -537,7 +540,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             print(
                 f"{stage}: seconds ~ params^{fitted['seconds']:.2f}, peak RSS ~ params^{fitted['peak_rss_bytes']:.2f}"
             )
-    print(f"wrote {args.output}")
+    print(f"total {document.get('total_seconds', 0):.0f} s; wrote {args.output}")
     return document
 
 

@@ -48,7 +48,7 @@ def test_tiny_run_writes_every_stage_with_its_memory_and_a_plot(scaling, tmp_pat
     assert train["steps"] == 1 and train["trainable_parameters"] > 0
     # One shape fits no line.
     assert written["exponent"]["prune"]["seconds"] is None
-    assert written["machine"]["cores"] >= 1 and written["command"].startswith("python benchmarks/scaling.py")
+    assert written["total_seconds"] > 0 and written["machine"]["cores"] >= 1 and written["command"].startswith("python benchmarks/scaling.py")
     assert output.with_suffix(".png").stat().st_size > 0
     # The scratch models were removed after the shape.
     assert not (tmp_path / "work" / "tiny").exists()
