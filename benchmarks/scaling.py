@@ -522,6 +522,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 row["memory_ratio"] = row["peak_rss_bytes"] / expected
                 # Without the interpreter, torch and transformers themselves (about 0.4-0.5 GiB whatever the model).
                 row["memory_ratio_above_runtime"] = (row["peak_rss_bytes"] - row["runtime_rss_bytes"]) / expected
+                if "peak_cuda_bytes" in row:  # on a GPU the weights and activations live in its memory, not in RSS
+                    row["cuda_memory_ratio"] = row["peak_cuda_bytes"] / expected
                 document["rows"].append(row)
                 print(
                     f"{shape:>5} {stage:<9} {row['seconds']:9.2f} s ({row['cpu_seconds']:.1f} CPU s)  peak RSS {row['peak_rss_bytes'] / 2**30:6.2f} GiB"
