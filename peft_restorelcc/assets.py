@@ -281,13 +281,60 @@ def default_device(requested: str | None = None) -> torch.device:
 
 def load_model(
     name_or_path: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = "auto",
     device_map: str | dict | None = None,
 ) -> PreTrainedModel:
-    """A causal LM from an embedded name or a local directory, in eval mode."""
+    """A causal LM from an embedded name or a local directory, in eval mode.
+
+    ``dtype="auto"`` (or None) keeps the checkpoint's dtype (a bf16 model stays bf16; fp32 where none is recorded).
+    ``device_map`` goes to accelerate through ``from_pretrained`` (``"auto"`` splits a model over the GPUs and
+    offloads the rest to CPU/disk). A pruned model saved by llm-compressor in compressed-tensors' sparse formats
+    (``sparse-bitmask``, ``sparse-24-bitmask``) is decompressed exactly (``compressed.load_sparse_model``).
+    """
+    from .compressed import load_sparse_model, sparse_format
+
     path = resolve_model_path(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+    dtype = None if dtype == "auto" else dtype
+    if sparse_format(path) is not None:
+        return load_sparse_model(path, dtype=dtype, device_map=device_map)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", device_map=device_map)
     return model.eval()
+
+
+def parse_device_map(text: str | None) -> str | dict | None:
+    """``--device-map`` of the CLI: ``auto`` / ``balanced`` / ``balanced_low_0`` / ``sequential`` (accelerate splits
+    the model over the GPUs and offloads what does not fit to CPU, then disk), a device (``cpu``, ``cuda:1``: the
+    whole model there), or a JSON object ``{"module name": device, ...}`` (devices, ``"cpu"`` or ``"disk"``)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"--device-map {text!r} is not valid JSON: {error}") from None
+        if not isinstance(mapping, dict):
+            raise ValueError(f"--device-map {text!r} must be a JSON object of module name -> device.")
+        return mapping
+    if text in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return text
+    return {"": str(default_device(text))}
+
+
+def model_loader(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = "auto", device_map=None):
+    """A ``calibration.ModelLoader`` that loads the model only when calibration needs it (so that the dense and
+    the pruned model are never both in memory), with ``dtype`` and ``device_map`` as in :func:`load_model`; its
+    config is read now, so the structural checks run before any forward pass."""
+    from transformers import AutoConfig
+
+    from .calibration import ModelLoader
+
+    path = resolve_model_path(name_or_path)
+    return ModelLoader(
+        lambda: load_model(path, dtype=dtype, device_map=device_map),
+        config=AutoConfig.from_pretrained(path),
+        name=str(name_or_path),
+    )
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
@@ -302,7 +349,7 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
 
 def load_model_and_tokenizer(
     name_or_path: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = "auto",
     device_map: str | dict | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(load_model(...), load_tokenizer(...))`` from one resolution of the name."""

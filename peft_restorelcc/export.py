@@ -72,14 +72,9 @@ def make_output_bias_reloadable(model: nn.Module) -> bool:
     return True
 
 
-def save_merged(model: nn.Module, output_dir: str | os.PathLike, tokenizer=None, safe_merge: bool = True) -> Path:
-    """Merge a RestoreLCC ``PeftModel`` (or take an already merged model) and save a standard transformers
-    directory that stock ``AutoModelForCausalLM.from_pretrained`` reloads with the compensation.
-
-    Refuses, before touching the model, an architecture whose config cannot carry the merged bias, and a
-    non-empty output directory. Writes into a temporary sibling directory first, so a failure leaves nothing.
-    """
-    output_dir = check_new_output_dir(output_dir)
+def merged_for_export(model: nn.Module, safe_merge: bool = True) -> PreTrainedModel:
+    """The merged model, its config switched to carry the output bias (``make_output_bias_reloadable``), ready to
+    be written by any writer. Refuses, before touching the model, an architecture whose config cannot carry it."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     reason = bias_reload_problem(base)
     if reason is not None:
@@ -92,6 +87,18 @@ def save_merged(model: nn.Module, output_dir: str | os.PathLike, tokenizer=None,
     if not isinstance(merged, PreTrainedModel):
         raise ValueError(f"Expected a transformers PreTrainedModel after merging, got {type(merged).__name__}.")
     make_output_bias_reloadable(merged)
+    return merged
+
+
+def save_merged(model: nn.Module, output_dir: str | os.PathLike, tokenizer=None, safe_merge: bool = True) -> Path:
+    """Merge a RestoreLCC ``PeftModel`` (or take an already merged model) and save a standard transformers
+    directory that stock ``AutoModelForCausalLM.from_pretrained`` reloads with the compensation.
+
+    Refuses, before touching the model, an architecture whose config cannot carry the merged bias, and a
+    non-empty output directory. Writes into a temporary sibling directory first, so a failure leaves nothing.
+    """
+    output_dir = check_new_output_dir(output_dir)
+    merged = merged_for_export(model, safe_merge=safe_merge)
     with staged_output_dir(output_dir) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:

@@ -60,6 +60,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-length", type=int, default=512, metavar="L", help="tokens kept per prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--device-map",
+        default=None,
+        metavar="MAP",
+        help="run calibration's forward passes on models loaded with accelerate's device map instead of --device: "
+        "auto (split over the GPUs, offload the rest to CPU/disk), a device, or a JSON object {module: device}; the "
+        "adapter is then built on the CPU",
+    )
     parser.set_defaults(func=run)
 
 
@@ -121,7 +129,7 @@ def _check_args(args: argparse.Namespace) -> int | float:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
-    from ..assets import default_device, load_model, load_tokenizer, resolve_model_path
+    from ..assets import default_device, load_model, load_tokenizer, parse_device_map, resolve_model_path
     from ..calibration import ModelLoader, build_restorelcc_model, calibrate, refine_lost_init, resolve_head_count
     from ..data import calibration_prompts, contrastive_pairs
 
@@ -136,9 +144,14 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, TypeError):
         pruned_tokenizer = None  # a pruned model saved without its tokenizer uses the dense one
 
+    device_map = parse_device_map(args.device_map)
+
+    def loaded(path):
+        return load_model(path, device_map=device_map) if device_map is not None else load_model(path).to(device)
+
     def loader(name: str) -> ModelLoader:
         path = resolve_model_path(name)
-        return ModelLoader(lambda: load_model(path).to(device), config=AutoConfig.from_pretrained(path), name=name)
+        return ModelLoader(lambda: loaded(path), config=AutoConfig.from_pretrained(path), name=name)
 
     dense_source, pruned_source = loader(args.dense), loader(args.pruned)
     # A head count out of range fails now rather than after the forward passes (configs of structurally pruned
@@ -163,7 +176,9 @@ def run(args: argparse.Namespace) -> int:
         pruning=pruning,
         seed=args.seed,
     )
-    pruned = load_model(args.pruned).to(device)
+    # The adapter is built (and refined) on the whole pruned model on --device: PEFT places adapter tensors beside
+    # their base weights, which are not materialised in an offloaded model. With --device-map that is the CPU.
+    pruned = load_model(args.pruned).to(device if device_map is None else "cpu")
     peft_model = build_restorelcc_model(
         pruned,
         components,

@@ -16,6 +16,7 @@ from typing import Any
 from ..files import staged_output_dir
 
 REPORT_FILE = "merge_report.json"
+FORMATS = ("plain", "compressed-tensors")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,6 +33,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, help="pruned model: embedded name or local directory")
     parser.add_argument("--adapter", required=True, metavar="DIR", help="trained adapter directory")
     parser.add_argument("--output", required=True, metavar="DIR", help="new or empty output directory")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="plain",
+        help="plain: dense safetensors that stock transformers loads (default); compressed-tensors: the pruned "
+        "weights stored sparse (sparse-24-bitmask where every pruned projection holds 2:4, else sparse-bitmask), as "
+        "llm-compressor saved them; read back with peft_restorelcc.assets.load_model",
+    )
     parser.set_defaults(func=run)
 
 
@@ -70,20 +79,30 @@ def _check_bias_switch(model_path: Path) -> None:
         )
 
 
-def save_merged_generic(model: Any, output: Path, tokenizer: Any = None) -> Path:
-    """``merge_and_unload()`` + ``save_pretrained`` for any mergeable PEFT type, written to a temporary sibling and
-    renamed into place, so a failure leaves no half-written output."""
+def save_merged_generic(model: Any, output: Path, tokenizer: Any = None, output_format: str = "plain") -> Path:
+    """``merge_and_unload()`` + ``save_pretrained`` (or the compressed-tensors writer) for any mergeable PEFT type,
+    written to a temporary sibling and renamed into place, so a failure leaves no half-written output."""
     if not hasattr(model, "merge_and_unload"):
         raise ValueError(f"{type(model).__name__} cannot be merged into the weights; keep the adapter separate.")
     try:
         merged = model.merge_and_unload()
     except (AttributeError, NotImplementedError) as error:  # prompt-learning methods have nothing to fold
         raise ValueError(f"This adapter type cannot be merged into the weights ({error}); keep it separate.") from error
+    if output_format == "compressed-tensors":
+        from ..compressed import save_sparse
+
+        return save_sparse(merged, output, tokenizer=tokenizer)
     with staged_output_dir(output) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     return output
+
+
+def _sparse_format_of(output: Path) -> str | None:
+    from ..compressed import sparse_format
+
+    return sparse_format(output)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,18 +134,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"restorelcc merge: warning: no tokenizer saved ({error})", file=sys.stderr)
         tokenizer = None
     model = PeftModel.from_pretrained(base, str(adapter))
-    if adapter_type == PEFT_TYPE:
+    if adapter_type == PEFT_TYPE and args.format == "compressed-tensors":
+        from ..compressed import save_merged_sparse
+
+        save_merged_sparse(model, output, tokenizer=tokenizer)
+    elif adapter_type == PEFT_TYPE:
         export.save_merged(model, output, tokenizer=tokenizer)
     else:
-        save_merged_generic(model, output, tokenizer=tokenizer)
-    # Measured on what a user gets: the saved model, reloaded by stock transformers.
-    after = measure_sparsity(AutoModelForCausalLM.from_pretrained(output))
+        save_merged_generic(model, output, tokenizer=tokenizer, output_format=args.format)
+    # Measured on what a user gets: the saved model reloaded (by stock transformers for the plain format).
+    reloaded = AutoModelForCausalLM.from_pretrained(output) if args.format == "plain" else load_model(output)
+    after = measure_sparsity(reloaded)
 
     unchanged = before["zeros"] == after["zeros"] and before["total"] == after["total"]
     report = {
         "adapter_type": adapter_type,
         "model": str(args.model),
         "adapter": str(adapter),
+        "format": args.format,
         "sparsity_before": before["overall_sparsity"],
         "sparsity_after": after["overall_sparsity"],
         "zeros_before": before["zeros"],
@@ -139,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         ("sparsity before merge", f"{before['overall_sparsity']:.4f} ({before['zeros']:,} zeros)"),
         ("sparsity after merge", f"{after['overall_sparsity']:.4f} ({after['zeros']:,} zeros)"),
         ("sparsity", "unchanged" if unchanged else "CHANGED: the merge filled pruned weights"),
+        ("format", args.format if args.format == "plain" else f"compressed-tensors ({_sparse_format_of(output)})"),
         ("output", str(output)),
     ]
     width = max(len(label) for label, _ in rows)
