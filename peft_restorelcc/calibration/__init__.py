@@ -13,10 +13,11 @@ from .capture import (
     capture_activations,
     last_token_positions,
     make_batches,
+    probe_activations,
     tokenize,
 )
 from .components import LostComponents, compare_fingerprints, model_fingerprint
-from .pipeline import calibrate, probe_activations
+from .pipeline import calibrate
 from .scoring import pairs_from_answers, probe_scores, random_scores, score_heads
 
 __all__ = [

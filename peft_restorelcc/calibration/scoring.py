@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .capture import single_threaded
+from .capture import probe_activations, single_threaded
 from .components import MAIN_COMPONENTS_K, LostComponents
 
 STRATEGIES = ("probe", "lost_norm", "random")
@@ -145,8 +145,6 @@ def score_heads(
         raise ValueError(f"Unknown scoring strategy {strategy!r}; choose one of {STRATEGIES}.")
     if dense is None or pruned is None or not pairs:
         raise ValueError("The probe strategy needs dense=..., pruned=... and contrastive pairs=[...].")
-    from .pipeline import probe_activations  # the pipeline imports this module
-
     if kept_heads is None:
         kept_heads = components.metadata.get("kept_heads")
     activations = probe_activations(
@@ -184,13 +182,6 @@ def score_with_probe(
 
 
 # ----------------------------------------------------------------------------------------------- pairs
-def join_text(prompt: str, answer: str) -> str:
-    """Prompt + answer, with a space between them unless either side already has one."""
-    if prompt and answer and not prompt[-1].isspace() and not answer[0].isspace():
-        return prompt + " " + answer
-    return prompt + answer
-
-
 _WORD = re.compile(r"\w+")
 
 
