@@ -151,12 +151,9 @@ def pruning_description(report: dict[str, Any] | None) -> tuple[dict[str, Any] |
 
 
 def _check_args(args: argparse.Namespace) -> int | float:
-    from ..files import check_new_output_dir
-
-    try:
-        check_new_output_dir(args.output)
-    except ValueError as error:
-        raise ValueError(f"--output: {error}") from None
+    output = Path(args.output).expanduser()
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ValueError(f"--output {output} exists and is not an empty directory: pass a new or empty directory.")
     for flag, value in (
         ("--samples", args.samples),
         ("--batch-size", args.batch_size),
