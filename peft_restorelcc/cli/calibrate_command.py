@@ -12,14 +12,14 @@ LOST_COMPONENTS_DIR = "lost_components"
 REPORT_FILE = "pruning_report.json"
 
 
-# Measured with benchmarks/calibration.py (benchmarks/results/calibration.json): SmolLM2-135M against a 50% pruned
-# copy, 1 thread on a 2-core machine shared with other jobs.
+# Measured with benchmarks/calibration.py (benchmarks/results/calibration.json, its commands there): SmolLM2-135M
+# against a 50% pruned copy, 1 thread of a 2-core machine at load average ~7 (other jobs running).
 DEFAULT_COST = (
-    "On the CPU the defaults (1,000 prompts, 1,000 pairs) cost SmolLM2-135M about {after} against {before} for "
-    "128 prompts and 256 pairs (benchmarks/calibration.py, 1 thread of a shared 2-core machine); choosing the "
-    "1,000 wrong answers with the sentence encoder adds {encoder} (jaccard: {jaccard})."
+    "Cost on the CPU, SmolLM2-135M, 1 thread of a busy 2-core machine (benchmarks/calibration.py): the defaults "
+    "(1,000 prompts, 1,000 pairs) took 35 min and +1.3 GiB of memory, against 6 min and +0.3 GiB for 128 prompts and "
+    "256 pairs; the sentence encoder took 13-33 s to choose the 1,000 wrong answers (jaccard 0.1 s). Lower --samples "
+    "and --num-pairs for a quick run."
 )
-COST = {"after": "13 minutes", "before": "2 minutes", "encoder": "13 s", "jaccard": "0.1 s"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "pruning_report.json in the pruned model's directory is read for the pruning description and, for "
             "structured pruning, the kept heads. Prompts and pairs come from the bundled training-side data, from "
             "one evaluation task's training-side items (--task), or from your files (--prompts, --pairs: .jsonl, "
-            ".json, .csv or a datasets.save_to_disk directory). " + DEFAULT_COST.format(**COST)
+            ".json, .csv or a datasets.save_to_disk directory). " + DEFAULT_COST
         ),
     )
     parser.add_argument("--dense", required=True, metavar="MODEL", help="embedded model name or local directory")
