@@ -21,6 +21,9 @@ Who gets what (docs/data.md has the counts):
 - In-task pairs (``in_task_examples``, benchmark only): items of three evaluation tasks that an evaluation of the
   first ``EVALUATED_ITEMS`` items never reads. They stand in for the tasks' training splits, which the package lacks.
 - Language-model text: LAMBADA passages, split by a hash of the passage into "train" and "heldout" (perplexity).
+- One task's training side (``task_split``, ``task_items``; ``restorelcc calibrate --task``, ``train --data task:T``):
+  for task-specific recovery, the items of one evaluation task after the first ``SCORED_ITEMS``, which evaluation
+  scores (``--limit <= SCORED_ITEMS``), less any item sharing a question (HellaSwag: a source) with a scored one.
 """
 
 from __future__ import annotations
