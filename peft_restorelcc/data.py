@@ -21,6 +21,9 @@ Who gets what (docs/data.md has the counts):
 - In-task pairs (``in_task_examples``, benchmark only): items of three evaluation tasks that an evaluation of the
   first ``EVALUATED_ITEMS`` items never reads. They stand in for the tasks' training splits, which the package lacks.
 - Language-model text: LAMBADA passages, split by a hash of the passage into "train" and "heldout" (perplexity).
+- One task's training side (``task_split``, ``task_items``; ``restorelcc calibrate --task``, ``train --data task:T``):
+  for task-specific recovery, the items of one evaluation task after the first ``SCORED_ITEMS``, which evaluation
+  scores (``--limit <= SCORED_ITEMS``), less any item sharing a question (HellaSwag: a source) with a scored one.
 """
 
 from __future__ import annotations
@@ -367,35 +370,168 @@ def in_task_examples(
     return shuffled(examples, seed, limit)
 
 
-def contrastive_pairs(limit: int | None = None, seed: int = 0) -> list[dict]:
-    """``{"prompt", "correct", "wrong"}`` from the training split, one pair per item.
-
-    The prompt is the cloze form (question, then "Answer:") without options, so that ``prompt + correct`` and
-    ``prompt + wrong`` differ only in the answer, as lm-eval scores them. ``wrong`` is another choice of the same
-    item, drawn with ``seed``.
-    """
-    rng = random.Random(seed)
-    pairs = []
-    for question, choices, answer in _items("train"):
-        wrongs = [choice for choice in choices if normalise_text(choice) != normalise_text(choices[answer])]
-        if not wrongs:
-            continue
-        pairs.append(
-            {
-                "prompt": CLOZE_TEMPLATE.format(question=question),
-                "correct": " " + choices[answer],
-                "wrong": " " + rng.choice(wrongs),
-            }
-        )
-    return shuffled(pairs, seed, limit)
-
-
 def calibration_prompts(n: int, seed: int = 0) -> list[str]:
     """``n`` instruction prompts (no answer) from the training split, for activation capture."""
     available = len(_items("train"))
     if not 0 <= n <= available:
         raise ValueError(f"n must be between 0 and {available} (the training items available), got {n}.")
     return [example["prompt"] for example in instruction_examples("train", limit=n, seed=seed)]
+
+
+def calibration_prompt_count() -> int:
+    """How many prompts ``calibration_prompts`` can give."""
+    return len(_items("train"))
+
+
+def choice_pairs(items: list[dict], negatives: str, seed: int) -> list[dict]:
+    """``{"prompt", "correct", "wrong"}`` from ``{"prompt", "choices", "answer"}`` items: ``wrong`` is the choice most
+    similar to the correct one (``negatives`` one of ``scoring.SIMILARITIES``, the paper's hard negative) or, with
+    ``"random"``, another choice drawn with ``seed``. Items whose other choices all equal the answer are dropped."""
+    if negatives == "random":
+        rng = random.Random(seed)
+        pairs = []
+        for item in items:
+            choices, answer = item["choices"], item["answer"]
+            wrongs = [choice for choice in choices if normalise_text(choice) != normalise_text(choices[answer])]
+            if wrongs:
+                pairs.append({"prompt": item["prompt"], "correct": choices[answer], "wrong": rng.choice(wrongs)})
+        return pairs
+    from .calibration.scoring import pairs_from_choices
+
+    return pairs_from_choices(items, similarity=negatives)
+
+
+def contrastive_pairs(limit: int | None = None, seed: int = 0, negatives: str = "random") -> list[dict]:
+    """``{"prompt", "correct", "wrong"}`` from the training split, one pair per item.
+
+    The prompt is the cloze form (question, then "Answer:") without options, so that ``prompt + correct`` and
+    ``prompt + wrong`` differ only in the answer, as lm-eval scores them. ``wrong`` is another choice of the same
+    item: drawn with ``seed`` (``negatives="random"``, the default of ``restorelcc run``), or the one most similar
+    to the correct answer (``"sentence-encoder"``, the paper's; ``"jaccard"``, ``"tfidf"``). The same items, in the
+    same order, for any ``negatives``.
+    """
+    items = [
+        {"prompt": CLOZE_TEMPLATE.format(question=question), "choices": [" " + c for c in choices], "answer": answer}
+        for question, choices, answer in _items("train")
+    ]
+    if negatives == "random":  # draws as it always did: one draw per item, then the shuffle
+        return shuffled(choice_pairs(items, "random", seed), seed, limit)
+    kept = [item for item in items if _has_wrong_choice(item)]
+    return choice_pairs(shuffled(kept, seed, limit), negatives, seed)
+
+
+def _has_wrong_choice(item: dict) -> bool:
+    answer = normalise_text(item["choices"][item["answer"]])
+    return any(normalise_text(choice) != answer for choice in item["choices"])
+
+
+# ----------------------------------------------------------------------------------------------- one task's items
+# Task-specific recovery calibrates, probes and trains on one evaluation task's own items. Evaluation scores the first
+# ``scored_items`` items of a task (``--limit``, as lm-eval takes them), so only the items after them feed anything
+# else, and of those only the ones whose question text is not among the scored items' (HellaSwag: nor from a video
+# or article a scored item shows). Evaluate with ``--limit <= scored_items`` and no scored item is ever trained on.
+SCORED_ITEMS = EVALUATED_ITEMS
+TASK_SIDES: tuple[str, ...] = ("scored", "train")
+
+
+def _task_prompt_and_choices(task: str, row: dict) -> tuple[str, list[str], int] | None:
+    """An evaluation item as its lm-eval task scores it (evaluation._TASK_FIELDS): the prompt, the choices' texts
+    (continuations) and the index of the right one. WinoGrande's choices differ before its blank: the prompt is the
+    sentence up to the blank, each choice an option with the rest of the sentence; None when the blank opens it."""
+    if task == "boolq":
+        return f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:", ["no", "yes"], int(row["answer"])
+    if task == "rte":
+        prompt = f"{row['sentence1']}\nQuestion: {row['sentence2']} True or False?\nAnswer:"
+        return prompt, ["True", "False"], int(row["label"])
+    if task == "hellaswag":
+        query, endings = hellaswag_query_and_endings(row)
+        return query, endings, int(row["label"])
+    if task == "winogrande":
+        blank = row["sentence"].index("_")
+        prompt, rest = row["sentence"][:blank].strip(), row["sentence"][blank + 1 :]
+        if not prompt:
+            return None
+        return prompt, [row["option1"] + rest, row["option2"] + rest], {"1": 0, "2": 1}[row["answer"]]
+    question, choices, answer = _in_task_item(task, row)  # arc_easy, arc_challenge, openbookqa
+    return (question if task == "openbookqa" else CLOZE_TEMPLATE.format(question=question)), choices, answer
+
+
+def _check_task(task: str, scored_items: int) -> None:
+    if task not in _EVAL_PATHS:
+        raise ValueError(
+            f"Unknown task {task!r}: task-specific data comes from one of the bundled evaluation tasks "
+            f"{', '.join(EVAL_TASKS)}; pass one of them (or --prompts/--pairs FILE for your own data)."
+        )
+    if scored_items < 0:
+        raise ValueError(f"scored_items must be >= 0, got {scored_items}.")
+
+
+@functools.lru_cache(maxsize=len(EVAL_TASKS))
+def _task_rows(task: str) -> tuple[dict, ...]:
+    return tuple(eval_dataset(task).to_list())  # one conversion: row-by-row access of a Dataset is slow
+
+
+@functools.lru_cache(maxsize=16)
+def task_split(task: str, scored_items: int = SCORED_ITEMS) -> dict[str, tuple[int, ...]]:
+    """Row indices of ``eval_dataset(task)``: ``"scored"``, the first ``scored_items`` (what an evaluation with
+    ``--limit <= scored_items`` reads), and ``"train"``, the rest that may feed calibration, probing and training:
+    none shares its question text with a scored item, and for HellaSwag none comes from a scored item's source."""
+    _check_task(task, scored_items)
+    rows = _task_rows(task)
+    scored = range(min(scored_items, len(rows)))
+    forbidden = {normalise_text(_eval_question(task, rows[index])) for index in scored}
+    forbidden_sources = {rows[index]["source_id"] for index in scored} if task == "hellaswag" else set()
+    train = tuple(
+        index
+        for index in range(len(scored), len(rows))
+        if normalise_text(_eval_question(task, rows[index])) not in forbidden
+        and (task != "hellaswag" or rows[index]["source_id"] not in forbidden_sources)
+    )
+    return {"scored": tuple(scored), "train": train}
+
+
+@functools.lru_cache(maxsize=16)
+def _task_side_items(task: str, scored_items: int) -> tuple[tuple[str, tuple[str, ...], int, int], ...]:
+    rows = _task_rows(task)
+    items = []
+    for index in task_split(task, scored_items)["train"]:
+        item = _task_prompt_and_choices(task, rows[index])
+        if item is not None:
+            prompt, choices, answer = item
+            items.append((prompt, tuple(" " + choice.strip() for choice in choices), answer, index))
+    return tuple(items)
+
+
+def task_items(task: str, scored_items: int = SCORED_ITEMS, seed: int = 0, limit: int | None = None) -> list[dict]:
+    """``{"prompt", "choices", "answer", "row"}`` of ``task``'s training side (``task_split(...)["train"]``) in the
+    form its evaluation scores them (choices start with a space, as lm-eval joins them), shuffled by ``seed`` and
+    cut to ``limit``."""
+    items = [
+        {"prompt": prompt, "choices": list(choices), "answer": answer, "row": row}
+        for prompt, choices, answer, row in _task_side_items(task, scored_items)
+    ]
+    return shuffled(items, seed, limit)
+
+
+def task_examples(task: str, scored_items: int = SCORED_ITEMS, seed: int = 0, limit: int | None = None) -> list[dict]:
+    """``{"prompt", "response"}`` training pairs from ``task``'s training side: its prompt, then the right choice."""
+    return [
+        {"prompt": item["prompt"], "response": item["choices"][item["answer"]]}
+        for item in task_items(task, scored_items, seed, limit)
+    ]
+
+
+def task_pairs(
+    task: str, scored_items: int = SCORED_ITEMS, seed: int = 0, limit: int | None = None, negatives: str = "jaccard"
+) -> list[dict]:
+    """``{"prompt", "correct", "wrong"}`` probe pairs from ``task``'s training side (see ``choice_pairs``)."""
+    items = [item for item in task_items(task, scored_items, seed) if _has_wrong_choice(item)]
+    return choice_pairs(items if limit is None else items[:limit], negatives, seed)
+
+
+def task_prompts(task: str, scored_items: int = SCORED_ITEMS, seed: int = 0, limit: int | None = None) -> list[str]:
+    """Calibration prompts from ``task``'s training side: its items' prompts, without answers."""
+    return [item["prompt"] for item in task_items(task, scored_items, seed, limit)]
 
 
 @functools.lru_cache(maxsize=1)

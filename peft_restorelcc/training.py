@@ -18,7 +18,6 @@ step as 1 process x batch 4.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -89,6 +88,14 @@ def tokenize_instruction(
     eos = _eos_id(tokenizer)
     if not response_ids or response_ids[-1] != eos:
         response_ids.append(eos)
+    return _prompt_and_response(prompt_ids, response_ids, max_length)
+
+
+def _prompt_and_response(
+    prompt_ids: list[int], response_ids: list[int], max_length: int
+) -> dict[str, list[int]] | None:
+    """One sequence, labels ``-100`` on the prompt. Too long: the prompt loses tokens from its start; a response
+    longer than ``max_length`` is cut at its end. None if nothing is left to learn."""
     response_ids = response_ids[:max_length]
     room = max_length - len(response_ids)
     prompt_ids = prompt_ids[-room:] if room else []
@@ -98,6 +105,34 @@ def tokenize_instruction(
     if all(label == IGNORE_INDEX for label in labels[1:]):
         return None
     return {"input_ids": input_ids, "labels": labels}
+
+
+def tokenize_chat(
+    messages: Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> dict[str, list[int]] | None:
+    """A chat rendered with the tokenizer's chat template, labels ``-100`` on everything before the last (assistant)
+    turn's content: the prompt is the template of the earlier turns with the generation prompt, exactly what the
+    model sees before it answers. The template's own end-of-turn closes the response (no EOS is added)."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (an input and a target), got {max_length}.")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "Chat rows ('messages') need a tokenizer with a chat template, and this one has none: write the rows as "
+            "prompt/response instead, or use the tokenizer of an instruct model."
+        )
+    messages = [dict(message) for message in messages]
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("The chat template renders the earlier turns differently once the reply follows them.")
+    # The template writes the special tokens itself: add none.
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    full_ids = list(tokenizer(full, add_special_tokens=False)["input_ids"])
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        response_ids = full_ids[len(prompt_ids) :]
+    else:
+        response_ids = list(tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"])
+    return _prompt_and_response(prompt_ids, response_ids, max_length)
 
 
 def text_windows(
@@ -138,42 +173,46 @@ def instruction_records(
 
 
 def read_jsonl(path: str | os.PathLike) -> tuple[list[dict[str, str]], list[str]]:
-    """``(instruction examples, texts)`` from a JSONL file: each line an object with string fields ``prompt`` and
-    ``response``, or ``text``. Anything else is a ValueError naming the line."""
-    path = Path(path)
-    examples: list[dict[str, str]] = []
-    texts: list[str] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number} is not valid JSON ({error.msg}).") from error
-            if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
-                examples.append({"prompt": row["prompt"], "response": row["response"]})
-            elif isinstance(row, dict) and isinstance(row.get("text"), str):
-                texts.append(row["text"])
-            else:
-                raise ValueError(
-                    f"{path}:{number} needs string fields 'prompt' and 'response' (instruction data) or 'text' "
-                    '(plain text), e.g. {"prompt": "Question: ...\\nAnswer:", "response": " yes"}.'
-                )
-    if not examples and not texts:
-        raise ValueError(f"{path} holds no examples: write one JSON object per line.")
-    return examples, texts
+    """``(instruction examples, texts)`` from a data file (``user_data.read_training_file``: prompt/response and
+    Alpaca rows as examples, text rows as texts); chats are refused here (they need a tokenizer)."""
+    from .user_data import read_training_file
+
+    read = read_training_file(path)
+    if read.chats:
+        raise ValueError(f"{path} holds chat rows ('messages'): read it with user_data.read_training_file.")
+    return read.examples, read.texts
+
+
+TASK_DATA_PREFIX = "task:"
 
 
 def check_data_choice(data: str) -> None:
-    """ValueError unless ``data`` is a known source or an existing ``.jsonl`` file (cheap: reads nothing)."""
+    """ValueError unless ``data`` is a known source, ``task:NAME`` of a bundled evaluation task, or an existing file
+    or ``datasets`` directory (cheap: reads nothing)."""
     if data in DATA_CHOICES:
         return
+    if data.startswith(TASK_DATA_PREFIX):
+        from . import data as data_module
+
+        task = data[len(TASK_DATA_PREFIX) :]
+        if task not in data_module.EVAL_TASKS:
+            raise ValueError(
+                f"--data {data!r}: unknown task {task!r}; use task:NAME with NAME one of "
+                f"{', '.join(data_module.EVAL_TASKS)} (its items after the ones evaluation scores)."
+            )
+        return
+    from .user_data import FILE_SUFFIXES, TRAINING_HELP
+
     path = Path(data).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(
-            f"--data {data!r} is neither one of {list(DATA_CHOICES)} nor an existing JSONL file: pass a source name "
-            'or the path of a file with one {"prompt", "response"} (or {"text"}) object per line.'
+            f"--data {data!r} is neither one of {list(DATA_CHOICES)}, nor task:NAME, nor an existing file: pass a "
+            f"source name or the path of a {'/'.join(FILE_SUFFIXES)} file (or a datasets.save_to_disk directory) "
+            f"with {TRAINING_HELP}."
+        )
+    if path.is_file() and path.suffix.lower() not in FILE_SUFFIXES:
+        raise ValueError(
+            f"--data {data}: unknown format {path.suffix or '(no suffix)'}; use {', '.join(FILE_SUFFIXES)}."
         )
 
 
@@ -193,7 +232,11 @@ def build_train_dataset(
       and SciQ's in the cloze form (question -> answer, no options), shuffled together; response-only loss.
     - ``"text"``: LAMBADA train passages cut into ``seq_len`` windows, loss on every token.
     - ``"mixed"``: half of each, interleaved in a seeded order.
-    - a ``.jsonl`` path: its prompt/response lines as instruction data, its text lines as windows.
+    - ``"task:NAME"``: a bundled evaluation task's training-side items (``data.task_examples``: never one that
+      evaluation scores), its prompt -> the right choice, response-only loss.
+    - a file (``.jsonl``, ``.json``, ``.csv``) or ``datasets.save_to_disk`` directory (``user_data.TRAINING_HELP``):
+      prompt/response and Alpaca rows as instruction data, chat rows through the chat template (loss on the last
+      reply), text rows as windows.
 
     ``samples`` is the number of sequences (None: all there are); ``seed`` picks and orders them.
     """
@@ -219,11 +262,21 @@ def build_train_dataset(
             rng.shuffle(passages)
             limit = None if samples is None else samples - len(records)
             records += text_windows(passages, tokenizer, seq_len, limit)
+    elif data.startswith(TASK_DATA_PREFIX):
+        from . import data as data_module
+
+        examples = data_module.task_examples(data[len(TASK_DATA_PREFIX) :], seed=seed, limit=samples)
+        records = instruction_records(examples, tokenizer, seq_len)
     else:
-        examples, texts = read_jsonl(Path(data).expanduser())
-        rng.shuffle(examples)
-        rng.shuffle(texts)
-        records = instruction_records(examples, tokenizer, seq_len) + text_windows(texts, tokenizer, seq_len)
+        from .user_data import read_training_file
+
+        read = read_training_file(data)
+        rng.shuffle(read.examples)
+        rng.shuffle(read.chats)
+        rng.shuffle(read.texts)
+        chats = (tokenize_chat(messages, tokenizer, seq_len) for messages in read.chats)
+        records = instruction_records(read.examples, tokenizer, seq_len) + [r for r in chats if r is not None]
+        records += text_windows(read.texts, tokenizer, seq_len)
         rng.shuffle(records)
         records = records if samples is None else records[:samples]
     if data == "mixed":

@@ -137,6 +137,17 @@ def test_probe_end_to_end_on_a_tiny_model() -> None:
         components, "probe", dense=dense, pruned=pruned, pairs=pairs, tokenizer=tokenizer, progress=False
     )
     assert torch.equal(rescored.scores, components.scores)
+    # Loaders: each model loaded and released in turn (pruned first), same activations, same scores.
+    reloaded = score_heads(
+        components,
+        "probe",
+        dense=lambda: dense,
+        pruned=lambda: pruned,
+        pairs=pairs,
+        tokenizer=tokenizer,
+        progress=False,
+    )
+    assert torch.equal(reloaded.scores, components.scores)
     with pytest.raises(ValueError, match="needs contrastive pairs"):
         calibrate(dense, pruned, prompts, tokenizer, strategy="probe")
 
@@ -151,3 +162,16 @@ def test_pairs_from_the_papers_sentence_encoder() -> None:
     ]
     wrong = [pair["wrong"] for pair in pairs_from_answers(examples, similarity="sentence-encoder")]
     assert wrong == ["a crimson fruit", "the red apple tree", "physics of particles", "quantum field theory"]
+
+
+def test_scoring_does_not_import_the_pipeline() -> None:
+    """The probe's activation capture lives in capture.py: scoring needs only capture and components."""
+    import ast
+    import inspect
+
+    from peft_restorelcc.calibration import scoring
+
+    modules = {
+        node.module for node in ast.walk(ast.parse(inspect.getsource(scoring))) if isinstance(node, ast.ImportFrom)
+    }
+    assert "pipeline" not in modules and "capture" in modules

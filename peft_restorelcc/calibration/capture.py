@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..heads import HeadProjection, find_head_projections, head_dim_of, text_config
-from .components import read_projection_weight
+from .components import normalize_kept_heads, read_projection_weight
 
 ModelSource = nn.Module | Callable[[], nn.Module]
 POSITIONS = ("last", "all")
@@ -548,3 +548,120 @@ def release(owned: bool) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------- probe activations
+def join_text(prompt: str, answer: str) -> str:
+    """Prompt + answer, with a space between them unless either side already has one."""
+    if prompt and answer and not prompt[-1].isspace() and not answer[0].isspace():
+        return prompt + " " + answer
+    return prompt + answer
+
+
+@dataclass
+class ProbeInputs:
+    """The probe's three token lists: prompts (read in the pruned model), prompt + correct, prompt + wrong (dense)."""
+
+    prompts: list[list[int]]
+    correct: list[list[int]]
+    wrong: list[list[int]]
+
+    def all_sequences(self) -> list[list[int]]:
+        return self.prompts + self.correct + self.wrong
+
+
+def probe_inputs(pairs: Sequence[dict[str, str]], tokenizer: Any, max_length: int | None) -> ProbeInputs:
+    """Tokenise contrastive pairs ``[{"prompt", "correct", "wrong"}]``; raises on too few or incomplete pairs."""
+    if len(pairs) < 2:
+        raise ValueError(f"The probe needs at least 2 contrastive pairs, got {len(pairs)}.")
+    for pair in pairs:
+        missing = {"prompt", "correct", "wrong"} - set(pair)
+        if missing:
+            raise ValueError(f"Contrastive pair {pair!r} lacks {sorted(missing)}.")
+    return ProbeInputs(
+        prompts=tokenize([p["prompt"] for p in pairs], tokenizer, max_length),
+        correct=tokenize([join_text(p["prompt"], p["correct"]) for p in pairs], tokenizer, max_length),
+        wrong=tokenize([join_text(p["prompt"], p["wrong"]) for p in pairs], tokenizer, max_length),
+    )
+
+
+def capture_probe_prompts(model: nn.Module, probe: ProbeInputs, **capture: Any) -> torch.Tensor:
+    """The pruned model's heads at the last token of the probe prompts (the paper's probe input)."""
+    return capture_activations(model, probe.prompts, position="last", description="pruned model: probe", **capture)
+
+
+def capture_probe_answers(
+    model: nn.Module, probe: ProbeInputs, rows: torch.Tensor | None, **capture: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense model's heads at the last token of prompt + correct and prompt + wrong; ``rows`` maps them onto
+    the pruned heads (``None``: the same heads)."""
+    correct = capture_activations(
+        model, probe.correct, position="last", description="dense model: correct answers", **capture
+    )
+    wrong = capture_activations(
+        model, probe.wrong, position="last", description="dense model: wrong answers", **capture
+    )
+    if rows is not None:
+        correct, wrong = correct[:, rows], wrong[:, rows]
+    return correct, wrong
+
+
+def dense_rows(
+    model: nn.Module,
+    pruned: ModelStructure,
+    kept_heads: dict[int, list[int]] | None,
+    sequences: list[list[int]],
+    target_modules: str | list[str] | None,
+) -> torch.Tensor | None:
+    """Checks the dense model against the pruned one; the dense row of every pruned head, ``None`` if identity
+    (then no gather, i.e. no copy of every batch's activations, is needed)."""
+    structure = structure_of(model, target_modules)
+    check_compatible(structure, pruned, kept_heads)
+    check_tokens_fit(sequences, structure.vocab_size, "dense")
+    rows = dense_index(structure, pruned, kept_heads)
+    return None if torch.equal(rows, torch.arange(len(rows))) else rows
+
+
+def probe_activations(
+    dense: ModelSource,
+    pruned: ModelSource,
+    pairs: Sequence[dict[str, str]],
+    tokenizer: Any = None,
+    *,
+    kept_heads: dict[int, list[int]] | None = None,
+    batch_size: int = 8,
+    max_length: int | None = 512,
+    padding_side: str | None = None,
+    target_modules: str | list[str] | None = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(pruned at prompt, dense at prompt+correct, dense at prompt+wrong)``, each ``(pairs, pruned heads, d)``.
+
+    The models (modules or loaders) are used one at a time: the pruned model first, then the dense one.
+    """
+    probe = probe_inputs(pairs, tokenizer, max_length)
+    kept_heads = normalize_kept_heads(kept_heads)
+    capture = {
+        "batch_size": batch_size,
+        "pad_id": pad_id_of(tokenizer),
+        "padding_side": padding_side or getattr(tokenizer, "padding_side", None) or "right",
+        "target_modules": target_modules,
+        "progress": progress,
+    }
+    sequences = probe.all_sequences()
+    pruned_model, owned = obtain(pruned)
+    try:
+        structure = structure_of(pruned_model, target_modules)
+        check_tokens_fit(sequences, structure.vocab_size, "pruned")
+        pruned_prompt = capture_probe_prompts(pruned_model, probe, **capture)
+    finally:
+        pruned_model = None
+        release(owned)
+    dense_model, owned = obtain(dense)
+    try:
+        rows = dense_rows(dense_model, structure, kept_heads, sequences, target_modules)
+        correct, wrong = capture_probe_answers(dense_model, probe, rows, **capture)
+    finally:
+        dense_model = None
+        release(owned)
+    return pruned_prompt, correct, wrong

@@ -22,17 +22,20 @@ from .capture import (
     LostAccumulator,
     ModelSource,
     ModelStructure,
-    capture_activations,
+    ProbeInputs,
+    capture_probe_answers,
+    capture_probe_prompts,
     check_compatible,
     check_same_tokenizer,
     check_tokens_fit,
-    dense_index,
+    dense_rows,
     iterate_activations,
     make_batches,
     model_name,
     obtain,
     output_metric,
     pad_id_of,
+    probe_inputs,
     release,
     structure_of,
     structure_of_config,
@@ -40,28 +43,7 @@ from .capture import (
     unwrap,
 )
 from .components import LostComponents, model_fingerprint, normalize_kept_heads
-from .scoring import STRATEGIES, join_text, score_heads, score_with_probe
-
-
-@dataclass
-class _ProbeInputs:
-    prompts: list[list[int]]
-    correct: list[list[int]]
-    wrong: list[list[int]]
-
-
-def _probe_inputs(pairs: Sequence[dict[str, str]], tokenizer: Any, max_length: int | None) -> _ProbeInputs:
-    if len(pairs) < 2:
-        raise ValueError(f"The probe needs at least 2 contrastive pairs, got {len(pairs)}.")
-    for pair in pairs:
-        missing = {"prompt", "correct", "wrong"} - set(pair)
-        if missing:
-            raise ValueError(f"Contrastive pair {pair!r} lacks {sorted(missing)}.")
-    return _ProbeInputs(
-        prompts=tokenize([p["prompt"] for p in pairs], tokenizer, max_length),
-        correct=tokenize([join_text(p["prompt"], p["correct"]) for p in pairs], tokenizer, max_length),
-        wrong=tokenize([join_text(p["prompt"], p["wrong"]) for p in pairs], tokenizer, max_length),
-    )
+from .scoring import STRATEGIES, score_heads, score_with_probe
 
 
 def _declared_structure(source: ModelSource) -> ModelStructure | None:
@@ -87,7 +69,7 @@ def _run_models(
     dense: ModelSource,
     pruned: ModelSource,
     sequences: list[list[int]] | None,
-    probe: _ProbeInputs | None,
+    probe: ProbeInputs | None,
     *,
     position: str,
     kept_heads: dict[int, list[int]] | None,
@@ -121,22 +103,20 @@ def _run_models(
         num_heads = sum(pruned_structure.heads_per_layer)
         accumulator = LostAccumulator(position, num_heads, head_dim) if sequences else None
 
-        def dense_side(model: nn.Module) -> tuple[list, torch.Tensor]:
-            structure = structure_of(model, target_modules)
-            check_compatible(structure, pruned_structure, kept_heads)
-            check_tokens_fit(everything, structure.vocab_size, "dense")
-            projections = find_head_projections(unwrap(model), target_modules, head_dim_of(model))
-            rows = dense_index(structure, pruned_structure, kept_heads)
-            # No gather (a copy of every batch's activations) when every pruned head is the dense head of its index.
-            return projections, None if torch.equal(rows, torch.arange(len(rows))) else rows
+        capture = {
+            "batch_size": batch_size,
+            "pad_id": pad_id,
+            "padding_side": padding_side,
+            "target_modules": target_modules,
+            "progress": progress,
+        }
+
+        def dense_side(model: nn.Module) -> tuple[list, torch.Tensor | None]:
+            rows = dense_rows(model, pruned_structure, kept_heads, everything, target_modules)
+            return find_head_projections(unwrap(model), target_modules, head_dim_of(model)), rows
 
         def pruned_probe_prompts(model: nn.Module) -> torch.Tensor | None:
-            """The pruned model's heads at the last token of the probe prompts (the paper's probe input)."""
-            if not probe:
-                return None
-            return _capture_last(
-                model, probe.prompts, batch_size, pad_id, padding_side, target_modules, "pruned model: probe", progress
-            )
+            return capture_probe_prompts(model, probe, **capture) if probe else None
 
         pruned_iter = iterate_activations(pruned_model, pruned_projections, batches, position, "pruned model", progress)
         if isinstance(dense, nn.Module):
@@ -177,49 +157,13 @@ def _run_models(
         dense_name = dense_name or model_name(dense_model)
         probe_result = None
         if probe is not None:
-            correct = _capture_last(
-                dense_model,
-                probe.correct,
-                batch_size,
-                pad_id,
-                padding_side,
-                target_modules,
-                "dense model: correct answers",
-                progress,
-            )
-            wrong = _capture_last(
-                dense_model,
-                probe.wrong,
-                batch_size,
-                pad_id,
-                padding_side,
-                target_modules,
-                "dense model: wrong answers",
-                progress,
-            )
-            if rows is not None:
-                correct, wrong = correct[:, rows], wrong[:, rows]
-            probe_result = (pruned_prompt, correct, wrong)
+            probe_result = (pruned_prompt, *capture_probe_answers(dense_model, probe, rows, **capture))
         return _RunResult(accumulator, probe_result, pruned_structure, fingerprint, metric, dense_name, pruned_name)
     finally:
         if store is not None:
             store.close()
         pruned_model = dense_model = None
         release(pruned_owned or dense_owned)
-
-
-def _capture_last(model, sequences, batch_size, pad_id, padding_side, target_modules, description, progress):
-    return capture_activations(
-        model,
-        sequences,
-        position="last",
-        batch_size=batch_size,
-        pad_id=pad_id,
-        padding_side=padding_side,
-        target_modules=target_modules,
-        description=description,
-        progress=progress,
-    )
 
 
 def calibrate(
@@ -266,7 +210,7 @@ def calibrate(
     kept_heads = normalize_kept_heads(kept_heads)
     check_same_tokenizer(tokenizer, pruned_tokenizer)
     sequences = tokenize(prompts, tokenizer, max_length)
-    probe = _probe_inputs(pairs, tokenizer, max_length) if strategy == "probe" else None
+    probe = probe_inputs(pairs, tokenizer, max_length) if strategy == "probe" else None
     if padding_side is None:
         padding_side = getattr(tokenizer, "padding_side", None) or "right"
     result = _run_models(
@@ -312,37 +256,3 @@ def calibrate(
     if strategy is not None:
         return score_heads(components, strategy, seed=seed, reduction=lost_norm_reduction)
     return components
-
-
-def probe_activations(
-    dense: ModelSource,
-    pruned: ModelSource,
-    pairs: Sequence[dict[str, str]],
-    tokenizer: Any = None,
-    *,
-    kept_heads: dict[int, list[int]] | None = None,
-    batch_size: int = 8,
-    max_length: int | None = 512,
-    padding_side: str | None = None,
-    target_modules: str | list[str] | None = None,
-    progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(pruned at prompt, dense at prompt+correct, dense at prompt+wrong)``, each ``(pairs, pruned heads, d)``."""
-    probe = _probe_inputs(pairs, tokenizer, max_length)
-    if padding_side is None:
-        padding_side = getattr(tokenizer, "padding_side", None) or "right"
-    result = _run_models(
-        dense,
-        pruned,
-        None,
-        probe,
-        position="last",
-        kept_heads=normalize_kept_heads(kept_heads),
-        batch_size=batch_size,
-        pad_id=pad_id_of(tokenizer),
-        padding_side=padding_side,
-        target_modules=target_modules,
-        spool_dir=None,
-        progress=progress,
-    )
-    return result.probe

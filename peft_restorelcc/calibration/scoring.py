@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .capture import single_threaded
+from .capture import probe_activations, single_threaded
 from .components import MAIN_COMPONENTS_K, LostComponents
 
 STRATEGIES = ("probe", "lost_norm", "random")
@@ -145,8 +145,6 @@ def score_heads(
         raise ValueError(f"Unknown scoring strategy {strategy!r}; choose one of {STRATEGIES}.")
     if dense is None or pruned is None or not pairs:
         raise ValueError("The probe strategy needs dense=..., pruned=... and contrastive pairs=[...].")
-    from .pipeline import probe_activations  # the pipeline imports this module
-
     if kept_heads is None:
         kept_heads = components.metadata.get("kept_heads")
     activations = probe_activations(
@@ -184,13 +182,6 @@ def score_with_probe(
 
 
 # ----------------------------------------------------------------------------------------------- pairs
-def join_text(prompt: str, answer: str) -> str:
-    """Prompt + answer, with a space between them unless either side already has one."""
-    if prompt and answer and not prompt[-1].isspace() and not answer[0].isspace():
-        return prompt + " " + answer
-    return prompt + answer
-
-
 _WORD = re.compile(r"\w+")
 
 
@@ -275,4 +266,34 @@ def pairs_from_answers(examples: Sequence[dict[str, str]], similarity: str = "ja
         if math.isinf(float(row[index])):
             raise ValueError(f"Every other answer equals {example['answer']!r}; no wrong answer to pair with.")
         pairs.append({"prompt": example["prompt"], "correct": example["answer"], "wrong": answers[index]})
+    return pairs
+
+
+def pairs_from_choices(items: Sequence[dict[str, Any]], similarity: str = "jaccard") -> list[dict[str, str]]:
+    """Contrastive pairs from multiple-choice items ``{"prompt", "choices", "answer"}`` (the right choice's index):
+    the wrong answer of each is its choice most similar to the right one, the paper's hard negative (it takes the
+    nearest by all-MiniLM-L6-v2, ``similarity="sentence-encoder"``). Choices equal to the right one are never
+    chosen; an item with no other choice is a ValueError."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"Unknown similarity {similarity!r}; choose one of {SIMILARITIES}.")
+    embeddings = None
+    if similarity == "sentence-encoder":  # one encoder pass over every distinct choice
+        texts = list(dict.fromkeys(choice for item in items for choice in item["choices"]))
+        index_of = {text: index for index, text in enumerate(texts)}
+        embeddings = _sentence_embeddings(texts) if texts else None
+    pairs = []
+    for item in items:
+        choices, answer = list(item["choices"]), int(item["answer"])
+        if embeddings is not None:
+            rows = embeddings[[index_of[choice] for choice in choices]]
+            similarities = rows @ rows[answer]
+        else:
+            similarities = _similarity_matrix(choices, similarity)[answer]
+        right = " ".join(choices[answer].lower().split())
+        same = torch.tensor([" ".join(choice.lower().split()) == right for choice in choices])
+        similarities = similarities.masked_fill(same, -math.inf)
+        best = int(similarities.argmax())
+        if same[best]:
+            raise ValueError(f"Item {item['prompt']!r} has no choice other than its answer {choices[answer]!r}.")
+        pairs.append({"prompt": item["prompt"], "correct": choices[answer], "wrong": choices[best]})
     return pairs

