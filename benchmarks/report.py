@@ -220,7 +220,7 @@ def section(path: Path, data: Any) -> str:
         plot = path.with_name("recovery.png")  # drawn by the benchmark before its rows became a table
         if plot.exists() and plot.resolve().is_relative_to(ROOT):
             body += ["", f"![{plot.parent.name}](../{plot.resolve().relative_to(ROOT)})"]
-    elif isinstance(data, dict) and "rows" in data and all("model" in row for row in data["rows"]):
+    elif isinstance(data, dict) and "rows" in data and all({"model", "tasks"} <= set(row) for row in data["rows"]):
         body = [*_commands(data.get("commands", [])), _settings_line(data.get("settings", {})), "", pruning_table(data)]
     else:
         body = [*_commands([data["command"]] if isinstance(data, dict) and "command" in data else []), "",
@@ -233,7 +233,7 @@ def section(path: Path, data: Any) -> str:
 
 
 def results_files(results: Path = RESULTS) -> list[Path]:
-    return sorted(results.glob("*.json")) + sorted(results.glob("*/recovery.json"))
+    return sorted(results.glob("*.json")) + sorted(results.glob("*/recovery.json")) + sorted(results.glob("*/results.json"))
 
 
 def table_rows(path: Path = ROOT / "benchmarks" / "recovery_methods.yaml") -> str:
