@@ -321,17 +321,28 @@ def parse_device_map(text: str | None) -> str | dict | None:
     return {"": str(default_device(text))}
 
 
-def model_loader(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = "auto", device_map=None):
+def model_loader(
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype | str | None = "auto",
+    device_map=None,
+    device: str | torch.device | None = None,
+):
     """A ``calibration.ModelLoader`` that loads the model only when calibration needs it (so that the dense and
-    the pruned model are never both in memory), with ``dtype`` and ``device_map`` as in :func:`load_model`; its
-    config is read now, so the structural checks run before any forward pass."""
+    the pruned model are never both in memory), with ``dtype`` and ``device_map`` as in :func:`load_model`, moved to
+    ``device`` when there is no ``device_map``; its config is read now, so the structural checks run before any
+    forward pass."""
     from transformers import AutoConfig
 
     from .calibration import ModelLoader
 
     path = resolve_model_path(name_or_path)
+
+    def load() -> PreTrainedModel:
+        model = load_model(path, dtype=dtype, device_map=device_map)
+        return model.to(device) if device is not None and device_map is None else model
+
     return ModelLoader(
-        lambda: load_model(path, dtype=dtype, device_map=device_map),
+        load,
         config=AutoConfig.from_pretrained(path),
         name=str(name_or_path),
     )

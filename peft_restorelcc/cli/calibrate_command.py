@@ -179,11 +179,8 @@ def _check_args(args: argparse.Namespace) -> int | float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig
-
-    from ..assets import default_device, load_model, load_tokenizer, parse_device_map, resolve_model_path
+    from ..assets import default_device, load_model, load_tokenizer, model_loader, parse_device_map
     from ..calibration import (
-        ModelLoader,
         build_restorelcc_model,
         calibrate,
         calibration_inputs,
@@ -204,15 +201,9 @@ def run(args: argparse.Namespace) -> int:
         pruned_tokenizer = None  # a pruned model saved without its tokenizer uses the dense one
 
     device_map = parse_device_map(args.device_map)
-
-    def loaded(path):
-        return load_model(path, device_map=device_map) if device_map is not None else load_model(path).to(device)
-
-    def loader(name: str) -> ModelLoader:
-        path = resolve_model_path(name)
-        return ModelLoader(lambda: loaded(path), config=AutoConfig.from_pretrained(path), name=name)
-
-    dense_source, pruned_source = loader(args.dense), loader(args.pruned)
+    dense_source, pruned_source = (
+        model_loader(name, device_map=device_map, device=device) for name in (args.dense, args.pruned)
+    )
     # A head count out of range fails now rather than after the forward passes (configs of structurally pruned
     # models carry their reduced head count).
     pruned_config = pruned_source.config.get_text_config()
