@@ -291,11 +291,34 @@ def brief(path: Path = BRIEF_FILE, rows: dict[str, tuple[str, str]] = BRIEF_ROWS
     return "\n".join(lines)
 
 
+MAIN_JOB_FILE = RESULTS / "main-job.json"
+
+
+def main_job(path: Path = MAIN_JOB_FILE) -> str:
+    """The README's sentence on what the main job costs: its stage counts, and the range of its measured runs."""
+    data = json.loads(path.read_text())
+    runs = data["runs"]
+    minutes = sorted(run["wall_s"] / 60 for run in runs)
+    memory = sorted(run["peak_rss_gib"] for run in runs)
+    cores = "/".join(str(count) for count in sorted({run["cores"] for run in runs}))
+    cpus = ", ".join(sorted({run["cpu"] for run in runs}))
+    stages = data["stages"]
+    return (
+        f"The job is {stages['training']}, {stages['evaluation']}. Timed with `{data['command']}`, it took"
+        f" {minutes[0]:.0f} to {minutes[-1]:.0f} min and {memory[0]:.1f} to {memory[-1]:.1f} GiB at peak on {cores}-core"
+        f" CPU machines ({len(runs)} runs; CPU: {cpus}; each run in `{path.resolve().relative_to(ROOT)}`)."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--brief", action="store_true", help="only the README's table, from " + str(BRIEF_FILE.relative_to(ROOT)))
+    parser.add_argument("--main-job", action="store_true", help="only the README's sentence on the main job's cost")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the folder of results files")
     args = parser.parse_args()
+    if args.main_job:
+        print(main_job())
+        return
     print(brief() if args.brief else render(args.results), end="\n" if args.brief else "")
 
 

@@ -38,18 +38,54 @@ def test_pruning_a_half_model_keeps_its_dtype_and_hits_the_target(dtype, method)
             assert torch.equal(parameter[kept], before[name][kept]), name
 
 
+FP32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def assert_within_fp32_summation_bound(summed: torch.Tensor, terms: torch.Tensor) -> None:
+    """``summed`` is an fp32 sum over dim 0 of ``terms`` (exact float64 values), within the rounding error bound.
+
+    A floating-point sum of n terms, in any order or blocking (BLAS kernels differ between CPUs), is off from the
+    exact sum by at most gamma_n * sum |terms|, gamma_n = n u / (1 - n u), u = 2^-24 for fp32 (Higham, Accuracy and
+    Stability of Numerical Algorithms, 2nd ed., eq. 4.4). The terms here are exact in fp32 (a product of two bf16
+    numbers has at most 16 significant bits), so the sum is the only rounding. A bf16 accumulator (u = 2^-8) breaks
+    this bound by orders of magnitude; that is what the check is for.
+    """
+    num_terms = terms.shape[0]
+    gamma = num_terms * FP32_UNIT_ROUNDOFF / (1 - num_terms * FP32_UNIT_ROUNDOFF)
+    error = (summed.double() - terms.sum(0)).abs()
+    bound = gamma * terms.abs().sum(0)
+    worst = (error / bound).max().item()
+    assert worst <= 1.0, f"the sum is off by {worst:.3g}x the fp32 summation bound"
+
+
+def bf16_tokens() -> torch.Tensor:
+    return (torch.randn(4096, 8, generator=torch.Generator().manual_seed(0)) + 3).to(torch.bfloat16)
+
+
 def test_wanda_and_sparsegpt_statistics_of_bf16_inputs_are_accumulated_in_fp32():
-    """Over 4,096 bf16 tokens a bf16 running sum would be off by percents; the statistics match float64 to 1e-5."""
+    """Over 4,096 bf16 tokens the statistics stay within the fp32 summation bound of the float64 truth."""
     from peft_restorelcc.pruning import _InputStatistics
 
     linear = torch.nn.Linear(8, 4).to(torch.bfloat16)
-    inputs = (torch.randn(4096, 8, generator=torch.Generator().manual_seed(0)) + 3).to(torch.bfloat16)
+    inputs = bf16_tokens()
     with _InputStatistics({"linear": linear}, need_hessian=True) as stats, torch.no_grad():
         linear(inputs)
     exact = inputs.double()
     assert stats.sq_norms["linear"].dtype == torch.float32
-    torch.testing.assert_close(stats.sq_norms["linear"].double(), (exact**2).sum(0), rtol=1e-5, atol=0)
-    torch.testing.assert_close(stats.hessians["linear"].double(), exact.T @ exact, rtol=1e-5, atol=1e-3)
+    assert stats.hessians["linear"].dtype == torch.float32
+    assert_within_fp32_summation_bound(stats.sq_norms["linear"], exact**2)
+    outer_products = exact[:, :, None] * exact[:, None, :]  # (tokens, 8, 8): the Hessian is their sum
+    assert_within_fp32_summation_bound(stats.hessians["linear"], outer_products)
+
+
+def test_a_bf16_running_sum_breaks_the_fp32_summation_bound():
+    """The negative case: the check above fails for the accumulator it exists to catch."""
+    exact = bf16_tokens().double()
+    running = torch.zeros(8, 8, dtype=torch.bfloat16)
+    for token in bf16_tokens():
+        running = running + torch.outer(token, token)  # bf16 + bf16 rounds to bf16 at every step
+    with pytest.raises(AssertionError, match="fp32 summation bound"):
+        assert_within_fp32_summation_bound(running.float(), exact[:, :, None] * exact[:, None, :])
 
 
 @pytest.fixture(scope="module")

@@ -43,13 +43,25 @@ def test_ci_runs_exactly_the_readmes_test_command() -> None:
     assert ci_lines[-1] == test_command
 
 
-def test_readmes_results_table_is_what_the_report_script_prints() -> None:
-    brief = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "report.py"), "--brief"],
+def report_output(*flags: str) -> str:
+    """What ``benchmarks/report.py`` prints with ``flags``, stripped."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "report.py"), *flags],
         check=True,
         capture_output=True,
         text=True,
         cwd=ROOT,
     ).stdout.strip()
+
+
+def test_readmes_results_table_is_what_the_report_script_prints() -> None:
+    brief = report_output("--brief")
     assert brief, "benchmarks/report.py --brief printed nothing"
     assert brief in readme_text()
+
+
+def test_readmes_main_job_cost_is_what_the_report_script_prints() -> None:
+    """The main job's time is a range over the machines it was timed on, generated from its results file."""
+    sentence = report_output("--main-job")
+    assert " to " in sentence and "CPU:" in sentence, sentence
+    assert sentence in readme_text()
