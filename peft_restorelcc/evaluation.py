@@ -15,21 +15,18 @@ import copy
 import functools
 import logging
 import math
-import os
 import random
 from collections.abc import Sequence
 from typing import Any
 
-# Everything below reads local files only; make sure no library falls back to a hub lookup.
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No offline switch is set here: the bundled splits reach lm-eval as in-memory datasets (``custom_dataset``) and the
+# model as an in-memory object, so nothing asks a hub for anything, and the user's process keeps its own settings.
+import datasets
+import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-import datasets  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from peft_restorelcc.data import eval_dataset, hellaswag_query_and_endings  # noqa: E402
+from peft_restorelcc.data import eval_dataset, hellaswag_query_and_endings
 
 __all__ = [
     "PAPER_TASKS",

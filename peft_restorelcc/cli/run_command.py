@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -303,17 +302,21 @@ def _above_chance_line(results: dict[str, Any], items: dict[str, Any]) -> str:
 def plot_accuracies(summary: dict[str, Any], path: Path) -> Path | None:
     """Grouped bars: accuracy per task for dense, pruned and restored. Skipped if matplotlib is missing."""
     try:
-        os.environ.setdefault("MPLBACKEND", "Agg")
-        import matplotlib.pyplot as plt
+        # A Figure drawn on the Agg canvas directly: no pyplot, so no GUI backend is chosen and no MPLBACKEND is set
+        # in the user's process.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         return None
+    from ..recovery import headline_accuracy
+
     results = summary["results"]
     tasks = list(results["dense"]["tasks"]) + ["average"]
-    figure, axis = plt.subplots(figsize=(10, 4))
+    figure = Figure(figsize=(10, 4))
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
     width = 0.27
     for offset, (name, result) in enumerate(results.items()):
-        from ..recovery import headline_accuracy
-
         values = [_accuracy(result["tasks"][task]) for task in tasks[:-1]] + [headline_accuracy(result)]
         axis.bar([i + (offset - 1) * width for i in range(len(tasks))], values, width, label=name)
     axis.set_xticks(range(len(tasks)), tasks, rotation=20)
@@ -322,5 +325,4 @@ def plot_accuracies(summary: dict[str, Any], path: Path) -> Path | None:
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
     return path
