@@ -49,7 +49,7 @@ from recovery_results import (
 from report import markdown_table
 from tqdm import tqdm
 
-from peft_restorelcc import recovery
+from peft_restorelcc import pipeline, recovery
 from peft_restorelcc.assets import default_device, load_model, load_tokenizer
 from peft_restorelcc.calibration import LostComponents, build_restorelcc_model
 from peft_restorelcc.calibration.adapter import INITS
@@ -219,7 +219,7 @@ class Context:
 
 def _general_calibration(context: Context) -> LostComponents:
     args = context.args
-    return recovery.calibrate_components(context.dense, context.pruned, context.tokenizer, context.pruning_report,
+    return pipeline.calibrate_components(context.dense, context.pruned, context.tokenizer, context.pruning_report,
                                          args.calibration_samples, args.pairs)  # fmt: skip
 
 
@@ -262,7 +262,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 def evaluate(model: torch.nn.Module, context: Context, tasks: list[str] | None = None) -> dict[str, Any]:
     args = context.args
     # Every row keeps each item's score, for paired errors.
-    return recovery.evaluate_model(model, context.tokenizer, tasks=tasks, limit=args.limit,
+    return pipeline.evaluate(model, context.tokenizer, tasks=tasks, limit=args.limit,
                                    perplexity_passages=args.perplexity_passages, batch_size=args.eval_batch_size,
                                    per_item=True)  # fmt: skip
 
@@ -332,7 +332,7 @@ def prepare(args: argparse.Namespace, reference: dict[str, dict[str, Any]], time
         pruned, pruning_report = load_model(cache / "pruned").to(device), load_report(cache / "pruned")
     else:
         with timer.stage("prune"):
-            pruned, pruning_report = recovery.prune_copy(dense, tokenizer, args.method,
+            pruned, pruning_report = pipeline.prune(dense, tokenizer, args.method,
                                                          None if args.pattern else args.sparsity, args.pattern,
                                                          samples=args.prune_samples)  # fmt: skip
         save_pruned(pruned, tokenizer, cache / "pruned", pruning_report)

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from peft_restorelcc.data import eval_dataset, hellaswag_query_and_endings
+from peft_restorelcc.devices import input_device
 
 __all__ = [
     "PAPER_TASKS",
@@ -345,13 +346,6 @@ def _item_scores(samples: list[dict[str, Any]], task: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ perplexity
 
 
-def _input_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
-
-
 def perplexity(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -377,7 +371,7 @@ def perplexity(
     # Longest first: batches of similar length waste little on padding; the order is fixed, so is the result.
     windows.sort(key=len, reverse=True)
 
-    device = _input_device(model)
+    device = input_device(model)
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0
