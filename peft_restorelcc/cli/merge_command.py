@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import staged_output_dir
+from .options import DTYPES, MODEL_HELP, add_model_arguments, check_output_dir
 
 REPORT_FILE = "merge_report.json"
 FORMATS = ("plain", "compressed-tensors")
@@ -30,8 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "LoRA densifies the weights it adapts."
         ),
     )
-    parser.add_argument("--model", required=True, help="pruned model: embedded name or local directory")
-    parser.add_argument("--adapter", required=True, metavar="DIR", help="trained adapter directory")
+    add_model_arguments(parser, help="the pruned model the adapter was trained on: " + MODEL_HELP)
+    parser.add_argument("--adapter", required=True, metavar="DIR", help="trained adapter: local directory or Hub id")
+    parser.add_argument("--adapter-revision", default=None, metavar="REV", help="revision of a Hub id given to --adapter")
+    parser.add_argument(
+        "--dtype", default="auto", choices=DTYPES, help="dtype the model is loaded and merged in (default: its own)"
+    )
     parser.add_argument("--output", required=True, metavar="DIR", help="new or empty output directory")
     parser.add_argument(
         "--format",
@@ -55,11 +60,6 @@ def _adapter_type(adapter: Path) -> str:
         return str(json.loads(config_file.read_text())["peft_type"])
     except (ValueError, KeyError) as error:
         raise ValueError(f"{config_file} is not a PEFT adapter config (no peft_type): {error}") from error
-
-
-def _check_output(output: Path) -> None:
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ValueError(f"--output {output} exists and is not an empty directory: pass a new or empty directory.")
 
 
 def _check_bias_switch(model_path: Path) -> None:
@@ -106,13 +106,16 @@ def _sparse_format_of(output: Path) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..assets import resolve_model_path
+    from ..io import resolve_model_path
+    from ..io.hub import download_snapshot, is_hub_id
 
     adapter = Path(args.adapter).expanduser()
+    if not adapter.exists() and is_hub_id(args.adapter):
+        adapter = download_snapshot(args.adapter, args.adapter_revision)
     output = Path(args.output).expanduser()
     adapter_type = _adapter_type(adapter)
-    _check_output(output)
-    model_path = resolve_model_path(args.model)
+    check_output_dir(output)
+    model_path = resolve_model_path(args.model, args.revision)
     if adapter_type == "RESTORELCC":
         _check_bias_switch(model_path)
 
@@ -122,11 +125,11 @@ def run(args: argparse.Namespace) -> int:
     import peft_restorelcc  # noqa: F401  (registers RESTORELCC with PEFT before the adapter is read)
 
     from .. import export
-    from ..assets import load_model, load_tokenizer
     from ..config import PEFT_TYPE
+    from ..io import load_model, load_tokenizer
     from ..pruning import measure_sparsity
 
-    base = load_model(model_path)
+    base = load_model(model_path, dtype=args.dtype)
     before = measure_sparsity(base)  # measured before wrapping: adapters replace the projection modules
     try:
         tokenizer = load_tokenizer(model_path)
