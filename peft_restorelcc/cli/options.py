@@ -59,14 +59,10 @@ def require(args: argparse.Namespace, dest: str, flag: str) -> None:
 
 
 def check_output_dir(output: str | Path, flag: str = "--output", hint: str = "") -> Path:
-    """``output`` expanded, if it is absent or an empty directory; else one ValueError line (``hint`` appended)."""
-    path = Path(output).expanduser()
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ValueError(
-            f"{flag} {path} exists and is not an empty directory (a file, or a folder that is not empty): pass a new "
-            f"or empty directory{hint}."
-        )
-    return path
+    """``files.check_new_output_dir`` with the message naming ``flag``."""
+    from ..files import check_new_output_dir
+
+    return check_new_output_dir(output, label=flag, hint=hint)
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
