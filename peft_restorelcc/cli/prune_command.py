@@ -83,17 +83,14 @@ def _max_positions(model: Any) -> int | None:
     return None
 
 
-def run(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace, needs_calibration: bool) -> tuple[Any, Any]:
+    """``(model on --device, tokenizer or None)``; a tokenizer is required only when pruning calibrates."""
     from ..assets import default_device
     from ..io import load_model, load_tokenizer, resolve_model_path
 
-    sparsity, structured = _check_args(args)
-    needs_calibration = args.method in ("wanda", "sparsegpt") or structured
-    device = default_device(args.device)
-
     model_path = resolve_model_path(args.model, args.revision)
     model = load_model(model_path, dtype=args.dtype)
-    model.to(device)
+    model.to(default_device(args.device))
     try:
         tokenizer = load_tokenizer(model_path)
     except (OSError, ValueError, TypeError) as error:
@@ -103,22 +100,25 @@ def run(args: argparse.Namespace) -> int:
             ) from error
         print(f"restorelcc prune: warning: no tokenizer saved ({error})", file=sys.stderr)
         tokenizer = None
+    return model, tokenizer
 
-    calibration = None
-    calibration_info: dict[str, Any] | None = None
-    if needs_calibration:
-        limit = _max_positions(model)
-        if limit is not None and args.seq_len > limit:
-            raise ValueError(f"--seq-len {args.seq_len} exceeds the model's {limit} positions: lower it.")
-        from ..data import text_passages
 
-        calibration = calibration_windows(tokenizer, text_passages("train"), args.samples, args.seq_len)
-        calibration_info = {
-            "source": "lambada train passages",
-            "samples": args.samples,
-            "seq_len": args.seq_len,
-        }
+def _calibration(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
+    """Token windows from the bundled training passages for Wanda/SparseGPT/structured pruning, and their record."""
+    from ..data import text_passages
 
+    limit = _max_positions(model)
+    if limit is not None and args.seq_len > limit:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's {limit} positions: lower it.")
+    calibration = calibration_windows(tokenizer, text_passages("train"), args.samples, args.seq_len)
+    return calibration, {"source": "lambada train passages", "samples": args.samples, "seq_len": args.seq_len}
+
+
+def run(args: argparse.Namespace) -> int:
+    sparsity, structured = _check_args(args)
+    needs_calibration = args.method in ("wanda", "sparsegpt") or structured
+    model, tokenizer = _load(args, needs_calibration)
+    calibration, calibration_info = _calibration(args, model, tokenizer) if needs_calibration else (None, None)
     structured_report = None
     if structured:
         structured_report = structured_prune_heads(

@@ -50,6 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("paper", "lost"),
         help="paper: m, b ~ N(0, 1e-3); lost: m from the mean lost vector",
     )
+    _add_training_arguments(parser)
+    _add_evaluation_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-samples", type=int, default=2000)
     parser.add_argument("--train-steps", type=int, default=200, help="optimizer steps (-1: --epochs epochs)")
     parser.add_argument("--epochs", type=float, default=3.0)
@@ -73,6 +79,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0.0,
         help="weight of KL to the dense model in the loss (0: the LM loss alone, no teacher; 1: distillation only)",
     )
+
+
+def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is evaluated, and how the job runs (device, dtype, seed, threads)."""
     parser.add_argument("--tasks", default=None, help="comma-separated tasks (default: the paper's seven)")
     parser.add_argument("--limit", type=int, default=100, help="items per task (0: all)")
     parser.add_argument("--perplexity-passages", type=int, default=64)
@@ -84,7 +94,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="CPU threads (default: torch's choice); 1 is fastest on a busy machine",
     )
-    parser.set_defaults(func=run)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -179,7 +188,11 @@ def results_table(summary: dict[str, Any]) -> str:
     if gap_error is not None:
         lines.append(
             f"dense - pruned average accuracy: {dense_avg - pruned_avg:+.3f} ({kind} {gap_error:.3f}"
-            + ("; within noise: raise --limit to measure recovery)" if abs(dense_avg - pruned_avg) < 2 * gap_error else ")")
+            + (
+                "; within noise: raise --limit to measure recovery)"
+                if abs(dense_avg - pruned_avg) < 2 * gap_error
+                else ")"
+            )
         )
     if paired:
         lines.append("gap recovered: ± its standard error from the items sampled (another seed adds its own spread)")
@@ -205,7 +218,9 @@ def _above_chance_line(results: dict[str, Any], items: dict[str, Any]) -> str:
     chance = {task: chance_accuracy(task, count) for task, count in counts.items()}
     above = recovery.tasks_above_chance(accuracies["dense"], chance, counts)
     if not above:
-        return "tasks above chance: none (the dense model is at chance on every task: raise --limit or use a larger model)"
+        return (
+            "tasks above chance: none (the dense model is at chance on every task: raise --limit or use a larger model)"
+        )
     kept = [{task: scores[task] for task in above} for scores in (items["dense"], items["pruned"], items["restored"])]
     gap = sum(accuracies["dense"][task] - accuracies["pruned"][task] for task in above) / len(above)
     share = recovery.gap_recovered_on(above, accuracies["dense"], accuracies["pruned"], accuracies["restored"])

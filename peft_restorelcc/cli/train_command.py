@@ -63,7 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, help="the pruned model to train the adapter on: " + MODEL_HELP)
     parser.add_argument("--adapter", required=True, metavar="DIR", help="adapter to train: local directory or Hub id")
-    parser.add_argument("--adapter-revision", default=None, metavar="REV", help="revision of a Hub id given to --adapter")
+    parser.add_argument(
+        "--adapter-revision", default=None, metavar="REV", help="revision of a Hub id given to --adapter"
+    )
     parser.add_argument("--output", required=True, metavar="DIR", help="new or empty directory (or the one resumed)")
     parser.add_argument(
         "--data",
@@ -89,6 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=PAPER_BATCH_SIZE, metavar="B", help="sequences per process")
     parser.add_argument("--grad-accum", type=int, default=1, metavar="G", help="gradient accumulation steps")
     parser.add_argument("--seq-len", type=int, default=128, metavar="L", help="maximum tokens per sequence")
+    _add_run_arguments(parser)
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Distillation, resuming, devices and bookkeeping."""
     parser.add_argument("--distill-from", default=None, metavar="DENSE", help="dense model to distil from")
     parser.add_argument(
         "--distill-alpha", type=float, default=None, metavar="A", help="weight of the KL term in [0, 1] (default 1)"
