@@ -8,6 +8,7 @@ command runs in a subprocess whose environment alone points ``HF_HUB_CACHE`` at 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,15 @@ def hub_home(tmp_path_factory) -> Path:
     (entry / "refs").mkdir(parents=True)
     (entry / "refs" / "main").write_text(SHA)
     return home
+
+
+def _publish(home: Path, repo_id: str, folder: Path) -> str:
+    """Put ``folder`` into the cache at ``home`` as ``repo_id`` at commit SHA (refs/main too)."""
+    entry = home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, entry / "snapshots" / SHA, ignore=shutil.ignore_patterns("checkpoint-*"))
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(SHA)
+    return repo_id
 
 
 def restorelcc(home: Path, *argv: str, offline: bool = True, **extra: str) -> subprocess.CompletedProcess:
@@ -67,12 +77,13 @@ def test_every_command_takes_a_hub_id_at_a_revision(hub_home, tmp_path):
         str(trained), "--samples", "4", "--max-steps", "1", "--batch-size", "2", "--seq-len", "32", "--device", "cpu",
     ))  # fmt: skip
     assert (trained / "adapter_config.json").is_file()
+    adapter_id = _publish(hub_home, "tiny-org/tiny-adapter", trained)  # the trained adapter, as if pushed
     _ok(restorelcc(
-        hub_home, "eval", "--model", HUB_ID, "--revision", SHA, "--adapter", str(trained), "--tasks", "boolq",
-        "--limit", "2", "--no-perplexity", "--device", "cpu",
+        hub_home, "eval", "--model", HUB_ID, "--revision", SHA, "--adapter", adapter_id, "--adapter-revision", SHA,
+        "--tasks", "boolq", "--limit", "2", "--no-perplexity", "--device", "cpu",
     ))  # fmt: skip
     merged = tmp_path / "merged"
-    _ok(restorelcc(hub_home, "merge", "--model", HUB_ID, "--revision", "main", "--adapter", str(trained), "--output",
+    _ok(restorelcc(hub_home, "merge", "--model", HUB_ID, "--revision", "main", "--adapter", adapter_id, "--output",
                    str(merged)))  # fmt: skip
     assert (merged / "config.json").is_file()
 

@@ -14,6 +14,9 @@ from pathlib import Path
 MODEL_PATTERNS: tuple[str, ...] = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja")
 # Old repositories without safetensors: their PyTorch weights, fetched only when no safetensors file came.
 LEGACY_WEIGHT_PATTERNS: tuple[str, ...] = ("*.bin",)
+# from_pretrained reads the top level of a model repository only: sub-folders (onnx/, original/, other checkpoints)
+# are left on the Hub.
+SUBFOLDERS = "*/*"
 
 
 def is_hub_id(text: str) -> bool:
@@ -74,10 +77,14 @@ def download_snapshot(repo_id: str, revision: str | None = None, patterns: tuple
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
+    model = patterns == MODEL_PATTERNS
+    ignore = SUBFOLDERS if model else None
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(patterns or []) or None))
-        if patterns == MODEL_PATTERNS and not _has_weights(folder):
-            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(LEGACY_WEIGHT_PATTERNS)))
+        allow = list(patterns) if patterns else None
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow, ignore_patterns=ignore))
+        if model and not _has_weights(folder):
+            legacy = list(LEGACY_WEIGHT_PATTERNS)
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=legacy, ignore_patterns=ignore))
     except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OSError, ValueError) as error:
         raise ValueError(_error_line(repo_id, revision, error)) from None
     return folder
