@@ -40,6 +40,19 @@ def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = N
     )
 
 
+def _torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """None for "auto"/None (the checkpoint's own dtype), else a torch dtype ("bfloat16" -> torch.bfloat16): the
+    sparse-format loader does arithmetic with it, so a CLI string must become a real dtype."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16.")
+    return resolved
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     dtype: torch.dtype | str | None = "auto",
@@ -56,7 +69,7 @@ def load_model(
     from ..compressed import load_sparse_model, sparse_format
 
     path = resolve_model_path(name_or_path, revision)
-    dtype = None if dtype == "auto" else dtype
+    dtype = _torch_dtype(dtype)
     if sparse_format(path) is not None:
         return load_sparse_model(path, dtype=dtype, device_map=device_map)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", device_map=device_map)
