@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -31,15 +35,30 @@ def test_every_subcommand_takes_a_model_with_a_revision_and_a_device(command):
         (["prune", "--model", "M", "--output", "O", "--calibration-samples", "3"], "samples", 3),
     ],
 )
-def test_old_spellings_still_work_and_warn_once(monkeypatch, capsys, argv, dest, value):
+def test_old_spellings_still_work_and_warn_once(monkeypatch, argv, dest, value):
     monkeypatch.setattr(options, "_WARNED", set())
-    with pytest.warns(FutureWarning, match="deprecated .* use --"):
+    with pytest.warns(FutureWarning, match="deprecated .* use --") as caught:
         args = build_parser().parse_args(argv)
-    assert getattr(args, dest) == value
+    assert getattr(args, dest) == value and len(caught) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second parse in the same process stays quiet
         assert getattr(build_parser().parse_args(argv), dest) == value
-    assert capsys.readouterr().err.count("is deprecated") == 1
+
+
+def test_a_user_sees_the_deprecation_once_on_one_line(tmp_path):
+    # A real process with Python's default warning filters, as a user runs it.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    argv = ["prune", "--model", str(tmp_path / "absent"), "--output", str(tmp_path / "out"), "--method", "magnitude",
+            "--sparsity", "0.5", "--calibration-samples", "2"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "peft_restorelcc", *argv], env=env, capture_output=True, text=True)
+    assert done.returncode == 2  # the model does not exist: one error line after the warning
+    lines = done.stderr.strip().splitlines()
+    assert [line for line in lines if "deprecated" in line] == [
+        "restorelcc prune:0: FutureWarning: --calibration-samples is deprecated and will be removed in the next "
+        "release; use --samples"
+    ]
+    assert len(lines) == 2 and lines[1].startswith("restorelcc prune: error:")
 
 
 def test_old_spellings_are_not_in_the_help():

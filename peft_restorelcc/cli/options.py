@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,8 @@ class DeprecatedAlias(argparse.Action):
         if option_string not in _WARNED:
             _WARNED.add(option_string)
             message = f"{option_string} is deprecated and will be removed in the next release; use {self.new}"
-            warnings.warn(message, FutureWarning, stacklevel=2)
-            # Printed too: a CLI user does not see Python warnings once a logging setup swallows them.
-            print(f"warning: {message}", file=sys.stderr)
+            # Attributed to the command, not to argparse's source line: the user sees one line naming the flag.
+            warnings.warn_explicit(message, FutureWarning, filename=parser.prog, lineno=0)
         setattr(namespace, self.dest, values)
 
 
