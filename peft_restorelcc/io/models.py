@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..assets import EMBEDDED_MODELS, embedded_model_path, missing_embedded_hint
+
+if TYPE_CHECKING:  # calibration imports the tuner and the models: only its loader type is named here
+    from ..calibration import ModelLoader
 from .hub import MODEL_PATTERNS, download_snapshot, is_hub_id
 
 
@@ -82,7 +86,7 @@ def model_loader(
     device_map: str | dict | None = None,
     device: str | torch.device | None = None,
     revision: str | None = None,
-):
+) -> ModelLoader:
     """A ``calibration.ModelLoader`` that loads the model only when calibration needs it (so that the dense and
     the pruned model are never both in memory), with ``dtype`` and ``device_map`` as in :func:`load_model`, moved to
     ``device`` when there is no ``device_map``; its config is read now, so the structural checks run before any
