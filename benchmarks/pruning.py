@@ -19,7 +19,7 @@ import torch
 from report import pruning_table
 from tqdm import tqdm
 
-from peft_restorelcc import recovery
+from peft_restorelcc import pipeline, recovery
 from peft_restorelcc.assets import load_model, load_tokenizer
 
 CONFIGS = {
@@ -49,7 +49,7 @@ def main() -> None:
     rows = []
 
     def add_row(name: str, model: torch.nn.Module, report: dict | None) -> None:
-        results = recovery.evaluate_model(model, tokenizer, **evaluate)
+        results = pipeline.evaluate(model, tokenizer, **evaluate)
         rows.append(
             {
                 "model": name,
@@ -71,7 +71,7 @@ def main() -> None:
     add_row("dense", dense, None)
     for name in tqdm(args.configs.split(","), desc="pruning configs"):
         method, sparsity, pattern = CONFIGS[name]
-        pruned, report = recovery.prune_copy(dense, tokenizer, method, sparsity, pattern, samples=args.samples)
+        pruned, report = pipeline.prune(dense, tokenizer, method, sparsity, pattern, samples=args.samples)
         add_row(name, pruned, report)
         del pruned
 

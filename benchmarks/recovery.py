@@ -49,12 +49,13 @@ from recovery_results import (
 from report import markdown_table
 from tqdm import tqdm
 
-from peft_restorelcc import recovery
-from peft_restorelcc.assets import default_device, load_model, load_tokenizer
-from peft_restorelcc.calibration import LostComponents, build_restorelcc_model
+from peft_restorelcc import pipeline, recovery
+from peft_restorelcc.assets import default_device
+from peft_restorelcc.calibration import LostComponents
 from peft_restorelcc.calibration.adapter import INITS
 from peft_restorelcc.data import EVALUATED_ITEMS, in_task_examples, instruction_examples, shuffled
 from peft_restorelcc.evaluation import resolve_tasks
+from peft_restorelcc.io import load_model, load_tokenizer
 from peft_restorelcc.pruning import (
     hold_pruned_weights_at_zero,
     load_report,
@@ -68,7 +69,6 @@ from peft_restorelcc.training import (
     check_data_choice,
     instruction_records,
     pad_token_id_of,
-    train_adapter,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -219,8 +219,8 @@ class Context:
 
 def _general_calibration(context: Context) -> LostComponents:
     args = context.args
-    return recovery.calibrate_components(context.dense, context.pruned, context.tokenizer, context.pruning_report,
-                                         args.calibration_samples, args.pairs)  # fmt: skip
+    return pipeline.calibrate_components(context.dense, context.pruned, context.tokenizer, context.pruning_report,
+                                        args.calibration_samples, args.pairs)  # fmt: skip
 
 
 # How a row's `calibration` is measured: `general` is what `restorelcc run` calibrates on.
@@ -236,9 +236,8 @@ def _every_weight(model: torch.nn.Module, row: dict[str, Any], context: Context)
 
 # A builder per method kind: (a fresh copy of the pruned model, the row, the context) -> the model to train.
 BUILDERS: dict[str, Callable[[torch.nn.Module, dict[str, Any], Context], torch.nn.Module]] = {
-    "restorelcc": lambda model, row, context: build_restorelcc_model(
-        model, context.components_for(row["calibration"]), num_heads=row["heads"], init=row["init"],
-        selection=row["selection"],
+    "restorelcc": lambda model, row, context: pipeline.build_adapter(
+        model, context.components_for(row["calibration"]), row["heads"], init=row["init"], selection=row["selection"],
     ),  # fmt: skip
     "lora": lambda model, row, _: get_peft_model(model, LoraConfig(r=row["rank"], target_modules=row["target_modules"])),
     "ia3": lambda model, row, _: get_peft_model(model, IA3Config(task_type="CAUSAL_LM")),
@@ -262,9 +261,9 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 def evaluate(model: torch.nn.Module, context: Context, tasks: list[str] | None = None) -> dict[str, Any]:
     args = context.args
     # Every row keeps each item's score, for paired errors.
-    return recovery.evaluate_model(model, context.tokenizer, tasks=tasks, limit=args.limit,
-                                   perplexity_passages=args.perplexity_passages, batch_size=args.eval_batch_size,
-                                   per_item=True)  # fmt: skip
+    return pipeline.evaluate(model, context.tokenizer, tasks=tasks, limit=args.limit,
+                             perplexity_passages=args.perplexity_passages, batch_size=args.eval_batch_size,
+                             per_item=True)  # fmt: skip
 
 
 def measured_row(results: dict[str, Any]) -> dict[str, Any]:
@@ -293,7 +292,7 @@ def run_row(name: str, row: dict[str, Any], seed: int, context: Context, output:
     dataset = training_dataset(row["data"], context.tokenizer, samples=args.steps * args.batch_size, seed=seed)
     first_batch = PaddingCollator(pad_token_id_of(context.tokenizer))([dataset[i] for i in range(args.batch_size)])
     memory = recovery.training_memory_bytes(model, first_batch)
-    train_metrics = train_adapter(
+    train_metrics = pipeline.train(
         model, context.tokenizer, dataset, output / f"{name}-seed{seed}", learning_rate=row["learning_rate"],
         batch_size=args.batch_size, max_steps=args.steps, seed=seed, save_steps=10**9, logging_steps=10,
         disable_tqdm=False, device=context.device, teacher=teacher,
@@ -332,7 +331,7 @@ def prepare(args: argparse.Namespace, reference: dict[str, dict[str, Any]], time
         pruned, pruning_report = load_model(cache / "pruned").to(device), load_report(cache / "pruned")
     else:
         with timer.stage("prune"):
-            pruned, pruning_report = recovery.prune_copy(dense, tokenizer, args.method,
+            pruned, pruning_report = pipeline.prune(dense, tokenizer, args.method,
                                                          None if args.pattern else args.sparsity, args.pattern,
                                                          samples=args.prune_samples)  # fmt: skip
         save_pruned(pruned, tokenizer, cache / "pruned", pruning_report)

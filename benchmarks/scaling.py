@@ -179,7 +179,7 @@ def build_dense(shape: str, work: Path, device: str, seed: int = 0) -> dict[str,
 def _load(path: Path, device: str, device_map: str | None):
     import torch
 
-    from peft_restorelcc.assets import load_model
+    from peft_restorelcc.io import load_model
 
     model = load_model(path, dtype=torch.bfloat16, device_map=device_map or {"": device})
     return model
@@ -209,7 +209,8 @@ def stage_prune(shape: str, work: Path, device: str, options: dict[str, Any]) ->
 def stage_calibrate(shape: str, work: Path, device: str, options: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoConfig
 
-    from peft_restorelcc.calibration import ModelLoader, calibrate
+    from peft_restorelcc import pipeline
+    from peft_restorelcc.calibration import CalibrationInputs, ModelLoader
 
     config = AutoConfig.from_pretrained(work / "dense")
     loads: list[float] = []
@@ -225,10 +226,13 @@ def stage_calibrate(shape: str, work: Path, device: str, options: dict[str, Any]
 
     prompts = _token_ids(config.vocab_size, options["calibration_samples"], options["seq_len"], seed=2)
     started, cpu_started = time.perf_counter(), time.process_time()
-    components = calibrate(
+    # Random token ids stand for prompts: the cost depends on the shapes, not on the text.
+    inputs = CalibrationInputs(prompts, None, "random token ids", None, None)
+    components = pipeline.calibrate(
         loader("dense"),
         loader("pruned"),
-        prompts,
+        None,
+        inputs,
         strategy="lost_norm",
         position="last",
         batch_size=options["batch_size"],
@@ -256,19 +260,20 @@ def stage_calibrate(shape: str, work: Path, device: str, options: dict[str, Any]
 def stage_train(shape: str, work: Path, device: str, options: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from peft_restorelcc.calibration import LostComponents, build_restorelcc_model
+    from peft_restorelcc import pipeline
+    from peft_restorelcc.calibration import LostComponents
     from peft_restorelcc.recovery import training_memory_bytes
-    from peft_restorelcc.training import PaddingCollator, train_adapter
+    from peft_restorelcc.training import PaddingCollator
 
     model = _load(work / "pruned", device, options.get("device_map"))
     weight_bytes = _weight_bytes(model)
     components = LostComponents.load(work / "components")
-    peft_model = build_restorelcc_model(model, components, num_heads=0.25, init="lost")
+    peft_model = pipeline.build_adapter(model, components, 0.25, init="lost")
     ids = _token_ids(model.config.vocab_size, options["train_samples"], options["seq_len"], seed=3)
     dataset = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    metrics = train_adapter(
+    metrics = pipeline.train(
         peft_model,
         None,
         dataset,

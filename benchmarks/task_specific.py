@@ -122,73 +122,68 @@ def write_json(path: Path, record: dict[str, Any]) -> None:
     os.replace(staging, path)
 
 
+def _restore_arm(name: str, args: argparse.Namespace, dense: Any, model: Any, tokenizer: Any, record: dict) -> Any:
+    """Calibrate, build and train one RestoreLCC arm through the pipeline; fills ``record``, returns the model."""
+    from peft_restorelcc import data, pipeline
+    from peft_restorelcc.recovery import trainable_parameters
+    from peft_restorelcc.training import DEFAULT_DATA, TASK_DATA_PREFIX
+
+    begin = time.perf_counter()
+    inputs = pipeline.calibration_inputs(
+        task=args.task if name == "task" else None, samples=args.calibration_samples, pairs=args.pairs,
+        negatives=args.negatives, scored_items=args.scored_items, seed=args.seed,
+    )  # fmt: skip
+    components = pipeline.calibrate(dense, model, tokenizer, inputs, seed=args.seed)
+    record["seconds"]["calibrate"] = time.perf_counter() - begin
+    model = pipeline.build_adapter(model, components, args.heads, init="paper")
+    training_data = TASK_DATA_PREFIX + args.task if name == "task" else DEFAULT_DATA
+    dataset = pipeline.training_data(training_data, tokenizer, samples=args.train_samples, seed=args.seed)
+    with tempfile.TemporaryDirectory() as checkpoints:
+        metrics = pipeline.train(
+            model, tokenizer, dataset, checkpoints, learning_rate=args.lr, batch_size=args.batch_size,
+            max_steps=args.steps, seed=args.seed, save_steps=10**9, device="cpu",
+        )  # fmt: skip
+    record.update(
+        calibration={
+            "prompts": len(inputs.prompts),
+            "pairs": len(inputs.pairs),
+            "prompts_source": inputs.prompts_source,
+            "negatives": inputs.negatives,
+            "notes": inputs.notes,
+        },
+        training={
+            "data": training_data,
+            "sequences": len(dataset),
+            "steps": metrics["steps"],
+            "final_loss": metrics["final_loss"],
+            "seconds_per_step": metrics["seconds_per_step"],
+        },
+        heads=model.peft_config["default"].heads,
+        trainable_parameters=trainable_parameters(model),
+    )
+    record["seconds"]["train"] = metrics["seconds"]
+    if name == "task":  # the guarantee, checked on what was used: no scored item fed this arm
+        used = {item["row"] for item in data.task_items(args.task, args.scored_items, args.seed)}
+        assert not used & set(data.task_split(args.task, args.scored_items)["scored"])
+        record["training_side_rows"] = len(used)
+    return model
+
+
 def run_arm(name: str, args: argparse.Namespace, dense: Any, pruned: Any, tokenizer: Any) -> dict[str, Any]:
     import copy
 
-    from peft_restorelcc import data
-    from peft_restorelcc.calibration import build_restorelcc_model, calibrate, calibration_inputs
-    from peft_restorelcc.evaluation import evaluate_tasks
-    from peft_restorelcc.recovery import headline_metric, trainable_parameters
-    from peft_restorelcc.training import DEFAULT_DATA, TASK_DATA_PREFIX, build_train_dataset, train_adapter
+    from peft_restorelcc import pipeline
+    from peft_restorelcc.recovery import headline_metric
 
     record: dict[str, Any] = {"seconds": {}}
     model = copy.deepcopy(pruned)
     if name != "pruned":
-        begin = time.perf_counter()
-        task = args.task if name == "task" else None
-        inputs = calibration_inputs(
-            task=task,
-            samples=args.calibration_samples,
-            pairs=args.pairs,
-            negatives=args.negatives,
-            scored_items=args.scored_items,
-            seed=args.seed,
-        )
-        components = calibrate(dense, model, inputs.prompts, tokenizer, pairs=inputs.pairs, seed=args.seed)
-        record["seconds"]["calibrate"] = time.perf_counter() - begin
-        model = build_restorelcc_model(model, components, num_heads=args.heads, init="paper")
-        training_data = TASK_DATA_PREFIX + args.task if name == "task" else DEFAULT_DATA
-        dataset = build_train_dataset(training_data, tokenizer, samples=args.train_samples, seed=args.seed)
-        with tempfile.TemporaryDirectory() as checkpoints:
-            metrics = train_adapter(
-                model,
-                tokenizer,
-                dataset,
-                checkpoints,
-                learning_rate=args.lr,
-                batch_size=args.batch_size,
-                max_steps=args.steps,
-                seed=args.seed,
-                save_steps=10**9,
-                device="cpu",
-            )
-        record.update(
-            calibration={
-                "prompts": len(inputs.prompts),
-                "pairs": len(inputs.pairs),
-                "prompts_source": inputs.prompts_source,
-                "negatives": inputs.negatives,
-                "notes": inputs.notes,
-            },
-            training={
-                "data": training_data,
-                "sequences": len(dataset),
-                "steps": metrics["steps"],
-                "final_loss": metrics["final_loss"],
-                "seconds_per_step": metrics["seconds_per_step"],
-            },
-            heads=model.peft_config["default"].heads,
-            trainable_parameters=trainable_parameters(model),
-        )
-        record["seconds"]["train"] = metrics["seconds"]
-        if name == "task":  # the guarantee, checked on what was used: no scored item fed this arm
-            used = {item["row"] for item in data.task_items(args.task, args.scored_items, args.seed)}
-            assert not used & set(data.task_split(args.task, args.scored_items)["scored"])
-            record["training_side_rows"] = len(used)
+        model = _restore_arm(name, args, dense, model, tokenizer, record)
     begin = time.perf_counter()
-    results = evaluate_tasks(
-        model, tokenizer, tasks=[args.task], limit=args.eval_items, batch_size=args.eval_batch_size, per_item=True
-    )
+    results = pipeline.evaluate(
+        model, tokenizer, tasks=[args.task], limit=args.eval_items, perplexity_passages=0,
+        batch_size=args.eval_batch_size, per_item=True,
+    )  # fmt: skip
     record["seconds"]["evaluate"] = time.perf_counter() - begin
     metric = headline_metric(results["tasks"][args.task])
     record.update(
@@ -205,18 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     command = "python " + " ".join([os.path.relpath(sys.argv[0]), *(sys.argv[1:] if argv is None else argv)])
     import torch
 
-    from peft_restorelcc import recovery
-    from peft_restorelcc.assets import load_model, load_tokenizer
+    from peft_restorelcc import pipeline
     from peft_restorelcc.calibration import model_fingerprint
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     output = Path(args.output)
-    tokenizer = load_tokenizer(args.model)
-    dense = load_model(args.model)
+    dense, tokenizer = pipeline.load(args.model)
     begin = time.perf_counter()
-    pruned, report = recovery.prune_copy(dense, tokenizer, args.method, args.sparsity, None, args.prune_samples)
+    pruned, report = pipeline.prune(dense, tokenizer, args.method, args.sparsity, None, args.prune_samples)
     prune_seconds = time.perf_counter() - begin
     fingerprint = json.dumps(model_fingerprint(pruned), sort_keys=True)
     print(f"pruned ({args.method} {args.sparsity}) in {prune_seconds:.0f} s", flush=True)

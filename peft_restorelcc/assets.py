@@ -1,7 +1,8 @@
 """The embedded default models: GGUF files shipped inside PyPI packages, converted once to a safetensors cache.
 
-Nothing here downloads from a model hub. A model is named either by an embedded name (``"smollm2-135m"``,
-``"gemma3-270m"``) or by a local directory written with ``save_pretrained``.
+Nothing here downloads from a model hub: ``peft_restorelcc.io`` resolves the names users give (an embedded name
+such as ``"smollm2-135m"`` or ``"gemma3-270m"``, a local directory, or a Hub id) and asks this module for the
+embedded ones.
 
 Conversion (once per cache): transformers dequantizes the GGUF file to fp32, but flags the loaded model as
 quantized and refuses to save it. So the model class is rebuilt from the config without its
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 try:  # POSIX only; elsewhere the atomic rename alone keeps the cache consistent.
     import fcntl
@@ -115,18 +116,6 @@ def cache_dir() -> Path:
 def converted_dir(name: str) -> Path:
     """Where the converted safetensors copy of an embedded model lives (whether or not it exists yet)."""
     return cache_dir() / "models" / name
-
-
-def _unknown_name_error(name_or_path: str | os.PathLike) -> ValueError:
-    lines = [
-        f"{str(name_or_path)!r} is neither an embedded model nor an existing local directory. "
-        f"Embedded models: {sorted(EMBEDDED_MODELS)}; or pass a directory written by save_pretrained "
-        "(nothing is downloaded from a model hub)."
-    ]
-    for model in EMBEDDED_MODELS.values():
-        if model.missing_packages():
-            lines.append(f"'{model.name}' is not installed here: {model.install_command}")
-    return ValueError(" ".join(lines))
 
 
 def _is_complete(target: Path) -> bool:
@@ -250,19 +239,19 @@ def _ensure_converted(model: EmbeddedModel) -> Path:
     return target
 
 
-def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
-    """A local model directory for ``name_or_path``.
+def embedded_model_path(name: str) -> Path:
+    """The converted cache entry of the embedded model ``name`` (a key of ``EMBEDDED_MODELS``), converting on first
+    use."""
+    return _ensure_converted(EMBEDDED_MODELS[name])
 
-    An embedded name (a ``str`` key of ``EMBEDDED_MODELS``) gives its converted cache entry, converting on first
-    use; an existing directory gives itself. Anything else raises a ValueError naming the embedded models and,
-    for those whose packages are missing, the install command.
-    """
-    if isinstance(name_or_path, str) and name_or_path in EMBEDDED_MODELS:
-        return _ensure_converted(EMBEDDED_MODELS[name_or_path])
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    raise _unknown_name_error(name_or_path)
+
+def missing_embedded_hint() -> str:
+    """`` '<name>' is not installed here: <command>`` for every embedded model whose packages are missing."""
+    return "".join(
+        f" '{model.name}' is not installed here: {model.install_command}"
+        for model in EMBEDDED_MODELS.values()
+        if model.missing_packages()
+    )
 
 
 def default_device(requested: str | None = None) -> torch.device:
@@ -277,28 +266,6 @@ def default_device(requested: str | None = None) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def load_model(
-    name_or_path: str | os.PathLike,
-    dtype: torch.dtype | str | None = "auto",
-    device_map: str | dict | None = None,
-) -> PreTrainedModel:
-    """A causal LM from an embedded name or a local directory, in eval mode.
-
-    ``dtype="auto"`` (or None) keeps the checkpoint's dtype (a bf16 model stays bf16; fp32 where none is recorded).
-    ``device_map`` goes to accelerate through ``from_pretrained`` (``"auto"`` splits a model over the GPUs and
-    offloads the rest to CPU/disk). A pruned model saved by llm-compressor in compressed-tensors' sparse formats
-    (``sparse-bitmask``, ``sparse-24-bitmask``) is decompressed exactly (``compressed.load_sparse_model``).
-    """
-    from .compressed import load_sparse_model, sparse_format
-
-    path = resolve_model_path(name_or_path)
-    dtype = None if dtype == "auto" else dtype
-    if sparse_format(path) is not None:
-        return load_sparse_model(path, dtype=dtype, device_map=device_map)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", device_map=device_map)
-    return model.eval()
 
 
 def parse_device_map(text: str | None) -> str | dict | None:
@@ -321,48 +288,14 @@ def parse_device_map(text: str | None) -> str | dict | None:
     return {"": str(default_device(text))}
 
 
-def model_loader(
-    name_or_path: str | os.PathLike,
-    dtype: torch.dtype | str | None = "auto",
-    device_map=None,
-    device: str | torch.device | None = None,
-):
-    """A ``calibration.ModelLoader`` that loads the model only when calibration needs it (so that the dense and
-    the pruned model are never both in memory), with ``dtype`` and ``device_map`` as in :func:`load_model`, moved to
-    ``device`` when there is no ``device_map``; its config is read now, so the structural checks run before any
-    forward pass."""
-    from transformers import AutoConfig
-
-    from .calibration import ModelLoader
-
-    path = resolve_model_path(name_or_path)
-
-    def load() -> PreTrainedModel:
-        model = load_model(path, dtype=dtype, device_map=device_map)
-        return model.to(device) if device is not None and device_map is None else model
-
-    return ModelLoader(
-        load,
-        config=AutoConfig.from_pretrained(path),
-        name=str(name_or_path),
-    )
+# Loading moved to peft_restorelcc.io (which adds Hub ids); these names keep working for code that imported them
+# from here. Resolved lazily: io.models imports this module, so importing it at the top would be circular.
+_MOVED_TO_IO = ("resolve_model_path", "load_model", "load_tokenizer", "load_model_and_tokenizer", "model_loader")
 
 
-def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """The tokenizer of an embedded model or a local directory, always with a pad token."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
-    if tokenizer.pad_token is None:
-        # Batches (calibration, training, evaluation) need padding; the attention mask hides padded positions and
-        # losses ignore them, so which token pads does not matter, and reusing EOS adds no new embedding row.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+def __getattr__(name: str):
+    if name in _MOVED_TO_IO:
+        from .io import models
 
-
-def load_model_and_tokenizer(
-    name_or_path: str | os.PathLike,
-    dtype: torch.dtype | str | None = "auto",
-    device_map: str | dict | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """``(load_model(...), load_tokenizer(...))`` from one resolution of the name."""
-    path = resolve_model_path(name_or_path)
-    return load_model(path, dtype=dtype, device_map=device_map), load_tokenizer(path)
+        return getattr(models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,21 +15,19 @@ import copy
 import functools
 import logging
 import math
-import os
 import random
 from collections.abc import Sequence
 from typing import Any
 
-# Everything below reads local files only; make sure no library falls back to a hub lookup.
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No offline switch is set here: the bundled splits reach lm-eval as in-memory datasets (``custom_dataset``) and the
+# model as an in-memory object, so nothing asks a hub for anything, and the user's process keeps its own settings.
+import datasets
+import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-import datasets  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from peft_restorelcc.data import eval_dataset, hellaswag_query_and_endings  # noqa: E402
+from peft_restorelcc.data import eval_dataset, hellaswag_query_and_endings
+from peft_restorelcc.devices import input_device
 
 __all__ = [
     "PAPER_TASKS",
@@ -282,6 +280,21 @@ def evaluate_tasks(
     compact in JSON, for paired comparisons of models on the same items (a difference between two models measured
     on the same items is less noisy than one between two independent samples).
     """
+    names = resolve_tasks(tasks)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of items, got {limit}")
+    if device is not None:
+        model.to(device)
+    raw = _run_lm_eval(model, tokenizer, names, limit, batch_size, per_item)
+    if raw is None:  # only on non-zero ranks of a distributed run
+        return {}
+    return _collect(raw, names, limit, per_item)
+
+
+def _run_lm_eval(
+    model: torch.nn.Module, tokenizer: Any, names: list[str], limit: int | None, batch_size: int, per_item: bool
+) -> dict[str, Any] | None:
+    """lm-eval's raw results for our task configs on the in-memory model (its train/eval mode restored after)."""
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -290,11 +303,6 @@ def evaluate_tasks(
     lm_eval_logger = logging.getLogger("lm_eval")
     if lm_eval_logger.level == logging.NOTSET:
         lm_eval_logger.setLevel(logging.ERROR)
-    names = resolve_tasks(tasks)
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of items, got {limit}")
-    if device is not None:
-        model.to(device)
     was_training = model.training
     _seed_everything()
     # HFLM may set a pad token on the tokenizer it is given: work on a copy, not the caller's tokenizer.
@@ -303,12 +311,13 @@ def evaluate_tasks(
     manager = TaskManager(include_defaults=False)
     loaded = manager.load(lm_eval_task_configs(names, limit))
     try:
-        raw = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=_BOOTSTRAP_ITERS, log_samples=per_item)
+        return evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=_BOOTSTRAP_ITERS, log_samples=per_item)
     finally:
         model.train(was_training)
-    if raw is None:  # only on non-zero ranks of a distributed run
-        return {}
 
+
+def _collect(raw: dict[str, Any], names: list[str], limit: int | None, per_item: bool) -> dict[str, Any]:
+    """Our results layout from lm-eval's raw results (see ``evaluate_tasks``)."""
     per_task: dict[str, dict[str, float | None]] = {}
     num_items: dict[str, int] = {}
     for task in names:
@@ -348,13 +357,6 @@ def _item_scores(samples: list[dict[str, Any]], task: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ perplexity
 
 
-def _input_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
-
-
 def perplexity(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -380,7 +382,7 @@ def perplexity(
     # Longest first: batches of similar length waste little on padding; the order is fixed, so is the result.
     windows.sort(key=len, reverse=True)
 
-    device = _input_device(model)
+    device = input_device(model)
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0

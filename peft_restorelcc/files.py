@@ -10,13 +10,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def check_new_output_dir(output_dir: str | os.PathLike) -> Path:
-    """The resolved path if it is absent or an empty directory; otherwise a ValueError that says what to do."""
+def check_new_output_dir(output_dir: str | os.PathLike, label: str = "Output directory", hint: str = "") -> Path:
+    """The resolved path if it is absent or an empty directory; otherwise a ValueError that says what to do.
+
+    The one output-directory check of the package (library writers and every CLI subcommand): ``label`` names what
+    the user passed (a CLI flag such as ``--output``), ``hint`` is appended to the advice.
+    """
     output = Path(output_dir).expanduser().resolve()
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"Output path {output} exists and is a file: pass a new or empty directory.")
-    if output.is_dir() and any(output.iterdir()):
-        raise ValueError(f"Output directory {output} is not empty: pass a new or empty directory, or remove it.")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ValueError(
+            f"{label} {output} exists and is not an empty directory (a file, or a folder that is not empty): pass a "
+            f"new or empty directory{hint or ', or remove it'}."
+        )
     return output
 
 

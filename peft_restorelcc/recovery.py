@@ -1,7 +1,7 @@
-"""The recovery pipeline, stage by stage: prune, calibrate, build an adapter, train, evaluate, merge.
+"""Measuring recovery: stage timing, trainable parameters, sparsity after merging, and the statistics of a gap
+recovered (paired standard errors over the same items, tasks above chance).
 
-Each stage is a function over in-memory models, timed by the caller. ``restorelcc run`` (the main job) and
-``benchmarks/recovery.py`` are both built from these, so the benchmark measures exactly what users run.
+The stages themselves (prune, calibrate, train, evaluate, merge) live in ``peft_restorelcc.pipeline``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import calibration_prompts, contrastive_pairs, text_passages
-from .evaluation import evaluate_tasks, perplexity
-from .pruning import calibration_windows, measure_sparsity, prune_model
+from .devices import input_device
+from .pruning import measure_sparsity
 
 
 @dataclass
@@ -36,72 +35,6 @@ class StageTimer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
-def prune_copy(
-    dense: nn.Module,
-    tokenizer: Any,
-    method: str = "wanda",
-    sparsity: float | None = 0.5,
-    pattern: str | None = None,
-    samples: int = 64,
-    seq_len: int = 128,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """A pruned deep copy of ``dense`` (the dense model stays as it is) and the pruning report."""
-    pruned = copy.deepcopy(dense)
-    windows = None
-    if method != "magnitude":
-        windows = calibration_windows(tokenizer, text_passages("train"), samples, seq_len)
-    report = prune_model(pruned, method, sparsity, pattern=pattern, calibration_input_ids=windows)
-    return pruned.eval(), report
-
-
-def calibrate_components(
-    dense: nn.Module,
-    pruned: nn.Module,
-    tokenizer: Any,
-    pruning_report: dict[str, Any] | None = None,
-    samples: int = 128,
-    pairs: int = 256,
-    strategy: str = "probe",
-    position: str = "last",
-    seed: int = 0,
-    kept_heads: dict[int, list[int]] | None = None,
-):
-    """Lost components of every head of ``pruned`` against ``dense``, scored with ``strategy``."""
-    from .calibration import calibrate
-
-    report = pruning_report or {}
-    return calibrate(
-        dense,
-        pruned,
-        calibration_prompts(samples, seed=seed),
-        tokenizer,
-        pairs=contrastive_pairs(pairs, seed=seed) if strategy == "probe" else None,
-        strategy=strategy,
-        position=position,
-        kept_heads=kept_heads or report.get("kept_heads"),
-        pruning={key: report.get(key) for key in ("method", "sparsity_target", "pattern") if key in report},
-        seed=seed,
-    )
-
-
-def evaluate_model(
-    model: nn.Module,
-    tokenizer: Any,
-    tasks: list[str] | None = None,
-    limit: int | None = 100,
-    perplexity_passages: int = 64,
-    batch_size: int = 16,
-    per_item: bool = False,
-) -> dict[str, Any]:
-    """Accuracy on the paper's tasks (lm-eval) and perplexity on held-out LAMBADA passages; with ``per_item``, each
-    item's score too (see ``evaluate_tasks``), for ``paired_stderr`` and ``gap_recovered_stderr``."""
-    model.eval()
-    results = evaluate_tasks(model, tokenizer, tasks=tasks, limit=limit, batch_size=batch_size, per_item=per_item)
-    if perplexity_passages:
-        results["perplexity"] = perplexity(model, tokenizer, text_passages("heldout")[:perplexity_passages])
-    return results
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -253,7 +186,7 @@ def training_memory_bytes(model: nn.Module, batch: dict[str, Any]) -> int:
         saved_bytes += tensor.numel() * tensor.element_size()
         return tensor
 
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
     was_training = model.training
     model.train()

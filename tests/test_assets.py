@@ -36,8 +36,9 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
 
 
 def test_unknown_name_names_the_embedded_models():
+    # Not a local path and not a Hub id (org/name): a mistyped embedded name, never a download.
     with pytest.raises(ValueError, match="smollm2-135m") as error:
-        assets.resolve_model_path("HuggingFaceTB/SmolLM2-135M")
+        assets.resolve_model_path("SmolLM2-135M")
     assert "gemma3-270m" in str(error.value)
 
 

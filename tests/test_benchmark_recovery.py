@@ -59,8 +59,8 @@ def test_a_bad_table_is_refused_naming_the_row_and_key(bench, tmp_path, text, me
 def test_the_benchmarks_own_set_holds_each_pair_once_and_cuts_no_prompt(bench):
     """instruction-and-cloze-in-task: the recipe's pairs and the in-task cloze pairs, none cut at the benchmark's 320
     tokens (HellaSwag's long prompts too). The library's sets are tested with the library (tests/test_training.py)."""
-    from peft_restorelcc.assets import load_tokenizer
     from peft_restorelcc.data import in_task_examples, instruction_examples
+    from peft_restorelcc.io import load_tokenizer
     from peft_restorelcc.training import IGNORE_INDEX
 
     tokenizer = load_tokenizer("smollm2-135m")

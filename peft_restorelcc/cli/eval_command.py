@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from peft_restorelcc.evaluation import PAPER_TASKS, evaluate_tasks, format_results_table, perplexity, resolve_tasks
+from peft_restorelcc.io.hub import is_hub_id
+
+from .options import add_common_arguments, add_model_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,8 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "perplexity on held-out text."
         ),
     )
-    parser.add_argument("--model", required=True, help="embedded model name (e.g. smollm2-135m) or a local directory")
-    parser.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory to load on top (RestoreLCC, LoRA...)")
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--adapter", metavar="DIR", help="PEFT adapter to load on top (RestoreLCC, LoRA...): local directory or Hub id"
+    )
+    parser.add_argument(
+        "--adapter-revision", default=None, metavar="REV", help="revision of a Hub id given to --adapter"
+    )
     parser.add_argument(
         "--tasks",
         default=",".join(PAPER_TASKS),
@@ -55,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="measure perplexity on the first N held-out passages only (default: all)",
     )
-    parser.add_argument("--device", help="device to evaluate on (default: cuda if available, else cpu)")
+    add_common_arguments(parser, device_help="device to evaluate on (default: cuda if available, else cpu)", seed=False)
     parser.add_argument("--output", metavar="FILE.json", help="write the results as JSON there")
     parser.set_defaults(func=run)
 
@@ -79,22 +87,24 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     if args.perplexity_limit is not None and args.perplexity_limit < 1:
         raise ValueError(f"--perplexity-limit must be a positive number of passages, got {args.perplexity_limit}")
-    if args.adapter is not None and not Path(args.adapter).is_dir():
-        raise ValueError(f"adapter directory {args.adapter!r} does not exist")
+    if args.adapter is not None and not Path(args.adapter).expanduser().is_dir() and not is_hub_id(args.adapter):
+        raise ValueError(f"adapter directory {args.adapter!r} does not exist (nor is it a Hub id org/name)")
 
-    from peft_restorelcc.assets import default_device, load_model, load_tokenizer
+    from peft_restorelcc.assets import default_device
+    from peft_restorelcc.io import load_model, load_tokenizer, resolve_adapter_path, resolve_model_path
 
     device = default_device(args.device)
-
-    model: Any = load_model(args.model)
-    tokenizer = load_tokenizer(args.model)
-    if args.adapter is not None:
+    adapter = resolve_adapter_path(args.adapter, args.adapter_revision) if args.adapter is not None else None
+    model_path = resolve_model_path(args.model, args.revision)
+    model: Any = load_model(model_path, dtype=args.dtype)
+    tokenizer = load_tokenizer(model_path)
+    if adapter is not None:
         # Importing the package registers the RestoreLCC method with PEFT; other adapter types load as they are.
         from peft import PeftModel
 
         import peft_restorelcc  # noqa: F401
 
-        model = PeftModel.from_pretrained(model, args.adapter)
+        model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
     model.to(device)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import staged_output_dir
+from .options import DTYPES, MODEL_HELP, add_model_arguments, check_output_dir
 
 REPORT_FILE = "merge_report.json"
 FORMATS = ("plain", "compressed-tensors")
@@ -30,8 +31,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "LoRA densifies the weights it adapts."
         ),
     )
-    parser.add_argument("--model", required=True, help="pruned model: embedded name or local directory")
-    parser.add_argument("--adapter", required=True, metavar="DIR", help="trained adapter directory")
+    add_model_arguments(parser, help="the pruned model the adapter was trained on: " + MODEL_HELP)
+    parser.add_argument("--adapter", required=True, metavar="DIR", help="trained adapter: local directory or Hub id")
+    parser.add_argument(
+        "--adapter-revision", default=None, metavar="REV", help="revision of a Hub id given to --adapter"
+    )
+    parser.add_argument(
+        "--dtype", default="auto", choices=DTYPES, help="dtype the model is loaded and merged in (default: its own)"
+    )
     parser.add_argument("--output", required=True, metavar="DIR", help="new or empty output directory")
     parser.add_argument(
         "--format",
@@ -39,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="plain",
         help="plain: dense safetensors that stock transformers loads (default); compressed-tensors: the pruned "
         "weights stored sparse (sparse-24-bitmask where every pruned projection holds 2:4, else sparse-bitmask), as "
-        "llm-compressor saved them; read back with peft_restorelcc.assets.load_model",
+        "llm-compressor saved them; read back with peft_restorelcc.io.load_model",
     )
     parser.set_defaults(func=run)
 
@@ -55,11 +62,6 @@ def _adapter_type(adapter: Path) -> str:
         return str(json.loads(config_file.read_text())["peft_type"])
     except (ValueError, KeyError) as error:
         raise ValueError(f"{config_file} is not a PEFT adapter config (no peft_type): {error}") from error
-
-
-def _check_output(output: Path) -> None:
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ValueError(f"--output {output} exists and is not an empty directory: pass a new or empty directory.")
 
 
 def _check_bias_switch(model_path: Path) -> None:
@@ -105,28 +107,35 @@ def _sparse_format_of(output: Path) -> str | None:
     return sparse_format(output)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..assets import resolve_model_path
+def _check_args(args: argparse.Namespace) -> tuple[Path, str, Path, Path]:
+    """``(adapter dir, adapter type, output, model dir)``, every check done before any weight is read."""
+    from ..io import resolve_adapter_path, resolve_model_path
 
-    adapter = Path(args.adapter).expanduser()
-    output = Path(args.output).expanduser()
+    adapter = resolve_adapter_path(args.adapter, args.adapter_revision)
     adapter_type = _adapter_type(adapter)
-    _check_output(output)
-    model_path = resolve_model_path(args.model)
+    output = Path(args.output).expanduser()
+    check_output_dir(output)
+    model_path = resolve_model_path(args.model, args.revision)
     if adapter_type == "RESTORELCC":
         _check_bias_switch(model_path)
+    return adapter, adapter_type, output, model_path
 
+
+def _merge(
+    args: argparse.Namespace, adapter: Path, adapter_type: str, output: Path, model_path: Path
+) -> tuple[dict, dict]:
+    """Merge and save; returns the sparsity ``(before, after)``, after measured on the saved model reloaded."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     import peft_restorelcc  # noqa: F401  (registers RESTORELCC with PEFT before the adapter is read)
 
     from .. import export
-    from ..assets import load_model, load_tokenizer
     from ..config import PEFT_TYPE
+    from ..io import load_model, load_tokenizer
     from ..pruning import measure_sparsity
 
-    base = load_model(model_path)
+    base = load_model(model_path, dtype=args.dtype)
     before = measure_sparsity(base)  # measured before wrapping: adapters replace the projection modules
     try:
         tokenizer = load_tokenizer(model_path)
@@ -144,8 +153,14 @@ def run(args: argparse.Namespace) -> int:
         save_merged_generic(model, output, tokenizer=tokenizer, output_format=args.format)
     # Measured on what a user gets: the saved model reloaded (by stock transformers for the plain format).
     reloaded = AutoModelForCausalLM.from_pretrained(output) if args.format == "plain" else load_model(output)
-    after = measure_sparsity(reloaded)
+    return before, measure_sparsity(reloaded)
 
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import PEFT_TYPE
+
+    adapter, adapter_type, output, model_path = _check_args(args)
+    before, after = _merge(args, adapter, adapter_type, output, model_path)
     unchanged = before["zeros"] == after["zeros"] and before["total"] == after["total"]
     report = {
         "adapter_type": adapter_type,

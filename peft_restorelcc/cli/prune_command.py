@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from ..pruning import (
@@ -17,6 +16,7 @@ from ..pruning import (
     structured_prune_heads,
     summary_rows,
 )
+from .options import add_common_arguments, add_deprecated, add_model_arguments, check_common_arguments, check_output_dir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "the smaller model as well."
         ),
     )
-    parser.add_argument("--model", required=True, help="embedded model name or local model directory")
+    add_model_arguments(parser)
     parser.add_argument("--method", choices=METHODS, default=None, help="unstructured / N:M pruning method")
     parser.add_argument("--sparsity", type=float, default=None, metavar="S", help="fraction of weights to zero, [0, 1)")
     parser.add_argument("--pattern", default=None, metavar="N:M", help="semi-structured pattern, e.g. 2:4 or 4:8")
@@ -42,19 +42,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--structured-ffn", type=float, default=0.0, metavar="F", help="fraction of FFN channels to remove per layer"
     )
-    parser.add_argument("--calibration-samples", type=int, default=128, metavar="N", help="calibration windows")
+    parser.add_argument("--samples", type=int, default=128, metavar="N", help="calibration windows")
+    add_deprecated(parser, "--calibration-samples", "--samples", dest="samples", type=int)
     parser.add_argument("--seq-len", type=int, default=128, metavar="L", help="tokens per calibration window")
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="calibration batch size")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_common_arguments(parser, seed=False)
     parser.add_argument("--output", required=True, metavar="DIR", help="new or empty output directory")
     parser.set_defaults(func=run)
 
 
 def _check_args(args: argparse.Namespace) -> tuple[float, bool]:
     """Every flag check that needs no model, so that mistakes fail in a second. Returns (sparsity, structured)."""
-    output = Path(args.output).expanduser()
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ValueError(f"--output {output} exists and is not an empty directory: pass a new or empty directory.")
+    check_output_dir(args.output)
+    check_common_arguments(args)
     for flag, value in (("--structured-heads", args.structured_heads), ("--structured-ffn", args.structured_ffn)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{flag} {value} is outside [0, 1): pass the fraction to remove, e.g. 0.25.")
@@ -69,8 +69,8 @@ def _check_args(args: argparse.Namespace) -> tuple[float, bool]:
             )
     else:
         sparsity, _ = resolve_sparsity(args.sparsity, args.pattern)
-    if args.calibration_samples < 1 or args.seq_len < 1 or args.batch_size < 1:
-        raise ValueError("--calibration-samples, --seq-len and --batch-size must be positive integers.")
+    if args.samples < 1 or args.seq_len < 1 or args.batch_size < 1:
+        raise ValueError("--samples, --seq-len and --batch-size must be positive integers.")
     return sparsity, structured
 
 
@@ -83,17 +83,16 @@ def _max_positions(model: Any) -> int | None:
     return None
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..assets import default_device, load_model, load_tokenizer
+def _load(args: argparse.Namespace, needs_calibration: bool) -> tuple[Any, Any]:
+    """``(model on --device, tokenizer or None)``; a tokenizer is required only when pruning calibrates."""
+    from ..assets import default_device
+    from ..io import load_model, load_tokenizer, resolve_model_path
 
-    sparsity, structured = _check_args(args)
-    needs_calibration = args.method in ("wanda", "sparsegpt") or structured
-    device = default_device(args.device)
-
-    model = load_model(args.model)
-    model.to(device)
+    model_path = resolve_model_path(args.model, args.revision)
+    model = load_model(model_path, dtype=args.dtype)
+    model.to(default_device(args.device))
     try:
-        tokenizer = load_tokenizer(args.model)
+        tokenizer = load_tokenizer(model_path)
     except (OSError, ValueError, TypeError) as error:
         if needs_calibration:
             raise ValueError(
@@ -101,22 +100,25 @@ def run(args: argparse.Namespace) -> int:
             ) from error
         print(f"restorelcc prune: warning: no tokenizer saved ({error})", file=sys.stderr)
         tokenizer = None
+    return model, tokenizer
 
-    calibration = None
-    calibration_info: dict[str, Any] | None = None
-    if needs_calibration:
-        limit = _max_positions(model)
-        if limit is not None and args.seq_len > limit:
-            raise ValueError(f"--seq-len {args.seq_len} exceeds the model's {limit} positions: lower it.")
-        from ..data import text_passages
 
-        calibration = calibration_windows(tokenizer, text_passages("train"), args.calibration_samples, args.seq_len)
-        calibration_info = {
-            "source": "lambada train passages",
-            "samples": args.calibration_samples,
-            "seq_len": args.seq_len,
-        }
+def _calibration(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
+    """Token windows from the bundled training passages for Wanda/SparseGPT/structured pruning, and their record."""
+    from ..data import text_passages
 
+    limit = _max_positions(model)
+    if limit is not None and args.seq_len > limit:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's {limit} positions: lower it.")
+    calibration = calibration_windows(tokenizer, text_passages("train"), args.samples, args.seq_len)
+    return calibration, {"source": "lambada train passages", "samples": args.samples, "seq_len": args.seq_len}
+
+
+def run(args: argparse.Namespace) -> int:
+    sparsity, structured = _check_args(args)
+    needs_calibration = args.method in ("wanda", "sparsegpt") or structured
+    model, tokenizer = _load(args, needs_calibration)
+    calibration, calibration_info = _calibration(args, model, tokenizer) if needs_calibration else (None, None)
     structured_report = None
     if structured:
         structured_report = structured_prune_heads(

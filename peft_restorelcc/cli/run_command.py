@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ..pipeline import RunSettings, run_job
 from ..training import DEFAULT_DATA
+from .options import add_common_arguments, add_deprecated, add_model_arguments, check_common_arguments, check_output_dir
 
 DEFAULT_OUTPUT = "runs/restorelcc-run"
 
@@ -20,18 +21,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Prune MODEL, calibrate RestoreLCC against the dense model, train the adapter, evaluate dense, pruned "
             "and restored models on the paper's seven tasks and held-out perplexity, merge, and print a table. "
-            "Defaults are sized for about 30 minutes on 2 CPU cores; on a GPU (used by default when there is one) raise "
-            "--limit (0: every item), --train-steps and --eval-batch-size."
+            "The defaults are sized for a CPU; on a GPU (used by default when there is one) raise --limit (0: every "
+            "item), --train-steps and --eval-batch-size."
         ),
     )
-    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local model directory")
-    parser.add_argument("--output-dir", default=DEFAULT_OUTPUT, help="where models, adapter and results go")
+    add_model_arguments(parser, required=False, default="smollm2-135m")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, metavar="DIR", help="where models, adapter and results go")
+    add_deprecated(parser, "--output-dir", "--output", dest="output")
     parser.add_argument("--method", default="wanda", choices=("magnitude", "wanda", "sparsegpt"))
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--pattern", default=None, help="N:M pattern, e.g. 2:4 (implies the sparsity)")
     parser.add_argument("--prune-samples", type=int, default=64, help="calibration windows for Wanda/SparseGPT")
     parser.add_argument("--calibration-samples", type=int, default=128, help="prompts for the lost components")
-    parser.add_argument("--pairs", type=int, default=256, help="contrastive pairs for probe head scoring")
+    parser.add_argument("--num-pairs", type=int, default=256, metavar="N", help="contrastive pairs for the probe")
+    add_deprecated(parser, "--pairs", "--num-pairs", dest="num_pairs", type=int)
     parser.add_argument("--strategy", default="probe", choices=("probe", "lost_norm", "random"))
     parser.add_argument("--heads", type=float, default=0.25, help="heads to compensate: a count, or a fraction < 1")
     parser.add_argument(
@@ -47,6 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("paper", "lost"),
         help="paper: m, b ~ N(0, 1e-3); lost: m from the mean lost vector",
     )
+    _add_training_arguments(parser)
+    _add_evaluation_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-samples", type=int, default=2000)
     parser.add_argument("--train-steps", type=int, default=200, help="optimizer steps (-1: --epochs epochs)")
     parser.add_argument("--epochs", type=float, default=3.0)
@@ -70,11 +79,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0.0,
         help="weight of KL to the dense model in the loss (0: the LM loss alone, no teacher; 1: distillation only)",
     )
+
+
+def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is evaluated, and how the job runs (device, dtype, seed, threads)."""
     parser.add_argument("--tasks", default=None, help="comma-separated tasks (default: the paper's seven)")
     parser.add_argument("--limit", type=int, default=100, help="items per task (0: all)")
     parser.add_argument("--perplexity-passages", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_common_arguments(parser)
     parser.add_argument("--eval-batch-size", type=int, default=16, help="lm-eval batch size (raise it on a GPU)")
     parser.add_argument(
         "--threads",
@@ -82,7 +94,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="CPU threads (default: torch's choice); 1 is fastest on a busy machine",
     )
-    parser.set_defaults(func=run)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -101,111 +112,26 @@ def _check(args: argparse.Namespace) -> None:
     from ..training import check_data_choice
 
     check_data_choice(args.data)
-    from ..assets import default_device
+    check_common_arguments(args)  # an unknown device or dtype fails here, before any work
+    check_output_dir(args.output)
 
-    default_device(args.device)  # an unknown device fails here, before any work
-    output = Path(args.output_dir)
-    if output.exists() and any(output.iterdir()):
-        raise ValueError(f"--output-dir {output} exists and is not empty; choose a new directory or remove it.")
+
+def settings_of(args: argparse.Namespace) -> RunSettings:
+    """The pipeline's settings from the parsed flags (the flags are named after its fields)."""
+    fields = {field.name for field in dataclasses.fields(RunSettings)}
+    settings = {key: value for key, value in vars(args).items() if key in fields}
+    settings["tasks"] = args.tasks.split(",") if args.tasks else None
+    return RunSettings(**settings)
 
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    import torch
-
-    from .. import recovery
-    from ..assets import default_device, load_model, load_tokenizer
-    from ..calibration import build_restorelcc_model
-    from ..export import save_merged
-    from ..pruning import measure_sparsity, save_pruned
-    from ..training import build_train_dataset, train_adapter
-
-    device = default_device(args.device)
-    torch.manual_seed(args.seed)
     if args.threads is not None:
+        import torch
+
         torch.set_num_threads(args.threads)
-    output = Path(args.output_dir)
-    timer = recovery.StageTimer()
-    tasks = args.tasks.split(",") if args.tasks else None
-    limit = args.limit or None
-    evaluate = dict(
-        tasks=tasks,
-        limit=limit,
-        perplexity_passages=args.perplexity_passages,
-        batch_size=args.eval_batch_size,
-        per_item=True,  # the three models answer the same items: results_table pairs their errors
-    )
-
-    with timer.stage("load"):
-        tokenizer = load_tokenizer(args.model)
-        dense = load_model(args.model).to(device)
-    with timer.stage("prune"):
-        pruned, pruning_report = recovery.prune_copy(
-            dense, tokenizer, args.method, None if args.pattern else args.sparsity, args.pattern, args.prune_samples
-        )
-        save_pruned(pruned, tokenizer, output / "pruned", pruning_report)
-    with timer.stage("evaluate dense"):
-        dense_results = recovery.evaluate_model(dense, tokenizer, **evaluate)
-    with timer.stage("calibrate"):
-        components = recovery.calibrate_components(
-            dense,
-            pruned,
-            tokenizer,
-            pruning_report,
-            args.calibration_samples,
-            args.pairs,
-            args.strategy,
-            seed=args.seed,
-        )
-        components.save(output / "lost_components")
-    teacher = dense if args.distill_alpha > 0 else None
-    if teacher is None:
-        del dense  # Not needed any more: leave the memory to training.
-    with timer.stage("evaluate pruned"):
-        pruned_results = recovery.evaluate_model(pruned, tokenizer, **evaluate)
-    sparsity_before = measure_sparsity(pruned)["overall_sparsity"]
-    with timer.stage("train"):
-        model = build_restorelcc_model(
-            pruned, components, num_heads=args.heads, init=args.init, selection=args.selection
-        )
-        heads = model.peft_config["default"].heads
-        train_dataset = build_train_dataset(args.data, tokenizer, samples=args.train_samples, seed=args.seed)
-        train_metrics = train_adapter(
-            model,
-            tokenizer,
-            train_dataset,
-            output / "adapter",
-            epochs=args.epochs,
-            learning_rate=args.lr,
-            batch_size=args.batch_size,
-            max_steps=args.train_steps,
-            seed=args.seed,
-            teacher=teacher,
-            distill_alpha=args.distill_alpha if teacher is not None else 1.0,
-            device=device,
-        )
-    with timer.stage("evaluate restored"):
-        restored_results = recovery.evaluate_model(model, tokenizer, **evaluate)
-    trainable = recovery.trainable_parameters(model)
-    with timer.stage("merge"):
-        merged_dir = save_merged(model, output / "merged", tokenizer=tokenizer)
-        sparsity_after = measure_sparsity(model.get_base_model())["overall_sparsity"]
-
-    summary = {
-        "model": args.model,
-        "pruning": {key: pruning_report.get(key) for key in ("method", "sparsity_target", "pattern")},
-        "heads": heads,
-        "settings": {key: value for key, value in vars(args).items() if key != "func"},
-        "results": {"dense": dense_results, "pruned": pruned_results, "restored": restored_results},
-        "trainable_parameters": trainable,
-        "sparsity_before_merge": sparsity_before,
-        "sparsity_after_merge": sparsity_after,
-        "train": train_metrics,
-        "stage_seconds": timer.seconds,
-        "paths": {name: str(output / name) for name in ("pruned", "lost_components", "adapter")}
-        | {"merged": str(merged_dir)},
-    }
-    (output / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    output = Path(args.output)
+    summary = run_job(settings_of(args), output)
     table = results_table(summary)
     (output / "results.md").write_text(table + "\n")
     print(table)
@@ -262,7 +188,11 @@ def results_table(summary: dict[str, Any]) -> str:
     if gap_error is not None:
         lines.append(
             f"dense - pruned average accuracy: {dense_avg - pruned_avg:+.3f} ({kind} {gap_error:.3f}"
-            + ("; within noise: raise --limit to measure recovery)" if abs(dense_avg - pruned_avg) < 2 * gap_error else ")")
+            + (
+                "; within noise: raise --limit to measure recovery)"
+                if abs(dense_avg - pruned_avg) < 2 * gap_error
+                else ")"
+            )
         )
     if paired:
         lines.append("gap recovered: ± its standard error from the items sampled (another seed adds its own spread)")
@@ -288,7 +218,9 @@ def _above_chance_line(results: dict[str, Any], items: dict[str, Any]) -> str:
     chance = {task: chance_accuracy(task, count) for task, count in counts.items()}
     above = recovery.tasks_above_chance(accuracies["dense"], chance, counts)
     if not above:
-        return "tasks above chance: none (the dense model is at chance on every task: raise --limit or use a larger model)"
+        return (
+            "tasks above chance: none (the dense model is at chance on every task: raise --limit or use a larger model)"
+        )
     kept = [{task: scores[task] for task in above} for scores in (items["dense"], items["pruned"], items["restored"])]
     gap = sum(accuracies["dense"][task] - accuracies["pruned"][task] for task in above) / len(above)
     share = recovery.gap_recovered_on(above, accuracies["dense"], accuracies["pruned"], accuracies["restored"])
@@ -303,17 +235,21 @@ def _above_chance_line(results: dict[str, Any], items: dict[str, Any]) -> str:
 def plot_accuracies(summary: dict[str, Any], path: Path) -> Path | None:
     """Grouped bars: accuracy per task for dense, pruned and restored. Skipped if matplotlib is missing."""
     try:
-        os.environ.setdefault("MPLBACKEND", "Agg")
-        import matplotlib.pyplot as plt
+        # A Figure drawn on the Agg canvas directly: no pyplot, so no GUI backend is chosen and no MPLBACKEND is set
+        # in the user's process.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         return None
+    from ..recovery import headline_accuracy
+
     results = summary["results"]
     tasks = list(results["dense"]["tasks"]) + ["average"]
-    figure, axis = plt.subplots(figsize=(10, 4))
+    figure = Figure(figsize=(10, 4))
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
     width = 0.27
     for offset, (name, result) in enumerate(results.items()):
-        from ..recovery import headline_accuracy
-
         values = [_accuracy(result["tasks"][task]) for task in tasks[:-1]] + [headline_accuracy(result)]
         axis.bar([i + (offset - 1) * width for i in range(len(tasks))], values, width, label=name)
     axis.set_xticks(range(len(tasks)), tasks, rotation=20)
@@ -322,5 +258,4 @@ def plot_accuracies(summary: dict[str, Any], path: Path) -> Path | None:
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
     return path

@@ -25,6 +25,7 @@ from ..training import (
     check_data_choice,
 )
 from ..user_data import TRAINING_HELP
+from .options import MODEL_HELP, add_common_arguments, add_model_arguments, check_output_dir
 
 METRICS_FILE = "train_metrics.json"
 
@@ -42,12 +43,9 @@ file's text rows).
 With --distill-from DENSE: A * KL(dense || student) + (1 - A) * LM on the same positions (A = --distill-alpha).
 
 Defaults follow the paper: lr {PAPER_LEARNING_RATE:g}, {PAPER_EPOCHS} epochs, batch {PAPER_BATCH_SIZE}, {PAPER_SAMPLES} samples
-(750 optimizer steps). Scaled for CPU: fp32 instead of bf16, and sequences cut at --seq-len 128 tokens (the
-recipe's pairs are shorter than 100 tokens; nine of PIQA's 1,674 answers are longer and lose their end).
-Measured on a 2-core machine shared with other jobs, SmolLM2-135M, batch 8 x 128 tokens, --data instruction:
-6.2 s per step with --threads 1 (10.3 s with --distill-from; LoRA r=8 on all linear layers 9.7 s), but 18 to 48 s
-with 2 threads, which then fight the other jobs for the cores. The paper budget is then about an hour on one
-thread; for a quick run lower --samples or pass --max-steps.
+(750 optimizer steps). Sequences are cut at --seq-len 128 tokens (the recipe's pairs are shorter than 100 tokens;
+nine of PIQA's 1,674 answers are longer and lose their end). On a busy shared CPU --threads 1 is usually fastest;
+for a quick run lower --samples or pass --max-steps.
 """
 
 
@@ -63,8 +61,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="pruned model: embedded name or local directory")
-    parser.add_argument("--adapter", required=True, metavar="DIR", help="existing adapter directory to train")
+    add_model_arguments(parser, help="the pruned model to train the adapter on: " + MODEL_HELP)
+    parser.add_argument("--adapter", required=True, metavar="DIR", help="adapter to train: local directory or Hub id")
+    parser.add_argument(
+        "--adapter-revision", default=None, metavar="REV", help="revision of a Hub id given to --adapter"
+    )
     parser.add_argument("--output", required=True, metavar="DIR", help="new or empty directory (or the one resumed)")
     parser.add_argument(
         "--data",
@@ -90,6 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=PAPER_BATCH_SIZE, metavar="B", help="sequences per process")
     parser.add_argument("--grad-accum", type=int, default=1, metavar="G", help="gradient accumulation steps")
     parser.add_argument("--seq-len", type=int, default=128, metavar="L", help="maximum tokens per sequence")
+    _add_run_arguments(parser)
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Distillation, resuming, devices and bookkeeping."""
     parser.add_argument("--distill-from", default=None, metavar="DENSE", help="dense model to distil from")
     parser.add_argument(
         "--distill-alpha", type=float, default=None, metavar="A", help="weight of the KL term in [0, 1] (default 1)"
@@ -105,17 +111,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CHECKPOINT",
         help="continue from the latest checkpoint in --output, or from CHECKPOINT",
     )
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of data choice, order and init")
     parser.add_argument(
         "--no-shuffle",
         action="store_true",
         help="feed the data in order (then N processes x batch B see the same global batches as 1 process x N*B)",
     )
-    parser.add_argument(
-        "--device",
-        default=None,
-        help="cpu to train on the CPU where a GPU is present (default: the Trainer's choice, the GPU if any; under "
-        "torchrun/accelerate launch each process takes its own)",
+    add_common_arguments(
+        parser,
+        device_help="cpu to train on the CPU where a GPU is present (default: the Trainer's choice, the GPU if any; "
+        "under torchrun/accelerate launch each process takes its own)",
     )
     parser.add_argument("--save-steps", type=int, default=50, metavar="N", help="checkpoint every N steps")
     parser.add_argument("--logging-steps", type=int, default=10, metavar="N", help="log the loss every N steps")
@@ -126,10 +130,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="CPU threads per process (default: torch's choice); 1 is fastest on a busy shared machine",
     )
-
-
-def _is_nonempty_dir(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
 
 
 def _text_config(config: Any) -> Any:
@@ -172,26 +172,12 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ValueError("; ".join(problems) + ".")
 
 
-def _check_adapter(adapter: Path) -> None:
-    if not (adapter / "adapter_config.json").is_file():
-        raise ValueError(
-            f"--adapter {adapter} is not an adapter directory (no adapter_config.json): pass the directory written "
-            "by `restorelcc calibrate` or by a PEFT model's save_pretrained."
-        )
-
-
 def _resolve_resume(args: argparse.Namespace, output: Path) -> str | None:
     """The checkpoint to resume, checked; None for a fresh run (which needs an empty --output)."""
     from transformers.trainer_utils import get_last_checkpoint
 
     if args.resume is None:
-        if output.exists() and not output.is_dir():
-            raise ValueError(f"--output {output} is a file: pass a new or empty directory.")
-        if _is_nonempty_dir(output):
-            raise ValueError(
-                f"--output {output} is not empty: pass a new or empty directory, or add --resume to continue the "
-                "training whose checkpoints are in it."
-            )
+        check_output_dir(output, hint=", or add --resume to continue the training whose checkpoints are in it")
         return None
     if args.resume is True:
         last = get_last_checkpoint(str(output)) if output.is_dir() else None
@@ -242,39 +228,33 @@ def _check_seq_len(model_path: Path, seq_len: int) -> None:
         raise ValueError(f"--seq-len {seq_len} exceeds the model's {limit} positions: lower it.")
 
 
-def _check_args(args: argparse.Namespace) -> tuple[Path, Path | None, Path, str | None]:
-    """Every check that needs no model weights. Returns (model path, teacher path, output, checkpoint)."""
-    from ..assets import resolve_model_path
+def _check_args(args: argparse.Namespace) -> tuple[Path, Path | None, Path, str | None, Path]:
+    """Every check that needs no model weights. Returns (model path, teacher path, output, checkpoint, adapter)."""
+    from ..io import resolve_adapter_path, resolve_model_path
 
     _check_numbers(args)
-    _check_adapter(Path(args.adapter).expanduser())
+    adapter = resolve_adapter_path(args.adapter, args.adapter_revision)
     output = Path(args.output).expanduser()
     checkpoint = _resolve_resume(args, output)
     check_data_choice(args.data)
-    model_path = resolve_model_path(args.model)
+    model_path = resolve_model_path(args.model, args.revision)
     _check_seq_len(model_path, args.seq_len)
     teacher_path = None
     if args.distill_from is not None:
         teacher_path = resolve_model_path(args.distill_from)
         _check_teacher(model_path, teacher_path)
-    return model_path, teacher_path, output, checkpoint
+    return model_path, teacher_path, output, checkpoint, adapter
 
 
-def run(args: argparse.Namespace) -> int:
-    model_path, teacher_path, output, checkpoint = _check_args(args)
-
-    from peft import PeftModel, PeftType
+def _load(args: argparse.Namespace, model_path: Path, teacher_path: Path | None, adapter: Path) -> tuple[Any, ...]:
+    """``(tokenizer, dataset, PeftModel ready to train, teacher or None)``."""
+    from peft import PeftModel
 
     import peft_restorelcc  # noqa: F401  (registers RESTORELCC with PEFT before the adapter is read)
 
-    from ..assets import load_model, load_tokenizer
-    from ..training import build_train_dataset, is_main_process, train_adapter
+    from .. import pipeline
+    from ..io import load_model, load_tokenizer
 
-    main = is_main_process()
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
         tokenizer = load_tokenizer(model_path)
     except (OSError, ValueError, TypeError) as error:
@@ -282,44 +262,58 @@ def run(args: argparse.Namespace) -> int:
             f"cannot load a tokenizer from --model {args.model} ({error}); training needs one. `restorelcc prune` "
             "saves it next to the pruned model; otherwise copy the dense model's tokenizer files there."
         ) from error
-    dataset = build_train_dataset(args.data, tokenizer, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
-    model = PeftModel.from_pretrained(load_model(model_path), str(Path(args.adapter).expanduser()), is_trainable=True)
-    teacher = load_model(teacher_path) if teacher_path is not None else None
+    dataset = pipeline.training_data(args.data, tokenizer, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    base = load_model(model_path, dtype=args.dtype)
+    model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+    teacher = load_model(teacher_path, dtype=args.dtype) if teacher_path is not None else None
+    return tokenizer, dataset, model, teacher
+
+
+def _announce(args: argparse.Namespace, model: Any, dataset: Any, teacher: Any) -> None:
+    from peft import PeftType
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapter_type = PeftType(model.peft_config[model.active_adapter].peft_type).value
+    print(
+        f"training {adapter_type} adapter: {trainable:,} trainable parameters, {len(dataset)} sequences of "
+        f"--data {args.data}" + (f", distilling from {args.distill_from}" if teacher is not None else ""),
+        file=sys.stderr,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    model_path, teacher_path, output, checkpoint, adapter = _check_args(args)
+
+    from .. import pipeline
+    from ..training import is_main_process
+
+    main = is_main_process()
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    tokenizer, dataset, model, teacher = _load(args, model_path, teacher_path, adapter)
     if main:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        adapter_type = PeftType(model.peft_config[model.active_adapter].peft_type).value
-        print(
-            f"training {adapter_type} adapter: {trainable:,} trainable parameters, {len(dataset)} sequences of "
-            f"--data {args.data}" + (f", distilling from {args.distill_from}" if teacher is not None else ""),
-            file=sys.stderr,
-        )
+        _announce(args, model, dataset, teacher)
     distill = {}
     if teacher is not None:
         distill = {
             "distill_alpha": 1.0 if args.distill_alpha is None else args.distill_alpha,
             "temperature": 1.0 if args.temperature is None else args.temperature,
         }
-    metrics = train_adapter(
-        model,
-        tokenizer,
-        dataset,
-        output,
-        epochs=args.epochs,
-        learning_rate=args.lr,
-        batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        max_steps=args.max_steps,
-        seed=args.seed,
-        teacher=teacher,
-        resume_from_checkpoint=checkpoint,
-        save_steps=args.save_steps,
-        logging_steps=args.logging_steps,
-        shuffle=not args.no_shuffle,
-        device=args.device,
-        **distill,
-    )
+    metrics = pipeline.train(
+        model, tokenizer, dataset, output, epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, max_steps=args.max_steps, seed=args.seed, teacher=teacher,
+        resume_from_checkpoint=checkpoint, save_steps=args.save_steps, logging_steps=args.logging_steps,
+        shuffle=not args.no_shuffle, device=args.device, **distill,
+    )  # fmt: skip
     if not main:
         return 0
+    _report(args, metrics, output, checkpoint)
+    return 0
+
+
+def _report(args: argparse.Namespace, metrics: dict[str, Any], output: Path, checkpoint: str | None) -> None:
     metrics.update(
         model=str(args.model),
         adapter=str(args.adapter),
@@ -342,7 +336,6 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

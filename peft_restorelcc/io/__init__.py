@@ -1,0 +1,16 @@
+"""Models and adapters in and out: embedded names, local directories and Hub ids (with a revision)."""
+
+from .adapters import resolve_adapter_path
+from .hub import download_snapshot, is_hub_id
+from .models import load_model, load_model_and_tokenizer, load_tokenizer, model_loader, resolve_model_path
+
+__all__ = [
+    "download_snapshot",
+    "is_hub_id",
+    "load_model",
+    "load_model_and_tokenizer",
+    "load_tokenizer",
+    "model_loader",
+    "resolve_adapter_path",
+    "resolve_model_path",
+]

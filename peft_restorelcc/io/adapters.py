@@ -1,0 +1,24 @@
+"""Adapters as users name them: a local directory, or a Hub id at a revision (local first, as for models)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .hub import download_snapshot, is_hub_id
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def resolve_adapter_path(name_or_path: str | os.PathLike, revision: str | None = None, flag: str = "--adapter") -> Path:
+    """A local adapter directory (holding ``adapter_config.json``): an existing path as it is, else a Hub id
+    ``org/name`` fetched into the user's Hugging Face cache at ``revision``. ValueError with one line otherwise."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and is_hub_id(str(name_or_path)):
+        path = download_snapshot(str(name_or_path), revision)
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise ValueError(
+            f"{flag} {name_or_path} is not an adapter directory (no {ADAPTER_CONFIG}) nor a Hub id (org/name): pass "
+            "the directory written by `restorelcc calibrate` or by a PEFT model's save_pretrained."
+        )
+    return path

@@ -1,0 +1,125 @@
+"""Models as users name them: the embedded default, a local directory, or a Hub id at a revision.
+
+Resolution order: an embedded name (``assets.EMBEDDED_MODELS``), then an existing local path (never looked up on
+the Hub, relative paths included), then a Hub id ``org/name`` fetched into the user's Hugging Face cache. Anything
+else is one clear error. Every loader below resolves once and then reads a local folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..assets import EMBEDDED_MODELS, embedded_model_path, missing_embedded_hint
+
+if TYPE_CHECKING:  # calibration imports the tuner and the models: only its loader type is named here
+    from ..calibration import ModelLoader
+from .hub import MODEL_PATTERNS, download_snapshot, is_hub_id
+
+
+def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local model directory for ``name_or_path`` (embedded name, local directory or Hub id at ``revision``).
+
+    An embedded name converts its GGUF file on first use; a local directory gives itself (``revision`` does not
+    apply to it); a Hub id ``org/name`` is fetched with ``huggingface_hub`` into the user's cache. Raises ValueError
+    with one line for anything else, naming the embedded models and how to install the missing ones.
+    """
+    if isinstance(name_or_path, str) and name_or_path in EMBEDDED_MODELS:
+        return embedded_model_path(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{str(name_or_path)!r} is a file; a model is a directory written by save_pretrained.")
+    text = str(name_or_path)
+    if is_hub_id(text):
+        return download_snapshot(text, revision, MODEL_PATTERNS)
+    raise ValueError(
+        f"{text!r} is neither an embedded model, an existing local directory, nor a Hub id (org/name). "
+        f"Embedded models: {sorted(EMBEDDED_MODELS)}." + missing_embedded_hint()
+    )
+
+
+def _torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """None for "auto"/None (the checkpoint's own dtype), else a torch dtype ("bfloat16" -> torch.bfloat16): the
+    sparse-format loader does arithmetic with it, so a CLI string must become a real dtype."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16.")
+    return resolved
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype | str | None = "auto",
+    device_map: str | dict | None = None,
+    revision: str | None = None,
+) -> PreTrainedModel:
+    """A causal LM from an embedded name, a local directory or a Hub id (at ``revision``), in eval mode.
+
+    ``dtype="auto"`` (or None) keeps the checkpoint's dtype (a bf16 model stays bf16; fp32 where none is recorded).
+    ``device_map`` goes to accelerate through ``from_pretrained`` (``"auto"`` splits a model over the GPUs and
+    offloads the rest to CPU/disk). A pruned model saved by llm-compressor in compressed-tensors' sparse formats
+    (``sparse-bitmask``, ``sparse-24-bitmask``) is decompressed exactly (``compressed.load_sparse_model``).
+    """
+    from ..compressed import load_sparse_model, sparse_format
+
+    path = resolve_model_path(name_or_path, revision)
+    dtype = _torch_dtype(dtype)
+    if sparse_format(path) is not None:
+        return load_sparse_model(path, dtype=dtype, device_map=device_map)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", device_map=device_map)
+    return model.eval()
+
+
+def model_loader(
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype | str | None = "auto",
+    device_map: str | dict | None = None,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+) -> ModelLoader:
+    """A ``calibration.ModelLoader`` that loads the model only when calibration needs it (so that the dense and
+    the pruned model are never both in memory), with ``dtype`` and ``device_map`` as in :func:`load_model`, moved to
+    ``device`` when there is no ``device_map``; its config is read now, so the structural checks run before any
+    forward pass."""
+    from transformers import AutoConfig
+
+    from ..calibration import ModelLoader
+
+    path = resolve_model_path(name_or_path, revision)
+
+    def load() -> PreTrainedModel:
+        model = load_model(path, dtype=dtype, device_map=device_map)
+        return model.to(device) if device is not None and device_map is None else model
+
+    return ModelLoader(load, config=AutoConfig.from_pretrained(path), name=str(name_or_path))
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of an embedded model, a local directory or a Hub id, always with a pad token."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path, revision))
+    if tokenizer.pad_token is None:
+        # Batches (calibration, training, evaluation) need padding; the attention mask hides padded positions and
+        # losses ignore them, so which token pads does not matter, and reusing EOS adds no new embedding row.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype | str | None = "auto",
+    device_map: str | dict | None = None,
+    revision: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``(load_model(...), load_tokenizer(...))`` from one resolution of the name."""
+    path = resolve_model_path(name_or_path, revision)
+    return load_model(path, dtype=dtype, device_map=device_map), load_tokenizer(path)
