@@ -44,7 +44,9 @@ REFUSED: dict[str, str] = {
 # Config keys every PreTrainedConfig has; they mean the same thing in every architecture (or nothing for a causal
 # LM's forward), so they are carried over as they are.
 _METADATA_KEYS = frozenset({"architectures", "model_type", "transformers_version"})  # rewritten for Llama
-_GENERIC_KEYS = frozenset(PreTrainedConfig().to_dict()) - _METADATA_KEYS
+# Set by some hub configs, describing the checkpoint rather than the computation: carried over as they are.
+_DESCRIPTIVE_KEYS = frozenset({"tokenizer_class", "task_specific_params", "finetuning_task"})
+_GENERIC_KEYS = (frozenset(PreTrainedConfig().to_dict()) - _METADATA_KEYS) | _DESCRIPTIVE_KEYS
 
 # Keys whose meaning in LlamaConfig is the same as in the source config: copied verbatim. (``head_dim`` is set
 # explicitly, ``rope_parameters`` is checked per family.)
@@ -76,7 +78,9 @@ _DROPPED_STORAGE_KEYS = frozenset({"sparsity_config"})
 
 # Per family: keys that are checked (by _family_problem) or harmless, beyond the generic and copied ones.
 _FAMILY_KEYS: dict[str, frozenset[str]] = {
-    "qwen2": frozenset({"rope_parameters", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}),
+    "qwen2": frozenset(
+        {"rope_parameters", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "head_dim"}
+    ),
     "mistral": frozenset({"rope_parameters", "sliding_window", "head_dim", "layer_types"}),
     "phi3": frozenset(
         {

@@ -253,3 +253,38 @@ def test_the_cli_merges_a_qwen2_into_a_llama_and_refuses_an_active_mistral_windo
     err = capsys.readouterr().err.strip().splitlines()[-1]  # earlier lines: progress bars of the set-up's saves
     assert err.startswith("restorelcc merge: error: Cannot export") and "sliding_window=16 is below" in err
     assert not output.exists()
+
+
+# Config fields as published checkpoints have them (size fields shrunk: only the checked fields matter here).
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=97)
+HUB_LIKE_CONFIGS = {
+    # Qwen2.5-0.5B-Instruct: the window fields are present but switched off; tied embeddings.
+    "qwen2.5": (
+        "qwen2",
+        dict(
+            use_sliding_window=False,
+            sliding_window=32768,
+            max_window_layers=21,
+            tie_word_embeddings=True,
+            rope_theta=1000000.0,
+            max_position_embeddings=32768,
+        ),
+        None,
+    ),
+    # Mistral-7B-v0.1: a 4096-token window in a 32768-token context.
+    "mistral-v0.1": ("mistral", dict(sliding_window=4096, max_position_embeddings=32768), "sliding_window=4096"),
+    # Mistral-7B-v0.3: no window.
+    "mistral-v0.3": ("mistral", dict(sliding_window=None, max_position_embeddings=32768, rope_theta=1e6), None),
+    # Phi-3-mini-4k-instruct: a 2047-token window in a 4096-token context.
+    "phi-3-mini-4k": ("phi3", dict(sliding_window=2047, max_position_embeddings=4096), "sliding_window=2047"),
+    # Phi-4 (model_type phi3): no window, plain RoPE.
+    "phi-4": ("phi3", dict(sliding_window=None, max_position_embeddings=16384, rope_theta=250000), None),
+}
+
+
+@pytest.mark.parametrize("name", list(HUB_LIKE_CONFIGS))
+def test_published_config_shapes_are_accepted_or_refused_as_expected(name):
+    family, fields, refusal = HUB_LIKE_CONFIGS[name]
+    config = AutoConfig.for_model(family, **{**_SMALL, **fields})
+    problem = conversion_problem(config)
+    assert problem is None if refusal is None else refusal in problem
