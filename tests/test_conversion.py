@@ -4,6 +4,7 @@ logits as the unmerged adapter, every stored weight unchanged, or the export ref
 from __future__ import annotations
 
 import json
+import string
 import subprocess
 import sys
 import textwrap
@@ -12,15 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model
-from test_cli_prune import make_char_tokenizer
-from test_model import HEADS
 from tiny_models import make_tiny_model, random_input_ids
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 from peft_restorelcc import RestoreLCCConfig
 from peft_restorelcc.conversion import PROVENANCE_KEY, conversion_problem, convert_to_llama
 from peft_restorelcc.export import save_merged
+
+HEADS = {0: [1], 1: [0, 3]}  # compensated heads: (layer, head) pairs of the tiny 2-layer, 4-head models
 
 # name -> (family, config overrides): each an exactly equivalent case that must convert.
 CONVERTIBLE_CASES: dict[str, tuple[str, dict]] = {
@@ -35,6 +37,18 @@ CONVERTIBLE_CASES: dict[str, tuple[str, dict]] = {
     ),
     "phi3": ("phi3", {}),
 }
+
+
+def make_char_tokenizer() -> PreTrainedTokenizerFast:
+    """A real (fast) character-level tokenizer whose ids fit the tiny models' vocabulary of 97."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for char in " " + string.ascii_letters + string.digits + ".,;:!?'\"-()":
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def prune_all_linear(model: nn.Module) -> nn.Module:
@@ -238,10 +252,20 @@ def test_a_conversion_that_changes_the_logits_is_refused(monkeypatch):
 
 
 def test_the_cli_merges_a_qwen2_into_a_llama_and_refuses_an_active_mistral_window(tmp_path: Path, capsys) -> None:
-    from test_cli_train import run_cli, save_adapter, save_model
+    from peft_restorelcc.cli import main as run_cli
+
+    def save_model(path: Path, model: nn.Module) -> Path:
+        model.save_pretrained(path)
+        make_char_tokenizer().save_pretrained(path)
+        return path
+
+    def save_adapter(path: Path, model_dir: Path) -> Path:
+        base = AutoModelForCausalLM.from_pretrained(model_dir)
+        get_peft_model(base, RestoreLCCConfig(heads=HEADS, init_std=0.1, task_type="CAUSAL_LM")).save_pretrained(path)
+        return path
 
     qwen2 = save_model(tmp_path / "qwen2", prune_all_linear(make_tiny_model("qwen2")))
-    adapter = save_adapter(tmp_path / "qwen2_adapter", qwen2, init_std=0.1)
+    adapter = save_adapter(tmp_path / "qwen2_adapter", qwen2)
     assert run_cli(["merge", "--model", str(qwen2), "--adapter", str(adapter), "--output", str(tmp_path / "m")]) == 0
     assert "unchanged" in capsys.readouterr().out
     assert json.loads((tmp_path / "m" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
