@@ -268,7 +268,9 @@ def test_the_cli_merges_a_qwen2_into_a_llama_and_refuses_an_active_mistral_windo
     adapter = save_adapter(tmp_path / "qwen2_adapter", qwen2)
     assert run_cli(["merge", "--model", str(qwen2), "--adapter", str(adapter), "--output", str(tmp_path / "m")]) == 0
     assert "unchanged" in capsys.readouterr().out
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForCausalLM"] and saved["attention_bias"] is True
+    assert saved[PROVENANCE_KEY]["base_model"] == str(qwen2)  # the adapter's base_model_name_or_path
 
     mistral = save_model(tmp_path / "mistral", prune_all_linear(make_tiny_model("mistral", sliding_window=16)))
     adapter = save_adapter(tmp_path / "mistral_adapter", mistral)
@@ -312,3 +314,15 @@ def test_published_config_shapes_are_accepted_or_refused_as_expected(name):
     config = AutoConfig.for_model(family, **{**_SMALL, **fields})
     problem = conversion_problem(config)
     assert problem is None if refusal is None else refusal in problem
+
+
+@torch.no_grad()
+def test_a_window_as_long_as_the_context_hides_nothing_at_full_length():
+    """transformers' Mistral mask keeps key k for query q when k > q - sliding_window: a window of
+    max_position_embeddings tokens keeps every key of a full-length sequence, one token shorter does not."""
+    inputs = torch.randint(3, 97, (1, 64), generator=torch.Generator().manual_seed(0))
+    merged = adapted("mistral", sliding_window=64).merge_and_unload()
+    converted = convert_to_llama(merged)
+    assert (converted(inputs).logits - merged(inputs).logits).abs().max() <= 1e-5
+    merged.config.sliding_window = 63  # the control: now the source hides the first key from the last query
+    assert (converted(inputs).logits - merged(inputs).logits)[0, -1].abs().max() > 1e-4
