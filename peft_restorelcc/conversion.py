@@ -326,6 +326,13 @@ def convert_to_llama(
         llama.lm_head.weight = llama.model.embed_tokens.weight
     # Non-persistent buffers (the rotary frequencies) are not in a state dict: rebuild them on the real device.
     llama.model.rotary_emb = LlamaRotaryEmbedding(config=config).to(device)
+    source_rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    for name, buffer in list(llama.model.rotary_emb.named_buffers()):
+        # The source's own frequencies (same formula, same config), in the dtype the source holds them: a model cast
+        # to bf16 after loading holds them in bf16, and a fresh fp32 copy would round differently.
+        theirs = getattr(source_rotary, name, None)
+        if isinstance(theirs, torch.Tensor) and theirs.shape == buffer.shape:
+            setattr(llama.model.rotary_emb, name, theirs.clone())
     still_meta = [name for name, tensor in [*llama.named_parameters(), *llama.named_buffers()] if tensor.is_meta]
     if still_meta:
         raise ValueError(f"Cannot convert the merged {family} model to Llama: {still_meta[:3]} left unset.")

@@ -326,3 +326,14 @@ def test_a_window_as_long_as_the_context_hides_nothing_at_full_length():
     assert (converted(inputs).logits - merged(inputs).logits).abs().max() <= 1e-5
     merged.config.sliding_window = 63  # the control: now the source hides the first key from the last query
     assert (converted(inputs).logits - merged(inputs).logits)[0, -1].abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "phi3"])
+@torch.no_grad()
+def test_a_bf16_model_converts_with_the_same_logits_in_memory(family):
+    model = adapted(family).to(torch.bfloat16)
+    inputs = random_input_ids()
+    expected = model(inputs).logits
+    converted = convert_to_llama(model.merge_and_unload())
+    assert converted.dtype == torch.bfloat16
+    assert torch.equal(converted(inputs).logits, expected)
