@@ -107,3 +107,52 @@ def save_merged(model: nn.Module, output_dir: str | os.PathLike, tokenizer=None,
             json.dumps({"merged": True, "attention_bias": getattr(text_config(merged), "attention_bias", None)})
         )
     return output_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 36 hook: families without an output-bias switch (qwen2, mistral, phi3) are saved as the exactly equivalent
+# Llama (conversion.py) instead of refused; mixtral and configs that are not exactly equivalent are still refused,
+# with conversion.py's one-line reason. Everything else goes to save_merged above, unchanged. (Integrator: after the
+# tuner/io refactor, call conversion.convert_to_llama from the export policy where NO_OUTPUT_BIAS is refused.)
+# ----------------------------------------------------------------------------------------------------------------
+_save_merged_same_architecture = save_merged
+
+
+def _save_merged_converting(
+    model: nn.Module, output_dir: str | os.PathLike, tokenizer=None, safe_merge: bool = True
+) -> Path:
+    """``save_merged``, except that a qwen2 / mistral / phi3 model is written as ``LlamaForCausalLM`` with
+    ``attention_bias=True`` and a ``restorelcc_merged`` provenance field in its config."""
+    import warnings
+
+    from . import conversion
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if _model_type(base) not in NO_OUTPUT_BIAS:
+        return _save_merged_same_architecture(model, output_dir, tokenizer=tokenizer, safe_merge=safe_merge)
+    problem = conversion.conversion_problem(base.config)  # refuse before merging: the model stays untouched
+    if problem is not None:
+        raise ValueError(f"Cannot export a merged RestoreLCC model of the {_model_type(base)} architecture: {problem}.")
+    output_dir = check_new_output_dir(output_dir)
+    peft_config = next(iter(getattr(model, "peft_config", {}).values()), None)
+    provenance = conversion.provenance_for(
+        base,
+        base_model=getattr(peft_config, "base_model_name_or_path", None) or None,
+        base_revision=getattr(peft_config, "revision", None),
+    )
+    with warnings.catch_warnings():
+        # The tuner warns that this family cannot carry the merged bias; the conversion below is what carries it.
+        warnings.filterwarnings("ignore", message=".*no config switch for an attention output bias")
+        merged = model.merge_and_unload(safe_merge=safe_merge) if hasattr(model, "merge_and_unload") else model
+    converted = conversion.convert_to_llama(merged, provenance=provenance)
+    with staged_output_dir(output_dir) as staging:
+        converted.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        (staging / "restorelcc_export.json").write_text(
+            json.dumps({"merged": True, "attention_bias": True, "converted_from": provenance["source_model_type"]})
+        )
+    return output_dir
+
+
+save_merged = _save_merged_converting

@@ -190,3 +190,25 @@ def run(args: argparse.Namespace) -> int:
         print("restorelcc merge: error: a RestoreLCC merge changed the weights' sparsity.", file=sys.stderr)
         return 1
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 36 hook: qwen2 / mistral / phi3 are no longer refused up front; export.save_merged writes them as the exactly
+# equivalent Llama (conversion.py). What conversion.py refuses (mixtral, a sliding window, unknown config fields) is
+# refused here, before any weight is loaded, with its one-line reason. (Integrator: fold into _check_bias_switch.)
+# ----------------------------------------------------------------------------------------------------------------
+def _check_bias_switch_or_conversion(model_path: Path) -> None:
+    from transformers import AutoConfig
+
+    from ..conversion import conversion_problem
+    from ..export import NO_OUTPUT_BIAS
+
+    config = AutoConfig.from_pretrained(model_path)
+    model_type = getattr(config.get_text_config(), "model_type", None)
+    if model_type in NO_OUTPUT_BIAS:
+        problem = conversion_problem(config)
+        if problem is not None:
+            raise ValueError(f"Cannot export a merged RestoreLCC model of the {model_type} architecture: {problem}.")
+
+
+_check_bias_switch = _check_bias_switch_or_conversion
