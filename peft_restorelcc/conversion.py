@@ -172,12 +172,17 @@ def _conversion_reason(config: PreTrainedConfig) -> str | None:
         return REFUSED[family]
     if family not in CONVERTIBLE:
         return f"RestoreLCC has no conversion for the {family!r} architecture"
-    if getattr(config, "quantization_config", None) is not None:
+    from .export import is_sparsity_only  # export imports this module lazily; no cycle at import time
+
+    sparsity_only = is_sparsity_only(getattr(config, "quantization_config", None))
+    if getattr(config, "quantization_config", None) is not None and not sparsity_only:
         return (
             "the model is quantized (quantization_config is set): merge into the unquantized pruned model, or "
             + KEEP_UNMERGED
         )
     known = _GENERIC_KEYS | _METADATA_KEYS | _COPIED_KEYS | _DROPPED_STORAGE_KEYS | _FAMILY_KEYS[family]
+    if sparsity_only:  # how the zeros were stored, dropped from the merged model (export.strip_serving_blockers)
+        known = known | {"quantization_config"}
     unknown = sorted(key for key in config.to_dict() if key not in known and not key.startswith("_"))
     if unknown:
         # A field this conversion has not checked could change outputs: refuse rather than guess.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,6 +73,31 @@ def make_output_bias_reloadable(model: nn.Module) -> bool:
     return True
 
 
+def is_sparsity_only(quantization_config: Any) -> bool:
+    """A compressed-tensors ``quantization_config`` that only describes how zeros were stored (no quantized weights)."""
+    if quantization_config is None:
+        return False
+    fields = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
+    return fields.get("quant_method") == "compressed-tensors" and not fields.get("config_groups")
+
+
+def strip_serving_blockers(config: Any) -> list[str]:
+    """Drop the config fields a serving engine rejects from a merged model's config; returns what was dropped.
+
+    A merged model is written as plain safetensors with the zeros stored. A ``sparsity_config`` (top level, or in a
+    compressed-tensors ``quantization_config`` that quantizes nothing) describes a storage format the weights are no
+    longer in, and vLLM 0.24+ refuses it (vLLM issue 51188). A real quantization config is kept.
+    """
+    dropped = []
+    if getattr(config, "sparsity_config", None) is not None:
+        del config.sparsity_config
+        dropped.append("sparsity_config")
+    if is_sparsity_only(getattr(config, "quantization_config", None)):
+        del config.quantization_config
+        dropped.append("quantization_config")
+    return dropped
+
+
 def merged_for_export(model: nn.Module, safe_merge: bool = True) -> PreTrainedModel:
     """The merged model, its config switched to carry the output bias (``make_output_bias_reloadable``), ready to
     be written by any writer. Refuses, before touching the model, an architecture whose config cannot carry it."""
@@ -87,6 +113,7 @@ def merged_for_export(model: nn.Module, safe_merge: bool = True) -> PreTrainedMo
     if not isinstance(merged, PreTrainedModel):
         raise ValueError(f"Expected a transformers PreTrainedModel after merging, got {type(merged).__name__}.")
     make_output_bias_reloadable(merged)
+    strip_serving_blockers(merged.config)
     return merged
 
 
@@ -144,6 +171,7 @@ def _save_merged_converting(
         # The tuner warns that this family cannot carry the merged bias; the conversion below is what carries it.
         warnings.filterwarnings("ignore", message=".*no config switch for an attention output bias")
         merged = model.merge_and_unload(safe_merge=safe_merge) if hasattr(model, "merge_and_unload") else model
+    strip_serving_blockers(merged.config)
     converted = conversion.convert_to_llama(merged, provenance=provenance)
     with staged_output_dir(output_dir) as staging:
         converted.save_pretrained(staging, safe_serialization=True)

@@ -1,5 +1,5 @@
-"""The CLI on pruned models saved in compressed-tensors' sparse formats: calibrate, train, eval and merge read them
-exactly; ``merge --format compressed-tensors`` writes the merged model sparse, logits equal to the adapter's."""
+"""The CLI on pruned models saved in compressed-tensors' sparse formats (legacy input): calibrate, train, eval and merge
+read them exactly; merge writes plain safetensors with the zeros stored; the retired sparse output is refused."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import compressed_writer
 import pytest
 import torch
 from peft import PeftModel
@@ -60,38 +61,42 @@ def test_calibrate_gives_the_same_components_as_from_the_plain_model(models, nam
         assert torch.equal(ours[key], plain[key]), key
 
 
-@pytest.mark.parametrize(("name", "fmt"), [("bitmask", compressed.BITMASK), ("sparse24", compressed.SPARSE24)])
-def test_train_then_merge_to_compressed_tensors_keeps_every_zero(models, name, fmt, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("name", ["bitmask", "sparse24"])
+def test_train_then_merge_a_compressed_input_gives_a_plain_servable_model(models, name, tmp_path, capsys) -> None:
+    """A legacy sparse checkpoint in, plain safetensors out: every zero kept, no sparsity or quantization config
+    (vLLM 0.24+ refuses a config with a sparsity_config), stock transformers reloads it."""
     model_dir = models[name]
     adapter = save_adapter(tmp_path / "adapter", models["plain"], init_std=0.1)
-    trained, merged, plain_merged = tmp_path / "trained", tmp_path / "merged", tmp_path / "plain_merged"
+    trained, merged = tmp_path / "trained", tmp_path / "merged"
     argv = ["train", "--model", str(model_dir), "--adapter", str(adapter), "--output", str(trained), "--data",
             str(write_jsonl(tmp_path / "data.jsonl")), "--seq-len", "32", "--batch-size", "4", "--max-steps", "2"]  # fmt: skip
     assert run_cli(argv) == 0
     capsys.readouterr()
-    merge = ["merge", "--model", str(model_dir), "--adapter", str(trained)]
-    assert run_cli([*merge, "--output", str(merged), "--format", "compressed-tensors"]) == 0
-    printed = capsys.readouterr().out
-    assert "unchanged" in printed and fmt in printed
-    assert run_cli([*merge, "--output", str(plain_merged)]) == 0
-    report = json.loads((merged / "merge_report.json").read_text())
-    assert report["sparsity_unchanged"] and report["format"] == "compressed-tensors"
-
-    assert compressed.sparse_format(merged) == fmt
-    reloaded = load_model(merged)
-    assert reloaded.dtype == torch.bfloat16
-    # Bit-identical to the plain merged model that stock transformers reloads, biases and zeros included.
-    stock = AutoModelForCausalLM.from_pretrained(plain_merged)
-    assert reloaded.state_dict().keys() == stock.state_dict().keys()
-    for key, value in stock.state_dict().items():
-        assert torch.equal(reloaded.state_dict()[key], value), key
-    assert measure_sparsity(reloaded) == measure_sparsity(load_model(model_dir))
+    assert run_cli(["merge", "--model", str(model_dir), "--adapter", str(trained), "--output", str(merged)]) == 0
+    assert "unchanged" in capsys.readouterr().out
+    config = json.loads((merged / "config.json").read_text())
+    assert "quantization_config" not in config and "sparsity_config" not in config
+    assert compressed.sparse_format(merged) is None
+    stock = AutoModelForCausalLM.from_pretrained(merged)
+    assert measure_sparsity(stock) == measure_sparsity(load_model(model_dir))
     with torch.no_grad():
         adapted = PeftModel.from_pretrained(load_model(model_dir), trained).eval()(random_input_ids()).logits
-        logits = reloaded(random_input_ids()).logits
+        logits = stock(random_input_ids()).logits
     # The unmerged adapter adds W @ shift in bf16; the merged bias rounds once: equal up to bf16 rounding.
     torch.testing.assert_close(logits.float(), adapted.float(), atol=0.05, rtol=0.02)
     assert (merged / "tokenizer.json").is_file()
+
+
+def test_the_retired_compressed_tensors_output_is_refused_with_the_way_out(models, tmp_path, capsys) -> None:
+    adapter = save_adapter(tmp_path / "adapter", models["plain"], init_std=0.1)
+    output = tmp_path / "merged"
+    capsys.readouterr()
+    argv = ["merge", "--model", str(models["bitmask"]), "--adapter", str(adapter), "--output", str(output),
+            "--format", "compressed-tensors"]  # fmt: skip
+    assert run_cli(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "retired" in error[0] and "plain safetensors" in error[0]
+    assert not output.exists()
 
 
 def test_eval_reads_a_compressed_model_as_its_plain_twin(tmp_path) -> None:
@@ -102,7 +107,7 @@ def test_eval_reads_a_compressed_model_as_its_plain_twin(tmp_path) -> None:
     prune_model(model, "magnitude", 0.5, progress=False)
     plain, sparse = tmp_path / "plain", tmp_path / "sparse"
     model.save_pretrained(plain)
-    compressed.save_sparse(model, sparse)
+    compressed_writer.save_sparse(model, sparse)
     results = {}
     for which in (plain, sparse):
         make_tiny_tokenizer().save_pretrained(which)

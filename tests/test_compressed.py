@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import compressed_writer
 import pytest
 import torch
 from compressed_tensors.config import SparsityCompressionConfig
@@ -57,10 +58,10 @@ def test_stock_transformers_drops_the_sparse_weights_which_is_why_we_decompress(
 
 
 @pytest.mark.parametrize(("name", "reference", "fmt"), PAIRS)
-def test_our_writer_matches_the_compressed_tensors_files(name, reference, fmt, tmp_path):
+def test_the_fixture_writer_matches_the_compressed_tensors_files(name, reference, fmt, tmp_path):
     plain = load_model(FIXTURES / reference)
-    assert compressed.choose_format(plain) == fmt
-    output = compressed.save_sparse(plain, tmp_path / "out")
+    assert compressed_writer.choose_format(plain) == fmt
+    output = compressed_writer.save_sparse(plain, tmp_path / "out")
     ours = load_file(output / "model.safetensors")
     theirs = load_file(FIXTURES / name / "model.safetensors")
     assert ours.keys() == theirs.keys()
@@ -77,17 +78,17 @@ def test_our_writer_matches_the_compressed_tensors_files(name, reference, fmt, t
 def test_an_unstructured_model_is_written_as_bitmask_and_round_trips(tmp_path):
     model = make_tiny_model("llama")
     prune_model(model, "magnitude", 0.6, progress=False)
-    output = compressed.save_sparse(model, tmp_path / "out")
+    output = compressed_writer.save_sparse(model, tmp_path / "out")
     assert compressed.sparse_format(output) == compressed.BITMASK
     assert_identical(load_model(output), model)
     with pytest.raises(ValueError, match="2:4"):
-        compressed.save_sparse(model, tmp_path / "forced", fmt=compressed.SPARSE24)
+        compressed_writer.save_sparse(model, tmp_path / "forced", fmt=compressed.SPARSE24)
     assert not (tmp_path / "forced").exists()
 
 
 def test_2_4_groups_with_extra_zeros_round_trip():
     weight = torch.tensor([[0.0, 0.0, 0.0, 1.5, 2.0, 0.0, -1.0, 0.0]])
-    parts = compressed.compress_weight(compressed.SPARSE24, weight)
+    parts = compressed_writer.compress_weight(compressed.SPARSE24, weight)
     assert parts["compressed"].shape == (1, 4)
     assert torch.equal(compressed.decompress_weight(compressed.SPARSE24, parts), weight)
 

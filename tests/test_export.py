@@ -97,3 +97,31 @@ def test_export_refuses_a_non_empty_output_directory(tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         save_merged(adapted("llama"), tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+SPARSITY_ONLY = {
+    "quant_method": "compressed-tensors",
+    "sparsity_config": {"format": "dense", "targets": ["Linear"], "ignore": ["lm_head"], "global_sparsity": 0.5},
+}
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])  # kept as Llama / converted to Llama
+def test_a_merged_model_carries_no_sparsity_config_a_server_would_reject(architecture, tmp_path):
+    model = adapted(architecture)
+    base_config = model.get_base_model().config
+    base_config.quantization_config = dict(SPARSITY_ONLY)  # as stock from_pretrained of an llm-compressor model
+    base_config.sparsity_config = dict(SPARSITY_ONLY["sparsity_config"])
+    save_merged(model, tmp_path / "merged")
+    saved = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in saved and "sparsity_config" not in saved
+
+
+def test_a_real_quantization_config_is_not_stripped():
+    from peft_restorelcc.export import strip_serving_blockers
+
+    config = make_tiny_model("llama").config
+    config.quantization_config = {"quant_method": "compressed-tensors", "config_groups": {"group_0": {}}}
+    assert strip_serving_blockers(config) == []
+    assert config.quantization_config["config_groups"]
+    config.quantization_config = dict(SPARSITY_ONLY)
+    assert strip_serving_blockers(config) == ["quantization_config"]

@@ -17,7 +17,15 @@ from ..files import staged_output_dir
 from .options import DTYPES, MODEL_HELP, add_model_arguments, check_output_dir
 
 REPORT_FILE = "merge_report.json"
-FORMATS = ("plain", "compressed-tensors")
+FORMATS = ("plain",)
+# Accepted by --format only to say what to do instead.
+RETIRED_FORMATS = {
+    "compressed-tensors": (
+        "--format compressed-tensors is retired: compressed-tensors 0.15, llm-compressor 0.11 and vLLM no longer read "
+        "sparse formats (vLLM 0.24+ refuses a sparsity_config). Leave --format out: the default writes plain "
+        "safetensors with the zeros stored, which transformers and vLLM load."
+    )
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,11 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", required=True, metavar="DIR", help="new or empty output directory")
     parser.add_argument(
         "--format",
-        choices=FORMATS,
+        choices=(*FORMATS, *RETIRED_FORMATS),
         default="plain",
-        help="plain: dense safetensors that stock transformers loads (default); compressed-tensors: the pruned "
-        "weights stored sparse (sparse-24-bitmask where every pruned projection holds 2:4, else sparse-bitmask), as "
-        "llm-compressor saved them; read back with peft_restorelcc.io.load_model",
+        help="plain (the only one): safetensors with the zeros stored, which transformers and vLLM load",
     )
     parser.set_defaults(func=run)
 
@@ -81,19 +87,18 @@ def _check_bias_switch(model_path: Path) -> None:
         )
 
 
-def save_merged_generic(model: Any, output: Path, tokenizer: Any = None, output_format: str = "plain") -> Path:
-    """``merge_and_unload()`` + ``save_pretrained`` (or the compressed-tensors writer) for any mergeable PEFT type,
-    written to a temporary sibling and renamed into place, so a failure leaves no half-written output."""
+def save_merged_generic(model: Any, output: Path, tokenizer: Any = None) -> Path:
+    """``merge_and_unload()`` + ``save_pretrained`` for any mergeable PEFT type, written to a temporary sibling and
+    renamed into place, so a failure leaves no half-written output."""
     if not hasattr(model, "merge_and_unload"):
         raise ValueError(f"{type(model).__name__} cannot be merged into the weights; keep the adapter separate.")
     try:
         merged = model.merge_and_unload()
     except (AttributeError, NotImplementedError) as error:  # prompt-learning methods have nothing to fold
         raise ValueError(f"This adapter type cannot be merged into the weights ({error}); keep it separate.") from error
-    if output_format == "compressed-tensors":
-        from ..compressed import save_sparse
+    from ..export import strip_serving_blockers
 
-        return save_sparse(merged, output, tokenizer=tokenizer)
+    strip_serving_blockers(merged.config)
     with staged_output_dir(output) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
@@ -101,16 +106,12 @@ def save_merged_generic(model: Any, output: Path, tokenizer: Any = None, output_
     return output
 
 
-def _sparse_format_of(output: Path) -> str | None:
-    from ..compressed import sparse_format
-
-    return sparse_format(output)
-
-
 def _check_args(args: argparse.Namespace) -> tuple[Path, str, Path, Path]:
     """``(adapter dir, adapter type, output, model dir)``, every check done before any weight is read."""
     from ..io import resolve_adapter_path, resolve_model_path
 
+    if args.format in RETIRED_FORMATS:
+        raise ValueError(RETIRED_FORMATS[args.format])
     adapter = resolve_adapter_path(args.adapter, args.adapter_revision)
     adapter_type = _adapter_type(adapter)
     output = Path(args.output).expanduser()
@@ -143,16 +144,12 @@ def _merge(
         print(f"restorelcc merge: warning: no tokenizer saved ({error})", file=sys.stderr)
         tokenizer = None
     model = PeftModel.from_pretrained(base, str(adapter))
-    if adapter_type == PEFT_TYPE and args.format == "compressed-tensors":
-        from ..compressed import save_merged_sparse
-
-        save_merged_sparse(model, output, tokenizer=tokenizer)
-    elif adapter_type == PEFT_TYPE:
+    if adapter_type == PEFT_TYPE:
         export.save_merged(model, output, tokenizer=tokenizer)
     else:
-        save_merged_generic(model, output, tokenizer=tokenizer, output_format=args.format)
-    # Measured on what a user gets: the saved model reloaded (by stock transformers for the plain format).
-    reloaded = AutoModelForCausalLM.from_pretrained(output) if args.format == "plain" else load_model(output)
+        save_merged_generic(model, output, tokenizer=tokenizer)
+    # Measured on what a user gets: the saved model reloaded by stock transformers.
+    reloaded = AutoModelForCausalLM.from_pretrained(output)
     return before, measure_sparsity(reloaded)
 
 
@@ -179,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         ("sparsity before merge", f"{before['overall_sparsity']:.4f} ({before['zeros']:,} zeros)"),
         ("sparsity after merge", f"{after['overall_sparsity']:.4f} ({after['zeros']:,} zeros)"),
         ("sparsity", "unchanged" if unchanged else "CHANGED: the merge filled pruned weights"),
-        ("format", args.format if args.format == "plain" else f"compressed-tensors ({_sparse_format_of(output)})"),
+        ("format", args.format),
         ("output", str(output)),
     ]
     width = max(len(label) for label, _ in rows)
