@@ -17,14 +17,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .files import check_new_output_dir, staged_output_dir
-from .heads import find_head_projections, text_config
+from .tuner.heads import find_head_projections, model_types_with_output_bias, text_config
+from .tuner.model import MergePolicy, RestoreLCCModel
 
+# Both from the tuner's one architecture table.
 # Architectures whose config switch `attention_bias` adds a bias to q/k/v and the output projection.
-ATTENTION_BIAS_SWITCH = frozenset(
-    {"llama", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "olmo", "olmo2", "granite", "smollm3", "gpt_neox"}
-)
+ATTENTION_BIAS_SWITCH = model_types_with_output_bias("switch")
 # Architectures whose output projection bias is hard-coded off: no config can carry a merged compensation.
-NO_OUTPUT_BIAS = frozenset({"qwen2", "mistral", "mixtral", "phi3"})
+NO_OUTPUT_BIAS = model_types_with_output_bias("never")
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -70,6 +70,16 @@ def make_output_bias_reloadable(model: nn.Module) -> bool:
     if config is not model.config and hasattr(model.config, "attention_bias"):
         model.config.attention_bias = True
     return True
+
+
+# The policy the tuner applies in every merge_and_unload: warn where a stock reload would drop the bias, switch the
+# config on where it can carry it. Installed by install_merge_policy() when the package is imported.
+MERGE_POLICY = MergePolicy(reload_problem=bias_reload_problem, finish_merged=make_output_bias_reloadable)
+
+
+def install_merge_policy() -> None:
+    """Make every RestoreLCC ``merge_and_unload`` produce a model that stock ``from_pretrained`` reloads with its bias."""
+    RestoreLCCModel.merge_policy = MERGE_POLICY
 
 
 def merged_for_export(model: nn.Module, safe_merge: bool = True) -> PreTrainedModel:

@@ -24,7 +24,7 @@ NON_TRIVIAL = 1e-2
 
 
 def restorelcc_config(config_name: str = "all_heads", **overrides) -> RestoreLCCConfig:
-    return RestoreLCCConfig(task_type="CAUSAL_LM", init_std=INIT_STD, **{**CONFIGS[config_name], **overrides})
+    return RestoreLCCConfig(init_weights="gaussian", task_type="CAUSAL_LM", init_std=INIT_STD, **{**CONFIGS[config_name], **overrides})
 
 
 @torch.no_grad()

@@ -123,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import export
     from ..assets import load_model, load_tokenizer
-    from ..config import PEFT_TYPE
     from ..pruning import measure_sparsity
+    from ..tuner.config import PEFT_TYPE
 
     base = load_model(model_path)
     before = measure_sparsity(base)  # measured before wrapping: adapters replace the projection modules

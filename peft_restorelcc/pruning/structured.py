@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..heads import head_dim_of
+from ..tuner.heads import head_dim_of
 from .common import _validate_calibration, find_decoder_layers
 from .sequential import _model_device
 

@@ -14,28 +14,53 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-# Suffixes of the attention output projection, matched against the end of a module's dotted name. The parent
-# (``self_attn.``, ``attn.``) is part of the suffix so that e.g. GPT-2's ``mlp.c_proj`` is never taken.
-DEFAULT_TARGET_MODULES: dict[str, str] = {
-    "llama": "self_attn.o_proj",
-    "qwen2": "self_attn.o_proj",
-    "qwen3": "self_attn.o_proj",
-    "mistral": "self_attn.o_proj",
-    "mixtral": "self_attn.o_proj",
-    "gemma": "self_attn.o_proj",
-    "gemma2": "self_attn.o_proj",
-    "gemma3": "self_attn.o_proj",
-    "gemma3_text": "self_attn.o_proj",
-    "phi3": "self_attn.o_proj",
-    "olmo": "self_attn.o_proj",
-    "olmo2": "self_attn.o_proj",
-    "granite": "self_attn.o_proj",
-    "smollm3": "self_attn.o_proj",
-    "gpt_neox": "attention.dense",
-    "phi": "self_attn.dense",
-    "opt": "self_attn.out_proj",
-    "gpt2": "attn.c_proj",
+
+@dataclass(frozen=True)
+class Architecture:
+    """What RestoreLCC needs to know about one transformers ``model_type``.
+
+    ``output_projection``: suffix of the attention output projection, matched against the end of a module's dotted
+    name. The parent (``self_attn.``, ``attn.``) is part of the suffix so that e.g. GPT-2's ``mlp.c_proj`` is never
+    taken.
+    ``output_bias``: whether that projection can carry a bias after a stock reload, which decides what a merged
+    model (the compensation folded into the bias) looks like: ``"switch"`` means the config's ``attention_bias``
+    turns it on (together with q/k/v biases), ``"always"`` means the architecture always builds one, ``"never"``
+    means it is hard-coded off and no config can carry a merged compensation.
+    """
+
+    output_projection: str
+    output_bias: str
+
+
+_O_PROJ = "self_attn.o_proj"
+# The one table of supported architectures (field notes, section 3). Everything else derives from it.
+KNOWN_ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture(_O_PROJ, "switch"),
+    "qwen2": Architecture(_O_PROJ, "never"),
+    "qwen3": Architecture(_O_PROJ, "switch"),
+    "mistral": Architecture(_O_PROJ, "never"),
+    "mixtral": Architecture(_O_PROJ, "never"),
+    "gemma": Architecture(_O_PROJ, "switch"),
+    "gemma2": Architecture(_O_PROJ, "switch"),
+    "gemma3": Architecture(_O_PROJ, "switch"),
+    "gemma3_text": Architecture(_O_PROJ, "switch"),
+    "phi3": Architecture(_O_PROJ, "never"),
+    "olmo": Architecture(_O_PROJ, "switch"),
+    "olmo2": Architecture(_O_PROJ, "switch"),
+    "granite": Architecture(_O_PROJ, "switch"),
+    "smollm3": Architecture(_O_PROJ, "switch"),
+    "gpt_neox": Architecture("attention.dense", "switch"),
+    "phi": Architecture("self_attn.dense", "always"),
+    "opt": Architecture("self_attn.out_proj", "always"),
+    "gpt2": Architecture("attn.c_proj", "always"),
 }
+DEFAULT_TARGET_MODULES: dict[str, str] = {name: arch.output_projection for name, arch in KNOWN_ARCHITECTURES.items()}
+
+
+def model_types_with_output_bias(kind: str) -> frozenset[str]:
+    """The model types whose output projection bias is ``kind`` (``"switch"``, ``"always"`` or ``"never"``)."""
+    return frozenset(name for name, arch in KNOWN_ARCHITECTURES.items() if arch.output_bias == kind)
+
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from . import export
 from .config import RestoreLCCConfig
 from .heads import (
     DEFAULT_TARGET_MODULES,
@@ -31,6 +31,42 @@ def restorelcc_layers(model: nn.Module) -> Iterator[RestoreLCCLayer]:
             yield module
 
 
+@dataclass(frozen=True)
+class MergePolicy:
+    """How a merged model must look so that the bias a merge wrote survives ``save_pretrained`` + a stock reload.
+
+    That depends on the model family (which config switch builds an output-projection bias), so the tuner does not
+    decide it: a package that knows the families installs a policy as ``RestoreLCCModel.merge_policy``.
+
+    ``reload_problem(model)``: why a stock reload would drop the merged bias, or None; called before merging, a
+    reason becomes a warning. ``finish_merged(model)``: called on the unwrapped model after ``merge_and_unload``
+    (e.g. to switch the config's bias flag on).
+    """
+
+    reload_problem: Callable[[nn.Module], str | None]
+    finish_merged: Callable[[nn.Module], Any]
+
+
+def projections_without_bias(model: nn.Module) -> list[str]:
+    """Names of wrapped projections whose base layer has no bias: merging creates one there."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, RestoreLCCLayer) and not module.merged and module.get_base_layer().bias is None
+    ]
+
+
+def generic_reload_problem(model: nn.Module) -> str | None:
+    """The family-free fallback when no policy is installed: only say that a bias is created where there was none."""
+    created = projections_without_bias(model)
+    if not created:
+        return None
+    return (
+        f"{len(created)} projection(s) (e.g. {created[0]}) have no bias, and whether the model's config makes "
+        "from_pretrained build one is not known to the tuner."
+    )
+
+
 class RestoreLCCModel(BaseTuner):
     """RestoreLCC (NeurIPS 2025): compensate selected attention heads of a pruned model with the components
     that pruning removed from their outputs.
@@ -48,6 +84,9 @@ class RestoreLCCModel(BaseTuner):
     prefix: str = "restorelcc_"
     tuner_layer_cls = RestoreLCCLayer
     target_module_mapping = {model_type: [suffix] for model_type, suffix in DEFAULT_TARGET_MODULES.items()}
+    # Installed by the package that knows the model families (peft_restorelcc.export); None = PEFT's plain merge
+    # plus a family-free warning when a merge creates a bias.
+    merge_policy: ClassVar[MergePolicy | None] = None
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         # Every check runs before the first module is replaced, so bad input leaves the model as it was.
@@ -158,11 +197,12 @@ class RestoreLCCModel(BaseTuner):
 
     def _check_merge_allowed(self) -> None:
         super()._check_merge_allowed()
-        reason = export.bias_reload_problem(self.model)
+        policy = type(self).merge_policy
+        reason = generic_reload_problem(self.model) if policy is None else policy.reload_problem(self.model)
         if reason is not None:
             warnings.warn(
                 f"Merging RestoreLCC puts the compensation into the attention output projection's bias, but {reason} "
-                "A stock from_pretrained of the saved merged model would drop it. Keep the adapter separate "
+                "A stock from_pretrained of the saved merged model may drop it. Keep the adapter separate "
                 "(PeftModel.from_pretrained) for this architecture.",
                 stacklevel=3,
             )
@@ -193,9 +233,10 @@ class RestoreLCCModel(BaseTuner):
         model = super()._unload_and_optionally_merge(
             merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
-        if merge:
-            # A bias the merge created must survive save_pretrained + a stock reload: switch the config on.
-            export.make_output_bias_reloadable(model)
+        policy = type(self).merge_policy
+        if merge and policy is not None:
+            # A bias the merge created must survive save_pretrained + a stock reload (e.g. switch the config on).
+            policy.finish_merged(model)
         return model
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
@@ -270,7 +311,7 @@ class RestoreLCCModel(BaseTuner):
             if union:
                 heads[layer.layer_index] = union
         self.peft_config[adapter_name] = replace(
-            first, heads=heads, use_components=False, use_bias=True, init_weights=False
+            first, heads=heads, use_components=False, use_bias=True, init_weights=True
         )
         self.inject_adapter(self.model, adapter_name)
         with torch.no_grad():
