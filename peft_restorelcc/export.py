@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from .files import check_new_output_dir, staged_output_dir
 from .tuner.heads import find_head_projections, model_types_with_output_bias, text_config
+from .tuner.layer import RestoreLCCLayer
 from .tuner.model import MergePolicy, RestoreLCCModel
 
 # Both from the tuner's one architecture table.
@@ -32,11 +33,17 @@ def _model_type(model: nn.Module) -> str | None:
 
 
 def _output_projections(model: nn.Module) -> list[nn.Module]:
+    """The projections RestoreLCC wraps (their base layers), or, in a merged model, the architecture's defaults."""
+    wrapped = [module.get_base_layer() for module in model.modules() if isinstance(module, RestoreLCCLayer)]
+    if wrapped:
+        return wrapped
     return [model.get_submodule(projection.name) for projection in find_head_projections(model)]
 
 
 def bias_reload_problem(model: nn.Module) -> str | None:
     """Why a stock reload of this architecture would drop an output-projection bias, or None if it would not."""
+    if getattr(model, "config", None) is None:
+        return None  # Not a transformers model: no config-driven reload to lose the bias in.
     model_type = _model_type(model)
     if model_type in NO_OUTPUT_BIAS:
         return f"the {model_type} architecture has no config switch for an attention output bias."

@@ -93,6 +93,18 @@ def head_dim_of(model_or_config) -> int:
     return int(config.hidden_size) // int(config.num_attention_heads)
 
 
+def model_head_dim(model: nn.Module) -> int | None:
+    """The head width the model's transformers config gives, or None for a model without one (a plain ``nn.Module``
+    or a config lacking ``head_dim`` and ``hidden_size``/``num_attention_heads``)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    try:
+        return head_dim_of(config)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
 def default_target_module(model_or_config) -> str:
     """The attention output projection suffix for a known architecture, or a ValueError that says what to do."""
     config = getattr(model_or_config, "config", model_or_config)
@@ -140,6 +152,15 @@ def layer_index_of(module_name: str) -> int:
     return int(match.group(1))
 
 
+def layer_indices_of(module_names: list[str]) -> dict[str, int]:
+    """Layer index of each target: the number in its dotted name (``model.layers.12.self_attn.o_proj`` -> 12) when
+    every name has one, else its position among the targets in module order (models whose projections are named
+    ``attn0``, ``attn1`` ... or that have a single one, as in PEFT's custom-model tests)."""
+    if all(_LAYER_INDEX.search("." + name) for name in module_names):
+        return {name: layer_index_of(name) for name in module_names}
+    return {name: position for position, name in enumerate(module_names)}
+
+
 def matches_target(module_name: str, target: str | list[str] | set[str]) -> bool:
     """PEFT's matching rule: a string is a full regex match, a list matches exact names or dotted suffixes."""
     if isinstance(target, str):
@@ -161,10 +182,10 @@ def find_head_projections(
         target_modules = [default_target_module(model)]
     if head_dim is None:
         head_dim = head_dim_of(model)
+    matched = [(name, module) for name, module in model.named_modules() if matches_target(name, target_modules)]
+    indices = layer_indices_of([name for name, _ in matched])
     found: list[HeadProjection] = []
-    for name, module in model.named_modules():
-        if not matches_target(name, target_modules):
-            continue
+    for name, module in matched:
         base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
         in_features, out_features = projection_shape(base)
         if in_features % head_dim != 0:
@@ -175,7 +196,7 @@ def find_head_projections(
         found.append(
             HeadProjection(
                 name=name,
-                layer_index=layer_index_of(name),
+                layer_index=indices[name],
                 num_heads=in_features // head_dim,
                 head_dim=head_dim,
                 in_features=in_features,

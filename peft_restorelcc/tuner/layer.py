@@ -94,6 +94,29 @@ class RestoreLCCLayer(BaseTunerLayer):
         self.reset_restorelcc_parameters(adapter_name, config.init_weights, config.init_std)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """Device only, never the dtype: PEFT's version also casts to the base dtype (bf16 on a bf16 base, e.g. after a
+        ``low_cpu_mem_usage`` load), and an upcast afterwards would not give the saved fp32 values back. The dtype is
+        the model's ``_cast_adapter_dtype`` decision (fp32, or the base dtype with ``autocast_adapter_dtype=False``)."""
+        if device is None:
+            device = projection_weight(self.get_base_layer()).device
+        if device.type == "meta":
+            return
+        for name in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, name)
+            if adapter_name in container and container[adapter_name].device != torch.device("meta"):
+                container[adapter_name] = container[adapter_name].to(device)
+
+    def cast_adapter_to_base_dtype(self, adapter_name: str) -> None:
+        """Floating adapter tensors to the base weight's dtype (``autocast_adapter_dtype=False``)."""
+        dtype = projection_weight(self.get_base_layer()).dtype
+        if not dtype.is_floating_point:
+            return
+        for name in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, name)
+            if adapter_name in container and container[adapter_name].is_floating_point():
+                container[adapter_name] = container[adapter_name].to(dtype)
+
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self.head_indices.pop(adapter_name, None)
