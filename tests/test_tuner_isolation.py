@@ -85,3 +85,17 @@ def test_the_tuner_folder_works_as_a_copy_outside_the_package(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-1] == "ok"
+
+
+def test_the_architecture_table_exists_once():
+    """Export's family sets and the pruner's list derive from (or stay within) the tuner's table."""
+    from peft_restorelcc import export
+    from peft_restorelcc.pruning import STRUCTURED_MODEL_TYPES
+    from peft_restorelcc.tuner.heads import DEFAULT_TARGET_MODULES, KNOWN_ARCHITECTURES, model_types_with_output_bias
+
+    assert export.ATTENTION_BIAS_SWITCH == model_types_with_output_bias("switch")
+    assert export.NO_OUTPUT_BIAS == model_types_with_output_bias("never")
+    assert {arch.output_bias for arch in KNOWN_ARCHITECTURES.values()} <= {"switch", "always", "never"}
+    assert DEFAULT_TARGET_MODULES == {name: arch.output_projection for name, arch in KNOWN_ARCHITECTURES.items()}
+    # Structured pruning rewrites q/k/v/o_proj: a capability list, but only of known o_proj families.
+    assert all(DEFAULT_TARGET_MODULES[name] == "self_attn.o_proj" for name in STRUCTURED_MODEL_TYPES)

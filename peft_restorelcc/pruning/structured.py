@@ -15,6 +15,8 @@ from .sequential import _model_device
 
 # Architectures whose blocks are self_attn.{q,k,v,o}_proj + mlp.{gate,up,down}_proj with per-head-dim (or no)
 # q/k norms, so that removing heads and FFN channels only narrows Linears and changes config sizes.
+# A capability list, not a second architecture table: every entry is an o_proj family of tuner/heads.py's table
+# (checked by tests/test_tuner_isolation.py).
 STRUCTURED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite", "smollm3")
 
 
