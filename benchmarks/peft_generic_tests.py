@@ -80,7 +80,8 @@ UPSTREAM_PATCHES = [
     ),
     (
         "testing_common.py",
-        "if config_cls not in (LoraConfig,):\n            # note: RoAD supports mixed adapter batches but not beam search",
+        "if config_cls not in (LoraConfig,):\n"
+        "            # note: RoAD supports mixed adapter batches but not beam search",
         "if config_cls not in (LoraConfig, RestoreLCCConfig):",
         "RestoreLCC supports mixed adapter batches with beam search (num_beams repeats adapter_names)",
     ),
@@ -179,7 +180,7 @@ def peft_tests_folder(peft_repo: str | None, workdir: Path) -> Path:
             root = export
         folder = root / "tests" if (root / "tests" / "testing_common.py").exists() else root
         if not (folder / "testing_common.py").exists():
-            raise SystemExit(f"{peft_repo} has no tests/testing_common.py; pass PEFT's repository root or tests folder.")
+            raise SystemExit(f"{peft_repo} has no tests/testing_common.py; pass PEFT's repository root or tests.")
         return folder
     import peft
 

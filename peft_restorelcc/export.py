@@ -85,7 +85,7 @@ MERGE_POLICY = MergePolicy(reload_problem=bias_reload_problem, finish_merged=mak
 
 
 def install_merge_policy() -> None:
-    """Make every RestoreLCC ``merge_and_unload`` produce a model that stock ``from_pretrained`` reloads with its bias."""
+    """Make every RestoreLCC ``merge_and_unload`` give a model that stock ``from_pretrained`` reloads with its bias."""
     RestoreLCCModel.merge_policy = MERGE_POLICY
 
 

@@ -19,7 +19,8 @@ RELOADABLE = [architecture for architecture in ARCHITECTURES if architecture not
 
 def adapted(architecture):
     base = prune_half(make_tiny_model(architecture))
-    return get_peft_model(base, RestoreLCCConfig(init_weights="gaussian", heads=HEADS, init_std=0.1, task_type="CAUSAL_LM")).eval()
+    config = RestoreLCCConfig(init_weights="gaussian", heads=HEADS, init_std=0.1, task_type="CAUSAL_LM")
+    return get_peft_model(base, config).eval()
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,9 @@ def prune_half(model):
 
 def wrapped(architecture, heads=HEADS, **config_kwargs):
     base = prune_half(make_tiny_model(architecture))
-    config = RestoreLCCConfig(init_weights="gaussian", heads=heads, task_type="CAUSAL_LM", init_std=0.1, **config_kwargs)
+    config = RestoreLCCConfig(
+        init_weights="gaussian", heads=heads, task_type="CAUSAL_LM", init_std=0.1, **config_kwargs
+    )
     return get_peft_model(base, config).eval()
 
 
@@ -195,7 +197,8 @@ def test_ablation_switches(use_components, use_bias, per_head):
 def test_several_adapters_add_up_and_can_be_switched_and_deleted():
     inputs = random_input_ids()
     model = wrapped("llama", heads={1: [0]})
-    model.add_adapter("second", RestoreLCCConfig(init_weights="gaussian", heads={1: [0, 2]}, init_std=0.1, task_type="CAUSAL_LM"))
+    second = RestoreLCCConfig(init_weights="gaussian", heads={1: [0, 2]}, init_std=0.1, task_type="CAUSAL_LM")
+    model.add_adapter("second", second)
     with model.disable_adapter():
         base = model(inputs).logits
     first = model(inputs).logits

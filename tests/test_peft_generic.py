@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.skipif(not os.environ.get("PEFT_REPO"), reason="set PEFT_REPO to a PEFT checkout to run PEFT's tests")
 def test_peft_generic_tests_pass(tmp_path):
     summary_path = tmp_path / "summary.json"
-    command = [sys.executable, str(REPO / "benchmarks" / "peft_generic_tests.py"), "--peft-repo", os.environ["PEFT_REPO"]]
-    result = subprocess.run([*command, "--json", str(summary_path)], capture_output=True, text=True, cwd=REPO)
+    script = REPO / "benchmarks" / "peft_generic_tests.py"
+    command = [sys.executable, str(script), "--peft-repo", os.environ["PEFT_REPO"], "--json", str(summary_path)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     summary = json.loads(summary_path.read_text())
     assert summary["counts"].get("passed", 0) > 400, result.stdout[-3000:]
     # The only failures allowed: Qwen2 has no config switch for an o_proj bias, so a merged Qwen2 saved and reloaded

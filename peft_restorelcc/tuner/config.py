@@ -138,7 +138,7 @@ class RestoreLCCConfig(PeftConfig):
         if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
         if self.num_heads is not None and self.num_heads < 1:
-            raise ValueError(f"num_heads must be >= 1 (or None to read the layout from the model), got {self.num_heads}.")
+            raise ValueError(f"num_heads must be >= 1 (or None: layout from the model), got {self.num_heads}.")
         if self.head_dim is not None and self.head_dim < 1:
             raise ValueError(f"head_dim must be >= 1 (or None to read it from the model), got {self.head_dim}.")
         if self.num_components is not None and self.head_dim is not None and self.num_components > self.head_dim:
