@@ -28,8 +28,8 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_restorelcc import RestoreLCCConfig
-from peft_restorelcc.heads import find_head_projections
 from peft_restorelcc.recovery import training_memory_bytes
+from peft_restorelcc.tuner.heads import find_head_projections
 
 
 def smollm2_shaped_model(seed: int = 0) -> LlamaForCausalLM:
@@ -118,7 +118,7 @@ def main() -> None:
     heads = every_fourth_head(base)
     num_heads = sum(len(h) for h in heads.values())
     restorelcc = get_peft_model(
-        copy.deepcopy(base), RestoreLCCConfig(heads=heads, init_std=0.1, task_type="CAUSAL_LM")
+        copy.deepcopy(base), RestoreLCCConfig(init_weights="gaussian", heads=heads, init_std=0.1, task_type="CAUSAL_LM")
     ).to(device)
     merged = copy.deepcopy(restorelcc).merge_and_unload().eval()
     lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM")).to(

@@ -196,7 +196,7 @@ def main() -> int:
         torch.manual_seed(1)
         heads = {layer: [0, 5] for layer in range(pruned.config.num_hidden_layers)}
         restorelcc = get_peft_model(
-            smollm2_shaped_pruned(), RestoreLCCConfig(heads=heads, init_std=0.1, task_type="CAUSAL_LM")
+            smollm2_shaped_pruned(), RestoreLCCConfig(init_weights="gaussian", heads=heads, init_std=0.1, task_type="CAUSAL_LM")
         )
         save_merged(restorelcc, work / "restorelcc_merged")
 

@@ -197,7 +197,7 @@ def main() -> int:
             masks = pruned_zero_masks(base)
             pruned_reference = prompt_logprobs(base, prompts)
             torch.manual_seed(1)
-            adapter = get_peft_model(base, RestoreLCCConfig(heads=HEADS, init_std=1.0, task_type="CAUSAL_LM")).eval()
+            adapter = get_peft_model(base, RestoreLCCConfig(init_weights="gaussian", heads=HEADS, init_std=1.0, task_type="CAUSAL_LM")).eval()
             expected = prompt_logprobs(adapter, prompts)
             model_dir = work / family
             save_merged(adapter, model_dir)

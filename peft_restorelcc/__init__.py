@@ -4,65 +4,28 @@ Importing this package registers the ``RESTORELCC`` method with PEFT: ``peft.Pef
 of PEFT's enum and the method enters PEFT's tables, so ``get_peft_model``, ``PeftModel.from_pretrained`` and
 ``AutoPeftModelForCausalLM`` know it. An installed package also imports itself right after ``peft`` is imported
 (``peft_restorelcc_autoload``), so no import is needed; with ``PEFT_RESTORELCC_AUTOLOAD=0`` import it first.
+
+The tuner itself is ``peft_restorelcc.tuner`` (standalone: torch, transformers and peft only). This package adds the
+family-specific merge policy (``export``): a merged model keeps its compensation through ``save_pretrained`` and a
+stock ``from_pretrained``.
 """
 
 from __future__ import annotations
 
-from . import hub
-from .config import PEFT_TYPE, RestoreLCCConfig
-from .layer import Linear, RestoreLCCLayer
-from .model import RestoreLCCModel, restorelcc_layers
+from . import export, hub
+from .tuner import (
+    PEFT_TYPE,
+    Linear,
+    RestoreLCCConfig,
+    RestoreLCCLayer,
+    RestoreLCCModel,
+    restorelcc_layers,
+)
+from .tuner import register as _register_with_peft
 
 __version__ = "0.1.0"
 __all__ = ["hub", "RestoreLCCConfig", "RestoreLCCLayer", "RestoreLCCModel", "Linear", "restorelcc_layers", "PEFT_TYPE"]
 
-
-def _peft_type_member():
-    """``peft.PeftType.RESTORELCC``, added to PEFT's closed str-enum on first call and reused afterwards.
-
-    PEFT reads ``config.peft_type.value``, calls ``PeftType(name)`` and iterates ``list(PeftType)``, so the type
-    must be a real member, built the way ``enum`` builds one (a str instance with name, value and sort order).
-    """
-    from peft.utils.peft_types import PeftType
-
-    existing = PeftType._member_map_.get(PEFT_TYPE)
-    if existing is not None:
-        return existing
-    member = str.__new__(PeftType, PEFT_TYPE)
-    member._name_ = PEFT_TYPE
-    member._value_ = PEFT_TYPE
-    member.__objclass__ = PeftType
-    member._sort_order_ = len(PeftType._member_names_)
-    # type.__setattr__: EnumType's own __setattr__ refuses to touch members.
-    type.__setattr__(PeftType, PEFT_TYPE, member)
-    PeftType._member_names_.append(PEFT_TYPE)
-    PeftType._member_map_[PEFT_TYPE] = member
-    PeftType._value2member_map_[PEFT_TYPE] = member
-    return member
-
-
-def _register_with_peft() -> None:
-    """Make RESTORELCC a PEFT method: a ``PeftType`` member, then PEFT's own ``register_peft_method``.
-
-    Idempotent, so a second import, ``importlib.reload`` or a registration hook running it again all work: the
-    enum member is reused, and entries of an earlier registration are dropped first because
-    ``register_peft_method`` refuses a name twice (a reload brings new classes that must replace the old ones).
-    Not mixed-compatible: PEFT's ``PeftMixedModel`` dispatches on a hard-coded list of LoRA-like tuners.
-    """
-    from peft import mapping
-    from peft.utils import register_peft_method
-
-    peft_type = _peft_type_member()
-    for table in (
-        mapping.PEFT_TYPE_TO_CONFIG_MAPPING,
-        mapping.PEFT_TYPE_TO_TUNER_MAPPING,
-        mapping.PEFT_TYPE_TO_PREFIX_MAPPING,
-        mapping.PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
-    ):
-        table.pop(peft_type, None)
-    register_peft_method(
-        name=PEFT_TYPE.lower(), config_cls=RestoreLCCConfig, model_cls=RestoreLCCModel, prefix=RestoreLCCModel.prefix
-    )
-
-
+# Idempotent (the tuner registered itself on import); kept so a reload of this package re-registers.
 _register_with_peft()
+export.install_merge_policy()

@@ -18,14 +18,15 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .files import check_new_output_dir, staged_output_dir
-from .heads import find_head_projections, text_config
+from .tuner.heads import find_head_projections, model_types_with_output_bias, text_config
+from .tuner.layer import RestoreLCCLayer
+from .tuner.model import MergePolicy, RestoreLCCModel
 
+# Both from the tuner's one architecture table.
 # Architectures whose config switch `attention_bias` adds a bias to q/k/v and the output projection.
-ATTENTION_BIAS_SWITCH = frozenset(
-    {"llama", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "olmo", "olmo2", "granite", "smollm3", "gpt_neox"}
-)
+ATTENTION_BIAS_SWITCH = model_types_with_output_bias("switch")
 # Architectures whose output projection bias is hard-coded off: no config can carry a merged compensation.
-NO_OUTPUT_BIAS = frozenset({"qwen2", "mistral", "mixtral", "phi3"})
+NO_OUTPUT_BIAS = model_types_with_output_bias("never")
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -33,14 +34,23 @@ def _model_type(model: nn.Module) -> str | None:
 
 
 def _output_projections(model: nn.Module) -> list[nn.Module]:
+    """The projections RestoreLCC wraps (their base layers), or, in a merged model, the architecture's defaults."""
+    wrapped = [module.get_base_layer() for module in model.modules() if isinstance(module, RestoreLCCLayer)]
+    if wrapped:
+        return wrapped
     return [model.get_submodule(projection.name) for projection in find_head_projections(model)]
 
 
 def bias_reload_problem(model: nn.Module) -> str | None:
     """Why a stock reload of this architecture would drop an output-projection bias, or None if it would not."""
+    if getattr(model, "config", None) is None:
+        return None  # Not a transformers model: no config-driven reload to lose the bias in.
     model_type = _model_type(model)
     if model_type in NO_OUTPUT_BIAS:
-        return f"the {model_type} architecture has no config switch for an attention output bias."
+        return (
+            f"the {model_type} architecture has no config switch for an attention output bias (save it with "
+            "peft_restorelcc.export.save_merged or `restorelcc merge`, which write the exactly equivalent Llama)."
+        )
     if model_type in ATTENTION_BIAS_SWITCH:
         return None
     projections = _output_projections(model)
@@ -98,6 +108,16 @@ def strip_serving_blockers(config: Any) -> list[str]:
     return dropped
 
 
+# The policy the tuner applies in every merge_and_unload: warn where a stock reload would drop the bias, switch the
+# config on where it can carry it. Installed by install_merge_policy() when the package is imported.
+MERGE_POLICY = MergePolicy(reload_problem=bias_reload_problem, finish_merged=make_output_bias_reloadable)
+
+
+def install_merge_policy() -> None:
+    """Make every RestoreLCC ``merge_and_unload`` give a model that stock ``from_pretrained`` reloads with its bias."""
+    RestoreLCCModel.merge_policy = MERGE_POLICY
+
+
 def merged_for_export(model: nn.Module, safe_merge: bool = True) -> PreTrainedModel:
     """The merged model, its config switched to carry the output bias (``make_output_bias_reloadable``), ready to
     be written by any writer. Refuses, before touching the model, an architecture whose config cannot carry it."""
@@ -117,7 +137,9 @@ def merged_for_export(model: nn.Module, safe_merge: bool = True) -> PreTrainedMo
     return merged
 
 
-def save_merged(model: nn.Module, output_dir: str | os.PathLike, tokenizer=None, safe_merge: bool = True) -> Path:
+def _save_merged_same_architecture(
+    model: nn.Module, output_dir: str | os.PathLike, tokenizer=None, safe_merge: bool = True
+) -> Path:
     """Merge a RestoreLCC ``PeftModel`` (or take an already merged model) and save a standard transformers
     directory that stock ``AutoModelForCausalLM.from_pretrained`` reloads with the compensation.
 
@@ -136,20 +158,18 @@ def save_merged(model: nn.Module, output_dir: str | os.PathLike, tokenizer=None,
     return output_dir
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Issue 36 hook: families without an output-bias switch (qwen2, mistral, phi3) are saved as the exactly equivalent
-# Llama (conversion.py) instead of refused; mixtral and configs that are not exactly equivalent are still refused,
-# with conversion.py's one-line reason. Everything else goes to save_merged above, unchanged. (Integrator: after the
-# tuner/io refactor, call conversion.convert_to_llama from the export policy where NO_OUTPUT_BIAS is refused.)
-# ----------------------------------------------------------------------------------------------------------------
-_save_merged_same_architecture = save_merged
-
-
-def _save_merged_converting(
+def save_merged(
     model: nn.Module, output_dir: str | os.PathLike, tokenizer=None, safe_merge: bool = True
 ) -> Path:
-    """``save_merged``, except that a qwen2 / mistral / phi3 model is written as ``LlamaForCausalLM`` with
-    ``attention_bias=True`` and a ``restorelcc_merged`` provenance field in its config."""
+    """Merge a RestoreLCC ``PeftModel`` (or take an already merged model) and save a standard transformers
+    directory that stock ``AutoModelForCausalLM.from_pretrained`` (and vLLM) reloads with the compensation.
+
+    Architectures whose config switches an output bias on are saved as they are; qwen2 / mistral / phi3, which
+    hard-code it off, are saved as the exactly equivalent ``LlamaForCausalLM`` with ``attention_bias=True`` and a
+    ``restorelcc_merged`` provenance field (conversion.py). What neither can carry (mixtral, an active sliding window,
+    unknown config fields) is refused with one line before the model is touched, as is a non-empty output directory.
+    Writes into a temporary sibling directory first, so a failure leaves nothing.
+    """
     import warnings
 
     from . import conversion
@@ -181,6 +201,3 @@ def _save_merged_converting(
             json.dumps({"merged": True, "attention_bias": True, "converted_from": provenance["source_model_type"]})
         )
     return output_dir
-
-
-save_merged = _save_merged_converting

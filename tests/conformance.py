@@ -24,7 +24,9 @@ NON_TRIVIAL = 1e-2
 
 
 def restorelcc_config(config_name: str = "all_heads", **overrides) -> RestoreLCCConfig:
-    return RestoreLCCConfig(task_type="CAUSAL_LM", init_std=INIT_STD, **{**CONFIGS[config_name], **overrides})
+    # "gaussian": N(0, INIT_STD), non-trivial from the start (init_weights=True would be the identity).
+    kwargs = {"init_weights": "gaussian", "init_std": INIT_STD, **CONFIGS[config_name], **overrides}
+    return RestoreLCCConfig(task_type="CAUSAL_LM", **kwargs)
 
 
 @torch.no_grad()

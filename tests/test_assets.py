@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from peft_restorelcc import assets
-from peft_restorelcc.heads import find_head_projections
+from peft_restorelcc.tuner.heads import find_head_projections
 
 # Plain English written for this test (no test corpus is installed).
 ENGLISH = (

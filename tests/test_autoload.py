@@ -49,7 +49,7 @@ def saved(tmp_path_factory) -> dict[str, Path]:
     base.save_pretrained(root / "base")
     make_tiny_tokenizer().save_pretrained(root / "base")
     torch.manual_seed(0)
-    config = RestoreLCCConfig(heads=HEADS, init_std=0.5, task_type="CAUSAL_LM")
+    config = RestoreLCCConfig(init_weights="gaussian", heads=HEADS, init_std=0.5, task_type="CAUSAL_LM")
     model = get_peft_model(make_eval_model(), config)
     model.peft_config["default"].base_model_name_or_path = str(root / "base")
     model.save_pretrained(root / "adapter")

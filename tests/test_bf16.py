@@ -11,9 +11,9 @@ import peft_restorelcc
 from peft_restorelcc.assets import load_model
 from peft_restorelcc.calibration import build_restorelcc_model, calibrate
 from peft_restorelcc.evaluation import perplexity
-from peft_restorelcc.heads import projection_weight
 from peft_restorelcc.pruning import measure_sparsity, prune_model
 from peft_restorelcc.training import train_adapter
+from peft_restorelcc.tuner.heads import projection_weight
 
 HALF = [torch.bfloat16, torch.float16]
 TEXTS = ["plain words make a short text for the tiny model.", "another line of text, with digits 123 and more."]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tiny_models import make_tiny_model, random_input_ids
@@ -79,3 +81,12 @@ def test_components_refuse_another_pruned_model(measured) -> None:
 def test_shapes_are_validated() -> None:
     with pytest.raises(ValueError, match="basis has shape"):
         LostComponents([0], [2], 4, torch.zeros(2, 4, 3), torch.zeros(2, 4), torch.zeros(2, 4))
+
+
+def test_the_paper_recipe_asks_for_the_gaussian_init_by_name(measured) -> None:
+    # init_weights=True became PEFT's identity init; the paper's N(0, init_std) must still be what the recipe uses.
+    pruned, components = measured
+    model = build_restorelcc_model(copy.deepcopy(pruned), components, num_heads=2, init="paper")
+    assert model.peft_config["default"].init_weights == "gaussian"
+    values = torch.cat([p.flatten() for n, p in model.named_parameters() if "restorelcc_" in n])
+    assert values.abs().max() > 0 and values.std() < 1e-2

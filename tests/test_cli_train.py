@@ -38,7 +38,8 @@ def save_adapter(path: Path, model_dir: Path, seed: int = 0, init_std: float = 1
 
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     torch.manual_seed(seed)
-    model = get_peft_model(base, RestoreLCCConfig(heads=HEADS, init_std=init_std, task_type="CAUSAL_LM"))
+    config = RestoreLCCConfig(init_weights="gaussian", heads=HEADS, init_std=init_std, task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
     for layer in peft_restorelcc.restorelcc_layers(model):
         count = len(layer.head_indices["default"])
         basis = torch.linalg.qr(torch.randn(count, 8, 8)).Q

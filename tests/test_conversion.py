@@ -65,7 +65,7 @@ def prune_all_linear(model: nn.Module) -> nn.Module:
 def adapted(family: str, **overrides):
     base = prune_all_linear(make_tiny_model(family, **overrides))
     base.generation_config = GenerationConfig(max_new_tokens=7, do_sample=True, temperature=0.7, eos_token_id=2)
-    return get_peft_model(base, RestoreLCCConfig(heads=HEADS, init_std=0.1, task_type="CAUSAL_LM")).eval()
+    return get_peft_model(base, RestoreLCCConfig(init_weights="gaussian", heads=HEADS, init_std=0.1, task_type="CAUSAL_LM")).eval()
 
 
 def llama_named_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -211,7 +211,7 @@ def tiny_mixtral_config():
 def test_mixtral_is_refused_with_a_reason_and_what_to_do(tmp_path):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(tiny_mixtral_config()).eval()
-    model = get_peft_model(base, RestoreLCCConfig(heads=HEADS, init_std=0.1, task_type="CAUSAL_LM"))
+    model = get_peft_model(base, RestoreLCCConfig(init_weights="gaussian", heads=HEADS, init_std=0.1, task_type="CAUSAL_LM"))
     with pytest.raises(ValueError, match="mixture-of-experts.*keep the adapter unmerged") as caught:
         save_merged(model, tmp_path / "out")
     assert "\n" not in str(caught.value)
@@ -261,7 +261,7 @@ def test_the_cli_merges_a_qwen2_into_a_llama_and_refuses_an_active_mistral_windo
 
     def save_adapter(path: Path, model_dir: Path) -> Path:
         base = AutoModelForCausalLM.from_pretrained(model_dir)
-        get_peft_model(base, RestoreLCCConfig(heads=HEADS, init_std=0.1, task_type="CAUSAL_LM")).save_pretrained(path)
+        get_peft_model(base, RestoreLCCConfig(init_weights="gaussian", heads=HEADS, init_std=0.1, task_type="CAUSAL_LM")).save_pretrained(path)
         return path
 
     qwen2 = save_model(tmp_path / "qwen2", prune_all_linear(make_tiny_model("qwen2")))

@@ -19,7 +19,8 @@ RELOADABLE = [architecture for architecture in ARCHITECTURES if architecture not
 
 def adapted(architecture):
     base = prune_half(make_tiny_model(architecture))
-    return get_peft_model(base, RestoreLCCConfig(heads=HEADS, init_std=0.1, task_type="CAUSAL_LM")).eval()
+    config = RestoreLCCConfig(init_weights="gaussian", heads=HEADS, init_std=0.1, task_type="CAUSAL_LM")
+    return get_peft_model(base, config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ NOT_EQUIVALENT["phi3"] = NOT_EQUIVALENT["mistral"]
 @pytest.mark.parametrize("architecture", sorted(set(ARCHITECTURES) & NO_OUTPUT_BIAS))
 def test_export_refuses_architectures_that_would_drop_the_bias(architecture, tmp_path):
     base = prune_half(make_tiny_model(architecture, **NOT_EQUIVALENT[architecture]))
-    model = get_peft_model(base, RestoreLCCConfig(heads=HEADS, init_std=0.1, task_type="CAUSAL_LM")).eval()
+    model = get_peft_model(base, RestoreLCCConfig(init_weights="gaussian", heads=HEADS, init_std=0.1, task_type="CAUSAL_LM")).eval()
     with pytest.raises(ValueError, match="sliding_window"):
         save_merged(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()

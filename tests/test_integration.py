@@ -52,7 +52,8 @@ def test_auto_peft_model_loads_base_and_adapter(tmp_path):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    model = get_peft_model(base, RestoreLCCConfig(heads=HEADS, init_std=0.1, task_type="CAUSAL_LM")).eval()
+    config = RestoreLCCConfig(init_weights="gaussian", heads=HEADS, init_std=0.1, task_type="CAUSAL_LM")
+    model = get_peft_model(base, config).eval()
     model.save_pretrained(adapter_dir)
     inputs = random_input_ids()
     loaded = AutoPeftModelForCausalLM.from_pretrained(adapter_dir).eval()

@@ -11,7 +11,7 @@ from peft import PeftModel, get_peft_model
 from tiny_models import ARCHITECTURES, make_tiny_model, random_input_ids
 
 from peft_restorelcc import RestoreLCCConfig, RestoreLCCLayer, restorelcc_layers
-from peft_restorelcc.heads import find_head_projections, projection_weight
+from peft_restorelcc.tuner.heads import find_head_projections, projection_weight
 
 HEADS = {0: [1], 1: [0, 3]}
 HEAD_DIM = 8
@@ -29,7 +29,9 @@ def prune_half(model):
 
 def wrapped(architecture, heads=HEADS, **config_kwargs):
     base = prune_half(make_tiny_model(architecture))
-    config = RestoreLCCConfig(heads=heads, task_type="CAUSAL_LM", init_std=0.1, **config_kwargs)
+    config = RestoreLCCConfig(
+        init_weights="gaussian", heads=heads, task_type="CAUSAL_LM", init_std=0.1, **config_kwargs
+    )
     return get_peft_model(base, config).eval()
 
 
@@ -105,7 +107,7 @@ def reloaded_in_fresh_process(tmp_path_factory):
         prune_half(make_tiny_model(architecture)).save_pretrained(root / architecture / "base")
         # Both processes use a base read from disk: kernels may round differently on differently laid-out weights.
         base = AutoModelForCausalLM.from_pretrained(root / architecture / "base").eval()
-        config = RestoreLCCConfig(heads=HEADS, task_type="CAUSAL_LM", init_std=0.1)
+        config = RestoreLCCConfig(init_weights="gaussian", heads=HEADS, task_type="CAUSAL_LM", init_std=0.1)
         model = get_peft_model(base, config).eval()
         model.save_pretrained(root / architecture / "adapter")
         torch.save({"inputs": inputs, "expected": model(inputs).logits.detach()}, root / architecture / "expected.pt")
@@ -195,7 +197,8 @@ def test_ablation_switches(use_components, use_bias, per_head):
 def test_several_adapters_add_up_and_can_be_switched_and_deleted():
     inputs = random_input_ids()
     model = wrapped("llama", heads={1: [0]})
-    model.add_adapter("second", RestoreLCCConfig(heads={1: [0, 2]}, init_std=0.1, task_type="CAUSAL_LM"))
+    second = RestoreLCCConfig(init_weights="gaussian", heads={1: [0, 2]}, init_std=0.1, task_type="CAUSAL_LM")
+    model.add_adapter("second", second)
     with model.disable_adapter():
         base = model(inputs).logits
     first = model(inputs).logits
@@ -288,7 +291,9 @@ def test_generate_with_kv_cache_matches_merged_and_uncached():
         ("llama", {"intermediate_size": 60}, {"target_modules": ["mlp.down_proj"]}, "not divisible by head_dim"),
         ("gpt2", {}, {"heads": {1: [7]}}, "head indices \\[7\\]"),
         ("gpt2", {}, {"target_modules": ["c_proj"]}, "matches more than one module in layer 0"),
-        ("llama", {}, {"heads": {0: [1], 1: [2]}, "layers_to_transform": [0]}, r"heads names layers \[1\]"),
+        # PEFT intersects layers_to_transform with explicit heads (tests/test_peft_conventions.py); an empty
+        # intersection leaves nothing to compensate.
+        ("llama", {}, {"heads": {1: [2]}, "layers_to_transform": [0]}, r"heads names only layers \[1\]"),
     ],
 )
 def test_bad_input_leaves_the_model_unchanged(architecture, model_overrides, config_kwargs, message):

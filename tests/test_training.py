@@ -70,7 +70,8 @@ def tiny_records(count: int = 8, seq_len: int = 24) -> list[dict]:
 def restorelcc_model(seed: int = 0, init_std: float = 1e-3):
     base = prune_half(make_tiny_model("llama"))
     torch.manual_seed(seed)
-    return get_peft_model(base, RestoreLCCConfig(heads=HEADS, init_std=init_std, task_type="CAUSAL_LM"))
+    config = RestoreLCCConfig(init_weights="gaussian", heads=HEADS, init_std=init_std, task_type="CAUSAL_LM")
+    return get_peft_model(base, config)
 
 
 @torch.no_grad()

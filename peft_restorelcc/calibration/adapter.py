@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..heads import find_head_projections
+from ..tuner.heads import find_head_projections
 from .capture import (
     ModelStructure,
     dense_index,
@@ -119,6 +119,9 @@ def build_restorelcc_model(
     if target_modules is not None:
         config_kwargs.setdefault("target_modules", target_modules)
     config_kwargs.setdefault("task_type", "CAUSAL_LM")
+    # The paper's N(0, init_std), asked for by name since init_weights=True became PEFT's identity init. Also for
+    # init="lost", which overwrites the values: the same random draws keep seeded runs where they were.
+    config_kwargs.setdefault("init_weights", "gaussian")
     config = RestoreLCCConfig(heads=heads, num_components=k, head_dim=d, **config_kwargs)
     peft_model = get_peft_model(pruned_model, config, adapter_name=adapter_name)
 

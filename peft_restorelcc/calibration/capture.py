@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..devices import input_device
-from ..heads import HeadProjection, find_head_projections, head_dim_of, text_config
+from ..tuner.heads import HeadProjection, find_head_projections, head_dim_of, text_config
 from .components import normalize_kept_heads, read_projection_weight
 
 ModelSource = nn.Module | Callable[[], nn.Module]

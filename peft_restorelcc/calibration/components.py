@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..heads import find_head_projections, projection_weight
+from ..tuner.heads import find_head_projections, projection_weight
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "lost_components.safetensors"

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..heads import find_head_projections, head_dim_of
+from ..tuner.heads import find_head_projections, head_dim_of
 from .capture import (
     POSITIONS,
     ActivationStore,

@@ -71,20 +71,20 @@ def _adapter_type(adapter: Path) -> str:
 
 
 def _check_bias_switch(model_path: Path) -> None:
-    """Refuse, before loading any weights, an architecture whose config cannot carry the merged bias (export.py
+    """Refuse, before loading any weights, an architecture whose merged bias neither its own config nor the exactly
+    equivalent Llama (conversion.py: qwen2, mistral, phi3) can carry, with conversion's one-line reason (export.py
     checks again on the model itself, which also covers architectures it does not know)."""
     from transformers import AutoConfig
 
+    from ..conversion import conversion_problem
     from ..export import NO_OUTPUT_BIAS
 
     config = AutoConfig.from_pretrained(model_path)
     model_type = getattr(config.get_text_config(), "model_type", None)
     if model_type in NO_OUTPUT_BIAS:
-        raise ValueError(
-            f"Cannot export a merged RestoreLCC model: the {model_type} architecture has no config switch for an "
-            "attention output bias, so a stock from_pretrained would silently drop the compensation. Keep the "
-            "adapter separate and load it with PeftModel.from_pretrained."
-        )
+        problem = conversion_problem(config)
+        if problem is not None:
+            raise ValueError(f"Cannot export a merged RestoreLCC model of the {model_type} architecture: {problem}.")
 
 
 def save_merged_generic(model: Any, output: Path, tokenizer: Any = None) -> Path:
@@ -132,9 +132,9 @@ def _merge(
     import peft_restorelcc  # noqa: F401  (registers RESTORELCC with PEFT before the adapter is read)
 
     from .. import export
-    from ..config import PEFT_TYPE
     from ..io import load_model, load_tokenizer
     from ..pruning import measure_sparsity
+    from ..tuner.config import PEFT_TYPE
 
     base = load_model(model_path, dtype=args.dtype)
     before = measure_sparsity(base)  # measured before wrapping: adapters replace the projection modules
@@ -154,7 +154,7 @@ def _merge(
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import PEFT_TYPE
+    from ..tuner.config import PEFT_TYPE
 
     adapter, adapter_type, output, model_path = _check_args(args)
     before, after = _merge(args, adapter, adapter_type, output, model_path)
@@ -187,25 +187,3 @@ def run(args: argparse.Namespace) -> int:
         print("restorelcc merge: error: a RestoreLCC merge changed the weights' sparsity.", file=sys.stderr)
         return 1
     return 0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Issue 36 hook: qwen2 / mistral / phi3 are no longer refused up front; export.save_merged writes them as the exactly
-# equivalent Llama (conversion.py). What conversion.py refuses (mixtral, a sliding window, unknown config fields) is
-# refused here, before any weight is loaded, with its one-line reason. (Integrator: fold into _check_bias_switch.)
-# ----------------------------------------------------------------------------------------------------------------
-def _check_bias_switch_or_conversion(model_path: Path) -> None:
-    from transformers import AutoConfig
-
-    from ..conversion import conversion_problem
-    from ..export import NO_OUTPUT_BIAS
-
-    config = AutoConfig.from_pretrained(model_path)
-    model_type = getattr(config.get_text_config(), "model_type", None)
-    if model_type in NO_OUTPUT_BIAS:
-        problem = conversion_problem(config)
-        if problem is not None:
-            raise ValueError(f"Cannot export a merged RestoreLCC model of the {model_type} architecture: {problem}.")
-
-
-_check_bias_switch = _check_bias_switch_or_conversion

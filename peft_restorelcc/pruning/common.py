@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..heads import text_config
+from ..tuner.heads import text_config
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 REPORT_FILE = "pruning_report.json"

@@ -9,12 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..heads import head_dim_of
+from ..tuner.heads import head_dim_of
 from .common import _validate_calibration, find_decoder_layers
 from .sequential import _model_device
 
 # Architectures whose blocks are self_attn.{q,k,v,o}_proj + mlp.{gate,up,down}_proj with per-head-dim (or no)
 # q/k norms, so that removing heads and FFN channels only narrows Linears and changes config sizes.
+# A capability list, not a second architecture table: every entry is an o_proj family of tuner/heads.py's table
+# (checked by tests/test_tuner_isolation.py).
 STRUCTURED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite", "smollm3")
 
 

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from . import export
 from .config import RestoreLCCConfig
 from .heads import (
     DEFAULT_TARGET_MODULES,
+    default_target_module,
     find_head_projections,
-    head_dim_of,
     is_projection,
     layer_index_of,
+    matches_target,
+    model_head_dim,
     projection_shape,
 )
 from .layer import Linear, RestoreLCCLayer, broken_adapter_error
@@ -29,6 +31,42 @@ def restorelcc_layers(model: nn.Module) -> Iterator[RestoreLCCLayer]:
     for module in model.modules():
         if isinstance(module, RestoreLCCLayer):
             yield module
+
+
+@dataclass(frozen=True)
+class MergePolicy:
+    """How a merged model must look so that the bias a merge wrote survives ``save_pretrained`` + a stock reload.
+
+    That depends on the model family (which config switch builds an output-projection bias), so the tuner does not
+    decide it: a package that knows the families installs a policy as ``RestoreLCCModel.merge_policy``.
+
+    ``reload_problem(model)``: why a stock reload would drop the merged bias, or None; called before merging, a
+    reason becomes a warning. ``finish_merged(model)``: called on the unwrapped model after ``merge_and_unload``
+    (e.g. to switch the config's bias flag on).
+    """
+
+    reload_problem: Callable[[nn.Module], str | None]
+    finish_merged: Callable[[nn.Module], Any]
+
+
+def projections_without_bias(model: nn.Module) -> list[str]:
+    """Names of wrapped projections whose base layer has no bias: merging creates one there."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, RestoreLCCLayer) and not module.merged and module.get_base_layer().bias is None
+    ]
+
+
+def generic_reload_problem(model: nn.Module) -> str | None:
+    """The family-free fallback when no policy is installed: only say that a bias is created where there was none."""
+    created = projections_without_bias(model)
+    if not created:
+        return None
+    return (
+        f"{len(created)} projection(s) (e.g. {created[0]}) have no bias, and whether the model's config makes "
+        "from_pretrained build one is not known to the tuner."
+    )
 
 
 class RestoreLCCModel(BaseTuner):
@@ -48,6 +86,9 @@ class RestoreLCCModel(BaseTuner):
     prefix: str = "restorelcc_"
     tuner_layer_cls = RestoreLCCLayer
     target_module_mapping = {model_type: [suffix] for model_type, suffix in DEFAULT_TARGET_MODULES.items()}
+    # Installed by the package that knows the model families (peft_restorelcc.export); None = PEFT's plain merge
+    # plus a family-free warning when a merge creates a bias.
+    merge_policy: ClassVar[MergePolicy | None] = None
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         # Every check runs before the first module is replaced, so bad input leaves the model as it was.
@@ -55,22 +96,11 @@ class RestoreLCCModel(BaseTuner):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _validate_against_model(self, model: nn.Module, config: RestoreLCCConfig) -> None:
-        model_head_dim = head_dim_of(model)
-        if config.head_dim is not None and config.head_dim != model_head_dim:
-            raise ValueError(
-                f"This RestoreLCC adapter was made for head_dim={config.head_dim}, but the base model has "
-                f"head_dim={model_head_dim}. Load it onto the model it was calibrated for."
-            )
-        head_dim = config.head_dim or model_head_dim
-        if config.num_components is not None and config.num_components > head_dim:
-            raise ValueError(
-                f"num_components={config.num_components} exceeds head_dim={head_dim}; use at most head_dim or None."
-            )
         if config.target_modules is None:
-            config.target_modules = set(self.target_module_mapping.get(getattr(model.config, "model_type", None), []))
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            config.target_modules = set(self.target_module_mapping.get(model_type, []))
             if not config.target_modules:
-                # Raises the explanatory error for unknown architectures.
-                find_head_projections(model, None, head_dim)
+                default_target_module(model)  # raises the explanatory error for unknown architectures
         for name, module in model.named_modules():
             if not name or not check_target_module_exists(config, name):
                 continue
@@ -80,6 +110,11 @@ class RestoreLCCModel(BaseTuner):
                     f"Target module {name} is a {type(base).__name__}; RestoreLCC wraps an attention output "
                     "projection (nn.Linear or Conv1D). Point target_modules at it, e.g. 'self_attn.o_proj'."
                 )
+        head_dim = self._resolve_head_dim(model, config)
+        if config.num_components is not None and config.num_components > head_dim:
+            raise ValueError(
+                f"num_components={config.num_components} exceeds head_dim={head_dim}; use at most head_dim or None."
+            )
         projections = find_head_projections(model, config.target_modules, head_dim)
         if config.num_layers is not None and config.num_layers != len(projections):
             raise ValueError(
@@ -87,16 +122,6 @@ class RestoreLCCModel(BaseTuner):
                 f"base model has {len(projections)}. Load it onto the model it was calibrated for."
             )
         heads_per_layer = {projection.layer_index: projection.num_heads for projection in projections}
-        if config.heads is not None and config.layers_to_transform is not None:
-            kept = config.layers_to_transform
-            kept = {kept} if isinstance(kept, int) else set(kept)
-            excluded = sorted(set(config.heads) - kept)
-            if excluded:
-                raise ValueError(
-                    f"heads names layers {excluded}, which layers_to_transform={config.layers_to_transform} leaves "
-                    "out; their compensation would be dropped. Remove those layers from heads or add them to "
-                    "layers_to_transform."
-                )
         for layer_index, head_indices in (config.heads or {}).items():
             if layer_index not in heads_per_layer:
                 raise ValueError(
@@ -110,16 +135,88 @@ class RestoreLCCModel(BaseTuner):
                     f"Layer {layer_index} has {num_heads} heads (0..{num_heads - 1}); head indices {out_of_range} "
                     "are out of range."
                 )
+        if config.heads is not None:
+            # As PEFT intersects its own selections: heads in layers that layers_to_transform or exclude_modules
+            # leave out are dropped, with a warning, and the config keeps what was actually wrapped.
+            wrapped = {p.layer_index for p in projections if check_target_module_exists(config, p.name)}
+            dropped = sorted(set(config.heads) - wrapped)
+            if dropped:
+                if not set(config.heads) & wrapped:
+                    raise ValueError(
+                        f"heads names only layers {dropped}, which layers_to_transform={config.layers_to_transform} "
+                        f"/ exclude_modules={config.exclude_modules} leave out: nothing would be compensated."
+                    )
+                warnings.warn(
+                    f"heads names layers {dropped}, which layers_to_transform={config.layers_to_transform} / "
+                    f"exclude_modules={config.exclude_modules} leave out; their heads are not compensated.",
+                    UserWarning,
+                    stacklevel=4,
+                )
+                config.heads = {layer: heads for layer, heads in config.heads.items() if layer in wrapped}
+        # Where each target sits, for _check_target_module_exists and _create_and_replace (names without a layer
+        # number get their position among the targets).
+        self._layer_index_by_name = {
+            **getattr(self, "_layer_index_by_name", {}),
+            **{projection.name: projection.layer_index for projection in projections},
+        }
         # Record what the adapter was made for, so a reload onto another base fails clearly.
         config.head_dim = head_dim
         config.num_layers = len(projections)
         config.num_components = config.num_components or head_dim
 
     @staticmethod
-    def _check_target_module_exists(config: RestoreLCCConfig, key: str) -> bool:
-        if not check_target_module_exists(config, key):
-            return False
-        return config.heads is None or layer_index_of(key) in config.heads
+    def _resolve_head_dim(model: nn.Module, config: RestoreLCCConfig) -> int:
+        """The head width: from ``config.num_heads`` (the widest target's input split into that many heads), else
+        ``config.head_dim``, else the model's transformers config; checked against the latter when it has one."""
+        from_model = model_head_dim(model)
+        head_dim = config.head_dim
+        if config.num_heads is not None:
+            widths = [
+                projection_shape(module.get_base_layer() if isinstance(module, BaseTunerLayer) else module)[0]
+                for name, module in model.named_modules()
+                if name and matches_target(name, config.target_modules)
+            ]
+            if not widths:
+                raise ValueError(
+                    f"No module of {type(model).__name__} matches target_modules={config.target_modules!r}."
+                )
+            widest = max(widths)
+            if widest % config.num_heads != 0:
+                raise ValueError(
+                    f"num_heads={config.num_heads} does not divide the target projections' input width {widest}."
+                )
+            derived = widest // config.num_heads
+            if head_dim is not None and head_dim != derived:
+                raise ValueError(
+                    f"num_heads={config.num_heads} gives head_dim={derived} for input width {widest}, but "
+                    f"head_dim={head_dim} was given. Set one of them, or both consistently."
+                )
+            head_dim = derived
+        if head_dim is None:
+            head_dim = from_model
+        if head_dim is None:
+            raise ValueError(
+                f"{type(model).__name__} has no transformers config that gives its attention head layout "
+                "(head_dim, or hidden_size and num_attention_heads). Set it in RestoreLCCConfig: num_heads (heads "
+                "per target projection; head_dim = its input width / num_heads) or head_dim."
+            )
+        if from_model is not None and head_dim != from_model:
+            raise ValueError(
+                f"This RestoreLCC adapter was made for head_dim={head_dim}, but the base model has "
+                f"head_dim={from_model}. Load it onto the model it was calibrated for."
+            )
+        return head_dim
+
+    def _layer_index(self, key: str) -> int:
+        known = getattr(self, "_layer_index_by_name", {})
+        return known[key] if key in known else layer_index_of(key)
+
+    def _check_target_module_exists(self, config: RestoreLCCConfig, key: str) -> bool | object:
+        matched = check_target_module_exists(config, key)
+        if not matched:
+            # Returned as it is: PEFT tells an excluded module (a falsy marker) from an unmatched one.
+            return matched
+        return config.heads is None or self._layer_index(key) in config.heads
 
     def _create_and_replace(
         self,
@@ -131,7 +228,7 @@ class RestoreLCCModel(BaseTuner):
         current_key: str,
         **kwargs,
     ) -> None:
-        layer_index = layer_index_of(current_key)
+        layer_index = self._layer_index(current_key)
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         num_heads = projection_shape(base)[0] // config.head_dim
         head_indices = config.heads[layer_index] if config.heads is not None else list(range(num_heads))
@@ -158,11 +255,12 @@ class RestoreLCCModel(BaseTuner):
 
     def _check_merge_allowed(self) -> None:
         super()._check_merge_allowed()
-        reason = export.bias_reload_problem(self.model)
+        policy = type(self).merge_policy
+        reason = generic_reload_problem(self.model) if policy is None else policy.reload_problem(self.model)
         if reason is not None:
             warnings.warn(
                 f"Merging RestoreLCC puts the compensation into the attention output projection's bias, but {reason} "
-                "A stock from_pretrained of the saved merged model would drop it. Keep the adapter separate "
+                "A stock from_pretrained of the saved merged model may drop it. Keep the adapter separate "
                 "(PeftModel.from_pretrained) for this architecture.",
                 stacklevel=3,
             )
@@ -193,14 +291,25 @@ class RestoreLCCModel(BaseTuner):
         model = super()._unload_and_optionally_merge(
             merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
-        if merge:
-            # A bias the merge created must survive save_pretrained + a stock reload: switch the config on.
-            export.make_output_bias_reloadable(model)
+        policy = type(self).merge_policy
+        if merge and policy is not None:
+            # A bias the merge created must survive save_pretrained + a stock reload (e.g. switch the config on).
+            policy.finish_merged(model)
         return model
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        # RestoreLCC tensors are created in fp32 and kept there; nothing to cast.
-        return
+        """PEFT's convention: adapter tensors in fp32 by default, in the base layer's dtype with
+        ``autocast_adapter_dtype=False``.
+
+        RestoreLCC creates them in fp32 and moves them between devices without a dtype change (see
+        ``RestoreLCCLayer._move_adapter_to_device_of_base_layer``), so the default cast only has work with tensors
+        that came in at half precision, and a fp32 adapter loads bit for bit with or without ``low_cpu_mem_usage``.
+        """
+        if autocast_adapter_dtype:
+            super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=True)
+            return
+        for layer in restorelcc_layers(self.model):
+            layer.cast_adapter_to_base_dtype(adapter_name)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
@@ -270,7 +379,7 @@ class RestoreLCCModel(BaseTuner):
             if union:
                 heads[layer.layer_index] = union
         self.peft_config[adapter_name] = replace(
-            first, heads=heads, use_components=False, use_bias=True, init_weights=False
+            first, heads=heads, use_components=False, use_bias=True, init_weights=True
         )
         self.inject_adapter(self.model, adapter_name)
         with torch.no_grad():

@@ -9,6 +9,8 @@ from peft.config import PeftConfig
 from peft.utils.peft_types import PeftType
 
 PEFT_TYPE = "RESTORELCC"
+# The string values init_weights takes besides True/False (PEFT's LoRA takes strings the same way).
+INIT_WEIGHTS_STRINGS = ("gaussian",)
 
 
 def normalize_heads(heads: Mapping | None) -> dict[int, list[int]] | None:
@@ -60,15 +62,24 @@ class RestoreLCCConfig(PeftConfig):
             Llama family, ``attention.dense`` for GPT-NeoX, ``self_attn.out_proj`` for OPT, ``attn.c_proj`` for
             GPT-2, ...).
         num_components: lost directions per head, k (default: all, k = head_dim). A smaller k stores a smaller basis.
-        init_std: standard deviation of the N(0, init_std) initialisation of m and b (the paper uses 1e-3).
+        init_std: standard deviation of the ``init_weights="gaussian"`` initialisation of m and b (the paper: 1e-3).
         use_components: learn magnitudes m over the basis (the paper's ``V^T m`` term).
         use_bias: learn a free per-head bias b. With ``use_components=False`` the adapter is a plain per-head bias.
         head_dim: width of one head's slice; read from the model config when unset and then recorded here, so a
             saved adapter refuses a base with another head_dim.
+        num_heads: heads per target projection, for models without a transformers config (plain ``nn.Module``s):
+            head_dim = the widest target's input width / num_heads. Transformers models need neither this nor
+            head_dim: both come from their config.
         num_layers: number of target projections in the model it was made for; recorded on injection.
-        init_weights: ``True`` draws m and b from N(0, init_std); ``False`` starts them at zero (the adapter is then
-            a no-op until trained or filled by calibration).
-        layers_to_transform / layers_pattern: restrict the targeted layers as in other PEFT methods.
+        init_weights: as in PEFT's other methods, ``True`` (default) starts m and b at zero, so the wrapped model's
+            output is unchanged (they enter linearly, so training starts fine from there); ``False`` draws them from
+            N(0, 1), a random non-identity adapter for tests; ``"gaussian"`` draws them from N(0, init_std), the
+            paper's initialisation. Adapters saved before 0.2 with ``true`` meant N(0, init_std); their saved
+            weights override the initialisation on load, so they load unchanged.
+        layers_to_transform / layers_pattern: restrict the targeted layers as in other PEFT methods. With explicit
+            ``heads`` the two are intersected: heads in other layers are dropped with a warning.
+        exclude_modules: modules not to wrap even if they match ``target_modules``, as in LoRA (heads in their
+            layers are dropped with a warning).
         modules_to_save: extra modules to train and save in full.
     """
 
@@ -86,8 +97,20 @@ class RestoreLCCConfig(PeftConfig):
     use_components: bool = field(default=True, metadata={"help": "Train magnitudes over the lost-component basis."})
     use_bias: bool = field(default=True, metadata={"help": "Train a free per-head bias."})
     head_dim: int | None = field(default=None, metadata={"help": "Head width; read from the model config if unset."})
+    num_heads: int | None = field(
+        default=None, metadata={"help": "Heads per target projection, for models without a transformers config."}
+    )
     num_layers: int | None = field(default=None, metadata={"help": "Target projections in the base model."})
-    init_weights: bool = field(default=True, metadata={"help": "Random N(0, init_std) init; False starts at zero."})
+    init_weights: bool | str = field(
+        default=True,
+        metadata={
+            "help": "True: m = b = 0 (identity); False: N(0, 1) (random, for tests); 'gaussian': N(0, init_std), the "
+            "paper's init."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Modules not to wrap (names, dotted suffixes or a regex), as in LoRA."}
+    )
     layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Only these layer indices are transformed."}
     )
@@ -112,12 +135,21 @@ class RestoreLCCConfig(PeftConfig):
             )
         if self.num_components is not None and self.num_components < 1:
             raise ValueError(f"num_components must be >= 1 (or None for head_dim), got {self.num_components}.")
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.num_heads is not None and self.num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1 (or None: layout from the model), got {self.num_heads}.")
         if self.head_dim is not None and self.head_dim < 1:
             raise ValueError(f"head_dim must be >= 1 (or None to read it from the model), got {self.head_dim}.")
         if self.num_components is not None and self.head_dim is not None and self.num_components > self.head_dim:
             raise ValueError(
                 f"num_components={self.num_components} exceeds head_dim={self.head_dim}: a head has at most "
                 "head_dim lost directions. Use num_components <= head_dim or None."
+            )
+        if not isinstance(self.init_weights, bool) and self.init_weights not in INIT_WEIGHTS_STRINGS:
+            raise ValueError(
+                f"init_weights must be True (identity), False (random) or one of {INIT_WEIGHTS_STRINGS}, got "
+                f"{self.init_weights!r}."
             )
         if self.init_std < 0:
             raise ValueError(f"init_std must be >= 0, got {self.init_std}.")

@@ -14,28 +14,53 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-# Suffixes of the attention output projection, matched against the end of a module's dotted name. The parent
-# (``self_attn.``, ``attn.``) is part of the suffix so that e.g. GPT-2's ``mlp.c_proj`` is never taken.
-DEFAULT_TARGET_MODULES: dict[str, str] = {
-    "llama": "self_attn.o_proj",
-    "qwen2": "self_attn.o_proj",
-    "qwen3": "self_attn.o_proj",
-    "mistral": "self_attn.o_proj",
-    "mixtral": "self_attn.o_proj",
-    "gemma": "self_attn.o_proj",
-    "gemma2": "self_attn.o_proj",
-    "gemma3": "self_attn.o_proj",
-    "gemma3_text": "self_attn.o_proj",
-    "phi3": "self_attn.o_proj",
-    "olmo": "self_attn.o_proj",
-    "olmo2": "self_attn.o_proj",
-    "granite": "self_attn.o_proj",
-    "smollm3": "self_attn.o_proj",
-    "gpt_neox": "attention.dense",
-    "phi": "self_attn.dense",
-    "opt": "self_attn.out_proj",
-    "gpt2": "attn.c_proj",
+
+@dataclass(frozen=True)
+class Architecture:
+    """What RestoreLCC needs to know about one transformers ``model_type``.
+
+    ``output_projection``: suffix of the attention output projection, matched against the end of a module's dotted
+    name. The parent (``self_attn.``, ``attn.``) is part of the suffix so that e.g. GPT-2's ``mlp.c_proj`` is never
+    taken.
+    ``output_bias``: whether that projection can carry a bias after a stock reload, which decides what a merged
+    model (the compensation folded into the bias) looks like: ``"switch"`` means the config's ``attention_bias``
+    turns it on (together with q/k/v biases), ``"always"`` means the architecture always builds one, ``"never"``
+    means it is hard-coded off and no config can carry a merged compensation.
+    """
+
+    output_projection: str
+    output_bias: str
+
+
+_O_PROJ = "self_attn.o_proj"
+# The one table of supported architectures (field notes, section 3). Everything else derives from it.
+KNOWN_ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture(_O_PROJ, "switch"),
+    "qwen2": Architecture(_O_PROJ, "never"),
+    "qwen3": Architecture(_O_PROJ, "switch"),
+    "mistral": Architecture(_O_PROJ, "never"),
+    "mixtral": Architecture(_O_PROJ, "never"),
+    "gemma": Architecture(_O_PROJ, "switch"),
+    "gemma2": Architecture(_O_PROJ, "switch"),
+    "gemma3": Architecture(_O_PROJ, "switch"),
+    "gemma3_text": Architecture(_O_PROJ, "switch"),
+    "phi3": Architecture(_O_PROJ, "never"),
+    "olmo": Architecture(_O_PROJ, "switch"),
+    "olmo2": Architecture(_O_PROJ, "switch"),
+    "granite": Architecture(_O_PROJ, "switch"),
+    "smollm3": Architecture(_O_PROJ, "switch"),
+    "gpt_neox": Architecture("attention.dense", "switch"),
+    "phi": Architecture("self_attn.dense", "always"),
+    "opt": Architecture("self_attn.out_proj", "always"),
+    "gpt2": Architecture("attn.c_proj", "always"),
 }
+DEFAULT_TARGET_MODULES: dict[str, str] = {name: arch.output_projection for name, arch in KNOWN_ARCHITECTURES.items()}
+
+
+def model_types_with_output_bias(kind: str) -> frozenset[str]:
+    """The model types whose output projection bias is ``kind`` (``"switch"``, ``"always"`` or ``"never"``)."""
+    return frozenset(name for name, arch in KNOWN_ARCHITECTURES.items() if arch.output_bias == kind)
+
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 
@@ -66,6 +91,18 @@ def head_dim_of(model_or_config) -> int:
     if isinstance(explicit, int) and explicit > 0:
         return explicit
     return int(config.hidden_size) // int(config.num_attention_heads)
+
+
+def model_head_dim(model: nn.Module) -> int | None:
+    """The head width the model's transformers config gives, or None for a model without one (a plain ``nn.Module``
+    or a config lacking ``head_dim`` and ``hidden_size``/``num_attention_heads``)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    try:
+        return head_dim_of(config)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return None
 
 
 def default_target_module(model_or_config) -> str:
@@ -115,6 +152,15 @@ def layer_index_of(module_name: str) -> int:
     return int(match.group(1))
 
 
+def layer_indices_of(module_names: list[str]) -> dict[str, int]:
+    """Layer index of each target: the number in its dotted name (``model.layers.12.self_attn.o_proj`` -> 12) when
+    every name has one, else its position among the targets in module order (models whose projections are named
+    ``attn0``, ``attn1`` ... or that have a single one, as in PEFT's custom-model tests)."""
+    if all(_LAYER_INDEX.search("." + name) for name in module_names):
+        return {name: layer_index_of(name) for name in module_names}
+    return {name: position for position, name in enumerate(module_names)}
+
+
 def matches_target(module_name: str, target: str | list[str] | set[str]) -> bool:
     """PEFT's matching rule: a string is a full regex match, a list matches exact names or dotted suffixes."""
     if isinstance(target, str):
@@ -136,10 +182,10 @@ def find_head_projections(
         target_modules = [default_target_module(model)]
     if head_dim is None:
         head_dim = head_dim_of(model)
+    matched = [(name, module) for name, module in model.named_modules() if matches_target(name, target_modules)]
+    indices = layer_indices_of([name for name, _ in matched])
     found: list[HeadProjection] = []
-    for name, module in model.named_modules():
-        if not matches_target(name, target_modules):
-            continue
+    for name, module in matched:
         base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
         in_features, out_features = projection_shape(base)
         if in_features % head_dim != 0:
@@ -150,7 +196,7 @@ def find_head_projections(
         found.append(
             HeadProjection(
                 name=name,
-                layer_index=layer_index_of(name),
+                layer_index=indices[name],
                 num_heads=in_features // head_dim,
                 head_dim=head_dim,
                 in_features=in_features,

@@ -91,18 +91,56 @@ class RestoreLCCLayer(BaseTunerLayer):
             self.restorelcc_bias[adapter_name] = nn.Parameter(
                 torch.zeros(num_selected, self.head_dim, dtype=torch.float32, device=device)
             )
-        if config.init_weights:
-            self.reset_restorelcc_parameters(adapter_name, config.init_std)
+        self.reset_restorelcc_parameters(adapter_name, config.init_weights, config.init_std)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """Device only, never the dtype: PEFT's version also casts to the base dtype (bf16 on a bf16 base, e.g. after a
+        ``low_cpu_mem_usage`` load), and an upcast afterwards would not give the saved fp32 values back. The dtype is
+        the model's ``_cast_adapter_dtype`` decision (fp32, or the base dtype with ``autocast_adapter_dtype=False``)."""
+        if device is None:
+            device = projection_weight(self.get_base_layer()).device
+        if device.type == "meta":
+            return
+        for name in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, name)
+            if adapter_name in container and container[adapter_name].device != torch.device("meta"):
+                container[adapter_name] = container[adapter_name].to(device)
+
+    def cast_adapter_to_base_dtype(self, adapter_name: str) -> None:
+        """Floating adapter tensors to the base weight's dtype (``autocast_adapter_dtype=False``)."""
+        dtype = projection_weight(self.get_base_layer()).dtype
+        if not dtype.is_floating_point:
+            return
+        for name in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, name)
+            if adapter_name in container and container[adapter_name].is_floating_point():
+                container[adapter_name] = container[adapter_name].to(dtype)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self.head_indices.pop(adapter_name, None)
 
-    def reset_restorelcc_parameters(self, adapter_name: str, init_std: float) -> None:
+    def reset_restorelcc_parameters(self, adapter_name: str, init_weights: bool | str, init_std: float) -> None:
+        """``True``: zeros (identity); ``False``: N(0, 1) (random); ``"gaussian"``: N(0, init_std) (the paper).
+
+        Magnitudes are drawn before the bias, the order of earlier versions, so a seeded "gaussian" run draws the
+        same numbers as the old ``init_weights=True``.
+        """
+        if init_weights is True:
+            std = None
+        elif init_weights is False:
+            std = 1.0
+        elif init_weights == "gaussian":
+            std = init_std
+        else:
+            raise ValueError(f"Unknown init_weights={init_weights!r}; use True, False or 'gaussian'.")
         for parameters in (self.restorelcc_magnitude, self.restorelcc_bias):
             if adapter_name in parameters:
-                nn.init.normal_(parameters[adapter_name], mean=0.0, std=init_std)
+                if std is None:
+                    nn.init.zeros_(parameters[adapter_name])
+                else:
+                    nn.init.normal_(parameters[adapter_name], mean=0.0, std=std)
 
     def head_vectors(self, adapter_name: str) -> torch.Tensor:
         """(H_sel, d): the vector added to each selected head's input slice, ``m @ V + b`` for all heads at once."""
