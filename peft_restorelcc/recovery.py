@@ -92,7 +92,7 @@ def evaluate_model(
     tasks: list[str] | None = None,
     limit: int | None = 100,
     perplexity_passages: int = 64,
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
     per_item: bool = False,
 ) -> dict[str, Any]:
     """Accuracy on the paper's tasks (lm-eval) and perplexity on held-out LAMBADA passages; with ``per_item``, each

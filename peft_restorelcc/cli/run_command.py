@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..logits import parse_batch_size
 from ..training import DEFAULT_DATA
 
 DEFAULT_OUTPUT = "runs/restorelcc-run"
@@ -20,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Prune MODEL, calibrate RestoreLCC against the dense model, train the adapter, evaluate dense, pruned "
             "and restored models on the paper's seven tasks and held-out perplexity, merge, and print a table. "
-            "Defaults are sized for about 30 minutes on 2 CPU cores; on a GPU (used by default when there is one) raise "
-            "--limit (0: every item), --train-steps and --eval-batch-size."
+            "Defaults are sized for a CPU; on a GPU (used by default when there is one) raise --limit (0: every "
+            "item) and --train-steps."
         ),
     )
     parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local model directory")
@@ -75,7 +76,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--perplexity-passages", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--eval-batch-size", type=int, default=16, help="lm-eval batch size (raise it on a GPU)")
+    parser.add_argument(
+        "--eval-batch-size",
+        type=str,
+        default="auto",
+        help="lm-eval batch size: auto (from the free memory and the vocabulary) or a number",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -94,8 +100,9 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--train-steps must be positive, or -1 for --epochs epochs; got {args.train_steps}.")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}.")
-    if args.lr <= 0 or args.batch_size < 1 or args.eval_batch_size < 1:
-        raise ValueError("--lr must be > 0, and --batch-size and --eval-batch-size >= 1.")
+    if args.lr <= 0 or args.batch_size < 1:
+        raise ValueError("--lr must be > 0, and --batch-size >= 1.")
+    args.eval_batch_size = parse_batch_size(args.eval_batch_size, "--eval-batch-size")
     if not 0 <= args.distill_alpha <= 1:
         raise ValueError(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}.")
     from ..training import check_data_choice
