@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from peft_restorelcc.data import eval_dataset, hellaswag_query_and_endings  # noqa: E402
-from peft_restorelcc.logits import cross_entropy_sum, lm_head_at, rows_within_budget  # noqa: E402
+from peft_restorelcc.logits import cross_entropy_sum, lm_head_at, parameter_bytes, rows_within_budget  # noqa: E402
 
 __all__ = [
     "PAPER_TASKS",
@@ -364,7 +364,7 @@ def auto_batch_size(model: torch.nn.Module, tokenizer: Any, task_dict: dict[str,
             context, continuation = instance.args[:2]
             tokens = len(tokenizer(context)["input_ids"]) + len(tokenizer(continuation, add_special_tokens=False)["input_ids"])
             longest = max(longest, tokens)
-    rows = rows_within_budget(longest, vocab_size_of(model), _input_device(model))
+    rows = rows_within_budget(longest, vocab_size_of(model), _input_device(model), model_bytes=parameter_bytes(model))
     logging.getLogger(__name__).info("lm-eval batch size %d (longest request %d tokens)", rows, longest)
     return rows
 
@@ -419,7 +419,9 @@ def perplexity(
     if batch_size == "auto":
         # The logits in the model's dtype, and one fp32 chunk of rows beside them.
         bytes_per_logit = torch.finfo(next(model.parameters()).dtype).bits // 8
-        batch_size = rows_within_budget(len(windows[0]), vocab_size_of(model), device, bytes_per_logit)
+        batch_size = rows_within_budget(
+            len(windows[0]), vocab_size_of(model), device, bytes_per_logit, model_bytes=parameter_bytes(model)
+        )
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0

@@ -81,12 +81,16 @@ def cross_entropy_sum(rows: torch.Tensor, targets: torch.Tensor, chunk_rows: int
     return total
 
 
-# fp32 bytes per logit element held at once while a batch is scored: the logits, lm-eval's log-softmax of them, and
-# the temporaries of a post-head transform (Gemma's soft-capping: a division, a tanh, a product) before those are freed.
-SCORING_BYTES_PER_LOGIT = 4 * 5
-# Share of the free memory a batch's logits may take: the rest is for activations, the allocator's slack and whatever
-# else the process and the machine hold.
+# Bytes per logit element held at once while a batch is scored, for fp32 logits: the logits and lm-eval's
+# log-softmax of them (8 bytes measured for Llama and for Gemma 3, whose soft-capping temporaries are freed before the
+# log-softmax), and half as much again for lm-eval's per-request slices and the allocator's slack.
+SCORING_BYTES_PER_LOGIT = 12
+# The logits of a batch may take half the memory of the model's own weights (at least LOGITS_BUDGET_FLOOR), and never
+# more than MEMORY_SHARE of the free memory: the peak stays a small multiple of the model's size (the main job holds
+# the dense and the pruned model while it scores), whatever the vocabulary; a large vocabulary costs batch size.
+MODEL_SHARE = 0.5
 MEMORY_SHARE = 0.4
+LOGITS_BUDGET_FLOOR = 2**30
 MAX_AUTO_BATCH = 64
 
 
@@ -101,18 +105,25 @@ def free_memory_bytes(device: torch.device | str) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def parameter_bytes(model: nn.Module) -> int:
+    return sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+
+
 def rows_within_budget(
     tokens_per_row: int,
     vocab_size: int,
     device: torch.device | str,
     bytes_per_logit: int = SCORING_BYTES_PER_LOGIT,
+    model_bytes: int = 0,
     free_bytes: int | None = None,
 ) -> int:
-    """How many rows of ``tokens_per_row`` tokens can be scored at once: the batch whose logits (and the copies made
-    from them) fit in ``MEMORY_SHARE`` of the free memory, between 1 and ``MAX_AUTO_BATCH``."""
+    """How many rows of ``tokens_per_row`` tokens to score at once: the batch whose logits (and the copies made from
+    them) take at most ``max(MODEL_SHARE * model_bytes, LOGITS_BUDGET_FLOOR)`` and ``MEMORY_SHARE`` of the free
+    memory, between 1 and ``MAX_AUTO_BATCH``."""
     free = free_memory_bytes(device) if free_bytes is None else free_bytes
+    budget = min(MEMORY_SHARE * free, max(MODEL_SHARE * model_bytes, LOGITS_BUDGET_FLOOR))
     per_row = max(tokens_per_row, 1) * vocab_size * bytes_per_logit
-    return int(min(max(int(free * MEMORY_SHARE) // per_row, 1), MAX_AUTO_BATCH))
+    return int(min(max(int(budget) // per_row, 1), MAX_AUTO_BATCH))
 
 
 def parse_batch_size(text: str | int, flag: str) -> int | str:

@@ -122,12 +122,16 @@ def test_prediction_step_still_sees_the_full_logits(tmp_path) -> None:
 def test_the_auto_batch_shrinks_with_the_vocabulary_and_stays_in_range() -> None:
     from peft_restorelcc.logits import MAX_AUTO_BATCH, SCORING_BYTES_PER_LOGIT, rows_within_budget
 
-    free = 8 * 2**30
-    smollm = rows_within_budget(200, 49_152, "cpu", free_bytes=free)
-    gemma = rows_within_budget(200, 262_144, "cpu", free_bytes=free)
+    free, model_bytes = 16 * 2**30, 4 * 2**30  # a budget of half the model: 2 GiB
+    smollm = rows_within_budget(200, 49_152, "cpu", model_bytes=model_bytes, free_bytes=free)
+    gemma = rows_within_budget(200, 262_144, "cpu", model_bytes=model_bytes, free_bytes=free)
     assert gemma < smollm <= MAX_AUTO_BATCH
-    # The logits of the batch (and their copies) take at most the budgeted share of the free memory.
-    assert gemma * 200 * 262_144 * SCORING_BYTES_PER_LOGIT <= 0.4 * free
+    # A batch's logits (and their copies) take at most half the model's size ...
+    assert gemma * 200 * 262_144 * SCORING_BYTES_PER_LOGIT <= model_bytes / 2
+    assert smollm * 200 * 49_152 * SCORING_BYTES_PER_LOGIT <= model_bytes / 2
+    # ... and at most 40% of the free memory.
+    low = rows_within_budget(200, 49_152, "cpu", model_bytes=model_bytes, free_bytes=2 * 2**30)
+    assert low * 200 * 49_152 * SCORING_BYTES_PER_LOGIT <= 0.4 * 2 * 2**30 < smollm * 200 * 49_152 * SCORING_BYTES_PER_LOGIT
     assert rows_within_budget(10**6, 262_144, "cpu", free_bytes=free) == 1
     assert rows_within_budget(1, 10, "cpu", free_bytes=free) == MAX_AUTO_BATCH
 

@@ -209,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
         "sparsity_after_merge": sparsity_after,
         "train": train_metrics,
         "stage_seconds": timer.seconds,
+        "stage_peak_rss_gib": timer.peak_rss_gib,
+        "stage_peak_gpu_gib": timer.peak_gpu_gib,
         "paths": {name: str(output / name) for name in ("pruned", "lost_components", "adapter")}
         | {"merged": str(merged_dir)},
     }
@@ -280,6 +282,9 @@ def results_table(summary: dict[str, Any]) -> str:
         f"{summary['sparsity_after_merge']:.4f}",
         "seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()),
     ]
+    if summary.get("stage_peak_rss_gib"):
+        peaks = summary["stage_peak_rss_gib"].items()
+        lines.append("peak resident GiB per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in peaks))
     return "\n".join(lines)
 
 
