@@ -56,6 +56,7 @@ from peft_restorelcc.calibration.adapter import INITS
 from peft_restorelcc.data import EVALUATED_ITEMS, in_task_examples, instruction_examples, shuffled
 from peft_restorelcc.evaluation import resolve_tasks
 from peft_restorelcc.io import load_model, load_tokenizer
+from peft_restorelcc.logits import parse_batch_size
 from peft_restorelcc.pruning import (
     hold_pruned_weights_at_zero,
     load_report,
@@ -370,7 +371,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds, every row")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a busy machine)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--eval-batch-size", type=int, default=16, help="lm-eval batch size (raise it on a GPU)")
+    parser.add_argument("--eval-batch-size", type=str, default="auto", help="lm-eval batch size: auto (from the free memory) or a number")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--resume-from", type=Path, nargs="*", default=[],
                         help="results files of shards run with the same settings: their runs are kept, not redone")
@@ -379,6 +380,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
     parser.add_argument("--paired-with", default=None, metavar="ROW",
                         help="also report every row's accuracy over the tasks above chance minus this row's, same items")  # fmt: skip
     args = parser.parse_args(argv)
+    try:
+        args.eval_batch_size = parse_batch_size(args.eval_batch_size, "--eval-batch-size")
+    except ValueError as error:
+        parser.error(str(error))
     try:  # the file records the sparsity an N:M pattern implies, so runs resume alike whichever was given
         args.sparsity, _ = resolve_sparsity(0.5 if args.sparsity is None and not args.pattern else args.sparsity,
                                             args.pattern)  # fmt: skip

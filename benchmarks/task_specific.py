@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from peft_restorelcc.logits import parse_batch_size
+
 ARMS = ("pruned", "general", "task")
 
 
@@ -50,12 +52,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-samples", type=int, default=2000)
     parser.add_argument("--scored-items", type=int, default=300, help="items reserved for evaluation")
     parser.add_argument("--eval-items", type=int, default=300, help="scored items evaluated (<= --scored-items)")
-    parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--eval-batch-size", type=str, default="auto", help="lm-eval batch size: auto (from the free memory) or a number")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--arms", default="general,task", help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--output", default=None, help="default: benchmarks/results/task-specific-<task>")
     args = parser.parse_args(argv)
+    try:
+        args.eval_batch_size = parse_batch_size(args.eval_batch_size, "--eval-batch-size")
+    except ValueError as error:
+        parser.error(str(error))
     args.arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
     unknown = sorted(set(args.arms) - set(ARMS))
     if unknown:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from peft_restorelcc.data import eval_dataset, hellaswag_query_and_endings
 from peft_restorelcc.devices import input_device
+from peft_restorelcc.logits import cross_entropy_sum, lm_head_at, parameter_bytes, rows_within_budget
 
 __all__ = [
     "PAPER_TASKS",
@@ -262,7 +263,7 @@ def evaluate_tasks(
     tokenizer: Any,
     tasks: list[str] | None = None,
     limit: int | None = None,
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
     device: str | None = None,
     per_item: bool = False,
 ) -> dict[str, Any]:
@@ -274,6 +275,10 @@ def evaluate_tasks(
         {"tasks": {task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}},
          "average": {"acc", "acc_norm"},   # unweighted mean over the tasks
          "limit": limit, "num_items": {task: n}}
+
+    ``batch_size="auto"`` scores as many requests at once as the free memory of the model's device holds the logits
+    of (``auto_batch_size``): the logits of a batch grow with batch x request length x vocabulary, and a fixed batch
+    that suits a 49k vocabulary exhausts the memory with Gemma 3's 262k. An integer is honoured as given.
 
     ``device`` moves the model there first; otherwise it is evaluated where it is. ``per_item`` adds
     ``"items": {task: {"acc": "0110...", "acc_norm": ...}}``, one character per item in item order ("1": right),
@@ -305,11 +310,13 @@ def _run_lm_eval(
         lm_eval_logger.setLevel(logging.ERROR)
     was_training = model.training
     _seed_everything()
-    # HFLM may set a pad token on the tokenizer it is given: work on a copy, not the caller's tokenizer.
-    lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
     # Only our own task configs: scanning lm-eval's thousands of bundled YAMLs would cost seconds for nothing.
     manager = TaskManager(include_defaults=False)
     loaded = manager.load(lm_eval_task_configs(names, limit))
+    if batch_size == "auto":
+        batch_size = auto_batch_size(model, tokenizer, loaded, limit)
+    # HFLM may set a pad token on the tokenizer it is given: work on a copy, not the caller's tokenizer.
+    lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
     try:
         return evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=_BOOTSTRAP_ITERS, log_samples=per_item)
     finally:
@@ -345,6 +352,32 @@ def _collect(raw: dict[str, Any], names: list[str], limit: int | None, per_item:
     return results
 
 
+def vocab_size_of(model: torch.nn.Module) -> int:
+    """Rows of the language-model head: the width of every logit vector the model produces."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
+
+
+def auto_batch_size(model: torch.nn.Module, tokenizer: Any, task_dict: dict[str, Any], limit: int | None) -> int:
+    """The lm-eval batch size whose logits fit the free memory of the model's device, for the longest request.
+
+    lm-eval scores a batch padded to its longest request and holds its logits and their log-softmax at once, so the
+    longest request of the tasks (context plus continuation, in tokens) sets the cost of a row.
+    """
+    longest = 1
+    for task in task_dict["tasks"].values():
+        task.build_all_requests(limit=limit, rank=0, world_size=1)
+        for instance in task.instances:
+            context, continuation = instance.args[:2]
+            tokens = len(tokenizer(context)["input_ids"]) + len(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+            longest = max(longest, tokens)
+    rows = rows_within_budget(longest, vocab_size_of(model), input_device(model), model_bytes=parameter_bytes(model))
+    logging.getLogger(__name__).info("lm-eval batch size %d (longest request %d tokens)", rows, longest)
+    return rows
+
+
 def _item_scores(samples: list[dict[str, Any]], task: str) -> dict[str, str]:
     """Each item's score as "0"/"1" in item order, with the same acc_norm = acc rule as the task's averages."""
     ordered = sorted(samples, key=lambda sample: sample["doc_id"])
@@ -362,13 +395,15 @@ def perplexity(
     tokenizer: Any,
     texts: list[str],
     max_length: int = 256,
-    batch_size: int = 8,
+    batch_size: int | str = "auto",
 ) -> float:
     """Token-level perplexity: exp of the mean next-token NLL over every predicted token of every text.
 
     Each text is tokenized whole and cut into consecutive non-overlapping windows of at most ``max_length``
     tokens; inside a window every token after the first is predicted from the ones before it. Padding is masked
     out and never predicted, so the value does not depend on ``batch_size`` (up to float rounding).
+    ``batch_size="auto"`` takes as many windows as the free memory holds the logits of; the fp32 log-softmax is taken
+    a chunk of rows at a time, so a batch holds its logits once, in the model's dtype.
     """
     if max_length < 2:
         raise ValueError("max_length must be at least 2 (one token of context, one predicted)")
@@ -383,6 +418,12 @@ def perplexity(
     windows.sort(key=len, reverse=True)
 
     device = input_device(model)
+    if batch_size == "auto":
+        # The logits in the model's dtype, and one fp32 chunk of rows beside them.
+        bytes_per_logit = torch.finfo(next(model.parameters()).dtype).bits // 8
+        batch_size = rows_within_budget(
+            len(windows[0]), vocab_size_of(model), device, bytes_per_logit, model_bytes=parameter_bytes(model)
+        )
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0
@@ -397,11 +438,12 @@ def perplexity(
                     input_ids[row, : len(window)] = torch.tensor(window)
                     mask[row, : len(window)] = 1
                 input_ids, mask = input_ids.to(device), mask.to(device)
-                logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-                targets = input_ids[:, 1:]
-                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
                 predicted = mask[:, 1:].bool()
-                total_nll += float(nll[predicted].sum())
+                # The head runs at the predicting positions only (no logits for padding), in one (1, N, vocab) tensor.
+                positions = torch.cat([predicted, predicted.new_zeros(len(batch), 1)], dim=1)
+                with lm_head_at(model, positions):
+                    rows = model(input_ids=input_ids, attention_mask=mask).logits[0]
+                total_nll += float(cross_entropy_sum(rows, input_ids[:, 1:][predicted]))
                 total_tokens += int(predicted.sum())
     finally:
         model.train(was_training)

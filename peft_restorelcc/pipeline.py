@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from .calibration import CalibrationInputs, LostComponents, calibration_inputs
 from .data import text_passages
 from .evaluation import evaluate_tasks, perplexity
 from .pruning import calibration_windows, measure_sparsity, prune_model
+
+if TYPE_CHECKING:
+    from .recovery import StageTimer
 
 __all__ = [
     "RunSettings",
@@ -209,7 +212,7 @@ def evaluate(
     tasks: list[str] | None = None,
     limit: int | None = 100,
     perplexity_passages: int = 64,
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
     per_item: bool = False,
 ) -> dict[str, Any]:
     """Accuracy on the paper's tasks (lm-eval) and perplexity on held-out LAMBADA passages; with ``per_item``, each
@@ -260,7 +263,7 @@ class RunSettings:
     tasks: Sequence[str] | None = None
     limit: int | None = 100
     perplexity_passages: int = 64
-    eval_batch_size: int = 16
+    eval_batch_size: int | str = "auto"
     seed: int = 0
     device: str | None = None
     dtype: str = "auto"
@@ -340,7 +343,7 @@ def run_job(settings: RunSettings, output: str | os.PathLike) -> dict[str, Any]:
     with timer.stage("merge"):
         merged_dir = export(model, output / "merged", tokenizer=tokenizer)
         sparsity_after = measure_sparsity(model.get_base_model())["overall_sparsity"]
-    summary = _summary(settings, output, report, model, results, train_metrics, timer.seconds, merged_dir)
+    summary = _summary(settings, output, report, model, results, train_metrics, timer, merged_dir)
     summary.update(
         trainable_parameters=trainable, sparsity_before_merge=sparsity_before, sparsity_after_merge=sparsity_after
     )
@@ -350,7 +353,7 @@ def run_job(settings: RunSettings, output: str | os.PathLike) -> dict[str, Any]:
 
 def _summary(
     settings: RunSettings, output: Path, report: dict[str, Any], model: nn.Module, results: dict[str, Any],
-    train_metrics: dict[str, Any], seconds: dict[str, float], merged_dir: Path,
+    train_metrics: dict[str, Any], timer: StageTimer, merged_dir: Path,
 ) -> dict[str, Any]:  # fmt: skip
     return {
         "model": settings.model,
@@ -359,7 +362,9 @@ def _summary(
         "settings": asdict(settings) | {"output": str(output)},
         "results": results,
         "train": train_metrics,
-        "stage_seconds": seconds,
+        "stage_seconds": timer.seconds,
+        "stage_peak_rss_gib": timer.peak_rss_gib,
+        "stage_peak_gpu_gib": timer.peak_gpu_gib,
         "paths": {name: str(output / name) for name in ("pruned", "lost_components", "adapter")}
         | {"merged": str(merged_dir)},
     }

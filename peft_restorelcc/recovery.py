@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,19 +24,53 @@ from .devices import input_device
 from .pruning import measure_sparsity
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's record of this process's peak resident memory (Linux: VmHWM); False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident memory since start or the last reset (Linux), else None."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^VmHWM:\s+(\d+)\s+kB", status, flags=re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
+
+
 @dataclass
 class StageTimer:
-    """Wall-clock seconds per named stage, in the order the stages ran."""
+    """Wall-clock seconds and peak memory per named stage, in the order the stages ran.
+
+    The peak is the whole process's resident memory at its highest during the stage (the model, the data and
+    everything the stage allocated), read from the kernel, and on a GPU the peak allocated device memory.
+    """
 
     seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_gib: dict[str, float] = field(default_factory=dict)
+    peak_gpu_gib: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        measured = _reset_peak_rss()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            peak = peak_rss_bytes() if measured else None
+            if peak is not None:
+                self.peak_rss_gib[name] = max(self.peak_rss_gib.get(name, 0.0), round(peak / 2**30, 3))
+            if torch.cuda.is_available():
+                gpu = torch.cuda.max_memory_allocated() / 2**30
+                self.peak_gpu_gib[name] = max(self.peak_gpu_gib.get(name, 0.0), round(gpu, 3))
 
 
 def trainable_parameters(model: nn.Module) -> int:

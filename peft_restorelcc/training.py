@@ -26,6 +26,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+
+from .logits import lm_head_at, next_token_targets
 
 IGNORE_INDEX = -100
 DATA_CHOICES = ("instruction", "instruction-wide", "instruction-and-cloze", "text", "mixed")
@@ -411,20 +414,20 @@ class RecoveryTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        if self.teacher is None:
+        if "labels" not in inputs or self.label_smoother is not None or self.compute_loss_func is not None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        labels = inputs["labels"]
-        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-        outputs = model(**model_inputs)
-        with torch.no_grad():
-            teacher_logits = self.teacher(**model_inputs).logits
-        student_rows, targets, mask = labelled_positions(outputs.logits, labels)
-        teacher_rows, _, _ = labelled_positions(teacher_logits, labels)
-        kl_sum = token_kl(student_rows, teacher_rows, self.temperature).sum()
+        outputs, student_rows, positions, targets = self._labelled_rows(model, inputs, full_logits=return_outputs)
+        if self.teacher is None:
+            kl_sum, alpha = None, 0.0
+        else:
+            model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+            with torch.no_grad(), lm_head_at(self.teacher, positions):
+                teacher_rows = self.teacher(**model_inputs).logits[0]
+            kl_sum, alpha = token_kl(student_rows, teacher_rows, self.temperature).sum(), self.distill_alpha
         # The LM term is computed even at alpha=1 (without a graph) so that the logs show both.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.distill_alpha < 1.0):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1.0):
             lm_sum = F.cross_entropy(student_rows.float(), targets, reduction="sum")
-        loss_sum = self.distill_alpha * kl_sum + (1.0 - self.distill_alpha) * lm_sum
+        loss_sum = lm_sum if kl_sum is None else alpha * kl_sum + (1.0 - alpha) * lm_sum
         if num_items_in_batch is not None:
             # Normalised over the global batch as the Trainer normalises its own loss; DDP then averages the
             # gradients over processes, which the scale by the process count undoes.
@@ -433,13 +436,31 @@ class RecoveryTrainer(Trainer):
                 loss = loss * self.accelerator.num_processes
             self.loss_is_scaled_for_ga = True
         else:
-            loss = loss_sum / mask.sum().clamp(min=1)
+            loss = loss_sum / positions.sum().clamp(min=1)
             self.loss_is_scaled_for_ga = False
-        if model.training:
+        if model.training and kl_sum is not None:
             self._log_sums["kl"] += float(kl_sum.detach())
             self._log_sums["lm"] += float(lm_sum.detach())
-            self._log_sums["tokens"] += int(mask.sum())
+            self._log_sums["tokens"] += int(positions.sum())
         return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _labelled_rows(
+        model: nn.Module, inputs: dict[str, Any], full_logits: bool
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(outputs, logits rows, positions, targets)`` of the positions that predict a labelled token.
+
+        The head runs at those positions only: the same loss as the model's own (a sum over the same tokens), without
+        batch x sequence x vocabulary logits for prompt tokens that carry no label. ``full_logits`` keeps the whole
+        logits in ``outputs`` for a caller that reads them (the Trainer's prediction step).
+        """
+        labels = inputs["labels"]
+        positions, targets = next_token_targets(labels)
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        with nullcontext() if full_logits else lm_head_at(model, positions):
+            outputs = model(**model_inputs)
+        rows = labelled_positions(outputs.logits, labels)[0] if full_logits else outputs.logits[0]
+        return outputs, rows, positions, targets
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.teacher is not None and "loss" in logs and self._log_sums["tokens"]:

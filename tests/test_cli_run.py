@@ -73,7 +73,8 @@ def test_run_spreads_the_heads_over_the_layers_with_selection_per_layer(model_di
         (["--train-steps", "0"], "--train-steps must be positive"),
         (["--distill-alpha", "2"], "--distill-alpha must be in [0, 1]"),
         (["--device", "gpu0"], "unknown device 'gpu0'"),
-        (["--eval-batch-size", "0"], "--eval-batch-size >= 1"),
+        (["--eval-batch-size", "0"], "must be 'auto' or a positive integer, got '0'"),
+        (["--eval-batch-size", "many"], "must be 'auto' or a positive integer, got 'many'"),
     ],
 )
 def test_bad_flags_exit_2_before_any_work(model_dir, tmp_path, capsys, flags, message):

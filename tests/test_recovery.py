@@ -2,9 +2,11 @@
 the paired standard errors of differences measured on the same items."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from peft_restorelcc.recovery import (
     gap_recovered,
@@ -121,3 +123,19 @@ def test_gap_recovered_on_some_tasks_averages_only_those():
     # Over the other two: dense 0.45, pruned 0.30, restored 0.375.
     assert gap_recovered_on(["hellaswag", "arc_easy"], dense, pruned, restored) == pytest.approx(0.5)
     assert gap_recovered_on([], dense, pruned, restored) is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="per-stage peak memory is read from Linux /proc")
+def test_stage_timer_records_each_stages_own_peak_memory() -> None:
+    from peft_restorelcc.recovery import StageTimer
+
+    timer = StageTimer()
+    with timer.stage("small"):
+        torch.ones(1000).sum()
+    with timer.stage("large"):
+        torch.ones(100_000_000).sum()  # 400 MB, freed at the end of the stage
+    with timer.stage("small again"):
+        torch.ones(1000).sum()
+    assert timer.peak_rss_gib["large"] - timer.peak_rss_gib["small"] > 0.3
+    # The peak is reset at each stage: the earlier allocation does not carry over.
+    assert timer.peak_rss_gib["small again"] < timer.peak_rss_gib["large"] - 0.3

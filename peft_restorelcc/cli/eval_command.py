@@ -5,7 +5,7 @@ Writes (with ``--output``) a JSON file::
     {"model": MODEL, "adapter": DIR or null,
      "tasks": {task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}},
      "average": {"acc", "acc_norm"}, "limit": N or null, "num_items": {task: n},
-     "batch_size": B, "perplexity": float or null, "perplexity_passages": n (when measured)}
+     "batch_size": B or "auto", "perplexity": float or null, "perplexity_passages": n (when measured)}
 
 Perplexity is measured on ``peft_restorelcc.data.text_passages("heldout")`` (LAMBADA passages not used for
 training), windows of 256 tokens.
@@ -22,6 +22,7 @@ from typing import Any
 from peft_restorelcc.evaluation import PAPER_TASKS, evaluate_tasks, format_results_table, perplexity, resolve_tasks
 from peft_restorelcc.io.hub import is_hub_id
 
+from ..logits import parse_batch_size
 from .options import add_common_arguments, add_model_arguments
 
 
@@ -50,7 +51,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--limit", type=int, metavar="N", help="evaluate the first N validation items of each task (default: all)"
     )
-    parser.add_argument("--batch-size", type=int, default=16, metavar="B", help="lm-eval batch size (default 16)")
+    parser.add_argument(
+        "--batch-size",
+        type=str,
+        default="auto",
+        metavar="B",
+        help="lm-eval batch size: auto (default: from the free memory and the vocabulary) or a number",
+    )
     parser.add_argument(
         "--perplexity",
         action=argparse.BooleanOptionalAction,
@@ -81,10 +88,9 @@ def _heldout_texts() -> list[str] | None:
 def run(args: argparse.Namespace) -> int:
     # Check the cheap things before loading a model.
     tasks = resolve_tasks(args.tasks.split(","))
+    args.batch_size = parse_batch_size(args.batch_size, "--batch-size")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive number of items, got {args.limit}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     if args.perplexity_limit is not None and args.perplexity_limit < 1:
         raise ValueError(f"--perplexity-limit must be a positive number of passages, got {args.perplexity_limit}")
     if args.adapter is not None and not Path(args.adapter).expanduser().is_dir() and not is_hub_id(args.adapter):
@@ -110,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
     results: dict[str, Any] = {"model": args.model, "adapter": args.adapter}
     results.update(evaluate_tasks(model, tokenizer, tasks=tasks, limit=args.limit, batch_size=args.batch_size))
-    results["batch_size"] = args.batch_size
+    results["batch_size"] = args.batch_size  # as asked: "auto" or the number
     results["perplexity"] = None
     if args.perplexity:
         texts = _heldout_texts()

@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ..logits import parse_batch_size
 from ..pipeline import RunSettings, run_job
 from ..training import DEFAULT_DATA
 from .options import add_common_arguments, add_deprecated, add_model_arguments, check_common_arguments, check_output_dir
@@ -21,8 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Prune MODEL, calibrate RestoreLCC against the dense model, train the adapter, evaluate dense, pruned "
             "and restored models on the paper's seven tasks and held-out perplexity, merge, and print a table. "
-            "The defaults are sized for a CPU; on a GPU (used by default when there is one) raise --limit (0: every "
-            "item), --train-steps and --eval-batch-size."
+            "Defaults are sized for a CPU; on a GPU (used by default when there is one) raise --limit (0: every "
+            "item) and --train-steps."
         ),
     )
     add_model_arguments(parser, required=False, default="smollm2-135m")
@@ -87,7 +88,12 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=100, help="items per task (0: all)")
     parser.add_argument("--perplexity-passages", type=int, default=64)
     add_common_arguments(parser)
-    parser.add_argument("--eval-batch-size", type=int, default=16, help="lm-eval batch size (raise it on a GPU)")
+    parser.add_argument(
+        "--eval-batch-size",
+        type=str,
+        default="auto",
+        help="lm-eval batch size: auto (from the free memory and the vocabulary) or a number",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -105,8 +111,9 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--train-steps must be positive, or -1 for --epochs epochs; got {args.train_steps}.")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}.")
-    if args.lr <= 0 or args.batch_size < 1 or args.eval_batch_size < 1:
-        raise ValueError("--lr must be > 0, and --batch-size and --eval-batch-size >= 1.")
+    if args.lr <= 0 or args.batch_size < 1:
+        raise ValueError("--lr must be > 0, and --batch-size >= 1.")
+    args.eval_batch_size = parse_batch_size(args.eval_batch_size, "--eval-batch-size")
     if not 0 <= args.distill_alpha <= 1:
         raise ValueError(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}.")
     from ..training import check_data_choice
@@ -203,6 +210,9 @@ def results_table(summary: dict[str, Any]) -> str:
         f"{summary['sparsity_after_merge']:.4f}",
         "seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()),
     ]
+    if summary.get("stage_peak_rss_gib"):
+        peaks = summary["stage_peak_rss_gib"].items()
+        lines.append("peak resident GiB per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in peaks))
     return "\n".join(lines)
 
 
