@@ -12,8 +12,21 @@ stock ``from_pretrained``.
 
 from __future__ import annotations
 
-from . import export, hub
-from .tuner import (
+import logging
+
+
+def _quiet_bitsandbytes_kernel_fetch(record: logging.LogRecord) -> bool:
+    # bitsandbytes >= 0.50 on CPUs with AVX512-BF16, when the `kernels` package is installed, tries to fetch a CPU
+    # kernel from the Hub as it is imported (by peft, below) and logs this when it cannot (offline, or the repository
+    # is not on the remote-code allowlist); it then runs its own kernel. Only that one message is dropped, so every
+    # `restorelcc` command's error stays one line.
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_quiet_bitsandbytes_kernel_fetch)
+
+from . import export, hub  # noqa: E402
+from .tuner import (  # noqa: E402
     PEFT_TYPE,
     Linear,
     RestoreLCCConfig,
@@ -21,7 +34,7 @@ from .tuner import (
     RestoreLCCModel,
     restorelcc_layers,
 )
-from .tuner import register as _register_with_peft
+from .tuner import register as _register_with_peft  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["hub", "RestoreLCCConfig", "RestoreLCCLayer", "RestoreLCCModel", "Linear", "restorelcc_layers", "PEFT_TYPE"]
