@@ -310,7 +310,9 @@ def run_job(settings: RunSettings, output: str | os.PathLike) -> dict[str, Any]:
     the summary written to results.json.
 
     The stage order is part of the results: evaluation reseeds torch's global generator, and the adapter's
-    initialisation draws from it after the pruned model's evaluation, so reordering the stages changes the numbers.
+    initialisation draws from it after the pruned model's evaluation, so the adapter must be built after that
+    evaluation. Pruning and calibration draw from their own seeded generators, so the dense model is evaluated first,
+    before pruning makes the second copy (same numbers, one model less in memory while it is scored).
     """
     from .assets import default_device
     from .pruning import save_pruned
@@ -322,12 +324,13 @@ def run_job(settings: RunSettings, output: str | os.PathLike) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with timer.stage("load"):
         dense, tokenizer = load(settings.model, revision=settings.revision, dtype=settings.dtype, device=device)
+    with timer.stage("evaluate dense"):
+        # Before pruning makes a second copy: the dense model's scoring holds one model, not two.
+        results["dense"] = evaluate(dense, tokenizer, **evaluate_options)
     with timer.stage("prune"):
         sparsity = None if settings.pattern else settings.sparsity
         pruned, report = prune(dense, tokenizer, settings.method, sparsity, settings.pattern, settings.prune_samples)
         save_pruned(pruned, tokenizer, output / "pruned", report)
-    with timer.stage("evaluate dense"):
-        results["dense"] = evaluate(dense, tokenizer, **evaluate_options)
     with timer.stage("calibrate"):
         components = _calibrate_stage(settings, dense, pruned, tokenizer, report, output)
     teacher = dense if settings.distill_alpha > 0 else None
