@@ -73,8 +73,10 @@ def make_output_bias_reloadable(model: nn.Module) -> bool:
         attention = model.get_submodule(projection.name.rsplit(".", 1)[0])
         for linear in attention.children():
             if isinstance(linear, nn.Linear) and linear.bias is None:
+                # A quantized layer's weight dtype is its storage (int8, uint8): its bias is a float.
+                dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.float32
                 linear.bias = nn.Parameter(
-                    torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device),
+                    torch.zeros(linear.out_features, dtype=dtype, device=linear.weight.device),
                     requires_grad=False,
                 )
     config.attention_bias = True
