@@ -12,8 +12,17 @@ stock ``from_pretrained``.
 
 from __future__ import annotations
 
-from . import export, hub
-from .tuner import (
+import logging as _logging
+
+# bitsandbytes 0.50 (installed for quantized bases) logs a warning at import on CPUs with AVX512-BF16 when it cannot
+# fetch an optional kernel from the Hub, and then uses its own: a line of noise in front of every command's output.
+# Raised to ERROR here, before peft imports bitsandbytes, unless the user has set that logger's level.
+_bnb_cpu_logger = _logging.getLogger("bitsandbytes.backends.cpu.ops")
+if _bnb_cpu_logger.level == _logging.NOTSET:
+    _bnb_cpu_logger.setLevel(_logging.ERROR)
+
+from . import export, hub  # noqa: E402
+from .tuner import (  # noqa: E402
     PEFT_TYPE,
     Linear,
     RestoreLCCConfig,
@@ -21,7 +30,7 @@ from .tuner import (
     RestoreLCCModel,
     restorelcc_layers,
 )
-from .tuner import register as _register_with_peft
+from .tuner import register as _register_with_peft  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["hub", "RestoreLCCConfig", "RestoreLCCLayer", "RestoreLCCModel", "Linear", "restorelcc_layers", "PEFT_TYPE"]

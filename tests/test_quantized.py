@@ -17,10 +17,10 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 
 from peft import get_peft_model, prepare_model_for_kbit_training  # noqa: E402
+from tiny_models import make_tiny_model, random_input_ids  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 import peft_restorelcc  # noqa: E402
-from tests.tiny_models import make_tiny_model, random_input_ids  # noqa: E402
 
 # head_dim 16, hidden 64: bitsandbytes' 4-bit blocks are 64 wide, so the tiny model's 32 is too narrow to repack.
 TINY = dict(hidden_size=64, intermediate_size=128)
@@ -189,6 +189,20 @@ def test_merge_touches_only_biases_and_keeps_outputs(tiny_dir, fmt, tmp_path):
     torch.testing.assert_close(reloaded_logits, saved_logits, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_saved_merged_model_holds_the_checkpoints_own_quantized_weights(tiny_dir, fmt, tmp_path):
+    """Train, merge, save, reload: every quantized tensor equals that of the base checkpoint quantized afresh.
+    (The merge reads W @ shift through the layer without triggering bitsandbytes' lossy CPU repack.)"""
+    fresh = quantized_state(load_quantized(tiny_dir, fmt))
+    model = restorelcc(load_quantized(tiny_dir, fmt))
+    train(model, random_input_ids(2, 16), steps=2)
+    model.merge_and_unload().save_pretrained(tmp_path)
+    reloaded = quantized_state(AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu", dtype=torch.float32))
+    assert fresh.keys() == reloaded.keys()
+    for name, tensor in fresh.items():
+        assert torch.equal(tensor, reloaded[name]), f"{name} differs from the checkpoint quantized afresh"
+
+
 def test_unmerge_restores_no_bias(tiny_dir):
     model = restorelcc(load_quantized(tiny_dir, "nf4"))
     train(model, random_input_ids(2, 16), steps=1)
@@ -208,8 +222,16 @@ def test_kbit_training_with_gradient_checkpointing_and_trainer(tiny_dir, tmp_pat
     ids = random_input_ids(4, 16)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=8, learning_rate=3e-2, logging_steps=1,
-        report_to=[], use_cpu=True, save_strategy="no", gradient_checkpointing=True, seed=0,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=8,
+        learning_rate=3e-2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        gradient_checkpointing=True,
+        seed=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
@@ -234,3 +256,64 @@ def test_unsupported_layer_type_refused_in_one_line():
     message = str(raised.value)
     assert "\n" not in message and "FakeQuantLinear" in message and "model.layers.1.self_attn.o_proj" in message
     assert not any("restorelcc" in type(module).__module__ for module in model.modules())
+
+
+def test_cli_train_on_a_4bit_base(tiny_dir, tmp_path, capsys):
+    """`restorelcc train --quantization nf4`: the pruned model loaded 4-bit, the adapter trained on it."""
+    import json
+
+    from safetensors.torch import load_file
+    from test_training import char_tokenizer
+
+    from peft_restorelcc import cli
+
+    char_tokenizer().save_pretrained(tiny_dir)
+    adapter = tmp_path / "adapter"
+    restorelcc(AutoModelForCausalLM.from_pretrained(tiny_dir)).save_pretrained(adapter)
+    data = tmp_path / "data.jsonl"
+    rows = [json.dumps({"prompt": f"Q{i}: what follows {i}?\nA:", "response": f" {i + 1}"}) for i in range(8)]
+    data.write_text("\n".join(rows) + "\n")
+    output = tmp_path / "trained"
+    argv = ["train", "--model", str(tiny_dir), "--adapter", str(adapter), "--output", str(output), "--data", str(data),
+            "--seq-len", "32", "--batch-size", "4", "--lr", "1e-2", "--max-steps", "3", "--threads", "1",
+            "--device", "cpu", "--quantization", "nf4"]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    metrics = json.loads((output / "train_metrics.json").read_text())
+    assert metrics["quantization"] == "nf4" and metrics["steps"] == 3
+    before = load_file(str(adapter / "adapter_model.safetensors"))
+    after = load_file(str(output / "adapter_model.safetensors"))
+    for key in before:
+        assert torch.equal(before[key], after[key]) == key.endswith("restorelcc_basis"), key
+        assert after[key].dtype == torch.float32
+
+
+def test_cli_refuses_an_unknown_quantization(capsys):
+    from peft_restorelcc import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["train", "--model", "m", "--adapter", "a", "--output", "o", "--quantization", "int3"])
+    assert exited.value.code == 2 and "int3" in capsys.readouterr().err
+
+
+def test_cli_merge_into_a_4bit_base(tiny_dir, tmp_path, capsys):
+    """`restorelcc merge --quantization nf4`: biases written, quantized tensors checked bit for bit and reported."""
+    import json
+
+    from test_training import char_tokenizer
+
+    from peft_restorelcc import cli
+
+    char_tokenizer().save_pretrained(tiny_dir)
+    adapter = tmp_path / "adapter"
+    model = restorelcc(load_quantized(tiny_dir, "nf4"))
+    train(model, random_input_ids(2, 16), steps=2)
+    model.save_pretrained(adapter)
+    output = tmp_path / "merged"
+    argv = ["merge", "--model", str(tiny_dir), "--adapter", str(adapter), "--output", str(output)]
+    assert cli.main([*argv, "--quantization", "nf4"]) == 0, capsys.readouterr().err
+    assert "bit-identical" in capsys.readouterr().out
+    report = json.loads((output / "merge_report.json").read_text())
+    assert report["quantized_weights_unchanged"] and report["quantized_tensors"] == 28
+    reloaded = AutoModelForCausalLM.from_pretrained(output, device_map="cpu", dtype=torch.float32)
+    assert isinstance(reloaded.model.layers[0].self_attn.o_proj, bnb.nn.Linear4bit)
+    assert reloaded.model.layers[0].self_attn.o_proj.bias.abs().max() > 0

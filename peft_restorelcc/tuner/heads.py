@@ -207,8 +207,17 @@ def times_weight(module: nn.Module, vector: torch.Tensor) -> torch.Tensor:
 
 
 def _layer_without_bias(module: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    """``rows @ W.T`` in fp32 through the layer's forward (the bias, if any, subtracted)."""
-    output = module(rows).float()
+    """``rows @ W.T`` in fp32 through the layer's forward (the bias, if any, subtracted).
+
+    Rows that carry no gradient go in flagged ``requires_grad`` under ``no_grad``: bitsandbytes' CPU backend
+    repacks a 4-bit weight (rounding its absmax to bf16) on an eval forward of an input without that flag, and
+    reading the compensation (a merge, an eval forward) must not change the quantization state.
+    """
+    if not rows.requires_grad:
+        with torch.no_grad():
+            output = module(rows.detach().requires_grad_(True)).float()
+    else:
+        output = module(rows).float()
     bias = module.bias
     return output if bias is None else output - bias.detach().float()
 
