@@ -317,3 +317,19 @@ def test_cli_merge_into_a_4bit_base(tiny_dir, tmp_path, capsys):
     reloaded = AutoModelForCausalLM.from_pretrained(output, device_map="cpu", dtype=torch.float32)
     assert isinstance(reloaded.model.layers[0].self_attn.o_proj, bnb.nn.Linear4bit)
     assert reloaded.model.layers[0].self_attn.o_proj.bias.abs().max() > 0
+
+
+def test_a_linear_without_a_weight_is_refused_in_one_line():
+    """compressed-tensors' CompressedLinear keeps ``weight_packed`` etc. and may have no ``weight`` at all."""
+
+    class PackedLinear(nn.Linear):
+        def __init__(self, linear: nn.Linear):
+            super().__init__(linear.in_features, linear.out_features, bias=False)
+            del self.weight
+            self.register_buffer("weight_packed", torch.zeros(linear.out_features, linear.in_features // 8))
+
+    model = make_tiny_model("llama", **TINY)
+    model.model.layers[0].self_attn.o_proj = PackedLinear(model.model.layers[0].self_attn.o_proj)
+    with pytest.raises(ValueError, match=r"PackedLinear \(no weight\)") as raised:
+        get_peft_model(model, peft_restorelcc.RestoreLCCConfig(heads=HEADS, task_type="CAUSAL_LM"))
+    assert "\n" not in str(raised.value)

@@ -132,9 +132,10 @@ def is_dense_projection(module: nn.Module) -> bool:
         return True
     if not isinstance(module, nn.Linear):
         return False
-    weight = module.weight
+    weight = getattr(module, "weight", None)
     return (
-        type(weight) in (torch.Tensor, nn.Parameter)
+        weight is not None
+        and type(weight) in (torch.Tensor, nn.Parameter)
         and weight.dtype.is_floating_point
         and tuple(weight.shape) == (module.out_features, module.in_features)
     )
@@ -156,8 +157,10 @@ def unsupported_projection_reason(module: nn.Module) -> str | None:
         return None
     kind = f"{type(module).__module__}.{type(module).__name__}"
     if isinstance(module, nn.Linear):
+        weight = getattr(module, "weight", None)
+        stored = "no weight" if weight is None else f"weight {type(weight).__name__}, {weight.dtype}"
         return (
-            f"{kind} (weight {type(module.weight).__name__}, {module.weight.dtype}) is a quantized or otherwise "
+            f"{kind} ({stored}) is a quantized or otherwise "
             "non-dense Linear that RestoreLCC does not support; supported: nn.Linear, Conv1D, bitsandbytes "
             "Linear8bitLt/Linear4bit."
         )
