@@ -8,6 +8,7 @@ slices are query heads), and a structurally pruned layer simply has a narrower i
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -205,6 +206,13 @@ def times_weight(module: nn.Module, vector: torch.Tensor) -> torch.Tensor:
     """
     row = vector.reshape(1, -1)
     if _passes_no_gradient(module) and torch.is_grad_enabled() and vector.requires_grad:
+        warnings.warn(
+            "bitsandbytes repacked this 4-bit layer for the CPU on an eval forward, after which its kernel passes no "
+            "gradient to its input: RestoreLCC's own gradient here is exact, but every gradient that must cross such "
+            "a layer (from the layers above) is lost. Reload the model and train before any eval forward.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return _ThroughLayer.apply(row, module)[0]
     return _layer_without_bias(module, row)[0]
 
