@@ -355,3 +355,29 @@ def test_the_layer_path_against_the_dequantized_weight(tiny_dir, fmt):
     assert error <= (2e-2 if fmt == "int8" else 1e-6), error
     # Reading it did not repack the 4-bit weight (bitsandbytes' CPU repack rounds absmax to bf16).
     assert not getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False)
+
+
+def test_cli_run_on_a_4bit_base(tmp_path, capsys):
+    """`restorelcc run --quantization nf4`: pruned, then reloaded 4-bit, evaluated, trained on and merged into."""
+    import json
+
+    from test_training import char_tokenizer
+
+    from peft_restorelcc import cli
+
+    model_dir = tmp_path / "tiny"
+    make_tiny_model("llama", max_position_embeddings=512, initializer_range=0.3, **TINY).save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    output = tmp_path / "run"
+    argv = ["run", "--model", str(model_dir), "--output", str(output), "--tasks", "arc_easy", "--limit", "2",
+            "--train-steps", "2", "--train-samples", "8", "--calibration-samples", "6", "--num-pairs", "8",
+            "--prune-samples", "4", "--perplexity-passages", "2", "--batch-size", "2", "--device", "cpu",
+            "--quantization", "nf4"]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    results = json.loads((output / "results.json").read_text())
+    assert results["settings"]["quantization"] == "nf4"
+    assert {"dense", "pruned", "pruned_quantized", "restored"} <= set(results["results"])
+    assert results["quantized_tensors"] == 28 and results["quantized_tensors_changed_by_merge"] == []
+    assert results["sparsity_after_merge"] == results["sparsity_before_merge"] > 0.4
+    merged = AutoModelForCausalLM.from_pretrained(results["paths"]["merged"], device_map="cpu", dtype=torch.float32)
+    assert isinstance(merged.model.layers[0].self_attn.o_proj, bnb.nn.Linear4bit)

@@ -155,7 +155,7 @@ def _merge(
     base = load_model(model_path, dtype=args.dtype, quantization=quantization)
     # Measured before wrapping: adapters replace the projection modules. A quantized model's zeros are not
     # readable from its packed weights: there the quantized tensors themselves are compared.
-    before = quantized_tensors(base) if quantization else measure_sparsity(base)
+    before = export.quantized_tensors(base) if quantization else measure_sparsity(base)
     try:
         tokenizer = load_tokenizer(model_path)
     except (OSError, ValueError, TypeError) as error:
@@ -169,36 +169,16 @@ def _merge(
     # Measured on what a user gets: the saved model reloaded by stock transformers.
     if quantization:
         reloaded = AutoModelForCausalLM.from_pretrained(output, device_map=base.device.type)
-        return before, quantized_tensors(reloaded)
+        return before, export.quantized_tensors(reloaded)
     reloaded = AutoModelForCausalLM.from_pretrained(output)
     return before, measure_sparsity(reloaded)
 
 
-def quantized_tensors(model: Any) -> dict[str, Any]:
-    """Every quantized weight's storage and scales (``weight.data``, ``quant_state.absmax``, ``SCB``), on the CPU."""
-    from ..tuner.heads import is_quantized_projection
-
-    tensors = {}
-    for name, module in model.named_modules():
-        if is_quantized_projection(module):
-            tensors[f"{name}.weight"] = module.weight.data.detach().cpu().clone()
-            quant_state = getattr(module.weight, "quant_state", None)
-            if quant_state is not None:
-                tensors[f"{name}.absmax"] = quant_state.absmax.detach().cpu().clone()
-            if getattr(module.weight, "SCB", None) is not None:
-                tensors[f"{name}.SCB"] = module.weight.SCB.detach().cpu().clone()
-    return tensors
-
-
 def _run_quantized(args: argparse.Namespace, adapter: Path, output: Path, model_path: Path) -> int:
-    import torch
+    from ..export import changed_quantized_tensors
 
     before, after = _merge(args, adapter, "RESTORELCC", output, model_path)
-    changed = sorted(
-        name
-        for name in before
-        if name not in after or not torch.equal(before[name], after[name].to(before[name].dtype))
-    )
+    changed = changed_quantized_tensors(before, after)
     report = {
         "adapter_type": "RESTORELCC",
         "model": str(args.model),
