@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .files import check_new_output_dir, staged_output_dir
-from .tuner.heads import find_head_projections, model_types_with_output_bias, text_config
+from .tuner.heads import find_head_projections, is_quantized_projection, model_types_with_output_bias, text_config
 from .tuner.layer import RestoreLCCLayer
 from .tuner.model import MergePolicy, RestoreLCCModel
 
@@ -73,8 +73,10 @@ def make_output_bias_reloadable(model: nn.Module) -> bool:
         attention = model.get_submodule(projection.name.rsplit(".", 1)[0])
         for linear in attention.children():
             if isinstance(linear, nn.Linear) and linear.bias is None:
+                # A quantized layer's weight dtype is its storage (int8, uint8): its bias is a float.
+                dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.float32
                 linear.bias = nn.Parameter(
-                    torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device),
+                    torch.zeros(linear.out_features, dtype=dtype, device=linear.weight.device),
                     requires_grad=False,
                 )
     config.attention_bias = True
@@ -201,3 +203,29 @@ def save_merged(
             json.dumps({"merged": True, "attention_bias": True, "converted_from": provenance["source_model_type"]})
         )
     return output_dir
+
+
+def quantized_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every quantized projection's storage and scales (``weight.data``, ``quant_state.absmax``, ``SCB``), copied to
+    the CPU: what a RestoreLCC merge into a quantized model must leave bit for bit."""
+    tensors = {}
+    for name, module in model.named_modules():
+        if is_quantized_projection(module):
+            tensors[f"{name}.weight"] = module.weight.data.detach().cpu().clone()
+            quant_state = getattr(module.weight, "quant_state", None)
+            if quant_state is not None:
+                tensors[f"{name}.absmax"] = quant_state.absmax.detach().cpu().clone()
+            if getattr(module.weight, "SCB", None) is not None:
+                tensors[f"{name}.SCB"] = module.weight.SCB.detach().cpu().clone()
+    return tensors
+
+
+def changed_quantized_tensors(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors of ``before`` that ``after`` lacks or holds with other bits."""
+    return sorted(
+        name
+        for name in before
+        if name not in after
+        or before[name].shape != after[name].shape
+        or not torch.equal(before[name], after[name].to(before[name].dtype))
+    )

@@ -267,6 +267,9 @@ class RunSettings:
     seed: int = 0
     device: str | None = None
     dtype: str = "auto"
+    # A bitsandbytes format (io.QUANTIZATIONS): the pruned model is saved, reloaded quantized, evaluated as such,
+    # and the adapter trained on it and merged into it (QLoRA-style); None: everything in dtype.
+    quantization: str | None = None
 
 
 def _evaluate_all(settings: RunSettings) -> dict[str, Any]:
@@ -338,20 +341,77 @@ def run_job(settings: RunSettings, output: str | os.PathLike) -> dict[str, Any]:
     with timer.stage("evaluate pruned"):
         results["pruned"] = evaluate(pruned, tokenizer, **evaluate_options)
     sparsity_before = measure_sparsity(pruned)["overall_sparsity"]
+    if settings.quantization:
+        del pruned  # its copy on disk (pruned/) is what gets quantized
+        pruned, results["pruned_quantized"] = _quantize_stage(settings, tokenizer, output, device, timer)
     with timer.stage("train"):
         model, train_metrics = _train_stage(settings, pruned, components, tokenizer, teacher, output, device)
     with timer.stage("evaluate restored"):
         results["restored"] = evaluate(model, tokenizer, **evaluate_options)
     trainable = trainable_parameters(model)  # counted before merging, which folds the adapter away
     with timer.stage("merge"):
-        merged_dir = export(model, output / "merged", tokenizer=tokenizer)
-        sparsity_after = measure_sparsity(model.get_base_model())["overall_sparsity"]
+        if settings.quantization:
+            merged_dir, fresh, changed = _merge_quantized(settings, output, tokenizer, device)
+            sparsity_after = sparsity_before if not changed else None
+        else:
+            merged_dir = export(model, output / "merged", tokenizer=tokenizer)
+            sparsity_after = measure_sparsity(model.get_base_model())["overall_sparsity"]
     summary = _summary(settings, output, report, model, results, train_metrics, timer, merged_dir)
     summary.update(
         trainable_parameters=trainable, sparsity_before_merge=sparsity_before, sparsity_after_merge=sparsity_after
     )
+    if settings.quantization:
+        summary.update(quantized_tensors=len(fresh), quantized_tensors_changed_by_merge=changed)
     (output / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def _quantized_pruned(settings: RunSettings, output: Path, device: torch.device) -> nn.Module:
+    """The saved pruned model (pruned/) loaded quantized by bitsandbytes, whole on ``device``."""
+    from .io import load_model
+
+    device_map = "cpu" if device.type == "cpu" else {"": device.index or 0}
+    return load_model(
+        output / "pruned", dtype=settings.dtype, device_map=device_map, quantization=settings.quantization
+    )
+
+
+def _quantize_stage(
+    settings: RunSettings, tokenizer: Any, output: Path, device: torch.device, timer: Any
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The pruned model quantized: evaluated from one load, trained on a second (an eval forward makes bitsandbytes'
+    CPU backend repack 4-bit weights, after which they pass no gradient). Returns the model to train and the
+    evaluation."""
+    from peft import prepare_model_for_kbit_training
+
+    with timer.stage("evaluate pruned quantized"):
+        evaluation = evaluate(_quantized_pruned(settings, output, device), tokenizer, **_evaluate_all(settings))
+    with timer.stage("quantize"):
+        model = prepare_model_for_kbit_training(
+            _quantized_pruned(settings, output, device), use_gradient_checkpointing=False
+        )
+    return model, evaluation
+
+
+def _merge_quantized(
+    settings: RunSettings, output: Path, tokenizer: Any, device: torch.device
+) -> tuple[Path, dict[str, torch.Tensor], list[str]]:
+    """The trained adapter (adapter/) merged into the pruned model freshly quantized, as `restorelcc merge
+    --quantization` does (the trained model's own layers went through evaluation forwards, which on the CPU repack
+    4-bit weights). Returns the merged directory, the quantized tensors as loaded, and the names of those the saved
+    merged model holds with other bits (none expected: a merge writes only biases)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from .export import changed_quantized_tensors, quantized_tensors
+
+    base = _quantized_pruned(settings, output, device)
+    fresh = quantized_tensors(base)
+    merged_dir = export(
+        PeftModel.from_pretrained(base, str(output / "adapter")), output / "merged", tokenizer=tokenizer
+    )
+    reloaded = AutoModelForCausalLM.from_pretrained(merged_dir, device_map=base.device.type)
+    return merged_dir, fresh, changed_quantized_tensors(fresh, quantized_tensors(reloaded))
 
 
 def _summary(

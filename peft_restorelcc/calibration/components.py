@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..tuner.heads import find_head_projections, projection_weight
+from ..tuner.heads import find_head_projections, is_quantized_projection, projection_weight
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "lost_components.safetensors"
@@ -229,8 +229,11 @@ class LostComponents:
 
 def read_projection_weight(module: nn.Module) -> torch.Tensor | None:
     """The ``out x in`` weight of a projection (under any tuner wrapper), also when accelerate offloaded it: then
-    it is read from the offload hook's weights map. ``None`` when it cannot be read."""
+    it is read from the offload hook's weights map. ``None`` when it cannot be read (also a quantized projection,
+    whose weight is packed data: fingerprints then compare shapes only, as for an offloaded one)."""
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    if is_quantized_projection(base):
+        return None
     weight = projection_weight(base).detach()
     if weight.device.type != "meta":
         return weight

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import staged_output_dir
+from ..io.models import QUANTIZATIONS
 from .options import DTYPES, MODEL_HELP, add_model_arguments, check_output_dir
 
 REPORT_FILE = "merge_report.json"
@@ -46,6 +47,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--dtype", default="auto", choices=DTYPES, help="dtype the model is loaded and merged in (default: its own)"
+    )
+    parser.add_argument(
+        "--quantization",
+        default=None,
+        choices=QUANTIZATIONS,
+        help="load --model quantized by bitsandbytes (as `restorelcc train --quantization` did) and merge into it: "
+        "only the attention output biases are written, the saved quantized weights are those of --model quantized "
+        "afresh, bit for bit (checked, and reported instead of the sparsity)",
     )
     parser.add_argument("--output", required=True, metavar="DIR", help="new or empty output directory")
     parser.add_argument(
@@ -117,6 +126,12 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, str, Path, Path]:
     output = Path(args.output).expanduser()
     check_output_dir(output)
     model_path = resolve_model_path(args.model, args.revision)
+    if args.quantization is not None and adapter_type != "RESTORELCC":
+        raise ValueError(
+            f"--quantization merges a RestoreLCC adapter into a bias; a {adapter_type} merge would rewrite the "
+            "quantized weights (dequantize, add, requantize): keep that adapter separate or merge into the "
+            "unquantized model."
+        )
     if adapter_type == "RESTORELCC":
         _check_bias_switch(model_path)
     return adapter, adapter_type, output, model_path
@@ -136,8 +151,11 @@ def _merge(
     from ..pruning import measure_sparsity
     from ..tuner.config import PEFT_TYPE
 
-    base = load_model(model_path, dtype=args.dtype)
-    before = measure_sparsity(base)  # measured before wrapping: adapters replace the projection modules
+    quantization = getattr(args, "quantization", None)
+    base = load_model(model_path, dtype=args.dtype, quantization=quantization)
+    # Measured before wrapping: adapters replace the projection modules. A quantized model's zeros are not
+    # readable from its packed weights: there the quantized tensors themselves are compared.
+    before = export.quantized_tensors(base) if quantization else measure_sparsity(base)
     try:
         tokenizer = load_tokenizer(model_path)
     except (OSError, ValueError, TypeError) as error:
@@ -149,14 +167,51 @@ def _merge(
     else:
         save_merged_generic(model, output, tokenizer=tokenizer)
     # Measured on what a user gets: the saved model reloaded by stock transformers.
+    if quantization:
+        reloaded = AutoModelForCausalLM.from_pretrained(output, device_map=base.device.type)
+        return before, export.quantized_tensors(reloaded)
     reloaded = AutoModelForCausalLM.from_pretrained(output)
     return before, measure_sparsity(reloaded)
+
+
+def _run_quantized(args: argparse.Namespace, adapter: Path, output: Path, model_path: Path) -> int:
+    from ..export import changed_quantized_tensors
+
+    before, after = _merge(args, adapter, "RESTORELCC", output, model_path)
+    changed = changed_quantized_tensors(before, after)
+    report = {
+        "adapter_type": "RESTORELCC",
+        "model": str(args.model),
+        "adapter": str(adapter),
+        "format": args.format,
+        "quantization": args.quantization,
+        "quantized_tensors": len(before),
+        "quantized_tensors_changed": changed,
+        "quantized_weights_unchanged": not changed,
+    }
+    (output / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    rows = [
+        ("adapter type", "RESTORELCC"),
+        ("quantization", args.quantization),
+        ("quantized tensors", f"{len(before)}, " + ("bit-identical to --model quantized afresh" if not changed
+                                                    else f"CHANGED: {len(changed)}, e.g. {changed[0]}")),
+        ("output", str(output)),
+    ]  # fmt: skip
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+    if changed:
+        print("restorelcc merge: error: a RestoreLCC merge changed quantized weights.", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from ..tuner.config import PEFT_TYPE
 
     adapter, adapter_type, output, model_path = _check_args(args)
+    if args.quantization is not None:
+        return _run_quantized(args, adapter, output, model_path)
     before, after = _merge(args, adapter, adapter_type, output, model_path)
     unchanged = before["zeros"] == after["zeros"] and before["total"] == after["total"]
     report = {

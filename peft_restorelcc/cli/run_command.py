@@ -57,6 +57,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..io.models import QUANTIZATIONS
+
+    parser.add_argument(
+        "--quantization",
+        default=None,
+        choices=QUANTIZATIONS,
+        help="after pruning, reload the pruned model quantized by bitsandbytes (int8, nf4, fp4, -double: quantized "
+        "4-bit scales), evaluate it as 'pruned_quantized', train the adapter on it QLoRA-style and merge into it; "
+        "the merged model's quantized tensors are checked bit for bit against the pruned model quantized afresh",
+    )
     parser.add_argument("--train-samples", type=int, default=2000)
     parser.add_argument("--train-steps", type=int, default=200, help="optimizer steps (-1: --epochs epochs)")
     parser.add_argument("--epochs", type=float, default=3.0)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import EVAL_TASKS, SCORED_ITEMS
+from ..io.models import QUANTIZATIONS
 from ..training import (
     DATA_CHOICES,
     DEFAULT_DATA,
@@ -120,6 +121,15 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         device_help="cpu to train on the CPU where a GPU is present (default: the Trainer's choice, the GPU if any; "
         "under torchrun/accelerate launch each process takes its own)",
+    )
+    parser.add_argument(
+        "--quantization",
+        default=None,
+        choices=QUANTIZATIONS,
+        help="load --model quantized by bitsandbytes and train on it, QLoRA-style: int8 (LLM.int8), nf4 or fp4 "
+        "(4-bit, computing in --dtype, default bfloat16 on a GPU and float32 on the CPU), -double also quantizes the "
+        "4-bit scales (needs pip install 'peft_restorelcc[quantized]'). `restorelcc merge` of the result writes "
+        "only the output projections' biases; the quantized weights stay bit for bit",
     )
     parser.add_argument("--save-steps", type=int, default=50, metavar="N", help="checkpoint every N steps")
     parser.add_argument("--logging-steps", type=int, default=10, metavar="N", help="log the loss every N steps")
@@ -263,7 +273,14 @@ def _load(args: argparse.Namespace, model_path: Path, teacher_path: Path | None,
             "saves it next to the pruned model; otherwise copy the dense model's tokenizer files there."
         ) from error
     dataset = pipeline.training_data(args.data, tokenizer, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
-    base = load_model(model_path, dtype=args.dtype)
+    if args.quantization is None:
+        base = load_model(model_path, dtype=args.dtype)
+    else:
+        from peft import prepare_model_for_kbit_training
+
+        base = load_model(model_path, dtype=args.dtype, device_map=args.device, quantization=args.quantization)
+        # PEFT's k-bit preparation: every base parameter frozen, non-quantized ones (norms, embeddings) in fp32.
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
     teacher = load_model(teacher_path, dtype=args.dtype) if teacher_path is not None else None
     return tokenizer, dataset, model, teacher
@@ -324,6 +341,7 @@ def _report(args: argparse.Namespace, metrics: dict[str, Any], output: Path, che
         shuffle=not args.no_shuffle,
         distill_from=args.distill_from,
         resumed_from=checkpoint,
+        quantization=args.quantization,
     )
     (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     rows = [

@@ -2,9 +2,19 @@
 
 from .adapters import resolve_adapter_path
 from .hub import download_snapshot, is_hub_id
-from .models import load_model, load_model_and_tokenizer, load_tokenizer, model_loader, resolve_model_path
+from .models import (
+    QUANTIZATIONS,
+    bitsandbytes_config,
+    load_model,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    model_loader,
+    resolve_model_path,
+)
 
 __all__ = [
+    "QUANTIZATIONS",
+    "bitsandbytes_config",
     "download_snapshot",
     "is_hub_id",
     "load_model",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -57,11 +57,41 @@ def _torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return resolved
 
 
+# --quantization choices: bitsandbytes formats a model is loaded in for a QLoRA-style restore.
+QUANTIZATIONS = ("int8", "nf4", "fp4", "nf4-double", "fp4-double")
+
+
+def bitsandbytes_config(quantization: str, compute_dtype: torch.dtype | str | None = None) -> Any:
+    """A ``BitsAndBytesConfig`` for one of ``QUANTIZATIONS``: ``int8`` is LLM.int8 (8-bit weights, activations
+    quantized per row), ``nf4``/``fp4`` are 4-bit weights, ``-double`` also quantizes their scales. 4-bit layers
+    compute in ``compute_dtype`` (default: bfloat16 on a GPU, float32 on the CPU)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            f"quantization {quantization!r} needs bitsandbytes: pip install 'peft_restorelcc[quantized]'."
+        ) from None
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = _torch_dtype(compute_dtype) or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.split("-")[0],
+        bnb_4bit_use_double_quant=quantization.endswith("-double"),
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     dtype: torch.dtype | str | None = "auto",
     device_map: str | dict | None = None,
     revision: str | None = None,
+    quantization: str | None = None,
 ) -> PreTrainedModel:
     """A causal LM from an embedded name, a local directory or a Hub id (at ``revision``), in eval mode.
 
@@ -69,11 +99,26 @@ def load_model(
     ``device_map`` goes to accelerate through ``from_pretrained`` (``"auto"`` splits a model over the GPUs and
     offloads the rest to CPU/disk). A pruned model saved by llm-compressor in compressed-tensors' sparse formats
     (``sparse-bitmask``, ``sparse-24-bitmask``) is decompressed exactly (``compressed.load_sparse_model``).
+    ``quantization`` (one of ``QUANTIZATIONS``) loads it quantized by bitsandbytes, placed whole on the GPU if
+    there is one, else on the CPU, unless ``device_map`` says otherwise.
     """
     from ..compressed import load_sparse_model, sparse_format
 
     path = resolve_model_path(name_or_path, revision)
     dtype = _torch_dtype(dtype)
+    if quantization is not None:
+        if sparse_format(path) is not None:
+            raise ValueError(
+                f"{path} is stored in a compressed-tensors sparse format; quantizing it on load is not supported: "
+                "save it as plain safetensors first (restorelcc prune writes those)."
+            )
+        config = bitsandbytes_config(quantization, dtype)
+        if device_map is None:
+            device_map = {"": 0} if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or "auto", device_map=device_map, quantization_config=config
+        )
+        return model.eval()
     if sparse_format(path) is not None:
         return load_sparse_model(path, dtype=dtype, device_map=device_map)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", device_map=device_map)

@@ -8,6 +8,7 @@ slices are query heads), and a structurally pruned layer simply has a narrower i
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -119,29 +120,145 @@ def default_target_module(model_or_config) -> str:
     )
 
 
-def is_projection(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
+# Quantized Linear layers that RestoreLCC drives through their own forward (never reading their packed weight),
+# by the module that defines them: the tuner imports no quantization library. bitsandbytes' Linear8bitLt and
+# Linear4bit (NF4/FP4, with or without double quantization) are nn.Linear subclasses whose ``weight`` holds int8 or
+# packed 4-bit data.
+QUANTIZED_LINEAR_MODULES = ("bitsandbytes.",)
 
 
-def projection_shape(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a Linear or a GPT-2 style Conv1D (whose weight is stored in x out)."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
+def is_dense_projection(module: nn.Module) -> bool:
+    """A Linear or Conv1D whose ``weight`` is the plain floating-point matrix (not a quantized subclass)."""
     if isinstance(module, Conv1D):
-        return module.weight.shape[0], module.weight.shape[1]
-    raise ValueError(
-        f"{type(module).__name__} is not a supported output projection: RestoreLCC wraps nn.Linear or "
-        "transformers' Conv1D. Point target_modules at the attention output projection."
+        return True
+    if not isinstance(module, nn.Linear):
+        return False
+    weight = getattr(module, "weight", None)
+    return (
+        weight is not None
+        and type(weight) in (torch.Tensor, nn.Parameter)
+        and weight.dtype.is_floating_point
+        and tuple(weight.shape) == (module.out_features, module.in_features)
     )
 
 
-def projection_weight(module: nn.Module) -> torch.Tensor:
-    """The projection weight as ``out x in`` (a view; Conv1D is transposed)."""
+def is_quantized_projection(module: nn.Module) -> bool:
+    """A quantized Linear of a supported library: its weight is never read as a matrix, the compensation goes through
+    the layer's own forward (``layer(shift) - bias``)."""
+    return isinstance(module, nn.Linear) and type(module).__module__.startswith(QUANTIZED_LINEAR_MODULES)
+
+
+def is_projection(module: nn.Module) -> bool:
+    return is_dense_projection(module) or is_quantized_projection(module)
+
+
+def unsupported_projection_reason(module: nn.Module) -> str | None:
+    """One line naming a target's layer type when RestoreLCC cannot wrap it, else None."""
+    if is_projection(module):
+        return None
+    kind = f"{type(module).__module__}.{type(module).__name__}"
     if isinstance(module, nn.Linear):
-        return module.weight
+        weight = getattr(module, "weight", None)
+        stored = "no weight" if weight is None else f"weight {type(weight).__name__}, {weight.dtype}"
+        return (
+            f"{kind} ({stored}) is a quantized or otherwise "
+            "non-dense Linear that RestoreLCC does not support; supported: nn.Linear, Conv1D, bitsandbytes "
+            "Linear8bitLt/Linear4bit."
+        )
+    return (
+        f"{kind} is not a supported output projection: RestoreLCC wraps nn.Linear, Conv1D or bitsandbytes "
+        "Linear8bitLt/Linear4bit. Point target_modules at the attention output projection, e.g. 'self_attn.o_proj'."
+    )
+
+
+def projection_shape(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a Linear (dense or quantized) or a GPT-2 style Conv1D (weight in x out)."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    raise ValueError(unsupported_projection_reason(module))
+
+
+def projection_weight(module: nn.Module) -> torch.Tensor:
+    """The projection weight as ``out x in`` (a view; Conv1D is transposed). Dense projections only: a quantized
+    layer's ``weight`` is packed data, not the matrix."""
     if isinstance(module, Conv1D):
         return module.weight.t()
-    raise ValueError(f"{type(module).__name__} is not a Linear or Conv1D projection.")
+    if is_dense_projection(module):
+        return module.weight
+    raise ValueError(
+        f"{type(module).__name__} has no dense weight matrix to read (quantized); use its forward instead."
+    )
+
+
+def projection_device(module: nn.Module) -> torch.device:
+    """Where a projection's weight lives (dense or quantized)."""
+    return module.weight.device
+
+
+def times_weight(module: nn.Module, vector: torch.Tensor) -> torch.Tensor:
+    """``W @ vector`` for a quantized projection, through the layer's own forward: ``layer(vector) - bias``.
+
+    The layer's kernel does the product (its own dequantization, whatever its storage), so no dense copy of the
+    weight is made or kept. Gradients to ``vector`` flow through the layer's autograd, except where the layer has
+    none (bitsandbytes' CPU 4-bit kernel after its repack, see ``_ThroughLayer``).
+    """
+    row = vector.reshape(1, -1)
+    if _passes_no_gradient(module) and torch.is_grad_enabled() and vector.requires_grad:
+        warnings.warn(
+            "bitsandbytes repacked this 4-bit layer for the CPU on an eval forward, after which its kernel passes no "
+            "gradient to its input: RestoreLCC's own gradient here is exact, but every gradient that must cross such "
+            "a layer (from the layers above) is lost. Reload the model and train before any eval forward.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return _ThroughLayer.apply(row, module)[0]
+    return _layer_without_bias(module, row)[0]
+
+
+def _layer_without_bias(module: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """``rows @ W.T`` in fp32 through the layer's forward (the bias, if any, subtracted).
+
+    Rows that carry no gradient go in flagged ``requires_grad`` under ``no_grad``: bitsandbytes' CPU backend
+    repacks a 4-bit weight (rounding its absmax to bf16) on an eval forward of an input without that flag, and
+    reading the compensation (a merge, an eval forward) must not change the quantization state.
+    """
+    if not rows.requires_grad:
+        with torch.no_grad():
+            output = module(rows.detach().requires_grad_(True)).float()
+    else:
+        output = module(rows).float()
+    bias = module.bias
+    return output if bias is None else output - bias.detach().float()
+
+
+def _passes_no_gradient(module: nn.Module) -> bool:
+    """bitsandbytes' CPU backend repacks a 4-bit weight on an eval forward without grad; its kernel then has no
+    backward to the input."""
+    quant_state = getattr(module.weight, "quant_state", None)
+    return bool(getattr(quant_state, "packing_format_for_cpu", False))
+
+
+class _ThroughLayer(torch.autograd.Function):
+    """``rows @ W.T`` through a layer whose kernel has no backward: forward through the layer, backward
+    ``grad @ W`` with ``W`` read out column by column through the same layer (``layer(I) - bias``), a transient
+    ``in x out`` tensor per backward, freed at once."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        ctx.module = module
+        ctx.in_features = rows.shape[-1]
+        with torch.no_grad():
+            return _layer_without_bias(module, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        module = ctx.module
+        with torch.no_grad():
+            identity = torch.eye(ctx.in_features, device=grad.device, dtype=torch.float32)
+            transposed = _layer_without_bias(module, identity)  # row i = W[:, i]
+            return grad.float() @ transposed.T, None
 
 
 def layer_index_of(module_name: str) -> int:

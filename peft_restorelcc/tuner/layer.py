@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .config import RestoreLCCConfig
-from .heads import projection_shape, projection_weight
+from .heads import is_quantized_projection, projection_device, projection_shape, projection_weight, times_weight
 
 
 def broken_adapter_error(adapter_name: str, layer_index: int) -> ValueError:
@@ -76,7 +76,7 @@ class RestoreLCCLayer(BaseTunerLayer):
                 f"num_components={num_components} exceeds head_dim={self.head_dim}; use at most head_dim or None."
             )
         num_selected = len(head_indices)
-        device = projection_weight(self.get_base_layer()).device
+        device = projection_device(self.get_base_layer())
         self.head_indices[adapter_name] = list(head_indices)
         self.restorelcc_head_index[adapter_name] = torch.tensor(head_indices, dtype=torch.long, device=device)
         # Identity rows until calibration fills in the measured lost directions.
@@ -99,7 +99,7 @@ class RestoreLCCLayer(BaseTunerLayer):
         ``low_cpu_mem_usage`` load), and an upcast afterwards would not give the saved fp32 values back. The dtype is
         the model's ``_cast_adapter_dtype`` decision (fp32, or the base dtype with ``autocast_adapter_dtype=False``)."""
         if device is None:
-            device = projection_weight(self.get_base_layer()).device
+            device = projection_device(self.get_base_layer())
         if device.type == "meta":
             return
         for name in self.adapter_layer_names + self.other_param_names:
@@ -109,7 +109,10 @@ class RestoreLCCLayer(BaseTunerLayer):
 
     def cast_adapter_to_base_dtype(self, adapter_name: str) -> None:
         """Floating adapter tensors to the base weight's dtype (``autocast_adapter_dtype=False``)."""
-        dtype = projection_weight(self.get_base_layer()).dtype
+        base_layer = self.get_base_layer()
+        if is_quantized_projection(base_layer):
+            return  # its weight dtype is the storage (int8, uint8), not a compute dtype: stay fp32
+        dtype = projection_weight(base_layer).dtype
         if not dtype.is_floating_point:
             return
         for name in self.adapter_layer_names + self.other_param_names:
@@ -169,12 +172,17 @@ class RestoreLCCLayer(BaseTunerLayer):
     def output_shift(self, adapter_names: list[str]) -> torch.Tensor | None:
         """(out_features,): the input shift seen through the projection weight, ``W @ shift``, in the weight's dtype.
 
-        The product runs in the weight's dtype so that autograd keeps no fp32 copy of a half-precision weight.
+        The product runs in the weight's dtype so that autograd keeps no fp32 copy of a half-precision weight. A
+        quantized projection computes it with its own kernel (``layer(shift) - bias``, fp32 out), never reading
+        its packed weight as a matrix.
         """
         shift = self.input_shift(adapter_names)
         if shift is None:
             return None
-        weight = projection_weight(self.get_base_layer())
+        base_layer = self.get_base_layer()
+        if is_quantized_projection(base_layer):
+            return times_weight(base_layer, shift)
+        weight = projection_weight(base_layer)
         return torch.mv(weight, shift.to(weight.dtype))
 
     def shift_is_finite(self, adapter_name: str) -> bool:
@@ -234,6 +242,7 @@ class Linear(nn.Module, RestoreLCCLayer):
             self._bias_before_merge = None if old_bias is None else old_bias.detach().clone()
             self._bias_was_created = old_bias is None
         if old_bias is None:
+            # A quantized layer's kernel adds the bias in the compute dtype (bitsandbytes casts it there in place).
             base_layer.bias = nn.Parameter(new_bias, requires_grad=False)
         else:
             old_bias.data = new_bias
@@ -265,8 +274,9 @@ class Linear(nn.Module, RestoreLCCLayer):
         if adapter_names is not None:
             return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         active = list(self.active_adapters)
-        if isinstance(self.base_layer, BaseTunerLayer):
-            # Another tuner's layer sits inside: let it run, then add the shift it cannot see.
+        if isinstance(self.base_layer, BaseTunerLayer) or is_quantized_projection(self.get_base_layer()):
+            # Another tuner's layer sits inside, or a quantized layer whose kernel may add a bias in place (so no
+            # bias that carries gradients can be swapped in): let it run, then add the shift.
             result = self.base_layer(x, *args, **kwargs)
             output_shift = self.output_shift(active)
             return result if output_shift is None else result + output_shift.to(result.dtype)

@@ -17,11 +17,11 @@ from .heads import (
     DEFAULT_TARGET_MODULES,
     default_target_module,
     find_head_projections,
-    is_projection,
     layer_index_of,
     matches_target,
     model_head_dim,
     projection_shape,
+    unsupported_projection_reason,
 )
 from .layer import Linear, RestoreLCCLayer, broken_adapter_error
 
@@ -105,11 +105,9 @@ class RestoreLCCModel(BaseTuner):
             if not name or not check_target_module_exists(config, name):
                 continue
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            if not is_projection(base):
-                raise ValueError(
-                    f"Target module {name} is a {type(base).__name__}; RestoreLCC wraps an attention output "
-                    "projection (nn.Linear or Conv1D). Point target_modules at it, e.g. 'self_attn.o_proj'."
-                )
+            reason = unsupported_projection_reason(base)
+            if reason is not None:
+                raise ValueError(f"Target module {name}: {reason}")
         head_dim = self._resolve_head_dim(model, config)
         if config.num_components is not None and config.num_components > head_dim:
             raise ValueError(
