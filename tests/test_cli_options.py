@@ -12,7 +12,7 @@ import pytest
 
 from peft_restorelcc.cli import build_parser, main, options
 
-COMMANDS = ("prune", "calibrate", "train", "merge", "eval", "run")
+COMMANDS = ("prune", "calibrate", "train", "merge", "eval", "run", "compare")
 
 
 def _subparser(name: str):

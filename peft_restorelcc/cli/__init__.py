@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Module names under peft_restorelcc.cli, in the order the pipeline runs.
-COMMAND_MODULES = ("prune", "calibrate", "train", "merge", "eval", "run")
+COMMAND_MODULES = ("prune", "calibrate", "train", "merge", "eval", "run", "compare")
 
 
 def build_parser() -> argparse.ArgumentParser:
