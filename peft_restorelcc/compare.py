@@ -266,12 +266,13 @@ def _settings_key(settings: CompareSettings) -> dict[str, Any]:
     return {key: value for key, value in json.loads(json.dumps(asdict(settings))).items() if key not in PLAN_FIELDS}
 
 
-def _earlier(results_file: Path, settings: CompareSettings, resume: bool) -> dict[str, Any]:
+def _earlier(results_file: Path, settings: CompareSettings, resume: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """The reference rows and runs of an earlier results.json measured with the same settings (resume only)."""
     if not resume or not results_file.is_file():
         return {"reference": {}, "runs": []}
     earlier = json.loads(results_file.read_text())
     if earlier.get("schema_version") != SCHEMA_VERSION or earlier.get("measured_with") != _settings_key(settings):
+        log(f"{results_file} was measured with other settings: every run is redone")
         return {"reference": {}, "runs": []}
     return {"reference": earlier.get("reference", {}), "runs": earlier.get("runs", [])}
 
@@ -296,7 +297,7 @@ def compare(
     settings are kept (``skipped`` lists them) and no model is loaded when nothing is left to run."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    earlier = _earlier(output / "results.json", settings, resume)
+    earlier = _earlier(output / "results.json", settings, resume, log)
     runs = [run for run in earlier["runs"] if run["method"] in settings.methods and run["seed"] in settings.seeds]
     done = {(run["method"], run["seed"]) for run in runs}
     plan = [(method, seed) for seed in settings.seeds for method in settings.methods]  # every method's first seed first

@@ -35,6 +35,7 @@ __all__ = [
     "calibrate",
     "calibrate_components",
     "calibration_inputs",
+    "compare",
     "evaluate",
     "evaluate_model",
     "export",
@@ -235,6 +236,14 @@ def export(model: nn.Module, output: str | os.PathLike, tokenizer: Any = None) -
 
 
 # ------------------------------------------------------------------------------------------------ the whole job
+
+
+def compare(settings: Any, output: str | os.PathLike, **options: Any) -> dict[str, Any]:
+    """``restorelcc compare``: the methods of ``settings`` (a ``compare.CompareSettings``) trained and measured on
+    one pruned model (``peft_restorelcc.compare.compare``; ``options``: ``resume``, ``log``)."""
+    from .compare import compare as run_comparison
+
+    return run_comparison(settings, output, **options)
 
 
 @dataclass

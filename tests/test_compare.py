@@ -143,3 +143,14 @@ def test_a_pruned_model_of_another_shape_exits_2(model_dir, tmp_path, capsys):
     assert main([*args, *FAST[2:]]) == 2
     error = capsys.readouterr().err
     assert "is not a pruned copy of --model" in error and len(error.strip().splitlines()) == 1
+
+
+def test_the_python_function_resumes_as_the_command_does(finished):
+    from peft_restorelcc import pipeline
+    from peft_restorelcc.compare import CompareSettings
+
+    output = finished[0]
+    settings = CompareSettings(**json.loads((output / "results.json").read_text())["settings"])
+    messages: list[str] = []
+    report = pipeline.compare(settings, output, resume=True, log=messages.append)
+    assert len(report["skipped"]) == 2 and "nothing to train" in messages[0]
