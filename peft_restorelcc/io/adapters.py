@@ -12,7 +12,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 def resolve_adapter_path(name_or_path: str | os.PathLike, revision: str | None = None, flag: str = "--adapter") -> Path:
     """A local adapter directory (holding ``adapter_config.json``): an existing path as it is, else a Hub id
-    ``org/name`` fetched into the user's Hugging Face cache at ``revision``. ValueError with one line otherwise."""
+    ``org/name`` fetched into the user's Hugging Face cache at ``revision``. ValueError with one line otherwise, and
+    for a corrupt or truncated adapter_config.json / adapter_model.safetensors (``integrity.check_adapter_files``)."""
     path = Path(name_or_path).expanduser()
     if not path.exists() and is_hub_id(str(name_or_path)):
         path = download_snapshot(str(name_or_path), revision)
@@ -21,4 +22,7 @@ def resolve_adapter_path(name_or_path: str | os.PathLike, revision: str | None =
             f"{flag} {name_or_path} is not an adapter directory (no {ADAPTER_CONFIG}) nor a Hub id (org/name): pass "
             "the directory written by `restorelcc calibrate` or by a PEFT model's save_pretrained."
         )
+    from ..integrity import check_adapter_files
+
+    check_adapter_files(path)  # a corrupt or truncated file is one line here, not a traceback at load time
     return path
