@@ -120,21 +120,30 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
 
 def decoder_weight_zeros(model_dir: Path) -> int | None:
     """Zero entries in the 2-D weights of a saved model's decoder layers (names with ``layers.``/``.h.``), read
-    tensor by tensor from its safetensors files; None when it has none to read (another format)."""
+    tensor by tensor from its safetensors files; None when that cannot be told (no plain floating-point weights: a
+    sparse or quantized format, or another file format)."""
     from safetensors import safe_open
 
+    from .compressed import sparse_format
+
     files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        return None
-    zeros = 0
+    config_file = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    except (OSError, ValueError):
+        config = {}
+    if not files or sparse_format(Path(model_dir)) is not None or config.get("quantization_config"):
+        return None  # a sparse or quantized format stores no plain zeros to count: unknown, not "unpruned"
+    zeros, seen = 0, 0
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
-                if not key.endswith("weight") or not any(part in key for part in ("layers.", ".h.", "layer.")):
+                if not key.endswith(".weight") or not any(part in key for part in ("layers.", ".h.", "layer.")):
                     continue
                 tensor = handle.get_tensor(key)
                 if tensor.dim() == 2 and tensor.is_floating_point():
+                    seen += 1
                     zeros += int((tensor == 0).sum())
                     if zeros:
                         return zeros
-    return zeros
+    return zeros if seen else None
