@@ -66,6 +66,10 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     paths["dense_copy"] = save_model(root / "dense_copy", make_tiny_model("llama"))
     paths["qwen2"] = save_model(root / "qwen2", prune_half(make_tiny_model("qwen2")))
     paths["three_layers"] = save_model(root / "three_layers", prune_half(make_tiny_model("llama", num_hidden_layers=3)))
+    paths["five_heads"] = save_model(  # same head_dim 8, every adapter head in range: loaded silently before
+        root / "five_heads",
+        prune_half(make_tiny_model("llama", hidden_size=40, num_attention_heads=5, num_key_value_heads=1)),
+    )
     paths["head_dim_16"] = save_model(
         root / "head_dim_16", prune_half(make_tiny_model("llama", num_attention_heads=2, num_key_value_heads=1))
     )
@@ -377,7 +381,11 @@ def test_calibrate_allows_unpruned_models_when_asked(inputs, tmp_path, capsys, u
 
 
 def test_an_adapter_onto_another_base_is_refused(inputs, tmp_path, capsys, unchanged) -> None:
-    for base, message in (("head_dim_16", "head_dim"), ("three_layers", "attention layers")):
+    for base, message in (
+        ("head_dim_16", "head_dim"),
+        ("three_layers", "attention layers"),
+        ("five_heads", "[4, 4] heads per attention layer, but the base model has [5, 5]"),
+    ):
         code, line = run(train_argv(inputs, tmp_path / base, model=inputs[base]), capsys)
         assert code == 2 and message in line, line
         assert not (tmp_path / base).exists()

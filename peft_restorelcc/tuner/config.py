@@ -96,6 +96,8 @@ class RestoreLCCConfig(PeftConfig):
             head_dim = the widest target's input width / num_heads. Transformers models need neither this nor
             head_dim: both come from their config.
         num_layers: number of target projections in the model it was made for; recorded on injection.
+        heads_per_layer: heads of each of those projections, in order; recorded on injection, so that a saved
+            adapter refuses a base with the same head_dim but another number of heads.
         init_weights: as in PEFT's other methods, ``True`` (default) starts m and b at zero, so the wrapped model's
             output is unchanged (they enter linearly, so training starts fine from there); ``False`` draws them from
             N(0, 1), a random non-identity adapter for tests; ``"gaussian"`` draws them from N(0, init_std), the
@@ -126,6 +128,9 @@ class RestoreLCCConfig(PeftConfig):
         default=None, metadata={"help": "Heads per target projection, for models without a transformers config."}
     )
     num_layers: int | None = field(default=None, metadata={"help": "Target projections in the base model."})
+    heads_per_layer: list[int] | None = field(
+        default=None, metadata={"help": "Heads of each target projection in the base model; recorded on injection."}
+    )
     init_weights: bool | str = field(
         default=True,
         metadata={
