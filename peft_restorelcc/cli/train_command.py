@@ -109,7 +109,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         const=True,
         default=None,
         metavar="CHECKPOINT",
-        help="continue from the latest checkpoint in --output, or from CHECKPOINT",
+        help="continue from the latest checkpoint in --output, or from CHECKPOINT (a checkpoint-<step> directory "
+        "that `restorelcc train` wrote in --output: it holds restorelcc_checkpoint.json)",
     )
     parser.add_argument(
         "--no-shuffle",
