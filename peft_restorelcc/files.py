@@ -17,7 +17,8 @@ def check_new_output_dir(output_dir: str | os.PathLike, label: str = "Output dir
     the user passed (a CLI flag such as ``--output``), ``hint`` is appended to the advice.
     """
     output = Path(output_dir).expanduser().resolve()
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+    # The lock file of a writer (``output_lock``) is not content: a live writer is refused by ``check_not_locked``.
+    if output.exists() and (not output.is_dir() or any(p.name != LOCK_FILE for p in output.iterdir())):
         raise ValueError(
             f"{label} {output} exists and is not an empty directory (a file, or a folder that is not empty): pass a "
             f"new or empty directory{hint or ', or remove it'}."

@@ -277,7 +277,10 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, Path | None, Path, str 
     if Path(args.data).expanduser().exists():
         inputs["--data"] = Path(args.data)
     _check_output_is_not_an_input(output, inputs)
-    check_not_locked(output)
+    from ..training import is_main_process
+
+    if is_main_process():  # under torchrun rank 0 holds the lock; the other ranks write nothing
+        check_not_locked(output)
     checkpoint = _resolve_resume(args, output)
     check_data_choice(args.data)
     _check_seq_len(model_path, args.seq_len)
