@@ -451,3 +451,24 @@ def test_non_utf8_data_gives_one_line(inputs, tmp_path, capsys, unchanged) -> No
     code, line = run(train_argv(inputs, output, data=inputs["latin1"]), capsys)
     assert code == 2 and "is not UTF-8 text (byte 0xe9 at line 1)" in line and str(inputs["latin1"]) in line
     assert not output.exists()
+
+
+def test_a_mistyped_relative_path_says_it_is_not_a_local_directory(inputs, tmp_path, capsys, monkeypatch) -> None:
+    from peft_restorelcc.io import adapters, models
+
+    def offline(repo_id, *args, **kwargs):
+        raise ValueError(f"{repo_id}: the Hub could not be reached and the model is not in the Hugging Face cache.")
+
+    monkeypatch.setattr(adapters, "download_snapshot", offline)
+    monkeypatch.setattr(models, "download_snapshot", offline)
+    monkeypatch.chdir(tmp_path)
+    argv = ["merge", "--model", inputs["pruned"], "--adapter", "runs/adapter", "--output", tmp_path / "m"]
+    code, line = run(argv, capsys)
+    assert code == 2 and "--adapter runs/adapter: no such local directory, and as a Hub id" in line
+    code, line = run(["merge", "--model", "runs/pruned", "--adapter", inputs["adapter"], "--output", tmp_path / "m"],
+                     capsys)  # fmt: skip
+    assert code == 2 and "runs/pruned: no such local directory, and as a Hub id" in line
+    for path in ("./runs/adapter", "runs/adapter/"):
+        code, line = run(["merge", "--model", inputs["pruned"], "--adapter", path, "--output", tmp_path / "m"], capsys)
+        assert code == 2 and "is not an adapter directory" in line
+    assert not (tmp_path / "m").exists()

@@ -16,7 +16,10 @@ def resolve_adapter_path(name_or_path: str | os.PathLike, revision: str | None =
     for a corrupt or truncated adapter_config.json / adapter_model.safetensors (``integrity.check_adapter_files``)."""
     path = Path(name_or_path).expanduser()
     if not path.exists() and is_hub_id(str(name_or_path)):
-        path = download_snapshot(str(name_or_path), revision)
+        try:
+            path = download_snapshot(str(name_or_path), revision)
+        except ValueError as error:  # a mistyped relative path looks like org/name: say both
+            raise ValueError(f"{flag} {name_or_path}: no such local directory, and as a Hub id: {error}") from None
     if not (path / ADAPTER_CONFIG).is_file():
         raise ValueError(
             f"{flag} {name_or_path} is not an adapter directory (no {ADAPTER_CONFIG}) nor a Hub id (org/name): pass "
