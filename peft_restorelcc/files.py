@@ -37,9 +37,15 @@ def staged_output_dir(output_dir: str | os.PathLike) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}{STAGING_INFIX}{os.getpid()}-", dir=output.parent))
     try:
         yield staging
-        if output.is_dir():
-            output.rmdir()  # empty (checked above): a rename cannot replace a directory on every platform
-        os.replace(staging, output)
+        try:
+            if output.is_dir():
+                output.rmdir()  # empty (checked above): a rename cannot replace a directory on every platform
+            os.replace(staging, output)
+        except OSError as error:  # another writer filled it meanwhile: keep its output, drop ours
+            raise ValueError(
+                f"{output} was written by another process while this one ran ({error.strerror}): nothing of this run "
+                "was kept; pass a new directory."
+            ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -472,3 +472,38 @@ def test_a_mistyped_relative_path_says_it_is_not_a_local_directory(inputs, tmp_p
         code, line = run(["merge", "--model", inputs["pruned"], "--adapter", path, "--output", tmp_path / "m"], capsys)
         assert code == 2 and "is not an adapter directory" in line
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "merge", "eval"])
+def test_an_adapter_tensor_of_the_wrong_shape_gives_one_line(inputs, tmp_path, capsys, command) -> None:
+    from safetensors.torch import load_file
+
+    adapter = tmp_path / "wrong_shape"
+    adapter.mkdir()
+    for file in inputs["adapter"].iterdir():
+        (adapter / file.name).write_bytes(file.read_bytes())
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    key = next(key for key in tensors if "restorelcc_bias" in key)
+    tensors[key] = torch.zeros(3, 5)
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    before = snapshot(adapter)
+    output = tmp_path / "out"
+    argv = {
+        "train": train_argv(inputs, output, adapter=adapter),
+        "merge": ["merge", "--model", inputs["pruned"], "--adapter", adapter, "--output", output],
+        "eval": ["eval", "--model", inputs["pruned"], "--adapter", adapter, "--tasks", "rte", "--limit", "2",
+                 "--no-perplexity", "--output", output / "r.json"],
+    }[command]  # fmt: skip
+    code, line = run(argv, capsys)
+    assert code == 2 and f"--adapter {adapter} does not fit this base model: size mismatch for" in line, line
+    assert snapshot(adapter) == before and not output.exists()
+
+
+def test_a_staged_write_into_a_directory_filled_meanwhile_keeps_the_other_output(tmp_path) -> None:
+    output = tmp_path / "out"
+    with pytest.raises(ValueError, match="was written by another process while this one ran"):
+        with staged_output_dir(output) as staging:
+            (staging / "mine.txt").write_text("mine")
+            output.mkdir()
+            (output / "theirs.txt").write_text("theirs")
+    assert [p.name for p in output.iterdir()] == ["theirs.txt"] and not staging_dirs(output)

@@ -110,11 +110,11 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(model_path)
     if adapter is not None:
         # Importing the package registers the RestoreLCC method with PEFT; other adapter types load as they are.
-        from peft import PeftModel
 
         import peft_restorelcc  # noqa: F401
+        from peft_restorelcc.io.adapters import load_adapter
 
-        model = PeftModel.from_pretrained(model, str(adapter))
+        model = load_adapter(model, adapter)
     from peft_restorelcc.integrity import check_finite_weights
 
     check_finite_weights(model, f"--model {args.model}" + (f" with --adapter {args.adapter}" if adapter else ""))

@@ -142,7 +142,6 @@ def _merge(
     args: argparse.Namespace, adapter: Path, adapter_type: str, output: Path, model_path: Path
 ) -> tuple[dict, dict]:
     """Merge and save; returns the sparsity ``(before, after)``, after measured on the saved model reloaded."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     import peft_restorelcc  # noqa: F401  (registers RESTORELCC with PEFT before the adapter is read)
@@ -159,7 +158,9 @@ def _merge(
     except (OSError, ValueError, TypeError) as error:
         print(f"restorelcc merge: warning: no tokenizer saved ({error})", file=sys.stderr)
         tokenizer = None
-    model = PeftModel.from_pretrained(base, str(adapter))
+    from ..io.adapters import load_adapter
+
+    model = load_adapter(base, adapter)
     from ..integrity import check_finite_weights
 
     check_finite_weights(model, f"--model {args.model} with --adapter {args.adapter}")

@@ -293,7 +293,6 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, Path | None, Path, str 
 
 def _load(args: argparse.Namespace, model_path: Path, teacher_path: Path | None, adapter: Path) -> tuple[Any, ...]:
     """``(tokenizer, dataset, PeftModel ready to train, teacher or None)``."""
-    from peft import PeftModel
 
     import peft_restorelcc  # noqa: F401  (registers RESTORELCC with PEFT before the adapter is read)
 
@@ -309,7 +308,9 @@ def _load(args: argparse.Namespace, model_path: Path, teacher_path: Path | None,
         ) from error
     dataset = pipeline.training_data(args.data, tokenizer, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     base = load_model(model_path, dtype=args.dtype)
-    model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+    from ..io.adapters import load_adapter
+
+    model = load_adapter(base, adapter, is_trainable=True)
     from ..integrity import check_finite_weights
 
     check_finite_weights(model, f"--model {args.model} with --adapter {args.adapter}")

@@ -29,3 +29,22 @@ def resolve_adapter_path(name_or_path: str | os.PathLike, revision: str | None =
 
     check_adapter_files(path)  # a corrupt or truncated file is one line here, not a traceback at load time
     return path
+
+
+def load_adapter(base, adapter: str | os.PathLike, flag: str = "--adapter", **kwargs):
+    """``PeftModel.from_pretrained(base, adapter, **kwargs)`` with a tensor that does not fit the base (wrong shape)
+    reported as one ValueError line naming the adapter and the first mismatch, not torch's multi-line error."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, str(adapter), **kwargs)
+    except RuntimeError as error:
+        details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        if "size mismatch" not in str(error) and "Error(s) in loading state_dict" not in str(error):
+            raise
+        first = details[0] if details else str(error).splitlines()[0]
+        more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+        raise ValueError(
+            f"{flag} {adapter} does not fit this base model: {first}{more}. Load it onto the model it was made for, "
+            "or save the adapter again."
+        ) from None
