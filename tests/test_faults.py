@@ -507,3 +507,32 @@ def test_a_staged_write_into_a_directory_filled_meanwhile_keeps_the_other_output
             output.mkdir()
             (output / "theirs.txt").write_text("theirs")
     assert [p.name for p in output.iterdir()] == ["theirs.txt"] and not staging_dirs(output)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["calibrate", *CALIBRATE_FAST[2:], "--samples", "1"], "--samples must be at least 2, got 1"),
+        (["prune", "--method", "magnitude", "--sparsity", "1.0"], "sparsity=1.0 is outside [0, 1)"),
+        (["prune", "--method", "magnitude", "--sparsity", "-0.1"], "sparsity=-0.1 is outside [0, 1)"),
+    ],
+)
+def test_out_of_range_values_are_refused_with_the_range(inputs, tmp_path, capsys, unchanged, argv, message) -> None:
+    output = tmp_path / "out"
+    models = ["--model", inputs["dense"]] + (["--pruned", inputs["pruned"], "--num-heads", "2"] if argv[0] ==
+                                             "calibrate" else [])  # fmt: skip
+    code, line = run([argv[0], *models, "--output", output, *argv[1:]], capsys)
+    assert code == 2 and message in line, line
+    assert not output.exists()
+
+
+def test_merging_an_adapter_twice_in_python_adds_it_once(inputs) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(inputs["pruned"]), str(inputs["adapter"]))
+    model.merge_adapter()
+    bias = model.base_model.model.model.layers[0].self_attn.o_proj.get_base_layer().bias.detach().clone()
+    with pytest.warns(UserWarning, match="already merged"):
+        model.merge_adapter()  # PEFT's own double-merge warning, and nothing more
+    assert torch.equal(model.base_model.model.model.layers[0].self_attn.o_proj.get_base_layer().bias, bias)

@@ -187,8 +187,12 @@ def _check_args(args: argparse.Namespace) -> int | float:
     require(args, "model", "--model")
     check_output_dir(args.output)
     check_common_arguments(args)
+    if args.samples < 2:
+        raise ValueError(
+            f"--samples must be at least 2, got {args.samples}: the lost directions are the spread of the lost "
+            "activation over the prompts (the paper: 1,000)."
+        )
     for flag, value in (
-        ("--samples", args.samples),
         ("--batch-size", args.batch_size),
         ("--max-length", args.max_length),
     ):
