@@ -110,13 +110,13 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(model_path)
     if adapter is not None:
         # Importing the package registers the RestoreLCC method with PEFT; other adapter types load as they are.
-
         import peft_restorelcc  # noqa: F401
         from peft_restorelcc.io.adapters import load_adapter
 
         model = load_adapter(model, adapter)
     from peft_restorelcc.integrity import check_finite_weights
 
+    # NaN/inf weights would give numbers that mean nothing: refused before any item is scored.
     check_finite_weights(model, f"--model {args.model}" + (f" with --adapter {args.adapter}" if adapter else ""))
     model.eval()
     model.to(device)

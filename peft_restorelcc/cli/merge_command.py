@@ -132,8 +132,8 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, str, Path, Path]:
     output = Path(args.output).expanduser()
     check_output_dir(output)
     model_path = resolve_model_path(args.model, args.revision)
-    _check_not_merged(model_path)
     if adapter_type == "RESTORELCC":
+        _check_not_merged(model_path)
         _check_bias_switch(model_path)
     return adapter, adapter_type, output, model_path
 
