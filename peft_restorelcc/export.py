@@ -27,6 +27,9 @@ from .tuner.model import MergePolicy, RestoreLCCModel
 ATTENTION_BIAS_SWITCH = model_types_with_output_bias("switch")
 # Architectures whose output projection bias is hard-coded off: no config can carry a merged compensation.
 NO_OUTPUT_BIAS = model_types_with_output_bias("never")
+# The config field a merged model carries (conversion.PROVENANCE_KEY too): what was merged, and a refusal to merge
+# a second compensation on top.
+MERGED_KEY = "restorelcc_merged"
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -124,6 +127,7 @@ def merged_for_export(model: nn.Module, safe_merge: bool = True) -> PreTrainedMo
     """The merged model, its config switched to carry the output bias (``make_output_bias_reloadable``), ready to
     be written by any writer. Refuses, before touching the model, an architecture whose config cannot carry it."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    check_not_merged(base)
     reason = bias_reload_problem(base)
     if reason is not None:
         raise ValueError(
@@ -136,7 +140,32 @@ def merged_for_export(model: nn.Module, safe_merge: bool = True) -> PreTrainedMo
         raise ValueError(f"Expected a transformers PreTrainedModel after merging, got {type(merged).__name__}.")
     make_output_bias_reloadable(merged)
     strip_serving_blockers(merged.config)
+    if hasattr(model, "peft_config"):  # the marker a second merge onto this model is refused by
+        setattr(merged.config, MERGED_KEY, merge_provenance(model))
     return merged
+
+
+def merge_provenance(model: nn.Module) -> dict[str, Any]:
+    """What ``restorelcc_merged`` records for a same-architecture merge: the adapter's base model and revision."""
+    peft_config = next(iter(getattr(model, "peft_config", {}).values()), None)
+    return {
+        "base_model": getattr(peft_config, "base_model_name_or_path", None) or None,
+        "base_revision": getattr(peft_config, "revision", None),
+        "peft_type": "RESTORELCC",
+    }
+
+
+def check_not_merged(model_or_config: Any, where: str = "The model") -> None:
+    """Refuse a model that already holds a merged RestoreLCC compensation: merging again would add it twice."""
+    config = getattr(model_or_config, "config", model_or_config)
+    marker = config.get(MERGED_KEY) if isinstance(config, dict) else getattr(config, MERGED_KEY, None)
+    if marker:
+        base = marker.get("base_model") if isinstance(marker, dict) else None
+        raise ValueError(
+            f"{where} already holds a merged RestoreLCC compensation ({MERGED_KEY} in its config"
+            + (f", merged onto {base}" if base else "")
+            + "): merging again would add it twice. Merge the adapter into the pruned model it was trained on."
+        )
 
 
 def _save_merged_same_architecture(
@@ -179,6 +208,7 @@ def save_merged(
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if _model_type(base) not in NO_OUTPUT_BIAS:
         return _save_merged_same_architecture(model, output_dir, tokenizer=tokenizer, safe_merge=safe_merge)
+    check_not_merged(base)
     problem = conversion.conversion_problem(base.config)  # refuse before merging: the model stays untouched
     if problem is not None:
         raise ValueError(f"Cannot export a merged RestoreLCC model of the {_model_type(base)} architecture: {problem}.")

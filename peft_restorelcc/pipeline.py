@@ -24,6 +24,7 @@ from torch import nn
 from .calibration import CalibrationInputs, LostComponents, calibration_inputs
 from .data import text_passages
 from .evaluation import evaluate_tasks, perplexity
+from .integrity import json_safe
 from .pruning import calibration_windows, measure_sparsity, prune_model
 
 if TYPE_CHECKING:
@@ -371,7 +372,7 @@ def run_job(settings: RunSettings, output: str | os.PathLike) -> dict[str, Any]:
     )
     if settings.quantization:
         summary.update(quantized_tensors=len(fresh), quantized_tensors_changed_by_merge=changed)
-    (output / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (output / "results.json").write_text(json.dumps(json_safe(summary), indent=2, default=str, allow_nan=False) + "\n")
     return summary
 
 

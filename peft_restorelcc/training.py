@@ -18,6 +18,7 @@ step as 1 process x batch 4.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -377,6 +378,27 @@ def distillation_kl(
     return token_kl(student_rows, teacher_rows, temperature).mean()
 
 
+class NonFiniteTraining(ValueError):
+    """Training met a NaN/inf loss or gradient and stopped before writing an adapter."""
+
+
+CHECKPOINT_MARKER = "restorelcc_checkpoint.json"
+
+
+class _CheckpointMarker(TrainerCallback):
+    """Writes ``CHECKPOINT_MARKER`` into every checkpoint this package saves: ``restorelcc train --resume`` continues
+    only such a directory, never an adapter or model a user passed in."""
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            (checkpoint / CHECKPOINT_MARKER).write_text(
+                json.dumps({"written_by": "peft_restorelcc", "global_step": state.global_step}) + "\n"
+            )
+
+
 class RecoveryTrainer(Trainer):
     """A Trainer that can distil from a frozen teacher: ``alpha * KL + (1 - alpha) * LM`` on labelled positions.
 
@@ -406,6 +428,28 @@ class RecoveryTrainer(Trainer):
             teacher.to(self.args.device)
         # Per-process sums since the last log, for "distill_kl" and "lm_loss" in the logs.
         self._log_sums = {"kl": 0.0, "lm": 0.0, "tokens": 0}
+        self._batches_seen = 0
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The stock step, then a stop (``NonFiniteTraining``, one line naming the step and the batch) as soon as the
+        loss or a trainable gradient is NaN/inf: nothing that follows could be trusted, and no adapter is saved."""
+        batch = self._batches_seen
+        self._batches_seen += 1
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        step = self.state.global_step + 1
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise NonFiniteTraining(
+                f"the training loss is {float(loss.detach().float().mean())} at step {step} (batch {batch} of this "
+                "run): stopped, no adapter written. Check the base model for NaN/inf weights (or a dtype that "
+                "overflows, e.g. float16: try --dtype float32) and lower --lr."
+            )
+        for name, parameter in model.named_parameters():
+            if parameter.grad is not None and not bool(torch.isfinite(parameter.grad).all()):
+                raise NonFiniteTraining(
+                    f"a non-finite gradient of {name} at step {step} (batch {batch} of this run): stopped, no adapter "
+                    "written. Lower --lr, or check the data and the base model's weights."
+                )
+        return loss
 
     def compute_loss(
         self,
@@ -615,7 +659,7 @@ def train_adapter(
         args=arguments,
         train_dataset=train_dataset,
         data_collator=PaddingCollator(pad_token_id_of(tokenizer)),
-        callbacks=[timer, *callbacks],
+        callbacks=[timer, _CheckpointMarker(), *callbacks],
         teacher=teacher,
         distill_alpha=distill_alpha,
         temperature=temperature,

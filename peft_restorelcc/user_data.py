@@ -59,8 +59,17 @@ def read_records(path: str | os.PathLike, flag: str = "the file") -> list[dict[s
         builder = FILE_SUFFIXES.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"{flag} {path}: unknown format {path.suffix or '(no suffix)'}; pass {_describe(path)}.")
-        if not path.read_bytes().strip():
+        raw = path.read_bytes()
+        if not raw.strip():
             raise ValueError(f"{flag} {path} is empty: write one row per example.")
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = raw[: error.start].count(b"\n") + 1
+            raise ValueError(
+                f"{flag} {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at line {line}): save it as UTF-8 "
+                "(e.g. iconv -f latin1 -t utf-8)."
+            ) from None
         table = _load_file(path, builder, flag)
     if len(table) == 0:
         raise ValueError(f"{flag} {path} holds no rows: write one row per example.")

@@ -227,7 +227,8 @@ def test_the_default_negatives_say_which_encoder_chose_them(dense_dir, tmp_path,
 
     monkeypatch.setattr(inputs, "encoder_installed", lambda: False)  # as on a machine without the package
     flags = [flag for flag in FAST if flag not in ("--negatives", "jaccard")]
-    argv = ["calibrate", "--dense", str(dense_dir), "--pruned", str(dense_dir), "--num-heads", "2"]
+    # The dense model against itself: a deliberate unpruned comparison (only the notes are checked here).
+    argv = ["calibrate", "--dense", str(dense_dir), "--pruned", str(dense_dir), "--num-heads", "2", "--allow-unpruned"]
     assert main([*argv, "--output", str(tmp_path / "adapter"), *flags]) == 0
     out = capsys.readouterr().out
     assert "note: hard negatives by jaccard word overlap: the paper's sentence encoder is not installed" in out

@@ -74,7 +74,12 @@ def test_pytorch_weights_only_when_no_safetensors(monkeypatch, tmp_path):
 
 
 def test_adapters_resolve_locally_first(tmp_path, monkeypatch):
-    (tmp_path / "adapter_config.json").write_text("{}")
+    # A minimal well-formed adapter (integrity.check_adapter_files refuses "{}" and missing weights).
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"lora_A.weight": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
     monkeypatch.setattr("huggingface_hub.snapshot_download", lambda *a, **k: pytest.fail("looked up on the Hub"))
     assert resolve_adapter_path(tmp_path) == tmp_path
     with pytest.raises(ValueError, match="is not an adapter directory"):

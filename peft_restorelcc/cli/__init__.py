@@ -28,12 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ..files import Terminated, handle_termination
+
     try:
-        return int(args.func(args) or 0)
+        # SIGTERM raises like Ctrl-C does, so that staging directories and lock files are removed on the way out.
+        with handle_termination():
+            return int(args.func(args) or 0)
     except ValueError as error:
         # Bad input is reported as one clear line, not a traceback.
         print(f"restorelcc {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"restorelcc {args.command}: interrupted; partial output removed", file=sys.stderr)
+        return 130
+    except Terminated as stop:
+        print(f"restorelcc {args.command}: terminated; partial output removed", file=sys.stderr)
+        return int(stop.code)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pruned", required=True, metavar="MODEL", help="the pruned model: local directory or Hub id")
     parser.add_argument("--pruned-revision", default=None, metavar="REV", help="revision of a Hub id given to --pruned")
     parser.add_argument(
+        "--allow-unpruned",
+        action="store_true",
+        help="calibrate even when --pruned has no zero weights in its decoder layers or loses no activation "
+        "(a deliberate comparison of two unpruned models); refused by default, as a sign of a mix-up",
+    )
+    parser.add_argument(
         "--num-heads", required=True, metavar="K", help="heads to compensate: a count, or a fraction in (0, 1)"
     )
     parser.add_argument("--output", required=True, metavar="ADAPTER_DIR", help="new or empty output directory")
@@ -181,8 +187,12 @@ def _check_args(args: argparse.Namespace) -> int | float:
     require(args, "model", "--model")
     check_output_dir(args.output)
     check_common_arguments(args)
+    if args.samples < 2:
+        raise ValueError(
+            f"--samples must be at least 2, got {args.samples}: the lost directions are the spread of the lost "
+            "activation over the prompts (the paper: 1,000)."
+        )
     for flag, value in (
-        ("--samples", args.samples),
         ("--batch-size", args.batch_size),
         ("--max-length", args.max_length),
     ):
@@ -224,6 +234,40 @@ def _load_sources(args: argparse.Namespace, num_heads: int | float) -> tuple[Any
     return dense_source, pruned_source, dense_tokenizer, pruned_tokenizer, pruned_path
 
 
+def _check_pair(args: argparse.Namespace, dense_path: Path, pruned_path: Path, dense: Any, pruned: Any) -> None:
+    """Refuse a mix-up before any forward pass: models of different architectures, the dense model passed as the
+    pruned one, or a "pruned" model without a single zero weight in its decoder layers (``--allow-unpruned`` lets
+    the last two through)."""
+    dense_type = getattr(dense.get_text_config(), "model_type", None)
+    pruned_type = getattr(pruned.get_text_config(), "model_type", None)
+    if dense_type != pruned_type:
+        raise ValueError(
+            f"--model {args.model} is a {dense_type} model but --pruned {args.pruned} is a {pruned_type} model: "
+            "pass the dense model the pruned one was made from."
+        )
+    if args.allow_unpruned:
+        return
+    hint = "pass the output of `restorelcc prune`, or add --allow-unpruned to compare two unpruned models."
+    if dense_path.resolve() == pruned_path.resolve():
+        raise ValueError(f"--pruned {args.pruned} is the same directory as --model {args.model}: {hint}")
+    from ..integrity import decoder_weight_zeros
+
+    zeros = decoder_weight_zeros(pruned_path)
+    if zeros == 0 and pruned.get_text_config().num_attention_heads == dense.get_text_config().num_attention_heads:
+        raise ValueError(f"--pruned {args.pruned} has no zero weight in its decoder layers (it is not pruned): {hint}")
+
+
+def _check_lost(args: argparse.Namespace, components: Any) -> None:
+    """A lost activation that is zero for every head means the two models compute the same thing."""
+    if args.allow_unpruned:
+        return
+    if float(components.singular_values.abs().max()) == 0.0 and float(components.mean.abs().max()) == 0.0:
+        raise ValueError(
+            f"--pruned {args.pruned} loses no activation at all against --model {args.model} (the same model?): "
+            "pass the output of `restorelcc prune`, or add --allow-unpruned to compare two unpruned models."
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import pipeline
     from ..assets import default_device
@@ -241,6 +285,11 @@ def run(args: argparse.Namespace) -> int:
         probe=args.strategy == "probe", negatives=args.negatives, scored_items=args.scored_items, seed=args.seed,
         verbose=False,
     )  # fmt: skip
+    from ..io import resolve_model_path
+
+    # After the cheaper checks of flags and data: the pair check reads the pruned weights.
+    _check_pair(args, resolve_model_path(args.model, args.revision), pruned_path, dense_source.config,
+                pruned_source.config)  # fmt: skip
     for note in inputs.notes:
         print(f"note: {note}", flush=True)
     components = pipeline.calibrate(
@@ -248,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
         pruned_tokenizer=pruned_tokenizer, position=args.position, kept_heads=kept_heads,
         batch_size=args.batch_size, max_length=args.max_length, pruning=pruning,
     )  # fmt: skip
+    _check_lost(args, components)
     # The adapter is built (and refined) on the whole pruned model on --device: PEFT places adapter tensors beside
     # their base weights, which are not materialised in an offloaded model. With --device-map that is the CPU.
     device = default_device(args.device) if args.device_map is None else "cpu"

@@ -14,7 +14,6 @@ training), windows of 256 tokens.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -71,7 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="measure perplexity on the first N held-out passages only (default: all)",
     )
     add_common_arguments(parser, device_help="device to evaluate on (default: cuda if available, else cpu)", seed=False)
-    parser.add_argument("--output", metavar="FILE.json", help="write the results as JSON there")
+    parser.add_argument(
+        "--output", metavar="FILE.json", help="write the results as JSON there (a new file, unless --overwrite)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.set_defaults(func=run)
 
 
@@ -95,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--perplexity-limit must be a positive number of passages, got {args.perplexity_limit}")
     if args.adapter is not None and not Path(args.adapter).expanduser().is_dir() and not is_hub_id(args.adapter):
         raise ValueError(f"adapter directory {args.adapter!r} does not exist (nor is it a Hub id org/name)")
+    if args.output:
+        _check_output_file(Path(args.output).expanduser(), args.overwrite, (args.model, args.adapter))
 
     from peft_restorelcc.assets import default_device
     from peft_restorelcc.io import load_model, load_tokenizer, resolve_adapter_path, resolve_model_path
@@ -106,11 +110,14 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(model_path)
     if adapter is not None:
         # Importing the package registers the RestoreLCC method with PEFT; other adapter types load as they are.
-        from peft import PeftModel
-
         import peft_restorelcc  # noqa: F401
+        from peft_restorelcc.io.adapters import load_adapter
 
-        model = PeftModel.from_pretrained(model, str(adapter))
+        model = load_adapter(model, adapter)
+    from peft_restorelcc.integrity import check_finite_weights
+
+    # NaN/inf weights would give numbers that mean nothing: refused before any item is scored.
+    check_finite_weights(model, f"--model {args.model}" + (f" with --adapter {args.adapter}" if adapter else ""))
     model.eval()
     model.to(device)
 
@@ -126,8 +133,23 @@ def run(args: argparse.Namespace) -> int:
 
     print(format_results_table(results))
     if args.output:
-        output = Path(args.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=2) + "\n")
+        from peft_restorelcc.integrity import write_json_atomic
+
+        output = write_json_atomic(Path(args.output).expanduser(), results)  # NaN/inf as null: strict JSON
         print(f"results written to {output}")
     return 0
+
+
+def _check_output_file(output: Path, overwrite: bool, inputs: tuple[str | None, ...]) -> None:
+    """--output is a results file: never a directory, never a file inside --model/--adapter (an input), and an
+    existing file only with --overwrite."""
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a directory: pass a file name such as {output / 'results.json'}.")
+    target = output.resolve()
+    for name in inputs:
+        if name is not None and Path(name).expanduser().is_dir() and Path(name).expanduser().resolve() in target.parents:
+            raise ValueError(
+                f"--output {output} lies inside the input directory {name}: write the results elsewhere."
+            )
+    if output.exists() and not overwrite:
+        raise ValueError(f"--output {output} exists: pass a new file name, or add --overwrite to replace it.")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import staged_output_dir
+from ..integrity import json_safe
 from ..io.models import QUANTIZATIONS
 from .options import DTYPES, MODEL_HELP, add_model_arguments, check_output_dir
 
@@ -96,6 +97,20 @@ def _check_bias_switch(model_path: Path) -> None:
             raise ValueError(f"Cannot export a merged RestoreLCC model of the {model_type} architecture: {problem}.")
 
 
+def _check_not_merged(model_path: Path) -> None:
+    """A model that `restorelcc merge` wrote already holds a compensation: a second merge would add another one."""
+    from ..export import check_not_merged
+
+    config_file = model_path / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        config = {}  # a missing or unreadable config is transformers' to report when it loads the model
+    check_not_merged(config if isinstance(config, dict) else {}, where=f"--model {model_path}")
+    if (model_path / "restorelcc_export.json").is_file():
+        check_not_merged({"restorelcc_merged": True}, where=f"--model {model_path}")
+
+
 def save_merged_generic(model: Any, output: Path, tokenizer: Any = None) -> Path:
     """``merge_and_unload()`` + ``save_pretrained`` for any mergeable PEFT type, written to a temporary sibling and
     renamed into place, so a failure leaves no half-written output."""
@@ -133,6 +148,7 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, str, Path, Path]:
             "unquantized model."
         )
     if adapter_type == "RESTORELCC":
+        _check_not_merged(model_path)
         _check_bias_switch(model_path)
     return adapter, adapter_type, output, model_path
 
@@ -141,7 +157,6 @@ def _merge(
     args: argparse.Namespace, adapter: Path, adapter_type: str, output: Path, model_path: Path
 ) -> tuple[dict, dict]:
     """Merge and save; returns the sparsity ``(before, after)``, after measured on the saved model reloaded."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     import peft_restorelcc  # noqa: F401  (registers RESTORELCC with PEFT before the adapter is read)
@@ -161,7 +176,12 @@ def _merge(
     except (OSError, ValueError, TypeError) as error:
         print(f"restorelcc merge: warning: no tokenizer saved ({error})", file=sys.stderr)
         tokenizer = None
-    model = PeftModel.from_pretrained(base, str(adapter))
+    from ..io.adapters import load_adapter
+
+    model = load_adapter(base, adapter)
+    from ..integrity import check_finite_weights
+
+    check_finite_weights(model, f"--model {args.model} with --adapter {args.adapter}")
     if adapter_type == PEFT_TYPE:
         export.save_merged(model, output, tokenizer=tokenizer)
     else:
@@ -225,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         "zeros_after": after["zeros"],
         "sparsity_unchanged": unchanged,
     }
-    (output / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    (output / REPORT_FILE).write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
     rows = [
         ("adapter type", adapter_type),
         ("sparsity before merge", f"{before['overall_sparsity']:.4f} ({before['zeros']:,} zeros)"),

@@ -110,7 +110,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         const=True,
         default=None,
         metavar="CHECKPOINT",
-        help="continue from the latest checkpoint in --output, or from CHECKPOINT",
+        help="continue from the latest checkpoint in --output, or from CHECKPOINT (a checkpoint-<step> directory "
+        "that `restorelcc train` wrote in --output: it holds restorelcc_checkpoint.json)",
     )
     parser.add_argument(
         "--no-shuffle",
@@ -196,14 +197,47 @@ def _resolve_resume(args: argparse.Namespace, output: Path) -> str | None:
                 f"--resume: {output} holds no checkpoint-<step> directory to continue; drop --resume for a fresh run "
                 "or pass --resume CHECKPOINT."
             )
-        return last
+        return _check_own_checkpoint(Path(last), output)
     checkpoint = Path(args.resume).expanduser()
     if not (checkpoint / "trainer_state.json").is_file():
         raise ValueError(
             f"--resume {checkpoint} is not a Trainer checkpoint (no trainer_state.json): pass a checkpoint-<step> "
             "directory, or --resume alone for the latest one in --output."
         )
+    return _check_own_checkpoint(checkpoint, output)
+
+
+def _check_own_checkpoint(checkpoint: Path, output: Path) -> str:
+    """Resume only a checkpoint this tool wrote (its marker file) inside --output: training writes into --output,
+    so anything else (an adapter or model the user passed in, another tool's run) would be overwritten."""
+    from ..training import CHECKPOINT_MARKER
+
+    if not (checkpoint / CHECKPOINT_MARKER).is_file():
+        raise ValueError(
+            f"--resume {checkpoint} was not written by `restorelcc train` (no {CHECKPOINT_MARKER}): resume only "
+            "a checkpoint-<step> directory of an earlier `restorelcc train --output`, or drop --resume for a fresh "
+            "run into a new directory."
+        )
+    if checkpoint.resolve().parent != output.resolve():
+        raise ValueError(
+            f"--resume {checkpoint} is not a checkpoint of --output {output}: resuming writes into --output, so pass "
+            f"--output {checkpoint.resolve().parent} (where it was written)."
+        )
     return str(checkpoint)
+
+
+def _check_output_is_not_an_input(output: Path, inputs: dict[str, Path | None]) -> None:
+    """--output must not be (nor contain, nor lie inside) a directory the run reads: training would overwrite it."""
+    target = output.expanduser().resolve()
+    for flag, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).expanduser().resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise ValueError(
+                f"--output {output} overlaps {flag} {path}: training would overwrite what it reads. Pass a new "
+                "directory to --output."
+            )
 
 
 def _check_teacher(student_path: Path, teacher_path: Path) -> None:
@@ -240,14 +274,25 @@ def _check_seq_len(model_path: Path, seq_len: int) -> None:
 
 def _check_args(args: argparse.Namespace) -> tuple[Path, Path | None, Path, str | None, Path]:
     """Every check that needs no model weights. Returns (model path, teacher path, output, checkpoint, adapter)."""
+    from ..files import check_not_locked
     from ..io import resolve_adapter_path, resolve_model_path
 
     _check_numbers(args)
     adapter = resolve_adapter_path(args.adapter, args.adapter_revision)
     output = Path(args.output).expanduser()
+    model_path = resolve_model_path(args.model, args.revision)
+    inputs = {"--model": model_path, "--adapter": adapter}
+    if args.distill_from is not None:
+        inputs["--distill-from"] = resolve_model_path(args.distill_from)
+    if Path(args.data).expanduser().exists():
+        inputs["--data"] = Path(args.data)
+    _check_output_is_not_an_input(output, inputs)
+    from ..training import is_main_process
+
+    if is_main_process():  # under torchrun rank 0 holds the lock; the other ranks write nothing
+        check_not_locked(output)
     checkpoint = _resolve_resume(args, output)
     check_data_choice(args.data)
-    model_path = resolve_model_path(args.model, args.revision)
     _check_seq_len(model_path, args.seq_len)
     teacher_path = None
     if args.distill_from is not None:
@@ -258,7 +303,6 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, Path | None, Path, str 
 
 def _load(args: argparse.Namespace, model_path: Path, teacher_path: Path | None, adapter: Path) -> tuple[Any, ...]:
     """``(tokenizer, dataset, PeftModel ready to train, teacher or None)``."""
-    from peft import PeftModel
 
     import peft_restorelcc  # noqa: F401  (registers RESTORELCC with PEFT before the adapter is read)
 
@@ -281,7 +325,11 @@ def _load(args: argparse.Namespace, model_path: Path, teacher_path: Path | None,
         base = load_model(model_path, dtype=args.dtype, device_map=args.device, quantization=args.quantization)
         # PEFT's k-bit preparation: every base parameter frozen, non-quantized ones (norms, embeddings) in fp32.
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+    from ..integrity import check_finite_weights
+    from ..io.adapters import load_adapter
+
+    model = load_adapter(base, adapter, is_trainable=True)
+    check_finite_weights(model, f"--model {args.model} with --adapter {args.adapter}")
     teacher = load_model(teacher_path, dtype=args.dtype) if teacher_path is not None else None
     return tokenizer, dataset, model, teacher
 
@@ -299,12 +347,23 @@ def _announce(args: argparse.Namespace, model: Any, dataset: Any, teacher: Any) 
 
 
 def run(args: argparse.Namespace) -> int:
-    model_path, teacher_path, output, checkpoint, adapter = _check_args(args)
+    from contextlib import nullcontext
 
-    from .. import pipeline
+    from ..files import output_lock
     from ..training import is_main_process
 
+    model_path, teacher_path, output, checkpoint, adapter = _check_args(args)
     main = is_main_process()
+    # One writer per --output: a second `restorelcc train` into it fails at once (only rank 0 holds the lock).
+    with output_lock(output) if main else nullcontext():
+        return _train(args, model_path, teacher_path, output, checkpoint, adapter, main)
+
+
+def _train(
+    args: argparse.Namespace, model_path: Path, teacher_path: Path | None, output: Path, checkpoint: str | None,
+    adapter: Path, main: bool,
+) -> int:  # fmt: skip
+    from .. import pipeline
     if args.threads is not None:
         import torch
 
@@ -343,7 +402,9 @@ def _report(args: argparse.Namespace, metrics: dict[str, Any], output: Path, che
         resumed_from=checkpoint,
         quantization=args.quantization,
     )
-    (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    from ..integrity import json_safe
+
+    (output / METRICS_FILE).write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
     rows = [
         ("steps", str(metrics["steps"])),
         ("seconds", f"{metrics['seconds']:.1f}"),

@@ -12,13 +12,39 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 def resolve_adapter_path(name_or_path: str | os.PathLike, revision: str | None = None, flag: str = "--adapter") -> Path:
     """A local adapter directory (holding ``adapter_config.json``): an existing path as it is, else a Hub id
-    ``org/name`` fetched into the user's Hugging Face cache at ``revision``. ValueError with one line otherwise."""
+    ``org/name`` fetched into the user's Hugging Face cache at ``revision``. ValueError with one line otherwise, and
+    for a corrupt or truncated adapter_config.json / adapter_model.safetensors (``integrity.check_adapter_files``)."""
     path = Path(name_or_path).expanduser()
     if not path.exists() and is_hub_id(str(name_or_path)):
-        path = download_snapshot(str(name_or_path), revision)
+        try:
+            path = download_snapshot(str(name_or_path), revision)
+        except ValueError as error:  # a mistyped relative path looks like org/name: say both
+            raise ValueError(f"{flag} {name_or_path}: no such local directory, and as a Hub id: {error}") from None
     if not (path / ADAPTER_CONFIG).is_file():
         raise ValueError(
             f"{flag} {name_or_path} is not an adapter directory (no {ADAPTER_CONFIG}) nor a Hub id (org/name): pass "
             "the directory written by `restorelcc calibrate` or by a PEFT model's save_pretrained."
         )
+    from ..integrity import check_adapter_files
+
+    check_adapter_files(path)  # a corrupt or truncated file is one line here, not a traceback at load time
     return path
+
+
+def load_adapter(base, adapter: str | os.PathLike, flag: str = "--adapter", **kwargs):
+    """``PeftModel.from_pretrained(base, adapter, **kwargs)`` with a tensor that does not fit the base (wrong shape)
+    reported as one ValueError line naming the adapter and the first mismatch, not torch's multi-line error."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, str(adapter), **kwargs)
+    except RuntimeError as error:
+        details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        if "size mismatch" not in str(error) and "Error(s) in loading state_dict" not in str(error):
+            raise
+        first = details[0] if details else str(error).splitlines()[0]
+        more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+        raise ValueError(
+            f"{flag} {adapter} does not fit this base model: {first}{more}. Load it onto the model it was made for, "
+            "or save the adapter again."
+        ) from None

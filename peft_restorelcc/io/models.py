@@ -37,7 +37,10 @@ def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = N
         raise ValueError(f"{str(name_or_path)!r} is a file; a model is a directory written by save_pretrained.")
     text = str(name_or_path)
     if is_hub_id(text):
-        return download_snapshot(text, revision, MODEL_PATTERNS)
+        try:
+            return download_snapshot(text, revision, MODEL_PATTERNS)
+        except ValueError as error:  # a mistyped relative path looks like org/name: say both
+            raise ValueError(f"{text}: no such local directory, and as a Hub id: {error}") from None
     raise ValueError(
         f"{text!r} is neither an embedded model, an existing local directory, nor a Hub id (org/name). "
         f"Embedded models: {sorted(EMBEDDED_MODELS)}." + missing_embedded_hint()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -28,8 +29,10 @@ def normalize_heads(heads: Mapping | None) -> dict[int, list[int]] | None:
     normalized: dict[int, list[int]] = {}
     for layer, layer_heads in heads.items():
         try:
-            layer_index = int(layer)
-            head_indices = sorted({int(head) for head in layer_heads})
+            layer_index = _index(layer)
+            if isinstance(layer_heads, (str, bytes, Mapping)):
+                raise TypeError(layer_heads)
+            listed = [_index(head) for head in layer_heads]
         except (TypeError, ValueError) as error:
             raise ValueError(
                 f"heads[{layer!r}] = {layer_heads!r} is not a list of integer head indices under an integer layer "
@@ -37,12 +40,34 @@ def normalize_heads(heads: Mapping | None) -> dict[int, list[int]] | None:
             ) from error
         if layer_index < 0:
             raise ValueError(f"heads has a negative layer index {layer_index}; layer indices count from 0.")
-        negative = [head for head in head_indices if head < 0]
+        if layer_index in normalized:
+            raise ValueError(f"heads names layer {layer_index} twice ({layer!r}); list each layer once.")
+        negative = [head for head in listed if head < 0]
         if negative:
             raise ValueError(f"heads[{layer_index}] has negative head indices {negative}; head indices count from 0.")
-        if head_indices:
-            normalized[layer_index] = head_indices
+        if not listed:
+            raise ValueError(
+                f"heads[{layer_index}] is empty: list the heads to compensate in layer {layer_index}, or leave the "
+                "layer out (heads=None compensates every head)."
+            )
+        duplicates = sorted({head for head in listed if listed.count(head) > 1})
+        if duplicates:
+            raise ValueError(f"heads[{layer_index}] lists heads {duplicates} more than once; list each head once.")
+        normalized[layer_index] = sorted(listed)
     return dict(sorted(normalized.items())) or None
+
+
+def _index(value: object) -> int:
+    """An integer index (an int, an integral float, or a string of digits as JSON keys are); never a bool."""
+    if isinstance(value, bool):
+        raise TypeError(value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if isinstance(value, str):
+        return int(value.strip())
+    return int(value.__index__())
 
 
 @dataclass
@@ -71,6 +96,8 @@ class RestoreLCCConfig(PeftConfig):
             head_dim = the widest target's input width / num_heads. Transformers models need neither this nor
             head_dim: both come from their config.
         num_layers: number of target projections in the model it was made for; recorded on injection.
+        heads_per_layer: heads of each of those projections, in order; recorded on injection, so that a saved
+            adapter refuses a base with the same head_dim but another number of heads.
         init_weights: as in PEFT's other methods, ``True`` (default) starts m and b at zero, so the wrapped model's
             output is unchanged (they enter linearly, so training starts fine from there); ``False`` draws them from
             N(0, 1), a random non-identity adapter for tests; ``"gaussian"`` draws them from N(0, init_std), the
@@ -101,6 +128,9 @@ class RestoreLCCConfig(PeftConfig):
         default=None, metadata={"help": "Heads per target projection, for models without a transformers config."}
     )
     num_layers: int | None = field(default=None, metadata={"help": "Target projections in the base model."})
+    heads_per_layer: list[int] | None = field(
+        default=None, metadata={"help": "Heads of each target projection in the base model; recorded on injection."}
+    )
     init_weights: bool | str = field(
         default=True,
         metadata={
@@ -151,8 +181,13 @@ class RestoreLCCConfig(PeftConfig):
                 f"init_weights must be True (identity), False (random) or one of {INIT_WEIGHTS_STRINGS}, got "
                 f"{self.init_weights!r}."
             )
-        if self.init_std < 0:
-            raise ValueError(f"init_std must be >= 0, got {self.init_std}.")
+        if not (isinstance(self.init_std, (int, float)) and math.isfinite(self.init_std) and self.init_std >= 0):
+            raise ValueError(f"init_std must be a finite number >= 0 (the paper: 1e-3), got {self.init_std}.")
+        if self.init_weights == "gaussian" and self.init_std == 0:
+            raise ValueError(
+                "init_weights='gaussian' with init_std=0 draws nothing: use init_std > 0 (the paper: 1e-3), or "
+                "init_weights=True for a zero start."
+            )
 
     def to_dict(self) -> dict:
         # JSON object keys are strings anyway; writing them as such keeps the file and the round trip explicit.

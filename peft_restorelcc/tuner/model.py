@@ -120,6 +120,12 @@ class RestoreLCCModel(BaseTuner):
                 f"base model has {len(projections)}. Load it onto the model it was calibrated for."
             )
         heads_per_layer = {projection.layer_index: projection.num_heads for projection in projections}
+        counts = [projection.num_heads for projection in projections]
+        if config.heads_per_layer is not None and list(config.heads_per_layer) != counts:
+            raise ValueError(
+                f"This RestoreLCC adapter was made for a model with {list(config.heads_per_layer)} heads per attention "
+                f"layer, but the base model has {counts}. Load it onto the model it was calibrated for."
+            )
         for layer_index, head_indices in (config.heads or {}).items():
             if layer_index not in heads_per_layer:
                 raise ValueError(
@@ -160,6 +166,7 @@ class RestoreLCCModel(BaseTuner):
         # Record what the adapter was made for, so a reload onto another base fails clearly.
         config.head_dim = head_dim
         config.num_layers = len(projections)
+        config.heads_per_layer = counts
         config.num_components = config.num_components or head_dim
 
     @staticmethod
