@@ -117,7 +117,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axis.barh(labels, [row["peak_gib"] for row in measured], label="peak resident memory")
     axis.scatter([row["target_gib"] for row in measured], labels, color="black", marker="|", s=200, label="target")
     axis.set_xlabel("GiB")
-    axis.legend(loc="lower right")
+    axis.legend(loc="upper right")
     axis.invert_yaxis()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
