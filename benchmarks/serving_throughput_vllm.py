@@ -31,10 +31,11 @@ import time
 from pathlib import Path
 
 import torch
+from overhead import smollm2_shaped_model
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from serving_vllm import prune_rows
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from peft_restorelcc import RestoreLCCConfig
 from peft_restorelcc.export import save_merged
@@ -99,19 +100,7 @@ if __name__ == "__main__":  # vLLM spawns workers that re-import this file
 
 
 def smollm2_shaped_pruned(seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = smollm2_shaped_model(seed)
     prune_rows(model)
     return model
 
