@@ -437,6 +437,7 @@ def _summary(
         "train": train_metrics,
         "stage_seconds": timer.seconds,
         "stage_peak_rss_gib": timer.peak_rss_gib,
+        "peak_rss_gib": timer.process_peak_rss_gib,
         "stage_peak_gpu_gib": timer.peak_gpu_gib,
         "paths": {name: str(output / name) for name in ("pruned", "lost_components", "adapter")}
         | {"merged": str(merged_dir)},

@@ -48,15 +48,25 @@ class StageTimer:
     """Wall-clock seconds and peak memory per named stage, in the order the stages ran.
 
     The peak is the whole process's resident memory at its highest during the stage (the model, the data and
-    everything the stage allocated), read from the kernel, and on a GPU the peak allocated device memory.
+    everything the stage allocated), read from the kernel, and on a GPU the peak allocated device memory. The kernel
+    keeps one peak per process, reset at each stage start, so an outside tool reading it at exit
+    (``/usr/bin/time -v``'s maximum resident set size) sees the last stage's only: ``process_peak_rss_gib`` is the
+    whole run's, every peak folded in before it is reset.
     """
 
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_gib: dict[str, float] = field(default_factory=dict)
     peak_gpu_gib: dict[str, float] = field(default_factory=dict)
+    process_peak_rss_gib: float = 0.0
+
+    def _fold_process_peak(self) -> None:
+        peak = peak_rss_bytes()
+        if peak is not None:
+            self.process_peak_rss_gib = max(self.process_peak_rss_gib, round(peak / 2**30, 3))
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        self._fold_process_peak()  # what came before this stage (loading, an earlier stage) is kept
         measured = _reset_peak_rss()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -68,6 +78,7 @@ class StageTimer:
             peak = peak_rss_bytes() if measured else None
             if peak is not None:
                 self.peak_rss_gib[name] = max(self.peak_rss_gib.get(name, 0.0), round(peak / 2**30, 3))
+            self._fold_process_peak()
             if torch.cuda.is_available():
                 gpu = torch.cuda.max_memory_allocated() / 2**30
                 self.peak_gpu_gib[name] = max(self.peak_gpu_gib.get(name, 0.0), round(gpu, 3))

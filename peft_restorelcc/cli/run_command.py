@@ -222,7 +222,10 @@ def results_table(summary: dict[str, Any]) -> str:
     ]
     if summary.get("stage_peak_rss_gib"):
         peaks = summary["stage_peak_rss_gib"].items()
-        lines.append("peak resident GiB per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in peaks))
+        lines.append(
+            f"peak resident GiB: {summary.get('peak_rss_gib', 0.0):.2f} in all; per stage: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in peaks)
+        )
     return "\n".join(lines)
 
 
