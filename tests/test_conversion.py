@@ -4,7 +4,6 @@ logits as the unmerged adapter, every stored weight unchanged, or the export ref
 from __future__ import annotations
 
 import json
-import string
 import subprocess
 import sys
 import textwrap
@@ -13,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model
+from test_cli_prune import make_char_tokenizer
 from tiny_models import make_tiny_model, random_input_ids
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from peft_restorelcc import RestoreLCCConfig
 from peft_restorelcc.conversion import PROVENANCE_KEY, conversion_problem, convert_to_llama
@@ -37,18 +36,6 @@ CONVERTIBLE_CASES: dict[str, tuple[str, dict]] = {
     ),
     "phi3": ("phi3", {}),
 }
-
-
-def make_char_tokenizer() -> PreTrainedTokenizerFast:
-    """A real (fast) character-level tokenizer whose ids fit the tiny models' vocabulary of 97."""
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for char in " " + string.ascii_letters + string.digits + ".,;:!?'\"-()":
-        vocab[char] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
 
 
 def prune_all_linear(model: nn.Module) -> nn.Module:
