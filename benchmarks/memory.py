@@ -77,9 +77,9 @@ def fp32_model_gib(model: str) -> float:
 
 def libraries_gib() -> float:
     """Peak resident memory of a process that imports what the main job imports and does nothing else."""
-    code = ("import re, pathlib, lm_eval.models.huggingface, peft_restorelcc.cli, peft_restorelcc.recovery;"
-            "print(re.search(r'VmHWM:\\s+(\\d+)', pathlib.Path('/proc/self/status').read_text()).group(1))")  # fmt: skip
-    return int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout) / 2**20
+    code = ("import lm_eval.models.huggingface, peft_restorelcc.cli\n"
+            "from peft_restorelcc.recovery import peak_rss_bytes\nprint(peak_rss_bytes())")  # fmt: skip
+    return int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout) / 2**30
 
 
 def run_main_job(model: str, output: Path, extra: list[str]) -> dict:

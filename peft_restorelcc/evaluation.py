@@ -28,7 +28,14 @@ from tqdm.auto import tqdm
 
 from peft_restorelcc.data import eval_dataset, hellaswag_query_and_endings
 from peft_restorelcc.devices import input_device
-from peft_restorelcc.logits import cross_entropy_sum, lm_head_at, parameter_bytes, rows_within_budget
+from peft_restorelcc.logits import (
+    IGNORE_INDEX,
+    cross_entropy_sum,
+    lm_head_at,
+    next_token_targets,
+    parameter_bytes,
+    rows_within_budget,
+)
 
 __all__ = [
     "PAPER_TASKS",
@@ -438,13 +445,13 @@ def perplexity(
                     input_ids[row, : len(window)] = torch.tensor(window)
                     mask[row, : len(window)] = 1
                 input_ids, mask = input_ids.to(device), mask.to(device)
-                predicted = mask[:, 1:].bool()
-                # The head runs at the predicting positions only (no logits for padding), in one (1, N, vocab) tensor.
-                positions = torch.cat([predicted, predicted.new_zeros(len(batch), 1)], dim=1)
+                # Every real token after the first is a target; the head runs at the positions that predict one
+                # (no logits for padding), in one (1, N, vocab) tensor.
+                positions, targets = next_token_targets(input_ids.masked_fill(mask == 0, IGNORE_INDEX))
                 with lm_head_at(model, positions):
                     rows = model(input_ids=input_ids, attention_mask=mask).logits[0]
-                total_nll += float(cross_entropy_sum(rows, input_ids[:, 1:][predicted]))
-                total_tokens += int(predicted.sum())
+                total_nll += float(cross_entropy_sum(rows, targets))
+                total_tokens += len(targets)
     finally:
         model.train(was_training)
     return math.exp(total_nll / total_tokens)

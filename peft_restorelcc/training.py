@@ -562,8 +562,9 @@ def _check_training_args(
 
 
 def peak_memory_mb() -> dict[str, float]:
-    """Peak memory of this process: CUDA allocations when on a GPU, and the resident set size (the whole process
-    since it started, model loading included: an upper bound of what training needs)."""
+    """Peak memory of this process: CUDA allocations when on a GPU, and the resident set size since the process
+    started, model loading included (an upper bound of what training needs), or since the kernel's peak counter was
+    last reset: under ``restorelcc run`` that is the start of the train stage (``recovery.StageTimer``)."""
     peaks = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if torch.cuda.is_available():
         peaks["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
