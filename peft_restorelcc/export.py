@@ -179,13 +179,17 @@ def _save_merged_same_architecture(
     """
     output_dir = check_new_output_dir(output_dir)
     merged = merged_for_export(model, safe_merge=safe_merge)
+    export_info = {"merged": True, "attention_bias": getattr(text_config(merged), "attention_bias", None)}
+    return _write_merged(merged, output_dir, tokenizer, export_info)
+
+
+def _write_merged(merged: PreTrainedModel, output_dir: Path, tokenizer: Any, export_info: dict[str, Any]) -> Path:
+    """The merged model, its tokenizer and ``restorelcc_export.json``, staged beside ``output_dir`` and renamed."""
     with staged_output_dir(output_dir) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        (staging / "restorelcc_export.json").write_text(
-            json.dumps({"merged": True, "attention_bias": getattr(text_config(merged), "attention_bias", None)})
-        )
+        (staging / "restorelcc_export.json").write_text(json.dumps(export_info))
     return output_dir
 
 
@@ -213,11 +217,9 @@ def save_merged(
     if problem is not None:
         raise ValueError(f"Cannot export a merged RestoreLCC model of the {_model_type(base)} architecture: {problem}.")
     output_dir = check_new_output_dir(output_dir)
-    peft_config = next(iter(getattr(model, "peft_config", {}).values()), None)
+    adapter_base = merge_provenance(model)
     provenance = conversion.provenance_for(
-        base,
-        base_model=getattr(peft_config, "base_model_name_or_path", None) or None,
-        base_revision=getattr(peft_config, "revision", None),
+        base, base_model=adapter_base["base_model"], base_revision=adapter_base["base_revision"]
     )
     with warnings.catch_warnings():
         # The tuner warns that this family cannot carry the merged bias; the conversion below is what carries it.
@@ -225,14 +227,8 @@ def save_merged(
         merged = model.merge_and_unload(safe_merge=safe_merge) if hasattr(model, "merge_and_unload") else model
     strip_serving_blockers(merged.config)
     converted = conversion.convert_to_llama(merged, provenance=provenance)
-    with staged_output_dir(output_dir) as staging:
-        converted.save_pretrained(staging, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        (staging / "restorelcc_export.json").write_text(
-            json.dumps({"merged": True, "attention_bias": True, "converted_from": provenance["source_model_type"]})
-        )
-    return output_dir
+    export_info = {"merged": True, "attention_bias": True, "converted_from": provenance["source_model_type"]}
+    return _write_merged(converted, output_dir, tokenizer, export_info)
 
 
 def quantized_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
