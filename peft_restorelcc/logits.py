@@ -11,12 +11,14 @@ Granite's scaling): the rows that come out are exactly the full forward's rows a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -56,6 +58,134 @@ def lm_head_at(model: nn.Module, positions: torch.Tensor | None) -> Iterator[Non
         yield
     finally:
         handle.remove()
+
+
+@dataclass
+class HeadInputs:
+    """What ``head_inputs_at`` captured of one forward: the hidden states at the selected positions (N x hidden,
+    still in the autograd graph), and the model's own logits of the first ``check_rows`` of them."""
+
+    hidden: torch.Tensor | None = None
+    check_rows: int = 0
+
+
+@contextmanager
+def head_inputs_at(model: nn.Module, positions: torch.Tensor, check_rows: int = 2) -> Iterator[HeadInputs]:
+    """Inside, a forward captures the head's input at the True entries of ``positions`` (as ``lm_head_at`` selects
+    them) and lets only the first ``check_rows`` of them through the head: ``model(...).logits`` is then
+    ``(1, check_rows, vocab)``, the model's own rows, to check ``head_logits`` against (``head_logits_match``)."""
+    captured = HeadInputs()
+
+    def keep(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        hidden = args[0]
+        selected = hidden[:, hidden.shape[1] - positions.shape[1] :][positions.to(hidden.device)]
+        captured.hidden = selected
+        captured.check_rows = min(check_rows, selected.shape[0])
+        return (selected[: captured.check_rows].unsqueeze(0), *args[1:]), kwargs
+
+    handle = output_head(model).register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _text_config(model: nn.Module) -> object:
+    config = getattr(getattr(model, "module", model), "config", None)
+    getter = getattr(config, "get_text_config", None)
+    return getter() if getter is not None else config
+
+
+def head_logits(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden rows -> logits rows, as the model's forward computes them after its last norm: the output embeddings,
+    then what transformers applies after them (Gemma 2/3's final soft-capping, Cohere's logit scale, Granite's
+    logits scaling). ``head_logits_match`` checks the result against the model's own rows at every use."""
+    head = output_head(model)
+    config = _text_config(model)
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    divisor = getattr(config, "logits_scaling", None)
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        rows = head(hidden)
+        if scale is not None:
+            rows = rows * scale
+        if divisor is not None:
+            rows = rows / divisor
+        if cap is not None:
+            rows = torch.tanh(rows / cap) * cap
+        return rows
+
+    return logits
+
+
+def head_logits_match(model_rows: torch.Tensor, computed_rows: torch.Tensor) -> bool:
+    """Whether ``head_logits`` reproduced the model's own rows (to float rounding): False for a model that applies
+    something else after its head, whose loss must then be computed from its own logits."""
+    if model_rows.shape != computed_rows.shape:
+        return False
+    return torch.allclose(computed_rows.float(), model_rows.float(), rtol=1e-4, atol=1e-5)
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-row ``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` (rows x vocab -> rows), in fp32."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ: "
+            "distillation needs models with the same vocabulary."
+        )
+    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="none").sum(dim=-1)
+    return kl * temperature**2
+
+
+# Logit bytes (fp32) of one training chunk: the head runs this many rows at a time and keeps none for the backward
+# pass (each chunk is recomputed there), so a step holds one chunk's logits, its log-softmax and their gradient.
+TRAINING_CHUNK_BYTES = 64 * 2**20
+# Below this many fp32 logit bytes in a step the head runs in one call, as the model's own loss does.
+TRAINING_CHUNK_THRESHOLD = 256 * 2**20
+
+
+def chunked_head_loss(
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    teacher_logits_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    teacher_hidden: torch.Tensor | None = None,
+    alpha: float = 0.0,
+    temperature: float = 1.0,
+    chunk_rows: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(loss sum, LM sum, KL sum)`` over the rows of ``hidden`` (N x hidden), ``chunk_rows`` rows at a time: the
+    sum of ``alpha * KL(teacher || student) + (1 - alpha) * cross entropy``, with each chunk's logits recomputed in
+    the backward pass instead of kept, so no N x vocabulary tensor exists. The LM and KL sums come back detached
+    (for the logs); KL is None without a teacher."""
+    def chunk_loss(student: torch.Tensor, teacher: torch.Tensor | None, chunk_targets: torch.Tensor) -> tuple:
+        rows = logits_of(student)
+        lm = F.cross_entropy(rows.float(), chunk_targets, reduction="sum")
+        if teacher is None:
+            return lm, lm.detach(), lm.new_zeros(())
+        with torch.no_grad():
+            teacher_rows = teacher_logits_of(teacher)
+        kl = token_kl(rows, teacher_rows, temperature).sum()
+        return alpha * kl + (1.0 - alpha) * lm, lm.detach(), kl.detach()
+
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    lm_sum = hidden.new_zeros((), dtype=torch.float32)
+    kl_sum = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        end = start + chunk_rows
+        teacher = None if teacher_hidden is None else teacher_hidden[start:end]
+        if torch.is_grad_enabled():
+            chunk = checkpoint(chunk_loss, hidden[start:end], teacher, targets[start:end], use_reentrant=False)
+        else:
+            chunk = chunk_loss(hidden[start:end], teacher, targets[start:end])
+        loss, lm_sum, kl_sum = loss + chunk[0], lm_sum + chunk[1], kl_sum + chunk[2]
+    return loss, lm_sum, (None if teacher_hidden is None else kl_sum)
 
 
 def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,7 +38,18 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
-from .logits import lm_head_at, next_token_targets
+from .logits import (
+    TRAINING_CHUNK_BYTES,
+    TRAINING_CHUNK_THRESHOLD,
+    chunked_head_loss,
+    head_inputs_at,
+    head_logits,
+    head_logits_match,
+    lm_head_at,
+    next_token_targets,
+    output_head,
+    token_kl,
+)
 
 IGNORE_INDEX = -100
 DATA_CHOICES = ("instruction", "instruction-wide", "instruction-and-cloze", "text", "mixed")
@@ -352,21 +363,6 @@ def labelled_positions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return logits[:, :-1][mask], targets[mask], mask
 
 
-def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Per-row ``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` (rows x vocab -> rows), in fp32."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ: "
-            "distillation needs models with the same vocabulary."
-        )
-    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="none").sum(dim=-1)
-    return kl * temperature**2
-
-
 def distillation_kl(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
@@ -413,6 +409,8 @@ class RecoveryTrainer(Trainer):
         teacher: nn.Module | None = None,
         distill_alpha: float = 1.0,
         temperature: float = 1.0,
+        head_chunk_threshold: int = TRAINING_CHUNK_THRESHOLD,
+        head_chunk_bytes: int = TRAINING_CHUNK_BYTES,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -429,6 +427,10 @@ class RecoveryTrainer(Trainer):
         # Per-process sums since the last log, for "distill_kl" and "lm_loss" in the logs.
         self._log_sums = {"kl": 0.0, "lm": 0.0, "tokens": 0}
         self._batches_seen = 0
+        # A step whose labelled positions would need more fp32 logit bytes than head_chunk_threshold runs the head
+        # head_chunk_bytes of logits at a time (chunked_head_loss): plain-text data labels every token.
+        self.head_chunk_threshold = head_chunk_threshold
+        self.head_chunk_bytes = head_chunk_bytes
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         """The stock step, then a stop (``NonFiniteTraining``, one line naming the step and the batch) as soon as the
@@ -460,18 +462,23 @@ class RecoveryTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         if "labels" not in inputs or self.label_smoother is not None or self.compute_loss_func is not None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        outputs, student_rows, positions, targets = self._labelled_rows(model, inputs, full_logits=return_outputs)
-        if self.teacher is None:
-            kl_sum, alpha = None, 0.0
+        positions, targets = next_token_targets(inputs["labels"])
+        sums = None if return_outputs else self._chunked_sums(model, inputs, positions, targets)
+        if sums is not None:
+            outputs, (loss_sum, lm_sum, kl_sum) = None, sums
         else:
-            model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-            with torch.no_grad(), lm_head_at(self.teacher, positions):
-                teacher_rows = self.teacher(**model_inputs).logits[0]
-            kl_sum, alpha = token_kl(student_rows, teacher_rows, self.temperature).sum(), self.distill_alpha
-        # The LM term is computed even at alpha=1 (without a graph) so that the logs show both.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1.0):
-            lm_sum = F.cross_entropy(student_rows.float(), targets, reduction="sum")
-        loss_sum = lm_sum if kl_sum is None else alpha * kl_sum + (1.0 - alpha) * lm_sum
+            outputs, student_rows, positions, targets = self._labelled_rows(model, inputs, return_outputs)
+            if self.teacher is None:
+                kl_sum, alpha = None, 0.0
+            else:
+                model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+                with torch.no_grad(), lm_head_at(self.teacher, positions):
+                    teacher_rows = self.teacher(**model_inputs).logits[0]
+                kl_sum, alpha = token_kl(student_rows, teacher_rows, self.temperature).sum(), self.distill_alpha
+            # The LM term is computed even at alpha=1 (without a graph) so that the logs show both.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1.0):
+                lm_sum = F.cross_entropy(student_rows.float(), targets, reduction="sum")
+            loss_sum = lm_sum if kl_sum is None else alpha * kl_sum + (1.0 - alpha) * lm_sum
         if num_items_in_batch is not None:
             # Normalised over the global batch as the Trainer normalises its own loss; DDP then averages the
             # gradients over processes, which the scale by the process count undoes.
@@ -487,6 +494,46 @@ class RecoveryTrainer(Trainer):
             self._log_sums["lm"] += float(lm_sum.detach())
             self._log_sums["tokens"] += int(positions.sum())
         return (loss, outputs) if return_outputs else loss
+
+    def _chunked_sums(
+        self, model: nn.Module, inputs: dict[str, Any], positions: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """``(loss sum, LM sum, KL sum)`` with the head run a chunk of rows at a time, or None when the step's logits
+        are small enough for one call, or when the model applies something after its head that ``head_logits`` does
+        not reproduce (then, once, a warning, and every later step takes the one-call path)."""
+        vocab = output_head(model).weight.shape[0]
+        chunk_bytes = self.head_chunk_bytes
+        if self.head_chunk_threshold is None or int(positions.sum()) * vocab * 4 <= self.head_chunk_threshold:
+            return None
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        with head_inputs_at(model, positions) as student:
+            own_rows = model(**model_inputs).logits[0]
+        logits_of = head_logits(model)
+        teacher = teacher_logits_of = None
+        if self.teacher is not None:
+            teacher_logits_of = head_logits(self.teacher)
+            with torch.no_grad(), head_inputs_at(self.teacher, positions) as teacher:
+                teacher_own_rows = self.teacher(**model_inputs).logits[0]
+        with torch.no_grad():
+            reproduced = head_logits_match(own_rows, logits_of(student.hidden[: student.check_rows])) and (
+                teacher is None
+                or head_logits_match(teacher_own_rows, teacher_logits_of(teacher.hidden[: teacher.check_rows]))
+            )
+        if not reproduced:
+            warnings.warn(
+                f"{type(getattr(model, 'module', model)).__name__} changes its logits after the output embeddings in a "
+                "way the chunked loss does not reproduce: every step computes the head in one call instead.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.head_chunk_threshold = None
+            return None
+        return chunked_head_loss(
+            logits_of, student.hidden, targets, teacher_logits_of=teacher_logits_of,
+            teacher_hidden=None if teacher is None else teacher.hidden,
+            alpha=self.distill_alpha if teacher is not None else 0.0, temperature=self.temperature,
+            chunk_rows=max(1, chunk_bytes // (vocab * 4)),
+        )  # fmt: skip
 
     @staticmethod
     def _labelled_rows(

@@ -29,6 +29,7 @@ def test_empty_heads_mean_every_head(heads):
         ({"heads": {0: [-2]}}, "negative head indices"),
         ({"heads": {0: ["x"]}}, "integer head indices"),
         ({"heads": [0, 1]}, "must be a mapping"),
+        ({"heads": 4}, "must be a mapping"),  # a count is the CLI's --heads, not the config's
         ({"num_components": 0}, "num_components must be >= 1"),
         ({"num_components": 9, "head_dim": 8}, "exceeds head_dim"),
         ({"use_components": False, "use_bias": False}, "nothing to train"),

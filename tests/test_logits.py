@@ -8,7 +8,7 @@ from test_training import restorelcc_model, tiny_records
 from tiny_models import make_tiny_model, random_input_ids
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, TrainingArguments
 
-from peft_restorelcc.logits import cross_entropy_sum, lm_head_at, next_token_targets
+from peft_restorelcc.logits import cross_entropy_sum, head_inputs_at, head_logits, lm_head_at, next_token_targets
 from peft_restorelcc.training import PaddingCollator, RecoveryTrainer, distillation_kl
 
 # fp32 sums over a few dozen tokens in another order: the loss and gradients agree to float rounding.
@@ -58,9 +58,9 @@ def test_chunked_cross_entropy_equals_one_call() -> None:
     torch.testing.assert_close(cross_entropy_sum(rows, targets, chunk_rows=7), expected, **TOLERANCE)
 
 
-def trainer_for(model, tmp_path, teacher=None, distill_alpha: float = 1.0) -> RecoveryTrainer:
+def trainer_for(model, tmp_path, teacher=None, distill_alpha: float = 1.0, **chunking) -> RecoveryTrainer:
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    return RecoveryTrainer(model=model, args=args, teacher=teacher, distill_alpha=distill_alpha)
+    return RecoveryTrainer(model=model, args=args, teacher=teacher, distill_alpha=distill_alpha, **chunking)
 
 
 def gradients(model) -> dict[str, torch.Tensor]:
@@ -149,3 +149,100 @@ def test_bad_batch_size_flags_name_the_flag_and_the_choices(text) -> None:
 
     with pytest.raises(ValueError, match=r"--batch-size must be 'auto' or a positive integer"):
         parse_batch_size(text, "--batch-size")
+
+
+# ---- plain text: every token labelled, the head run a chunk of rows at a time ----------------------------------
+
+# Every step chunked (threshold 0), 7 rows of a 97-token vocabulary per chunk: several chunks and a ragged last one.
+CHUNKED = dict(head_chunk_threshold=0, head_chunk_bytes=7 * 97 * 4)
+
+
+def text_batch(batch: int = 3, length: int = 12) -> dict[str, torch.Tensor]:
+    """Plain text as `--data text` trains on it: every token is a label."""
+    input_ids = random_input_ids(batch, length)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+
+def gemma3_adapter():
+    from peft import get_peft_model
+
+    from peft_restorelcc import RestoreLCCConfig
+
+    config = RestoreLCCConfig(init_weights="gaussian", heads={0: [1, 2], 1: [0, 3]}, init_std=0.1, task_type="CAUSAL_LM")
+    return get_peft_model(tiny_gemma3(), config).train()
+
+
+@pytest.mark.parametrize("build", [random_adapter, gemma3_adapter], ids=["llama", "gemma3-softcapped"])
+def test_chunked_text_loss_and_gradients_equal_the_models_own(tmp_path, build) -> None:
+    model = build()
+    batch = text_batch()
+    full = model(**batch).loss
+    full.backward()
+    expected = gradients(model)
+    trainer = trainer_for(model, tmp_path, **CHUNKED)
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    assert trainer.head_chunk_threshold == 0  # the chunked path ran: the model's head was reproduced
+    torch.testing.assert_close(loss, full, **TOLERANCE)
+    for name, grad in gradients(model).items():
+        torch.testing.assert_close(grad, expected[name], **TOLERANCE, msg=name)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+def test_chunked_distillation_equals_the_full_logits_kl(tmp_path, alpha) -> None:
+    model = random_adapter()
+    teacher = make_tiny_model("llama")
+    batch = text_batch()
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    kl = distillation_kl(model(**inputs).logits, teacher(**inputs).logits, batch["labels"])
+    full = alpha * kl + (1 - alpha) * model(**batch).loss
+    full.backward()
+    expected = gradients(model)
+    loss = trainer_for(model, tmp_path, teacher=teacher, distill_alpha=alpha, **CHUNKED).compute_loss(model, batch)
+    loss.backward()
+    torch.testing.assert_close(loss, full, **TOLERANCE)
+    for name, grad in gradients(model).items():
+        torch.testing.assert_close(grad, expected[name], **TOLERANCE, msg=name)
+
+
+def test_a_head_the_chunks_do_not_reproduce_falls_back_to_one_call(tmp_path, monkeypatch) -> None:
+    """A model that changes its logits after the head in a way head_logits does not know: the check against the
+    model's own rows fails, a warning says so, and the loss is the model's own."""
+    import peft_restorelcc.training as training
+
+    model = random_adapter()
+    batch = text_batch()
+    full = model(**batch).loss
+    monkeypatch.setattr(training, "head_logits", lambda m: (lambda hidden: 2.0 * head_logits(m)(hidden)))
+    trainer = trainer_for(model, tmp_path, **CHUNKED)
+    with pytest.warns(RuntimeWarning, match="does not reproduce"):
+        loss = trainer.compute_loss(model, dict(batch))
+    assert trainer.head_chunk_threshold is None
+    torch.testing.assert_close(loss, full, **TOLERANCE)
+
+
+def test_small_steps_keep_the_one_call_head(tmp_path, monkeypatch) -> None:
+    """Under the default threshold (256 MiB of logits) a step never goes through the chunks."""
+    import peft_restorelcc.training as training
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("chunked")
+
+    monkeypatch.setattr(training, "chunked_head_loss", refuse)
+    model = random_adapter()
+    torch.testing.assert_close(trainer_for(model, tmp_path).compute_loss(model, text_batch()), model(**text_batch()).loss)
+
+
+@pytest.mark.parametrize("build", [lambda: make_tiny_model("llama"), tiny_gemma3])
+def test_captured_head_inputs_give_the_full_forwards_rows(build) -> None:
+    model = build()
+    input_ids = random_input_ids(3, 10)
+    positions = torch.rand(3, 10, generator=torch.Generator().manual_seed(0)) > 0.5
+    with torch.no_grad():
+        full = model(input_ids=input_ids).logits
+        with head_inputs_at(model, positions, check_rows=2) as captured:
+            own = model(input_ids=input_ids).logits
+        computed = head_logits(model)(captured.hidden)
+    assert own.shape == (1, 2, full.shape[-1])
+    torch.testing.assert_close(computed, full[positions], **TOLERANCE)
+    torch.testing.assert_close(own[0], full[positions][:2], **TOLERANCE)

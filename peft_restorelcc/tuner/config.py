@@ -19,7 +19,7 @@ def normalize_heads(heads: Mapping | None) -> dict[int, list[int]] | None:
 
     JSON turns integer keys into strings, so a config read back from ``adapter_config.json`` comes through here.
     """
-    if heads is None or len(heads) == 0:
+    if heads is None or (isinstance(heads, Mapping) and len(heads) == 0):
         return None
     if not isinstance(heads, Mapping):
         raise ValueError(
