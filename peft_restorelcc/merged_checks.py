@@ -152,5 +152,4 @@ def merged_measures(
         measured |= reload_check(merged, saved)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        gc.collect()
     return measured
