@@ -233,16 +233,25 @@ def _train_length(settings: CompareSettings) -> dict[str, Any]:
 
 def _data_seen(metrics: dict[str, Any], dataset: Any, settings: CompareSettings) -> dict[str, Any]:
     """What a reader checks every method saw alike: epochs over how many examples of which length, and the number
-    of examples the optimizer went through (epochs x training set: the Trainer's epoch counts fractions)."""
-    epochs = metrics.get("epochs")
+    of examples the optimizer steps went through."""
+    steps, batch = metrics.get("steps"), metrics.get("global_batch_size")
     return {
-        "epochs": epochs, "seq_len": settings.seq_len, "global_batch_size": metrics.get("global_batch_size"),
-        "examples_seen": None if epochs is None else round(epochs * len(dataset)),
+        "epochs": metrics.get("epochs"), "seq_len": settings.seq_len, "global_batch_size": batch,
+        "examples_seen": None if steps is None or not batch else examples_seen(steps, len(dataset), batch),
     }  # fmt: skip
 
 
+def examples_seen(steps: int, examples: int, batch: int) -> int:
+    """Examples that ``steps`` optimizer steps of ``batch`` go through on a training set of ``examples``: the
+    Trainer's epochs are ceil(examples / batch) steps, the last batch of an epoch short."""
+    per_epoch = math.ceil(examples / batch)
+    epochs, rest = divmod(steps, per_epoch)
+    return epochs * examples + min(rest * batch, examples)
+
+
 def _run(method: str, seed: int, models: _Models, settings: CompareSettings, work: Path) -> dict[str, Any]:
-    """One seed of one method: build, train, evaluate, merge on a copy; what results.json keeps of it."""
+    """One seed of one method: build, train, evaluate, merge once and measure the merged model; what compare.json
+    keeps of it."""
     timer = recovery.StageTimer()
     torch.manual_seed(seed)
     model = BUILDERS[method](copy.deepcopy(models.pruned), settings, models)

@@ -124,6 +124,13 @@ def test_bad_flags_exit_2_with_one_line_before_any_model_loads(tmp_path, capsys,
     assert not output.exists()
 
 
+def test_examples_seen_counts_the_short_last_batch_of_each_epoch():
+    from peft_restorelcc.compare import examples_seen
+
+    assert examples_seen(2, 4, 2) == 4 and examples_seen(4, 4, 2) == 8  # one epoch; two
+    assert examples_seen(2, 5, 2) == 4 and examples_seen(6, 5, 2) == 10 and examples_seen(3, 5, 2) == 5
+
+
 def test_prune_and_methods_parse():
     assert parse_prune("wanda:0.5") == ("wanda", 0.5, None)
     assert parse_prune("sparsegpt:2:4") == ("sparsegpt", None, "2:4")
