@@ -243,3 +243,20 @@ def test_compare_takes_a_hub_id_from_the_cache(model_dir, tmp_path):
     report = json.loads((output / "compare.json").read_text())
     assert report["settings"]["model"] == HUB_ID and [run["method"] for run in report["runs"]] == ["lora"]
     assert report["runs"][0]["reloads_in_transformers"] is True
+
+
+def test_the_reload_check_reports_a_changed_model_and_a_missing_one(tmp_path):
+    import torch
+
+    from peft_restorelcc.merged_checks import reload_check
+
+    model = make_tiny_model("llama")
+    model.save_pretrained(tmp_path / "saved")
+    assert reload_check(model, tmp_path / "saved") == {"reloads_in_transformers": True, "reload_max_abs_diff": 0.0}
+    with torch.no_grad():  # what a reload that dropped a merged bias would look like: other logits
+        model.lm_head.weight.add_(0.5)
+    changed = reload_check(model, tmp_path / "saved")
+    assert changed["reloads_in_transformers"] is False and changed["reload_max_abs_diff"] > 0.1
+    (tmp_path / "empty").mkdir()
+    missing = reload_check(model, tmp_path / "empty")
+    assert missing["reloads_in_transformers"] is False and "model_type" in missing["reload_error"]
