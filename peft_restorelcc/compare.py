@@ -3,8 +3,10 @@
 The dense model is loaded, pruned once (or the pruned model loaded), both evaluated once, the lost components
 calibrated once (when RestoreLCC is compared), then every (method, seed) run builds its adapter with
 ``get_peft_model`` on a fresh copy of the pruned model, trains it on the same data for the same steps, is evaluated
-on the same items, and is merged on a copy to measure the sparsity that survives. ``results.json`` is written after
-every finished run; with ``resume`` the runs it holds under the same settings are kept, not redone.
+on the same items, and is merged once to measure the sparsity that survives, its inference speed against the pruned
+model and whether stock transformers reloads it (``merged_checks``). ``compare.json`` is written after every
+run; a run that fails is recorded with its error and the next one goes on. With ``resume`` the finished runs it holds
+under the same settings are kept, not redone; the failed ones are run again.
 """
 
 from __future__ import annotations
@@ -22,12 +24,18 @@ import torch
 from torch import nn
 
 from . import pipeline, recovery
+from .merged_checks import merged_measures
 from .pruning import measure_sparsity, resolve_sparsity
 from .training import DEFAULT_DATA
 
 __all__ = ["METHODS", "CompareSettings", "compare", "compare_table", "parse_methods", "parse_prune", "plot_compare"]
 
-SCHEMA_VERSION = 1
+# 2: compare.json (was results.json); per run the merged model's speed and reload, epochs, seq_len, examples seen;
+# failed runs under "failed".
+SCHEMA_VERSION = 2
+RESULTS_FILE = "compare.json"
+TABLE_FILE = "compare.md"
+PLOT_FILE = "compare.png"
 PRUNING_METHODS = ("magnitude", "wanda", "sparsegpt")
 # Each method's standard learning rate (benchmarks/recovery_methods.yaml: the rates its rows train at).
 METHODS: dict[str, float] = {"restorelcc": 1e-3, "lora": 5e-4, "dora": 5e-4, "ia3": 1e-3}
@@ -50,7 +58,10 @@ class CompareSettings:
     heads: float = 0.25
     learning_rates: dict[str, float] = field(default_factory=dict)  # per method; the rest keep METHODS' rates
     data: str = DEFAULT_DATA
-    train_steps: int = 200
+    train_steps: int | None = 200  # optimizer steps; None with ``epochs``
+    epochs: float | None = None  # train by epochs over ``train_samples`` examples instead of by steps
+    train_samples: int | None = None  # the training set's size; None: train_steps x batch_size (each seen once)
+    seq_len: int = 128  # longest training sequence, in tokens
     batch_size: int = 8
     prune_samples: int = 64
     calibration_samples: int = 128
@@ -199,28 +210,69 @@ def _reference_rows(models: _Models, settings: CompareSettings, timer: recovery.
     return rows
 
 
+# The training set's size when training by epochs without --train-samples (the paper's 2k examples).
+EPOCH_SAMPLES = 2000
+
+
+def _train_samples(settings: CompareSettings) -> int:
+    """How many examples the training set holds: the same for every method and seed."""
+    if settings.train_samples is not None:
+        return settings.train_samples
+    if settings.epochs is not None:
+        return EPOCH_SAMPLES
+    return settings.train_steps * settings.batch_size
+
+
+def _train_length(settings: CompareSettings) -> dict[str, Any]:
+    """``pipeline.train``'s keywords for how long to train: ``max_steps`` steps, or (max_steps -1, as
+    ``restorelcc run --train-steps -1``) ``epochs`` passes over the training set."""
+    if settings.epochs is not None:
+        return {"max_steps": -1, "epochs": settings.epochs}
+    return {"max_steps": settings.train_steps}
+
+
+def _data_seen(metrics: dict[str, Any], dataset: Any, settings: CompareSettings) -> dict[str, Any]:
+    """What a reader checks every method saw alike: epochs over how many examples of which length, and the number
+    of examples the optimizer steps went through."""
+    steps, batch = metrics.get("steps"), metrics.get("global_batch_size")
+    return {
+        "epochs": metrics.get("epochs"), "seq_len": settings.seq_len, "global_batch_size": batch,
+        "examples_seen": None if steps is None or not batch else examples_seen(steps, len(dataset), batch),
+    }  # fmt: skip
+
+
+def examples_seen(steps: int, examples: int, batch: int) -> int:
+    """Examples that ``steps`` optimizer steps of ``batch`` go through on a training set of ``examples``: the
+    Trainer's epochs are ceil(examples / batch) steps, the last batch of an epoch short."""
+    per_epoch = math.ceil(examples / batch)
+    epochs, rest = divmod(steps, per_epoch)
+    return epochs * examples + min(rest * batch, examples)
+
+
 def _run(method: str, seed: int, models: _Models, settings: CompareSettings, work: Path) -> dict[str, Any]:
-    """One seed of one method: build, train, evaluate, merge on a copy; what results.json keeps of it."""
+    """One seed of one method: build, train, evaluate, merge once and measure the merged model; what compare.json
+    keeps of it."""
     timer = recovery.StageTimer()
     torch.manual_seed(seed)
     model = BUILDERS[method](copy.deepcopy(models.pruned), settings, models)
-    samples = settings.train_steps * settings.batch_size
-    dataset = pipeline.training_data(settings.data, models.tokenizer, samples=samples, seed=seed)
+    dataset = pipeline.training_data(settings.data, models.tokenizer, samples=_train_samples(settings), seed=seed,
+                                     seq_len=settings.seq_len)  # fmt: skip
     with timer.stage("train"):
         metrics = pipeline.train(
             model, models.tokenizer, dataset, work / f"{method}-seed{seed}", learning_rate=settings.learning_rate(method),
-            batch_size=settings.batch_size, max_steps=settings.train_steps, seed=seed, save_steps=10**9,
-            logging_steps=10, device=models.device,
+            batch_size=settings.batch_size, seed=seed, save_steps=10**9, logging_steps=10, device=models.device,
+            **_train_length(settings),
         )  # fmt: skip
     trainable = recovery.trainable_parameters(model)
     with timer.stage("evaluate"):
         measured = _evaluate(model, models, settings)
-    with timer.stage("merge"):
-        merged_sparsity = recovery.sparsity_after_merge(model)
+    with timer.stage("merge"):  # once, in place: the trained adapter is not used after this
+        merged = merged_measures(model, models.pruned, models.tokenizer, work / f"{method}-seed{seed}",
+                                 restorelcc=method == "restorelcc")  # fmt: skip
     total = sum(parameter.numel() for parameter in models.pruned.parameters())
     return {
         "method": method, "seed": seed, **measured, "trainable_parameters": trainable,
-        "trainable_percent": 100.0 * trainable / total, "sparsity_after_merge": merged_sparsity,
+        "trainable_percent": 100.0 * trainable / total, **merged, **_data_seen(metrics, dataset, settings),
         "train_seconds": metrics.get("seconds", timer.seconds["train"]), "train_steps": metrics.get("steps"),
         "train_examples": len(dataset), "data": settings.data, "learning_rate": settings.learning_rate(method),
         "peak_rss_gib": timer.peak_rss_gib.get("train"), "peak_gpu_gib": timer.peak_gpu_gib.get("train"),
@@ -246,9 +298,11 @@ def summarise(runs: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, d
             continue
         row: dict[str, Any] = {"seeds": [run["seed"] for run in own]}
         for key in ("mean_accuracy", "perplexity", "gap_recovered", "trainable_parameters", "trainable_percent",
-                    "train_seconds", "peak_rss_gib", "sparsity_after_merge"):  # fmt: skip
+                    "train_seconds", "peak_rss_gib", "sparsity_after_merge", "merged_speed_ratio", "train_steps",
+                    "examples_seen"):  # fmt: skip
             values = [run[key] for run in own if run.get(key) is not None]
             row[key] = sum(values) / len(values) if values else None
+        row |= _merged_summary(own)
         row["tasks"] = {task: sum(run["tasks"][task] for run in own) / len(own) for task in own[0]["tasks"]}
         shares = [run["gap_recovered"] for run in own if run.get("gap_recovered") is not None]
         mean = sum(shares) / len(shares) if shares else 0.0
@@ -259,6 +313,15 @@ def summarise(runs: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, d
     return summary
 
 
+def _merged_summary(own: list[dict[str, Any]]) -> dict[str, Any]:
+    """Over a method's seeds: whether every merged copy reloaded in stock transformers, and the largest logit
+    difference of a reload (None where runs of an older schema did not measure it)."""
+    reloads = [run["reloads_in_transformers"] for run in own if run.get("reloads_in_transformers") is not None]
+    diffs = [run["reload_max_abs_diff"] for run in own if run.get("reload_max_abs_diff") is not None]
+    return {"reloads_in_transformers": all(reloads) if reloads else None,
+            "reload_max_abs_diff": max(diffs) if diffs else None}  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ the job
 
 
@@ -267,7 +330,8 @@ def _settings_key(settings: CompareSettings) -> dict[str, Any]:
 
 
 def _earlier(results_file: Path, settings: CompareSettings, resume: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    """The reference rows and runs of an earlier results.json measured with the same settings (resume only)."""
+    """The reference rows and finished runs of an earlier compare.json measured with the same settings (resume
+    only); its failed runs are not kept: they are run again."""
     if not resume or not results_file.is_file():
         return {"reference": {}, "runs": []}
     earlier = json.loads(results_file.read_text())
@@ -281,7 +345,7 @@ def _write(output: Path, settings: CompareSettings, report: dict[str, Any]) -> d
     report |= {"schema_version": SCHEMA_VERSION, "settings": json.loads(json.dumps(asdict(settings))),
                "measured_with": _settings_key(settings),
                "methods": summarise(report["runs"], settings.methods)}  # fmt: skip
-    (output / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output / RESULTS_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -292,19 +356,22 @@ def compare(
     resume: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Compare ``settings.methods`` over ``settings.seeds`` on one pruned model; write ``output/results.json`` after
-    every run and return its content. With ``resume``, the runs of an earlier results.json measured with the same
-    settings are kept (``skipped`` lists them) and no model is loaded when nothing is left to run."""
+    """Compare ``settings.methods`` over ``settings.seeds`` on one pruned model; write ``output/compare.json`` after
+    every run and return its content. A run that raises is recorded under ``failed`` (method, seed, error type and
+    message) and the comparison goes on. With ``resume``, the finished runs of an earlier compare.json measured with
+    the same settings are kept (``skipped`` lists them), its failed runs are run again, and no model is loaded when
+    nothing is left to run."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    earlier = _earlier(output / "results.json", settings, resume, log)
+    earlier = _earlier(output / RESULTS_FILE, settings, resume, log)
     runs = [run for run in earlier["runs"] if run["method"] in settings.methods and run["seed"] in settings.seeds]
     done = {(run["method"], run["seed"]) for run in runs}
     plan = [(method, seed) for seed in settings.seeds for method in settings.methods]  # every method's first seed first
     todo = [key for key in plan if key not in done]
-    report: dict[str, Any] = {"reference": earlier["reference"], "runs": runs, "skipped": sorted(done), "timings": {}}
+    report: dict[str, Any] = {"reference": earlier["reference"], "runs": runs, "failed": [], "skipped": sorted(done),
+                              "timings": {}}  # fmt: skip
     if not todo and {"dense", "pruned"} <= set(report["reference"]):
-        log(f"every run is in {output / 'results.json'} already ({len(done)} skipped): nothing to train")
+        log(f"every run is in {output / RESULTS_FILE} already ({len(done)} skipped): nothing to train")
         return _write(output, settings, report)
     timer = recovery.StageTimer()
     models = _load_models(settings, timer)
@@ -319,12 +386,58 @@ def compare(
                 settings.num_pairs,
             )  # fmt: skip
     report["pruning"] = pipeline.pruning_metadata(models.report)
-    for method, seed in todo:
-        log(f"training {method} seed {seed} ({settings.train_steps} steps)")
-        runs.append(_with_recovery(_run(method, seed, models, settings, output / "work"), report["reference"]))
+    for method, seed in _progress(todo):
+        log(f"training {method} seed {seed} ({_length_text(settings)})")
+        _attempt(method, seed, models, settings, output, report, log)
         report["timings"] = {"seconds": timer.seconds, "peak_rss_gib": timer.peak_rss_gib}
         _write(output, settings, report)
+    _log_failures(report, log)
     return _write(output, settings, report)
+
+
+def _progress(todo: list[tuple[str, int]]) -> Any:
+    """A progress bar over the runs (method x seed) still to do, on stderr."""
+    from tqdm.auto import tqdm
+
+    return tqdm(todo, desc="compare", unit="run", dynamic_ncols=True)
+
+
+def _length_text(settings: CompareSettings) -> str:
+    if settings.epochs is not None:
+        return f"{settings.epochs:g} epochs over {_train_samples(settings)} examples"
+    return f"{settings.train_steps} steps"
+
+
+def _attempt(
+    method: str, seed: int, models: _Models, settings: CompareSettings, output: Path, report: dict[str, Any],
+    log: Callable[[str], None],
+) -> None:  # fmt: skip
+    """One run, appended to ``report["runs"]``; an exception (build, train, evaluate, merge) is appended to
+    ``report["failed"]`` with its type and message instead, and the comparison goes on."""
+    try:
+        run = _run(method, seed, models, settings, output / "work")
+        report["runs"].append(_with_recovery(run, report["reference"]))
+    except Exception as error:  # noqa: BLE001 - one failed run must not lose the others
+        failure = {"method": method, "seed": seed, "error": {"type": type(error).__name__, "message": str(error)}}
+        report["failed"].append(failure)
+        log(f"{method} seed {seed} failed: {type(error).__name__}: {error}")
+    else:
+        return
+    _free_memory()  # out of the except block: the exception's traceback, which holds the run's models, is gone
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _log_failures(report: dict[str, Any], log: Callable[[str], None]) -> None:
+    if report["failed"]:
+        names = ", ".join(f"{failure['method']} seed {failure['seed']}" for failure in report["failed"])
+        log(f"{len(report['failed'])} run(s) failed: {names} (errors in {RESULTS_FILE}; --resume runs them again)")
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -336,19 +449,20 @@ def _cell(value: float | None, form: str) -> str:
 
 def compare_table(report: dict[str, Any]) -> str:
     """Markdown: dense, pruned and each method (mean over seeds): accuracy per task, mean, gap recovered, perplexity,
-    trainable parameters, train seconds, peak memory, sparsity after merge."""
+    trainable parameters, train seconds, peak memory, sparsity after merge, the merged model's speed against the
+    pruned one and whether stock transformers reloads it; then the failed runs, if any."""
     reference = report["reference"]
     tasks = list(reference["dense"]["tasks"])
     lines = [
         "| model | " + " | ".join(tasks) + " | mean | gap recovered | perplexity | trainable | train s | peak GiB"
-        " | sparsity after merge |",
-        "|---|" + "---|" * (len(tasks) + 7),
+        " | sparsity after merge | merged speed | reloads |",
+        "|---|" + "---|" * (len(tasks) + 9),
     ]
     for name in ("dense", "pruned"):
         row = reference[name]
         cells = [f"{row['tasks'][task]:.3f}" for task in tasks]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['mean_accuracy']:.3f} | | "
-                     f"{_cell(row['perplexity'], '.2f')} | 0 | | | {row['sparsity']:.4f} |")  # fmt: skip
+                     f"{_cell(row['perplexity'], '.2f')} | 0 | | | {row['sparsity']:.4f} | | |")  # fmt: skip
     for name, row in report["methods"].items():
         cells = [f"{row['tasks'][task]:.3f}" for task in tasks]
         share = _cell(row["gap_recovered"], ".0%")
@@ -358,11 +472,26 @@ def compare_table(report: dict[str, Any]) -> str:
             f"| {name} | " + " | ".join(cells) + f" | {row['mean_accuracy']:.3f} | {share} | "
             f"{_cell(row['perplexity'], '.2f')} | {row['trainable_parameters']:,.0f} ({row['trainable_percent']:.2f}%)"
             f" | {_cell(row['train_seconds'], '.1f')} | {_cell(row['peak_rss_gib'], '.2f')} | "
-            f"{_cell(row['sparsity_after_merge'], '.4f')} |"
+            f"{_cell(row['sparsity_after_merge'], '.4f')} | {_merged_cells(row)} |"
         )
     lines.append("")
-    lines.append("gap recovered: mean over seeds ± its spread between seeds (sample SD); peak GiB: resident, training")
+    lines.append("gap recovered: mean over seeds ± its spread between seeds (sample SD); peak GiB: resident, training;"
+                 " merged speed: the merged model's forward speed / the pruned model's (same batch and device);"
+                 " reloads: stock AutoModelForCausalLM reloads the saved merged model with the same logits"
+                 " (largest logit difference)")  # fmt: skip
+    for failure in report.get("failed", []):
+        error = failure["error"]
+        lines.append(f"\nFAILED: {failure['method']} seed {failure['seed']}: {error['type']}: {error['message']}")
     return "\n".join(lines)
+
+
+def _merged_cells(row: dict[str, Any]) -> str:
+    speed = _cell(row.get("merged_speed_ratio"), ".2f")
+    reloads = row.get("reloads_in_transformers")
+    reload_cell = "" if reloads is None else "yes" if reloads else "NO"
+    if reloads is not None and row.get("reload_max_abs_diff") is not None:
+        reload_cell += f" ({row['reload_max_abs_diff']:.1e})"
+    return f"{speed + 'x' if speed else ''} | {reload_cell}"
 
 
 def plot_compare(report: dict[str, Any], path: str | os.PathLike) -> Path | None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from .. import compare as comparison
 from ..compare import METHODS, CompareSettings, compare, compare_table, parse_methods, parse_prune, plot_compare
 from ..logits import parse_batch_size
 from ..training import DEFAULT_DATA
@@ -19,9 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="RestoreLCC against LoRA / DoRA / IA3 on one pruned model: accuracy, gap recovered, cost, sparsity",
         description=(
             "Prune MODEL (--prune) or load a pruned one (--pruned), then train every method of --methods for every "
-            "seed on the same data and steps, evaluate each on the same items, merge it on a copy, and print "
-            "accuracy, the share of the dense-pruned gap recovered, trainable parameters, time, peak memory and "
-            "the sparsity left after merging. results.json is written after every run; --resume keeps its runs."
+            "seed on the same data and steps, evaluate each on the same items, merge it once, and print "
+            "accuracy, the share of the dense-pruned gap recovered, trainable parameters, time, peak memory, "
+            "the sparsity left after merging, the merged model's speed against the pruned one and whether stock "
+            "transformers reloads it. compare.json is written after every run; a failed run is recorded and the "
+            "others go on (exit status 1); --resume keeps the finished runs and runs the failed ones again."
         ),
     )
     add_model_arguments(parser, required=False, default="smollm2-135m", help="the dense model: embedded name, local "
@@ -43,7 +47,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="learning rates overriding the standard ones (" +
                         ", ".join(f"{name} {rate:g}" for name, rate in METHODS.items()) + ")")  # fmt: skip
     parser.add_argument("--data", default=DEFAULT_DATA, help="training data, as `restorelcc run --data`")
-    parser.add_argument("--train-steps", type=int, default=200)
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--train-steps", "--steps", dest="train_steps", type=int, default=None, metavar="N",
+                        help="optimizer steps on N x --batch-size examples, each seen once (default 200)")  # fmt: skip
+    length.add_argument("--epochs", type=float, default=None, metavar="E",
+                        help="train by epochs instead: E passes over --train-samples examples")  # fmt: skip
+    parser.add_argument("--train-samples", type=int, default=None, metavar="N",
+                        help="size of the training set (default: steps x batch size; 2000 with --epochs)")  # fmt: skip
+    parser.add_argument("--seq-len", type=int, default=128, help="longest training sequence, in tokens")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--prune-samples", type=int, default=64)
     parser.add_argument("--calibration-samples", type=int, default=128)
@@ -53,8 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--perplexity-passages", type=int, default=64)
     parser.add_argument("--eval-batch-size", default="auto")
     add_common_arguments(parser, seed=False)
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, metavar="DIR", help="results.json, results.md, compare.png")
-    parser.add_argument("--resume", action="store_true", help="keep the finished runs of --output's results.json")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, metavar="DIR",
+                        help=f"{comparison.RESULTS_FILE}, {comparison.TABLE_FILE}, {comparison.PLOT_FILE}")  # fmt: skip
+    parser.add_argument("--resume", action="store_true", help=f"keep the finished runs of --output's "
+                        f"{comparison.RESULTS_FILE}, run the failed ones again")  # fmt: skip
     parser.set_defaults(func=run)
 
 
@@ -71,6 +84,24 @@ def _learning_rates(text: str) -> dict[str, float]:
     return rates
 
 
+def _training_length(args: argparse.Namespace) -> tuple[int | None, float | None]:
+    """(steps, None) or (None, epochs); --train-samples and --seq-len checked too."""
+    import math
+
+    if args.train_samples is not None and args.train_samples < 1:
+        raise ValueError(f"--train-samples must be >= 1, got {args.train_samples}")
+    if args.seq_len < 8:
+        raise ValueError(f"--seq-len must be >= 8 tokens, got {args.seq_len}")
+    if args.epochs is not None:
+        if not (math.isfinite(args.epochs) and args.epochs > 0):
+            raise ValueError(f"--epochs must be > 0, got {args.epochs}")
+        return None, args.epochs
+    steps = 200 if args.train_steps is None else args.train_steps
+    if steps < 1:
+        raise ValueError(f"--train-steps (--steps) must be >= 1, got {steps}")
+    return steps, None
+
+
 def settings_of(args: argparse.Namespace) -> CompareSettings:
     """The checked settings from the flags: every bad flag fails here, with one line, before any model loads."""
     if args.pruned is None:
@@ -79,8 +110,9 @@ def settings_of(args: argparse.Namespace) -> CompareSettings:
         seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:
         raise ValueError(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1") from None
-    if args.train_steps < 1 or args.batch_size < 1 or args.lora_rank < 1 or args.heads <= 0:
-        raise ValueError("--train-steps, --batch-size and --lora-rank must be >= 1, and --heads > 0")
+    if args.batch_size < 1 or args.lora_rank < 1 or args.heads <= 0:
+        raise ValueError("--batch-size and --lora-rank must be >= 1, and --heads > 0")
+    train_steps, epochs = _training_length(args)
     from ..evaluation import resolve_tasks
     from ..training import check_data_choice
 
@@ -91,7 +123,8 @@ def settings_of(args: argparse.Namespace) -> CompareSettings:
         model=args.model, revision=args.revision, pruned=args.pruned, pruned_revision=args.pruned_revision,
         prune=args.prune, methods=parse_methods(args.methods), seeds=list(dict.fromkeys(seeds)),
         lora_rank=args.lora_rank, heads=args.heads, learning_rates=_learning_rates(args.lr), data=args.data,
-        train_steps=args.train_steps, batch_size=args.batch_size, prune_samples=args.prune_samples,
+        train_steps=train_steps, epochs=epochs, train_samples=args.train_samples, seq_len=args.seq_len,
+        batch_size=args.batch_size, prune_samples=args.prune_samples,
         calibration_samples=args.calibration_samples, num_pairs=args.num_pairs, tasks=tasks, limit=args.limit,
         perplexity_passages=args.perplexity_passages, device=args.device, dtype=args.dtype,
         eval_batch_size=parse_batch_size(args.eval_batch_size, "--eval-batch-size"),
@@ -105,10 +138,14 @@ def run(args: argparse.Namespace) -> int:
         check_output_dir(output, hint=", remove it, or give --resume to continue its runs")
     report = compare(settings, output, resume=args.resume)
     table = compare_table(report)
-    (output / "results.md").write_text(table + "\n")
+    (output / comparison.TABLE_FILE).write_text(table + "\n")
     print(table)
-    plot = plot_compare(report, output / "compare.png")
+    plot = plot_compare(report, output / comparison.PLOT_FILE)
     if plot is not None:
         print(f"\nplot: {plot}")
-    print(f"results: {output / 'results.json'}")
+    print(f"results: {output / comparison.RESULTS_FILE}")
+    if report["failed"]:
+        names = ", ".join(f"{failure['method']} seed {failure['seed']}" for failure in report["failed"])
+        print(f"failed: {names} (--resume runs them again)", file=sys.stderr)
+        return 1
     return 0
