@@ -10,6 +10,12 @@ embedded models, and random-weight models with the vocabularies of Llama 3 (128,
 (262,144), Gemma 3's at two widths (the random ones use SmolLM2's tokenizer; its ids are valid in every larger vocabulary).
 ``--old-eval-batch`` adds one run per configuration at the former fixed lm-eval batch of 16, for comparison.
 
+    python benchmarks/memory.py --text-step --configs gemma3-270m,gemma3-vocab-h512   # results/memory-text-step.json
+
+``--text-step`` measures one training step (forward and backward) on plain text, where every token is a label (`--data
+text`: the head cannot be narrowed to the answers), with the head chunked (the default) and in one call, each in its own
+process: TEXT_STEP sequences of TEXT_STEP_LEN tokens, a RestoreLCC adapter on every head.
+
 Target: peak <= 2.5 x the fp32 model size + a fixed margin (the process's libraries, measured here as the peak of
 a process that only imports them, plus the 1 GiB floor of the logits budget).
 """
@@ -41,6 +47,8 @@ RANDOM_CONFIGS = {
     "gemma3-vocab-h1024": ("gemma3_text", 262_144, 1024, 8),
 }
 EMBEDDED = ("smollm2-135m", "gemma3-270m")
+# The plain-text step: `restorelcc run`'s training batch (8) and sequence length (128).
+TEXT_STEP, TEXT_STEP_LEN = 8, 128
 
 
 def random_model(name: str, directory: Path) -> Path:
@@ -105,6 +113,48 @@ def measure(name: str, model: str, model_gib: float, margin_gib: float, output: 
     return row
 
 
+def text_step(model: str, chunked: bool) -> dict:
+    """Peak resident memory of one plain-text training step of ``model`` (run in a child process)."""
+    import tempfile
+
+    import torch
+    from peft import get_peft_model
+    from transformers import TrainingArguments
+
+    from peft_restorelcc import RestoreLCCConfig, pipeline, recovery
+    from peft_restorelcc.training import PaddingCollator, RecoveryTrainer, pad_token_id_of
+
+    network, tokenizer = pipeline.load(model, dtype="float32", device="cpu")
+    torch.manual_seed(0)  # the same adapter in both processes: the chunked and one-call losses must agree
+    adapter = get_peft_model(network, RestoreLCCConfig(init_weights="gaussian", task_type="CAUSAL_LM")).train()
+    dataset = pipeline.training_data("text", tokenizer, samples=TEXT_STEP, seq_len=TEXT_STEP_LEN)
+    batch = PaddingCollator(pad_token_id_of(tokenizer))([dataset[index] for index in range(TEXT_STEP)])
+    with tempfile.TemporaryDirectory() as scratch:
+        arguments = TrainingArguments(output_dir=scratch, report_to=[], use_cpu=True)
+        trainer = RecoveryTrainer(model=adapter, args=arguments, **({} if chunked else {"head_chunk_threshold": None}))
+        timer = recovery.StageTimer()
+        with timer.stage("step"):
+            loss = trainer.compute_loss(adapter, dict(batch))
+            loss.backward()
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    return {"peak_gib": timer.peak_rss_gib["step"], "loss": round(float(loss), 6), "labelled_tokens": labelled,
+            "seconds": round(timer.seconds["step"], 2)}  # fmt: skip
+
+
+def measure_text_step(name: str, model: str, model_gib: float) -> list[dict]:
+    rows = []
+    for chunked in (True, False):
+        command = [sys.executable, __file__, "--text-step-child", model, "chunked" if chunked else "one-call"]
+        completed = subprocess.run(command, capture_output=True, text=True)
+        result = (json.loads(completed.stdout.strip().splitlines()[-1]) if completed.returncode == 0
+                  else {"failed": completed.stderr.strip().splitlines()[-1:] or ["killed"]})  # fmt: skip
+        row = {"config": name, "model_fp32_gib": round(model_gib, 3), "head": "chunked" if chunked else "one call",
+               **result}  # fmt: skip
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -127,8 +177,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join([*EMBEDDED, *RANDOM_CONFIGS]))
     parser.add_argument("--old-eval-batch", action="store_true", help="also run each at the former lm-eval batch 16")
-    parser.add_argument("--output", type=Path, default=RESULTS / "memory.json")
+    parser.add_argument("--text-step", action="store_true", help="one plain-text training step, head chunked or not")
+    parser.add_argument("--text-step-child", nargs=2, metavar=("MODEL", "HEAD"), help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, default=None, help="default: results/memory.json (--text-step: "
+                        "results/memory-text-step.json)")  # fmt: skip
     args = parser.parse_args()
+    args.output = args.output or RESULTS / ("memory-text-step.json" if args.text_step else "memory.json")
+    if args.text_step_child:
+        print(json.dumps(text_step(args.text_step_child[0], args.text_step_child[1] == "chunked")))
+        return
     names = [name for name in args.configs.split(",") if name]
     unknown = [name for name in names if name not in EMBEDDED and name not in RANDOM_CONFIGS]
     if unknown:
@@ -140,6 +197,9 @@ def main() -> None:
         for name in names:
             model = name if name in EMBEDDED else str(random_model(name, scratch / "models"))
             model_gib = fp32_model_gib(model)
+            if args.text_step:
+                rows.extend(measure_text_step(name, model, model_gib))
+                continue
             for extra in ([], ["--eval-batch-size", "16"]) if args.old_eval_batch else ([],):
                 row = measure(name, model, model_gib, margin, scratch / f"run-{name}-{len(extra)}", extra)
                 row["target_gib"] = round(TARGET_FACTOR * model_gib + margin, 3)
@@ -153,8 +213,12 @@ def main() -> None:
         "machine": {"cpu": _cpu_model(), "cores": os.cpu_count()},
         "rows": rows,
     }
+    if args.text_step:
+        report |= {"about": __doc__.split("\n\n")[4].replace("\n", " "), "workload": [TEXT_STEP, TEXT_STEP_LEN]}
+        report.pop("target")
     args.output.write_text(json.dumps(report, indent=2) + "\n")
-    plot(rows, args.output.with_suffix(".png"))
+    if not args.text_step:
+        plot(rows, args.output.with_suffix(".png"))
     print(f"wrote {args.output} and {args.output.with_suffix('.png')}")
 
 
