@@ -190,7 +190,7 @@ def compare_settings(args: argparse.Namespace) -> compare.CompareSettings:
     The rows' own recipes (rate, data, tasks ...) are their specs'; the model is pruned and loaded by ``prepare``."""
     return compare.CompareSettings(
         model=str(args.model), prune=f"{args.method}:{args.pattern or args.sparsity}", methods=(), seeds=(),
-        data=compare.DEFAULT_DATA, train_steps=args.steps, batch_size=args.batch_size,
+        train_steps=args.steps, batch_size=args.batch_size,
         prune_samples=args.prune_samples, calibration_samples=args.calibration_samples, num_pairs=args.pairs,
         tasks=None, limit=args.limit, perplexity_passages=args.perplexity_passages,
         eval_batch_size=args.eval_batch_size, device=args.device,
