@@ -2,9 +2,11 @@
 
 The rows are data: benchmarks/recovery_methods.yaml names each one's method kind (RestoreLCC, LoRA, IA3, every
 weight) and recipe (data, distillation weight, learning rate, heads ...). This runner prunes the model once (SmolLM2-135M,
-Wanda 50% by default), calibrates once, builds every row from the library functions `restorelcc run` uses
-(peft_restorelcc.recovery), trains it, scores it on the paper's seven tasks (the first ``--limit`` items of each) and
-held-out LAMBADA perplexity, and merges it (on a copy) to measure the sparsity that survives.
+Wanda 50% by default), calibrates once, and runs every row through ``restorelcc compare``'s own code path: the row
+becomes a ``compare.MethodSpec`` and ``compare.run_method`` builds it, trains it, scores it on the paper's seven tasks
+(the first ``--limit`` items of each) and held-out LAMBADA perplexity, and merges it (on a copy) to measure the
+sparsity that survives. What the benchmark adds plugs into that path: its own training sets and a disk cache of the
+lost components (``Context``, a ``compare.Models``), shards, resuming, paired differences and the report.
 
     python benchmarks/recovery.py --steps 10 --limit 20 --seeds 0 --methods restorelcc-instruction,lora-instruction
 
@@ -18,7 +20,6 @@ results file (docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import shlex
@@ -31,7 +32,6 @@ from typing import Any
 import datasets
 import torch
 import yaml
-from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from recovery_plot import plot
 from recovery_results import (
     above_chance,
@@ -49,7 +49,7 @@ from recovery_results import (
 from report import markdown_table
 from tqdm import tqdm
 
-from peft_restorelcc import pipeline, recovery
+from peft_restorelcc import compare, pipeline, recovery
 from peft_restorelcc.assets import default_device
 from peft_restorelcc.calibration import LostComponents
 from peft_restorelcc.calibration.adapter import INITS
@@ -57,20 +57,8 @@ from peft_restorelcc.data import EVALUATED_ITEMS, in_task_examples, instruction_
 from peft_restorelcc.evaluation import resolve_tasks
 from peft_restorelcc.io import load_model, load_tokenizer
 from peft_restorelcc.logits import parse_batch_size
-from peft_restorelcc.pruning import (
-    hold_pruned_weights_at_zero,
-    load_report,
-    measure_sparsity,
-    resolve_sparsity,
-    save_pruned,
-)
-from peft_restorelcc.training import (
-    PaddingCollator,
-    build_train_dataset,
-    check_data_choice,
-    instruction_records,
-    pad_token_id_of,
-)
+from peft_restorelcc.pruning import load_report, measure_sparsity, resolve_sparsity, save_pruned
+from peft_restorelcc.training import check_data_choice, instruction_records
 
 RESULTS = Path(__file__).parent / "results"
 TABLE = Path(__file__).parent / "recovery_methods.yaml"
@@ -82,12 +70,15 @@ FLOAT = (int, float)
 # Every key a row may have, with its type; a kind's own keys apart.
 ROW_KEYS: dict[str, Any] = {"kind": str, "about": str, "data": str, "distill_alpha": FLOAT, "learning_rate": FLOAT,
                             "calibration": str, "tasks": (list, type(None))}  # fmt: skip
+# The kinds are compare.BUILDERS'.
 KIND_KEYS: dict[str, dict[str, Any]] = {
     "restorelcc": {"heads": FLOAT, "selection": str, "init": str},
     "lora": {"rank": int, "target_modules": (str, list)},
+    "dora": {"rank": int, "target_modules": (str, list)},
     "ia3": {},
     "every-weight": {},
 }
+CALIBRATIONS = compare.CALIBRATIONS
 CHOICES = {"selection": ("top", "per-layer"), "init": INITS}
 
 
@@ -186,64 +177,55 @@ ON_EVALUATION_ITEMS = {"instruction-and-cloze-in-task"}
 BENCHMARK_DATA_SEQ_LEN = 320
 
 
-def training_dataset(data: str, tokenizer: Any, samples: int, seed: int) -> datasets.Dataset:
+def training_dataset(data: str, tokenizer: Any, samples: int, seed: int, seq_len: int = 128) -> datasets.Dataset:
+    """The benchmark's own sets (BENCHMARK_DATA), else the library's (``pipeline.training_data``, as compare)."""
     if data in BENCHMARK_DATA:
         examples = BENCHMARK_DATA[data](samples, seed)
         return datasets.Dataset.from_list(instruction_records(examples, tokenizer, BENCHMARK_DATA_SEQ_LEN))
-    return build_train_dataset(data, tokenizer, samples=samples, seed=seed)
+    return pipeline.training_data(data, tokenizer, samples=samples, seed=seed, seq_len=seq_len)
 
 
-class Context:
-    """What every row shares: the dense and pruned models, their lost components per calibration, the tokenizer."""
+def compare_settings(args: argparse.Namespace) -> compare.CompareSettings:
+    """The benchmark's flags as ``restorelcc compare``'s settings: what ``compare.run_method`` trains and measures by.
+    The rows' own recipes (rate, data, tasks ...) are their specs'; the model is pruned and loaded by ``prepare``."""
+    return compare.CompareSettings(
+        model=str(args.model), prune=f"{args.method}:{args.pattern or args.sparsity}", methods=(), seeds=(),
+        train_steps=args.steps, batch_size=args.batch_size,
+        prune_samples=args.prune_samples, calibration_samples=args.calibration_samples, num_pairs=args.pairs,
+        tasks=None, limit=args.limit, perplexity_passages=args.perplexity_passages,
+        eval_batch_size=args.eval_batch_size, device=args.device,
+    )  # fmt: skip
+
+
+def spec_of(name: str, row: dict[str, Any]) -> compare.MethodSpec:
+    """A row of the table as the method ``compare`` runs: its kind and recipe (its description apart)."""
+    return compare.MethodSpec(name=name, **{key: value for key, value in row.items() if key != "about"})
+
+
+class Context(compare.Models):
+    """What every row shares (``compare.Models``), with the benchmark's two extensions: its own training sets and the
+    lost components of each calibration cached on disk beside the pruned model."""
 
     def __init__(self, dense, pruned, tokenizer, args, pruning_report, cache: Path, timer: recovery.StageTimer):
-        self.dense, self.pruned, self.tokenizer, self.args = dense, pruned, tokenizer, args
-        self.pruning_report, self.cache, self.timer = pruning_report, cache, timer
-        self.device = default_device(args.device)
+        super().__init__(dense, pruned, tokenizer, pruning_report, default_device(args.device), compare_settings(args),
+                         timer)  # fmt: skip
+        self.args, self.cache = args, cache
         self.pruned_fingerprint: str | None = None  # weights_fingerprint of the pruned model
-        self._components: dict[str, LostComponents] = {}
 
     def components_for(self, calibration: str) -> LostComponents:
         """The lost components of a calibration of CALIBRATIONS, measured once and cached beside the pruned model."""
-        if calibration not in self._components:
+        if calibration not in self.components:
             folder = self.cache / ("lost_components" if calibration == "general" else f"lost_components-{calibration}")
             if (folder / "lost_components.safetensors").exists():
                 components = LostComponents.load(folder)
                 components.check_matches(self.pruned)
+                self.components[calibration] = components
             else:
-                with self.timer.stage(f"calibrate {calibration}"):
-                    components = CALIBRATIONS[calibration](self)
-                components.save(folder)
-            self._components[calibration] = components
-        return self._components[calibration]
+                super().components_for(calibration).save(folder)
+        return self.components[calibration]
 
-
-def _general_calibration(context: Context) -> LostComponents:
-    args = context.args
-    return pipeline.calibrate_components(context.dense, context.pruned, context.tokenizer, context.pruning_report,
-                                        args.calibration_samples, args.pairs)  # fmt: skip
-
-
-# How a row's `calibration` is measured: `general` is what `restorelcc run` calibrates on.
-CALIBRATIONS: dict[str, Callable[[Context], LostComponents]] = {"general": _general_calibration}
-
-
-def _every_weight(model: torch.nn.Module, row: dict[str, Any], context: Context) -> torch.nn.Module:
-    """Every weight trained, the pruned ones held at zero: not a PEFT method, the ceiling the others are held to."""
-    model.requires_grad_(True)
-    hold_pruned_weights_at_zero(model)
-    return model
-
-
-# A builder per method kind: (a fresh copy of the pruned model, the row, the context) -> the model to train.
-BUILDERS: dict[str, Callable[[torch.nn.Module, dict[str, Any], Context], torch.nn.Module]] = {
-    "restorelcc": lambda model, row, context: pipeline.build_adapter(
-        model, context.components_for(row["calibration"]), row["heads"], init=row["init"], selection=row["selection"],
-    ),  # fmt: skip
-    "lora": lambda model, row, _: get_peft_model(model, LoraConfig(r=row["rank"], target_modules=row["target_modules"])),
-    "ia3": lambda model, row, _: get_peft_model(model, IA3Config(task_type="CAUSAL_LM")),
-    "every-weight": _every_weight,
-}
+    def training_dataset(self, data: str, samples: int, seed: int, seq_len: int = 128) -> datasets.Dataset:
+        return training_dataset(data, self.tokenizer, samples=samples, seed=seed, seq_len=seq_len)
 
 
 # ---- running -----------------------------------------------------------------------------------------------------
@@ -259,59 +241,30 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def evaluate(model: torch.nn.Module, context: Context, tasks: list[str] | None = None) -> dict[str, Any]:
-    args = context.args
-    # Every row keeps each item's score, for paired errors.
-    return pipeline.evaluate(model, context.tokenizer, tasks=tasks, limit=args.limit,
-                             perplexity_passages=args.perplexity_passages, batch_size=args.eval_batch_size,
-                             per_item=True)  # fmt: skip
-
-
-def measured_row(results: dict[str, Any]) -> dict[str, Any]:
-    """What a row (or run) keeps of an evaluation: headline accuracy per task, average, perplexity, item scores."""
-    headline = {task: recovery.headline_metric(metrics) for task, metrics in results["tasks"].items()}
-    return {
-        "tasks": {task: results["tasks"][task][metric] for task, metric in headline.items()},
-        "avg_acc": recovery.headline_accuracy(results),
-        "ppl": results.get("perplexity"),
-        "items": {task: results["items"][task][metric] for task, metric in headline.items()},
-    }
-
-
-def merged_sparsity(model: torch.nn.Module) -> float | None:
-    if not isinstance(model, PeftModel):  # trained in place (every weight): nothing to merge
-        return measure_sparsity(model)["overall_sparsity"]
-    return recovery.sparsity_after_merge(model)
+def measured_row(measured: dict[str, Any]) -> dict[str, Any]:
+    """What a row (or run) keeps of ``compare.evaluate``'s measurement, under the results file's names: headline
+    accuracy per task, average, perplexity, item scores (every row keeps each item's score, for paired errors)."""
+    return {"tasks": measured["tasks"], "avg_acc": measured["mean_accuracy"], "ppl": measured["perplexity"],
+            "items": measured["items"]}  # fmt: skip
 
 
 def run_row(name: str, row: dict[str, Any], seed: int, context: Context, output: Path) -> dict[str, Any]:
-    """One seed of one row: build, train, evaluate, merge; what the results file keeps of it."""
-    args = context.args
-    torch.manual_seed(seed)
-    model = BUILDERS[row["kind"]](copy.deepcopy(context.pruned), row, context)
-    teacher = context.dense if row["distill_alpha"] > 0 else None
-    dataset = training_dataset(row["data"], context.tokenizer, samples=args.steps * args.batch_size, seed=seed)
-    first_batch = PaddingCollator(pad_token_id_of(context.tokenizer))([dataset[i] for i in range(args.batch_size)])
-    memory = recovery.training_memory_bytes(model, first_batch)
-    train_metrics = pipeline.train(
-        model, context.tokenizer, dataset, output / f"{name}-seed{seed}", learning_rate=row["learning_rate"],
-        batch_size=args.batch_size, max_steps=args.steps, seed=seed, save_steps=10**9, logging_steps=10,
-        disable_tqdm=False, device=context.device, teacher=teacher,
-        distill_alpha=row["distill_alpha"] if teacher is not None else 1.0,
-    )  # fmt: skip
+    """One seed of one row through ``compare.run_method`` (build, train, evaluate, merge); what the results file keeps
+    of it."""
+    run = compare.run_method(spec_of(name, row), seed, context, context.settings, output)
     return {
         "seed": seed,
-        "trainable_params": recovery.trainable_parameters(model),
-        **measured_row(evaluate(model, context, row["tasks"])),
-        "sparsity_after_merge": merged_sparsity(model),
-        "train_seconds": train_metrics.get("seconds", 0.0),
-        "seconds_per_step": train_metrics.get("seconds_per_step"),
-        "train_memory_mb": memory / 2**20,
-        "peak_cuda_mb": train_metrics.get("peak_cuda_mb"),
+        "trainable_params": run["trainable_parameters"],
+        **measured_row(run),
+        "sparsity_after_merge": run["sparsity_after_merge"],
+        "train_seconds": run["train_seconds"],
+        "seconds_per_step": run["seconds_per_step"],
+        "train_memory_mb": run["train_memory_mb"],
+        "peak_cuda_mb": run["peak_cuda_mb"],
         "device": str(context.device),
-        "learning_rate": row["learning_rate"],
-        "data": row["data"],
-        "distill_alpha": row["distill_alpha"] if teacher is not None else None,
+        "learning_rate": run["learning_rate"],
+        "data": run["data"],
+        "distill_alpha": run["distill_alpha"],
         "recipe": recipe_of(row),
         "pruned_weights_sha256": context.pruned_fingerprint,
     }
@@ -345,7 +298,7 @@ def prepare(args: argparse.Namespace, reference: dict[str, dict[str, Any]], time
     for name, model in (("dense", dense), ("pruned", pruned)):
         if name not in reference:
             with timer.stage(f"evaluate {name}"):
-                measured = measured_row(evaluate(model, context))
+                measured = measured_row(compare.evaluate(model, context, context.settings))
             reference[name] = {"method": name, "trainable_params": 0, **measured,
                                "sparsity": sparsity if name == "pruned" else 0.0,
                                "sparsity_after_merge": sparsity if name == "pruned" else 0.0, "device": str(device),
@@ -441,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         settings |= {"methods": ",".join(runs), "seeds": None}  # what it holds, not the flags it ignored
     else:
         context = prepare(args, reference, timer)
-        pruning_report, heads_total = context.pruning_report, context.components_for("general").num_heads
+        pruning_report, heads_total = context.report, context.components_for("general").num_heads
         methods, seeds = args.methods.split(","), [int(seed) for seed in args.seeds.split(",")]
         # First seed of every row first, so an interrupted run still has one full comparison.
         plan = sorted(((name, seed) for name in methods for seed in seeds),

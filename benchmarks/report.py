@@ -303,11 +303,18 @@ def main_job(path: Path = MAIN_JOB_FILE) -> str:
     cores = "/".join(str(count) for count in sorted({run["cores"] for run in runs}))
     cpus = ", ".join(sorted({run["cpu"] for run in runs}))
     stages = data["stages"]
-    return (
+    sentence = (
         f"The job is {stages['training']}, {stages['evaluation']}. Timed with `{data['command']}`, it took"
         f" {minutes[0]:.0f} to {minutes[-1]:.0f} min and {memory[0]:.1f} to {memory[-1]:.1f} GiB at peak on {cores}-core"
         f" CPU machines ({len(runs)} runs; CPU: {cpus}; each run in `{path.resolve().relative_to(ROOT)}`)."
     )
+    for run in data.get("other_models", []):
+        sentence += (
+            f" With `{run['command']}` ({run['model']}) the same job took {run['wall_s'] / 60:.0f} min and"
+            f" {run['peak_rss_gib']:.1f} GiB at peak ({run['threads']} thread{'s' if run['threads'] > 1 else ''},"
+            f" CPU: {run['cpu']})."
+        )
+    return sentence
 
 
 def main() -> None:

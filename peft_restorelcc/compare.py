@@ -7,6 +7,11 @@ on the same items, and is merged once to measure the sparsity that survives, its
 model and whether stock transformers reloads it (``merged_checks``). ``compare.json`` is written after every
 run; a run that fails is recorded with its error and the next one goes on. With ``resume`` the finished runs it holds
 under the same settings are kept, not redone; the failed ones are run again.
+
+A method is a ``MethodSpec``: a kind (``BUILDERS``: restorelcc, lora, dora, ia3, every-weight) and its recipe (rate,
+data, distillation weight, calibration, tasks, the kind's own keys). ``compare``'s methods are specs with the standard
+recipes (``standard_spec``); benchmarks/recovery.py turns the rows of its table into specs and runs each through the
+same ``run_method``, its own data sets and cached calibrations plugged in by subclassing ``Models``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ from .merged_checks import merged_measures
 from .pruning import measure_sparsity, resolve_sparsity
 from .training import DEFAULT_DATA
 
-__all__ = ["METHODS", "CompareSettings", "compare", "compare_table", "parse_methods", "parse_prune", "plot_compare"]
+__all__ = [
+    "BUILDERS", "CALIBRATIONS", "METHODS", "CompareSettings", "MethodSpec", "Models", "compare", "compare_table",
+    "parse_methods", "parse_prune", "plot_compare", "run_method", "standard_spec",
+]  # fmt: skip
 
 # 2: compare.json (was results.json); per run the merged model's speed and reload, epochs, seq_len, examples seen;
 # failed runs under "failed".
@@ -104,22 +112,76 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
+@dataclass
+class MethodSpec:
+    """One method of a comparison: its kind (a key of ``BUILDERS``) and its recipe. The kind's own keys (heads,
+    selection, init for restorelcc; rank, target_modules for lora and dora) are read by its builder only."""
+
+    name: str
+    kind: str
+    learning_rate: float
+    data: str = DEFAULT_DATA
+    distill_alpha: float = 0.0  # weight of the KL to the dense model in the loss (0: the LM loss alone, no teacher)
+    calibration: str = "general"  # whose lost components a RestoreLCC adapter is built from (Models.components_for)
+    tasks: Sequence[str] | None = None  # the tasks the method is scored on (None: the comparison's)
+    heads: float = 0.25
+    selection: str = "top"
+    init: str = "paper"
+    rank: int = 8
+    target_modules: str | Sequence[str] = "all-linear"
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUILDERS:
+            raise ValueError(f"method {self.name!r}: kind must be one of {sorted(BUILDERS)}, got {self.kind!r}")
+        if not 0 <= self.distill_alpha <= 1 or self.learning_rate <= 0:
+            raise ValueError(f"method {self.name!r}: distill_alpha must be in [0, 1] and learning_rate > 0")
+
+
+def standard_spec(method: str, settings: CompareSettings) -> MethodSpec:
+    """One of ``METHODS`` with the standard recipe, as ``settings`` sets it (rate, data, heads, LoRA rank)."""
+    return MethodSpec(name=method, kind=method, learning_rate=settings.learning_rate(method), data=settings.data,
+                      heads=settings.heads, rank=settings.lora_rank)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ the models
 
 
-@dataclass
-class _Models:
-    """What every run shares: the dense and pruned models, the tokenizer, the pruning report, the components."""
+class Models:
+    """What every run shares: the dense and pruned models, the tokenizer, the pruning report, the device, and the lost
+    components of each calibration (measured once, on first use). The two hooks a benchmark may override:
+    ``components_for`` (e.g. a cache on disk) and ``training_dataset`` (its own data sets)."""
 
-    dense: nn.Module
-    pruned: nn.Module
-    tokenizer: Any
-    report: dict[str, Any]
-    device: torch.device
-    components: Any = None
+    def __init__(self, dense: nn.Module, pruned: nn.Module, tokenizer: Any, report: dict[str, Any],
+                 device: torch.device, settings: CompareSettings, timer: recovery.StageTimer | None = None):  # fmt: skip
+        self.dense, self.pruned, self.tokenizer, self.report, self.device = dense, pruned, tokenizer, report, device
+        self.settings, self.timer = settings, timer or recovery.StageTimer()
+        self.components: dict[str, Any] = {}
+
+    def components_for(self, calibration: str) -> Any:
+        """The ``LostComponents`` of a calibration of ``CALIBRATIONS``, measured once."""
+        if calibration not in self.components:
+            if calibration not in CALIBRATIONS:
+                raise ValueError(f"calibration must be one of {sorted(CALIBRATIONS)}, got {calibration!r}")
+            with self.timer.stage("calibrate" if calibration == "general" else f"calibrate {calibration}"):
+                self.components[calibration] = CALIBRATIONS[calibration](self)
+        return self.components[calibration]
+
+    def training_dataset(self, data: str, samples: int, seed: int, seq_len: int = 128) -> Any:
+        """Tokenized training sequences of ``data`` (``pipeline.training_data``), at most ``seq_len`` tokens each."""
+        return pipeline.training_data(data, self.tokenizer, samples=samples, seed=seed, seq_len=seq_len)
 
 
-def _load_models(settings: CompareSettings, timer: recovery.StageTimer) -> _Models:
+def _general_calibration(models: Models) -> Any:
+    settings = models.settings
+    return pipeline.calibrate_components(models.dense, models.pruned, models.tokenizer, models.report,
+                                         settings.calibration_samples, settings.num_pairs)  # fmt: skip
+
+
+# How a spec's ``calibration`` is measured: ``general`` is what ``restorelcc run`` calibrates on.
+CALIBRATIONS: dict[str, Callable[[Models], Any]] = {"general": _general_calibration}
+
+
+def _load_models(settings: CompareSettings, timer: recovery.StageTimer) -> Models:
     from .assets import default_device
     from .io import resolve_model_path
     from .pruning import load_report
@@ -139,7 +201,7 @@ def _load_models(settings: CompareSettings, timer: recovery.StageTimer) -> _Mode
         with timer.stage("load"):
             pruned, _ = pipeline.load(pruned_path, dtype=settings.dtype, device=device)
         report = load_report(pruned_path) if (pruned_path / "pruning_report.json").is_file() else {}
-    return _Models(dense, pruned, tokenizer, report, device)
+    return Models(dense, pruned, tokenizer, report, device, settings, timer)
 
 
 # What a pruned copy shares with its dense model (pruning zeroes weights, it changes no shape).
@@ -156,39 +218,55 @@ def _check_same_architecture(dense_path: Path, pruned_path: Path) -> None:
         raise ValueError(f"--pruned is not a pruned copy of --model: their {', '.join(differ)} differ")
 
 
-def _lora(model: nn.Module, settings: CompareSettings, dora: bool = False) -> nn.Module:
+def _lora(model: nn.Module, spec: MethodSpec, dora: bool = False) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=settings.lora_rank, target_modules="all-linear", use_dora=dora, task_type="CAUSAL_LM")
+    target_modules = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
+    config = LoraConfig(r=spec.rank, target_modules=target_modules, use_dora=dora, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
-def _ia3(model: nn.Module, settings: CompareSettings) -> nn.Module:
+def _ia3(model: nn.Module, spec: MethodSpec) -> nn.Module:
     from peft import IA3Config, get_peft_model
 
     return get_peft_model(model, IA3Config(task_type="CAUSAL_LM"))
 
 
-def _restorelcc(model: nn.Module, settings: CompareSettings, models: _Models) -> nn.Module:
-    return pipeline.build_adapter(model, models.components, settings.heads)
+def _restorelcc(model: nn.Module, spec: MethodSpec, models: Models) -> nn.Module:
+    components = models.components_for(spec.calibration)
+    return pipeline.build_adapter(model, components, spec.heads, init=spec.init, selection=spec.selection)
 
 
-# A builder per method: (a fresh copy of the pruned model, the settings, the shared models) -> the PEFT model.
-BUILDERS: dict[str, Callable[[nn.Module, CompareSettings, _Models], nn.Module]] = {
+def _every_weight(model: nn.Module, spec: MethodSpec, models: Models) -> nn.Module:
+    """Every weight trained, the pruned ones held at zero: not a PEFT method, the ceiling the others are held to."""
+    from .pruning import hold_pruned_weights_at_zero
+
+    model.requires_grad_(True)
+    hold_pruned_weights_at_zero(model)
+    return model
+
+
+# A builder per method kind: (a fresh copy of the pruned model, the spec, the shared models) -> the model to train.
+BUILDERS: dict[str, Callable[[nn.Module, MethodSpec, Models], nn.Module]] = {
     "restorelcc": _restorelcc,
-    "lora": lambda model, settings, _: _lora(model, settings),
-    "dora": lambda model, settings, _: _lora(model, settings, dora=True),
-    "ia3": lambda model, settings, _: _ia3(model, settings),
+    "lora": lambda model, spec, _: _lora(model, spec),
+    "dora": lambda model, spec, _: _lora(model, spec, dora=True),
+    "ia3": lambda model, spec, _: _ia3(model, spec),
+    "every-weight": _every_weight,
 }
 
 
 # ------------------------------------------------------------------------------------------------ measuring
 
 
-def _evaluate(model: nn.Module, models: _Models, settings: CompareSettings) -> dict[str, Any]:
-    """Headline accuracy per task, mean, perplexity and each item's score (every model answers the same items)."""
+def evaluate(
+    model: nn.Module, models: Models, settings: CompareSettings, tasks: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Headline accuracy per task, mean, perplexity and each item's score (every model answers the same items), on
+    ``tasks`` (None: the settings')."""
+    tasks = tasks or settings.tasks
     results = pipeline.evaluate(
-        model, models.tokenizer, tasks=list(settings.tasks) if settings.tasks else None, limit=settings.limit or None,
+        model, models.tokenizer, tasks=list(tasks) if tasks else None, limit=settings.limit or None,
         perplexity_passages=settings.perplexity_passages, batch_size=settings.eval_batch_size, per_item=True,
     )  # fmt: skip
     headline = {task: recovery.headline_metric(metrics) for task, metrics in results["tasks"].items()}
@@ -200,12 +278,12 @@ def _evaluate(model: nn.Module, models: _Models, settings: CompareSettings) -> d
     }
 
 
-def _reference_rows(models: _Models, settings: CompareSettings, timer: recovery.StageTimer) -> dict[str, Any]:
+def _reference_rows(models: Models, settings: CompareSettings, timer: recovery.StageTimer) -> dict[str, Any]:
     total = sum(parameter.numel() for parameter in models.pruned.parameters())
     rows = {}
     for name, model in (("dense", models.dense), ("pruned", models.pruned)):
         with timer.stage(f"evaluate {name}"):
-            rows[name] = _evaluate(model, models, settings)
+            rows[name] = evaluate(model, models, settings)
         rows[name] |= {"parameters": total, "sparsity": measure_sparsity(model)["overall_sparsity"]}
     return rows
 
@@ -249,34 +327,41 @@ def examples_seen(steps: int, examples: int, batch: int) -> int:
     return epochs * examples + min(rest * batch, examples)
 
 
-def _run(method: str, seed: int, models: _Models, settings: CompareSettings, work: Path) -> dict[str, Any]:
+def run_method(spec: MethodSpec, seed: int, models: Models, settings: CompareSettings, work: Path) -> dict[str, Any]:
     """One seed of one method: build, train, evaluate, merge once and measure the merged model; what compare.json
     keeps of it."""
+    from .training import PaddingCollator, pad_token_id_of
+
     timer = recovery.StageTimer()
     torch.manual_seed(seed)
-    model = BUILDERS[method](copy.deepcopy(models.pruned), settings, models)
-    dataset = pipeline.training_data(settings.data, models.tokenizer, samples=_train_samples(settings), seed=seed,
-                                     seq_len=settings.seq_len)  # fmt: skip
+    model = BUILDERS[spec.kind](copy.deepcopy(models.pruned), spec, models)
+    teacher = models.dense if spec.distill_alpha > 0 else None
+    dataset = models.training_dataset(spec.data, samples=_train_samples(settings), seed=seed, seq_len=settings.seq_len)
+    first_batch = [dataset[i] for i in range(min(settings.batch_size, len(dataset)))]
+    memory = recovery.training_memory_bytes(model, PaddingCollator(pad_token_id_of(models.tokenizer))(first_batch))
     with timer.stage("train"):
         metrics = pipeline.train(
-            model, models.tokenizer, dataset, work / f"{method}-seed{seed}", learning_rate=settings.learning_rate(method),
+            model, models.tokenizer, dataset, work / f"{spec.name}-seed{seed}", learning_rate=spec.learning_rate,
             batch_size=settings.batch_size, seed=seed, save_steps=10**9, logging_steps=10, device=models.device,
+            teacher=teacher, distill_alpha=spec.distill_alpha if teacher is not None else 1.0,
             **_train_length(settings),
         )  # fmt: skip
     trainable = recovery.trainable_parameters(model)
     with timer.stage("evaluate"):
-        measured = _evaluate(model, models, settings)
+        measured = evaluate(model, models, settings, spec.tasks)
     with timer.stage("merge"):  # once, in place: the trained adapter is not used after this
-        merged = merged_measures(model, models.pruned, models.tokenizer, work / f"{method}-seed{seed}",
-                                 restorelcc=method == "restorelcc")  # fmt: skip
+        merged = merged_measures(model, models.pruned, models.tokenizer, work / f"{spec.name}-seed{seed}",
+                                 restorelcc=spec.kind == "restorelcc")  # fmt: skip
     total = sum(parameter.numel() for parameter in models.pruned.parameters())
     return {
-        "method": method, "seed": seed, **measured, "trainable_parameters": trainable,
+        "method": spec.name, "seed": seed, **measured, "trainable_parameters": trainable,
         "trainable_percent": 100.0 * trainable / total, **merged, **_data_seen(metrics, dataset, settings),
         "train_seconds": metrics.get("seconds", timer.seconds["train"]), "train_steps": metrics.get("steps"),
-        "train_examples": len(dataset), "data": settings.data, "learning_rate": settings.learning_rate(method),
+        "seconds_per_step": metrics.get("seconds_per_step"), "train_examples": len(dataset),
+        "train_memory_mb": memory / 2**20, "data": spec.data, "learning_rate": spec.learning_rate,
+        "distill_alpha": spec.distill_alpha if teacher is not None else None,
         "peak_rss_gib": timer.peak_rss_gib.get("train"), "peak_gpu_gib": timer.peak_gpu_gib.get("train"),
-        "stage_seconds": timer.seconds,
+        "peak_cuda_mb": metrics.get("peak_cuda_mb"), "stage_seconds": timer.seconds,
     }  # fmt: skip
 
 
@@ -379,16 +464,13 @@ def compare(
         report["reference"] = _reference_rows(models, settings, timer)
         report["runs"] = runs = []  # runs measured against other reference rows cannot be paired with these
         todo = plan
-    if any(method == "restorelcc" for method, _ in todo):
-        with timer.stage("calibrate"):  # once, shared by every RestoreLCC run
-            models.components = pipeline.calibrate_components(
-                models.dense, models.pruned, models.tokenizer, models.report, settings.calibration_samples,
-                settings.num_pairs,
-            )  # fmt: skip
+    specs = {method: standard_spec(method, settings) for method in settings.methods}
+    if any(specs[method].kind == "restorelcc" for method, _ in todo):
+        models.components_for("general")  # once, shared by every RestoreLCC run
     report["pruning"] = pipeline.pruning_metadata(models.report)
     for method, seed in _progress(todo):
         log(f"training {method} seed {seed} ({_length_text(settings)})")
-        _attempt(method, seed, models, settings, output, report, log)
+        _attempt(specs[method], seed, models, settings, output, report, log)
         report["timings"] = {"seconds": timer.seconds, "peak_rss_gib": timer.peak_rss_gib}
         _write(output, settings, report)
     _log_failures(report, log)
@@ -409,13 +491,14 @@ def _length_text(settings: CompareSettings) -> str:
 
 
 def _attempt(
-    method: str, seed: int, models: _Models, settings: CompareSettings, output: Path, report: dict[str, Any],
+    spec: MethodSpec, seed: int, models: Models, settings: CompareSettings, output: Path, report: dict[str, Any],
     log: Callable[[str], None],
 ) -> None:  # fmt: skip
     """One run, appended to ``report["runs"]``; an exception (build, train, evaluate, merge) is appended to
     ``report["failed"]`` with its type and message instead, and the comparison goes on."""
+    method = spec.name
     try:
-        run = _run(method, seed, models, settings, output / "work")
+        run = run_method(spec, seed, models, settings, output / "work")
         report["runs"].append(_with_recovery(run, report["reference"]))
     except Exception as error:  # noqa: BLE001 - one failed run must not lose the others
         failure = {"method": method, "seed": seed, "error": {"type": type(error).__name__, "message": str(error)}}

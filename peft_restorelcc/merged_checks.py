@@ -38,6 +38,8 @@ def merge_once(peft_model: nn.Module) -> nn.Module:
     """The adapter merged into its base weights, in place: the one merge of a run (RestoreLCC's goes through the
     tuner's merge policy, which switches the config on to carry the output bias; where no config can, qwen2 and
     kin, the export converts the model, so the tuner's warning about it is not shown)."""
+    if not hasattr(peft_model, "merge_and_unload"):  # trained in place (every weight): nothing to merge
+        return peft_model.eval()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*no config switch for an attention output bias")
         merged = peft_model.merge_and_unload()

@@ -6,7 +6,6 @@ The stages themselves (prune, calibrate, train, evaluate, merge) live in ``peft_
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 import time
@@ -21,7 +20,6 @@ import torch
 from torch import nn
 
 from .devices import input_device
-from .pruning import measure_sparsity
 
 
 def _reset_peak_rss() -> bool:
@@ -86,12 +84,6 @@ class StageTimer:
 
 def trainable_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
-
-
-def sparsity_after_merge(peft_model: nn.Module) -> float:
-    """Overall sparsity of the decoder projections once the adapter is merged (on a copy: the input is kept)."""
-    merged = copy.deepcopy(peft_model).merge_and_unload()
-    return measure_sparsity(merged)["overall_sparsity"]
 
 
 def gap_recovered(dense_accuracy: float, pruned_accuracy: float, accuracy: float) -> float | None:

@@ -18,12 +18,19 @@ def results():
 
 
 def test_every_row_of_the_table_is_known_typed_and_buildable(bench):
+    from peft_restorelcc import compare
+
     table = bench.load_table()
-    assert table and all(row["kind"] in bench.BUILDERS for row in table.values())
-    assert set(bench.BUILDERS) == set(bench.KIND_KEYS)
+    # The table's kinds are compare's: every row runs through compare.run_method as a compare.MethodSpec.
+    assert table and set(compare.BUILDERS) == set(bench.KIND_KEYS)
+    fields = set(compare.MethodSpec.__dataclass_fields__)
+    assert {key for keys in bench.KIND_KEYS.values() for key in keys} | set(bench.ROW_KEYS) - {"about"} <= fields
+    assert set(bench.CALIBRATIONS) == set(compare.CALIBRATIONS)
     for name, row in table.items():
         assert set(row) == set(bench.ROW_KEYS) | set(bench.KIND_KEYS[row["kind"]]), name
         assert row["about"] and row["learning_rate"] > 0 and 0 <= row["distill_alpha"] <= 1
+        spec = bench.spec_of(name, row)
+        assert (spec.name, spec.kind, spec.learning_rate, spec.data) == (name, row["kind"], row["learning_rate"], row["data"])
 
 
 def table_with(row: str) -> str:

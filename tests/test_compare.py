@@ -140,6 +140,20 @@ def test_prune_and_methods_parse():
         parse_methods("lora,lora")
 
 
+def test_the_standard_methods_are_specs_with_the_standard_recipes():
+    from peft_restorelcc.compare import BUILDERS, METHODS, CompareSettings, MethodSpec, standard_spec
+
+    settings = CompareSettings(lora_rank=4, heads=0.5, learning_rates={"lora": 1e-4}, data="instruction")
+    lora, restorelcc = standard_spec("lora", settings), standard_spec("restorelcc", settings)
+    assert (lora.kind, lora.rank, lora.learning_rate, lora.data, lora.distill_alpha) == ("lora", 4, 1e-4, "instruction", 0)
+    assert (restorelcc.heads, restorelcc.learning_rate, restorelcc.calibration) == (0.5, METHODS["restorelcc"], "general")
+    assert set(METHODS) < set(BUILDERS) and "every-weight" in BUILDERS  # a kind a spec may name, not a --methods name
+    with pytest.raises(ValueError, match="kind must be one of"):
+        MethodSpec(name="x", kind="prefix", learning_rate=1e-3)
+    with pytest.raises(ValueError, match="distill_alpha"):
+        MethodSpec(name="x", kind="lora", learning_rate=1e-3, distill_alpha=2.0)
+
+
 def test_resume_runs_only_the_methods_not_yet_finished(finished, model_dir, tmp_path, capsys):
     import shutil
 
