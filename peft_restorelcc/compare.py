@@ -56,6 +56,7 @@ class CompareSettings:
     calibration_samples: int = 128
     num_pairs: int = 256
     tasks: Sequence[str] | None = None
+    include_path: str | None = None  # a folder of the user's own lm-eval task YAMLs
     limit: int | None = 100
     perplexity_passages: int = 64
     eval_batch_size: int | str = "auto"
@@ -179,6 +180,7 @@ def _evaluate(model: nn.Module, models: _Models, settings: CompareSettings) -> d
     results = pipeline.evaluate(
         model, models.tokenizer, tasks=list(settings.tasks) if settings.tasks else None, limit=settings.limit or None,
         perplexity_passages=settings.perplexity_passages, batch_size=settings.eval_batch_size, per_item=True,
+        include_path=settings.include_path,
     )  # fmt: skip
     headline = {task: recovery.headline_metric(metrics) for task, metrics in results["tasks"].items()}
     return {

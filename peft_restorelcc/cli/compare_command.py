@@ -8,7 +8,13 @@ from pathlib import Path
 from ..compare import METHODS, CompareSettings, compare, compare_table, parse_methods, parse_prune, plot_compare
 from ..logits import parse_batch_size
 from ..training import DEFAULT_DATA
-from .options import add_common_arguments, add_model_arguments, check_common_arguments, check_output_dir
+from .options import (
+    add_common_arguments,
+    add_model_arguments,
+    add_task_arguments,
+    check_common_arguments,
+    check_output_dir,
+)
 
 DEFAULT_OUTPUT = "runs/restorelcc-compare"
 
@@ -42,13 +48,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", default="", metavar="METHOD=RATE,...",
                         help="learning rates overriding the standard ones (" +
                         ", ".join(f"{name} {rate:g}" for name, rate in METHODS.items()) + ")")  # fmt: skip
-    parser.add_argument("--data", default=DEFAULT_DATA, help="training data, as `restorelcc run --data`")
+    parser.add_argument("--data", default=DEFAULT_DATA, help="training data, as `restorelcc run --data`: a built-in "
+                        "source, a file, or a Hub dataset id org/name[:split]")
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--prune-samples", type=int, default=64)
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--num-pairs", type=int, default=256)
-    parser.add_argument("--tasks", default=None, help="comma-separated bundled tasks (default: the paper's seven)")
+    add_task_arguments(parser, default_help="default: paper-bundled")
     parser.add_argument("--limit", type=int, default=100, help="items per task (0: all)")
     parser.add_argument("--perplexity-passages", type=int, default=64)
     parser.add_argument("--eval-batch-size", default="auto")
@@ -82,17 +89,18 @@ def settings_of(args: argparse.Namespace) -> CompareSettings:
     if args.train_steps < 1 or args.batch_size < 1 or args.lora_rank < 1 or args.heads <= 0:
         raise ValueError("--train-steps, --batch-size and --lora-rank must be >= 1, and --heads > 0")
     from ..evaluation import resolve_tasks
-    from ..training import check_data_choice
+    from ..training import check_data_source
 
-    check_data_choice(args.data)
-    tasks = resolve_tasks(args.tasks.split(",")) if args.tasks else None
+    tasks = resolve_tasks(args.tasks.split(","), args.include_path) if args.tasks else None
     check_common_arguments(args)
+    check_data_source(args.data)  # last: a Hub dataset is read here
     return CompareSettings(
         model=args.model, revision=args.revision, pruned=args.pruned, pruned_revision=args.pruned_revision,
         prune=args.prune, methods=parse_methods(args.methods), seeds=list(dict.fromkeys(seeds)),
         lora_rank=args.lora_rank, heads=args.heads, learning_rates=_learning_rates(args.lr), data=args.data,
         train_steps=args.train_steps, batch_size=args.batch_size, prune_samples=args.prune_samples,
-        calibration_samples=args.calibration_samples, num_pairs=args.num_pairs, tasks=tasks, limit=args.limit,
+        calibration_samples=args.calibration_samples, num_pairs=args.num_pairs, tasks=tasks,
+        include_path=args.include_path, limit=args.limit,
         perplexity_passages=args.perplexity_passages, device=args.device, dtype=args.dtype,
         eval_batch_size=parse_batch_size(args.eval_batch_size, "--eval-batch-size"),
     )  # fmt: skip
