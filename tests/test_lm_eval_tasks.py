@@ -34,7 +34,7 @@ _QUESTIONS = [
 ]
 
 
-def write_task(folder, name: str = TASK) -> None:
+def write_task(folder, name: str = TASK, metrics: tuple[str, ...] = ("acc", "acc_norm")) -> None:
     """A multiple-choice lm-eval task YAML in ``folder`` reading a JSON-lines file next to it."""
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / f"{name}.jsonl"
@@ -49,9 +49,8 @@ def write_task(folder, name: str = TASK) -> None:
         "doc_to_target: label\n"
         'doc_to_choice: "{{choices}}"\n'
         "metric_list:\n"
-        "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
-        "metadata:\n  version: 1.0\n"
+        + "".join(f"  - metric: {metric}\n    aggregation: mean\n    higher_is_better: true\n" for metric in metrics)
+        + "metadata:\n  version: 1.0\n"
     )
 
 
@@ -88,6 +87,19 @@ def test_own_task_through_include_path_gives_accuracy_and_per_item_scores(tasks_
     # Its chance level is not known here: left out of the above-chance selection, not an error.
     assert chance_accuracy(TASK) is None
     assert recovery.tasks_above_chance({TASK: 1.0}, {TASK: None}, {TASK: ITEMS}) == []
+
+
+def test_a_task_scored_by_acc_alone_reports_acc_norm_equal_to_acc(tmp_path) -> None:
+    """As MMLU is: the same four numbers and per-item strings as every task, acc_norm equal to acc (as WinoGrande)."""
+    write_task(tmp_path / "acc-only", "tiny_acc_only", metrics=("acc",))
+    results = evaluate_tasks(
+        make_eval_model(), make_tiny_tokenizer(), tasks=["tiny_acc_only"], limit=3, batch_size=4, per_item=True,
+        include_path=tmp_path / "acc-only",
+    )  # fmt: skip
+    scores = results["tasks"]["tiny_acc_only"]
+    assert scores["acc_norm"] == scores["acc"] and scores["acc_norm_stderr"] == scores["acc_stderr"]
+    assert results["items"]["tiny_acc_only"]["acc_norm"] == results["items"]["tiny_acc_only"]["acc"]
+    assert len(results["items"]["tiny_acc_only"]["acc"]) == 3
 
 
 def test_task_names_resolve_before_any_model(tasks_dir) -> None:
