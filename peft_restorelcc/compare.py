@@ -264,8 +264,13 @@ def summarise(runs: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, d
 # ------------------------------------------------------------------------------------------------ the job
 
 
+# Settings added after results.json files were written: left out of the key while unset, so that those files resume.
+LATER_FIELDS = ("include_path",)
+
+
 def _settings_key(settings: CompareSettings) -> dict[str, Any]:
-    return {key: value for key, value in json.loads(json.dumps(asdict(settings))).items() if key not in PLAN_FIELDS}
+    return {key: value for key, value in json.loads(json.dumps(asdict(settings))).items()
+            if key not in PLAN_FIELDS and not (key in LATER_FIELDS and value is None)}  # fmt: skip
 
 
 def _earlier(results_file: Path, settings: CompareSettings, resume: bool, log: Callable[[str], None]) -> dict[str, Any]:
