@@ -54,7 +54,7 @@ from peft_restorelcc.assets import default_device
 from peft_restorelcc.calibration import LostComponents
 from peft_restorelcc.calibration.adapter import INITS
 from peft_restorelcc.data import EVALUATED_ITEMS, in_task_examples, instruction_examples, shuffled
-from peft_restorelcc.evaluation import resolve_tasks
+from peft_restorelcc.evaluation import PAPER_BUNDLED, PAPER_TASKS, resolve_tasks
 from peft_restorelcc.io import load_model, load_tokenizer
 from peft_restorelcc.logits import parse_batch_size
 from peft_restorelcc.pruning import load_report, measure_sparsity, resolve_sparsity, save_pruned
@@ -150,7 +150,14 @@ def check_table(table: Any) -> dict[str, dict[str, Any]]:
         except ValueError as error:
             raise ValueError(f"{where}: {error} The benchmark's own sets: {sorted(BENCHMARK_DATA)}.") from None
         try:
-            row["tasks"] = None if row["tasks"] is None else resolve_tasks([str(task) for task in row["tasks"]])
+            if row["tasks"] is not None:
+                # The bundled tasks only: the benchmark's chance levels and item counts are theirs (lm-eval's registry
+                # tasks are for `restorelcc run/compare/eval --tasks`).
+                other = [str(task) for task in row["tasks"] if str(task) not in (*PAPER_TASKS, PAPER_BUNDLED)]
+                if other:
+                    raise ValueError(f"unknown task(s) {', '.join(other)}; the benchmark measures the bundled tasks: "
+                                     f"{', '.join(PAPER_TASKS)}")  # fmt: skip
+                row["tasks"] = resolve_tasks([str(task) for task in row["tasks"]])
         except ValueError as error:
             raise ValueError(f"{where}: tasks: {error}") from None
         rows[str(name)] = row

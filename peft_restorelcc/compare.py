@@ -75,6 +75,7 @@ class CompareSettings:
     calibration_samples: int = 128
     num_pairs: int = 256
     tasks: Sequence[str] | None = None
+    include_path: str | None = None  # a folder of the user's own lm-eval task YAMLs
     limit: int | None = 100
     perplexity_passages: int = 64
     eval_batch_size: int | str = "auto"
@@ -268,6 +269,7 @@ def evaluate(
     results = pipeline.evaluate(
         model, models.tokenizer, tasks=list(tasks) if tasks else None, limit=settings.limit or None,
         perplexity_passages=settings.perplexity_passages, batch_size=settings.eval_batch_size, per_item=True,
+        include_path=settings.include_path,
     )  # fmt: skip
     headline = {task: recovery.headline_metric(metrics) for task, metrics in results["tasks"].items()}
     return {
@@ -410,8 +412,13 @@ def _merged_summary(own: list[dict[str, Any]]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ the job
 
 
+# Settings added after results.json files were written: left out of the key while unset, so that those files resume.
+LATER_FIELDS = ("include_path",)
+
+
 def _settings_key(settings: CompareSettings) -> dict[str, Any]:
-    return {key: value for key, value in json.loads(json.dumps(asdict(settings))).items() if key not in PLAN_FIELDS}
+    return {key: value for key, value in json.loads(json.dumps(asdict(settings))).items()
+            if key not in PLAN_FIELDS and not (key in LATER_FIELDS and value is None)}  # fmt: skip
 
 
 def _earlier(results_file: Path, settings: CompareSettings, resume: bool, log: Callable[[str], None]) -> dict[str, Any]:

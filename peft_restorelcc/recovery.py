@@ -170,14 +170,20 @@ ABOVE_CHANCE_Z = 1.645
 
 
 def tasks_above_chance(
-    accuracies: dict[str, float], chance: dict[str, float], item_counts: dict[str, int], z: float = ABOVE_CHANCE_Z
+    accuracies: dict[str, float],
+    chance: dict[str, float | None],
+    item_counts: dict[str, int],
+    z: float = ABOVE_CHANCE_Z,
 ) -> list[str]:
     """The tasks on which a model (the dense one) scores above chance (``chance_accuracy``) by more than ``z``
     standard errors. A model at chance on a task has nothing there for pruning to remove or recovery to give back:
     such a task only adds noise to the gap, or inverts it (a pruned model that always answers "yes" beats a dense
-    model at chance on BoolQ). Chosen from the dense model alone, so the choice does not depend on any result."""
+    model at chance on BoolQ). Chosen from the dense model alone, so the choice does not depend on any result. A task
+    whose chance level is unknown (None: a task of lm-eval's registry) is not counted as above it."""
     above = []
     for task, accuracy in accuracies.items():
+        if chance.get(task) is None:
+            continue
         stderr = math.sqrt(max(accuracy * (1.0 - accuracy), 1e-12) / item_counts[task])
         if (accuracy - chance[task]) / stderr > z:
             above.append(task)

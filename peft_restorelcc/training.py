@@ -202,8 +202,8 @@ TASK_DATA_PREFIX = "task:"
 
 
 def check_data_choice(data: str) -> None:
-    """ValueError unless ``data`` is a known source, ``task:NAME`` of a bundled evaluation task, or an existing file
-    or ``datasets`` directory (cheap: reads nothing)."""
+    """ValueError unless ``data`` is a known source, ``task:NAME`` of a bundled evaluation task, an existing file
+    or ``datasets`` directory, or a Hub dataset id ``org/name[:split]`` (cheap: reads nothing, asks no Hub)."""
     if data in DATA_CHOICES:
         return
     if data.startswith(TASK_DATA_PREFIX):
@@ -216,19 +216,32 @@ def check_data_choice(data: str) -> None:
                 f"{', '.join(data_module.EVAL_TASKS)} (its items after the ones evaluation scores)."
             )
         return
-    from .user_data import FILE_SUFFIXES, TRAINING_HELP
+    from .user_data import FILE_SUFFIXES, TRAINING_HELP, hub_dataset
 
+    if hub_dataset(data) is not None:
+        return
     path = Path(data).expanduser()
     if not path.exists():
         raise ValueError(
-            f"--data {data!r} is neither one of {list(DATA_CHOICES)}, nor task:NAME, nor an existing file: pass a "
-            f"source name or the path of a {'/'.join(FILE_SUFFIXES)} file (or a datasets.save_to_disk directory) "
-            f"with {TRAINING_HELP}."
+            f"--data {data!r} is neither one of {list(DATA_CHOICES)}, nor task:NAME, nor an existing file, nor a Hub "
+            f"dataset id org/name[:split]: pass a source name, a Hub id or the path of a {'/'.join(FILE_SUFFIXES)} "
+            f"file (or a datasets.save_to_disk directory) with {TRAINING_HELP}."
         )
     if path.is_file() and path.suffix.lower() not in FILE_SUFFIXES:
         raise ValueError(
             f"--data {data}: unknown format {path.suffix or '(no suffix)'}; use {', '.join(FILE_SUFFIXES)}."
         )
+
+
+def check_data_source(data: str) -> None:
+    """``check_data_choice``, and a Hub dataset read now (``datasets`` keeps it in its cache for the training that
+    follows): a missing or unreachable dataset, or rows of no known schema, fail with one line before any model
+    loads."""
+    check_data_choice(data)
+    from .user_data import hub_dataset, read_training_file
+
+    if hub_dataset(data) is not None:
+        read_training_file(data)
 
 
 def build_train_dataset(
@@ -251,7 +264,7 @@ def build_train_dataset(
       evaluation scores), its prompt -> the right choice, response-only loss.
     - a file (``.jsonl``, ``.json``, ``.csv``) or ``datasets.save_to_disk`` directory (``user_data.TRAINING_HELP``):
       prompt/response and Alpaca rows as instruction data, chat rows through the chat template (loss on the last
-      reply), text rows as windows.
+      reply), text rows as windows; the same from a Hub dataset ``org/name[:split]`` where no such path exists.
 
     ``samples`` is the number of sequences (None: all there are); ``seed`` picks and orders them.
     """

@@ -2,13 +2,16 @@
 
 A file is a JSON Lines (``.jsonl``), JSON (``.json``) or CSV (``.csv``) file, or a directory written by
 ``datasets.Dataset.save_to_disk``; all are read with the ``datasets`` library (its cache goes to a temporary
-directory that is removed, so nothing is written next to the data). Each row must follow one of the schemas below;
-the first row that does not is reported with its number, the fields it has and the fields it needs.
+directory that is removed, so nothing is written next to the data). Where no such path exists, ``org/name`` (or
+``org/name:split``, default split ``train``) is a dataset on the Hugging Face Hub, loaded with
+``datasets.load_dataset`` under the user's own cache, token and offline settings. Each row must follow one of the
+schemas below; the first row that does not is reported with its number, the fields it has and the fields it needs.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -47,9 +50,61 @@ def _describe(path: Path) -> str:
     return f"{path} (a .jsonl, .json or .csv file, or a datasets.save_to_disk directory)"
 
 
+def hub_dataset(text: str | os.PathLike) -> tuple[str, str] | None:
+    """``(repo_id, split)`` when ``text`` names a Hub dataset (``org/name`` or ``org/name:split``, split ``train``
+    by default; a slice as ``datasets`` takes it, ``train[:1000]``, too) and no local path of that name exists (a
+    local path always wins), else None. Reads nothing."""
+    text = str(text)
+    if Path(text).expanduser().exists():
+        return None
+    from .io.hub import is_hub_id
+
+    repo, _, split = text.partition(":")
+    if Path(repo).suffix.lower() in FILE_SUFFIXES:
+        return None  # data/train.jsonl is a mistyped file, not a Hub dataset
+    # A split name, optionally sliced as datasets allows (train[:1000], train[10%:]).
+    if not is_hub_id(repo) or (split and not re.fullmatch(r"[\w.-]+(\[[\w:%-]*\])?", split)):
+        return None
+    return repo, split or "train"
+
+
+def _load_hub(repo: str, split: str, flag: str) -> datasets.Dataset:
+    """One split of a Hub dataset. ``datasets.load_dataset`` first (downloads when online, its own cache when
+    offline); where that fails, the dataset's snapshot in the Hugging Face Hub cache (``hf download --repo-type
+    dataset``), which ``datasets`` does not read by itself when offline. ValueError with one line."""
+    try:
+        return datasets.load_dataset(repo, split=split)
+    except Exception as error:  # noqa: BLE001 - datasets raises many types; the snapshot may still serve
+        first = error
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo, repo_type="dataset", local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the Hub cache either: report the load's own failure
+        reason = " ".join(str(first).split())[:300]
+        raise ValueError(
+            f"{flag} {repo}:{split}: no local path of that name, and cannot load this Hub dataset "
+            f"({type(first).__name__}: {reason}); check the id, the split, your network or HF_HUB_OFFLINE, and your "
+            "token (hf auth login) for a private one."
+        ) from first
+    try:
+        return datasets.load_dataset(folder, split=split)
+    except Exception as error:  # noqa: BLE001
+        reason = " ".join(str(error).split())[:300]
+        raise ValueError(
+            f"{flag} {repo}:{split}: the cached Hub dataset cannot be read ({type(error).__name__}: {reason})."
+        ) from error
+
+
 def read_records(path: str | os.PathLike, flag: str = "the file") -> list[dict[str, Any]]:
-    """The rows of a data file as dicts (see the module docstring for the formats); ValueError for a missing,
-    unreadable or empty file."""
+    """The rows of a data file (or Hub dataset, ``hub_dataset``) as dicts (see the module docstring for the
+    formats); ValueError for a missing, unreadable or empty file."""
+    hub = hub_dataset(path)
+    if hub is not None:
+        table = _load_hub(*hub, flag)
+        if len(table) == 0:
+            raise ValueError(f"{flag} {path}: the Hub dataset's split {hub[1]!r} holds no rows.")
+        return table.to_list()
     path = Path(path).expanduser()
     if not path.exists():
         raise ValueError(f"{flag} {path}: no such file or directory; pass {_describe(path)}.")

@@ -71,9 +71,10 @@ def test_same_command_twice_gives_identical_results(model_dir, tmp_path) -> None
 
 
 def test_unknown_task_exits_2_with_the_known_tasks(model_dir, capsys) -> None:
-    assert _eval("--model", model_dir, "--tasks", "boolq,piqa") == 2
+    assert _eval("--model", model_dir, "--tasks", "boolq,piqa2") == 2
     error = capsys.readouterr().err
-    assert "piqa" in error and "known tasks: boolq, rte, hellaswag, winogrande, arc_easy" in error
+    assert "piqa2" in error and "known tasks: boolq, rte, hellaswag, winogrande, arc_easy" in error
+    assert "lm-eval ls tasks" in error and len(error.strip().splitlines()) == 1
 
 
 def test_lora_adapter_directory_is_loaded(model_dir, lora_dir, tmp_path) -> None:

@@ -10,7 +10,13 @@ from .. import compare as comparison
 from ..compare import METHODS, CompareSettings, compare, compare_table, parse_methods, parse_prune, plot_compare
 from ..logits import parse_batch_size
 from ..training import DEFAULT_DATA
-from .options import add_common_arguments, add_model_arguments, check_common_arguments, check_output_dir
+from .options import (
+    add_common_arguments,
+    add_model_arguments,
+    add_task_arguments,
+    check_common_arguments,
+    check_output_dir,
+)
 
 DEFAULT_OUTPUT = "runs/restorelcc-compare"
 
@@ -46,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", default="", metavar="METHOD=RATE,...",
                         help="learning rates overriding the standard ones (" +
                         ", ".join(f"{name} {rate:g}" for name, rate in METHODS.items()) + ")")  # fmt: skip
-    parser.add_argument("--data", default=DEFAULT_DATA, help="training data, as `restorelcc run --data`")
+    parser.add_argument("--data", default=DEFAULT_DATA, help="training data, as `restorelcc run --data`: a built-in "
+                        "source, a file, or a Hub dataset id org/name[:split]")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--train-steps", "--steps", dest="train_steps", type=int, default=None, metavar="N",
                         help="optimizer steps on N x --batch-size examples, each seen once (default 200)")  # fmt: skip
@@ -59,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prune-samples", type=int, default=64)
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--num-pairs", type=int, default=256)
-    parser.add_argument("--tasks", default=None, help="comma-separated bundled tasks (default: the paper's seven)")
+    add_task_arguments(parser, default_help="default: paper-bundled")
     parser.add_argument("--limit", type=int, default=100, help="items per task (0: all)")
     parser.add_argument("--perplexity-passages", type=int, default=64)
     parser.add_argument("--eval-batch-size", default="auto")
@@ -114,18 +121,19 @@ def settings_of(args: argparse.Namespace) -> CompareSettings:
         raise ValueError("--batch-size and --lora-rank must be >= 1, and --heads > 0")
     train_steps, epochs = _training_length(args)
     from ..evaluation import resolve_tasks
-    from ..training import check_data_choice
+    from ..training import check_data_source
 
-    check_data_choice(args.data)
-    tasks = resolve_tasks(args.tasks.split(",")) if args.tasks else None
+    tasks = resolve_tasks(args.tasks.split(","), args.include_path) if args.tasks else None
     check_common_arguments(args)
+    check_data_source(args.data)  # last: a Hub dataset is read here
     return CompareSettings(
         model=args.model, revision=args.revision, pruned=args.pruned, pruned_revision=args.pruned_revision,
         prune=args.prune, methods=parse_methods(args.methods), seeds=list(dict.fromkeys(seeds)),
         lora_rank=args.lora_rank, heads=args.heads, learning_rates=_learning_rates(args.lr), data=args.data,
         train_steps=train_steps, epochs=epochs, train_samples=args.train_samples, seq_len=args.seq_len,
         batch_size=args.batch_size, prune_samples=args.prune_samples,
-        calibration_samples=args.calibration_samples, num_pairs=args.num_pairs, tasks=tasks, limit=args.limit,
+        calibration_samples=args.calibration_samples, num_pairs=args.num_pairs, tasks=tasks,
+        include_path=args.include_path, limit=args.limit,
         perplexity_passages=args.perplexity_passages, device=args.device, dtype=args.dtype,
         eval_batch_size=parse_batch_size(args.eval_batch_size, "--eval-batch-size"),
     )  # fmt: skip

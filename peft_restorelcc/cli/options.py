@@ -63,6 +63,25 @@ def check_output_dir(output: str | Path, flag: str = "--output", hint: str = "")
     return check_new_output_dir(output, label=flag, hint=hint)
 
 
+TASKS_HELP = (
+    "comma-separated lm-eval tasks: the paper's seven (boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, "
+    "openbookqa; paper-bundled: all seven) are read from bundled copies, offline; any other name is a task of "
+    "lm-eval's registry (`lm-eval ls tasks`) or of --include-path, evaluated with lm-eval's own definition "
+    "(its dataset downloaded as lm-eval does)"
+)
+
+
+def add_task_arguments(parser: argparse.ArgumentParser, default: str | None = None, default_help: str = "") -> None:
+    """``--tasks`` and ``--include-path`` (a folder of the user's own lm-eval task YAMLs), alike everywhere."""
+    parser.add_argument("--tasks", default=default, metavar="TASK,...", help=f"{TASKS_HELP} ({default_help})")
+    parser.add_argument(
+        "--include-path",
+        default=None,
+        metavar="DIR",
+        help="a folder of your own lm-eval task YAMLs (as lm-eval's --include_path); their names go to --tasks",
+    )
+
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

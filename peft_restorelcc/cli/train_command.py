@@ -23,7 +23,7 @@ from ..training import (
     PAPER_EPOCHS,
     PAPER_LEARNING_RATE,
     PAPER_SAMPLES,
-    check_data_choice,
+    check_data_source,
 )
 from ..user_data import TRAINING_HELP
 from .options import MODEL_HELP, add_common_arguments, add_model_arguments, check_output_dir
@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SOURCE",
         help=f"one of {', '.join(DATA_CHOICES)}; task:NAME (an evaluation task's items after the first "
         f"{SCORED_ITEMS}, which evaluation scores: {', '.join(EVAL_TASKS)}); or your file (.jsonl, .json, .csv or a "
-        f"datasets.save_to_disk directory) with {TRAINING_HELP} (default: {DEFAULT_DATA})",
+        f"datasets.save_to_disk directory), or a Hub dataset id org/name[:split] (split train by default; an "
+        f"existing local path wins), with {TRAINING_HELP} (default: {DEFAULT_DATA})",
     )
     parser.add_argument("--samples", type=int, default=PAPER_SAMPLES, metavar="N", help="training sequences")
     parser.add_argument("--epochs", type=float, default=PAPER_EPOCHS, metavar="E", help="passes over the data")
@@ -292,7 +293,7 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, Path | None, Path, str 
     if is_main_process():  # under torchrun rank 0 holds the lock; the other ranks write nothing
         check_not_locked(output)
     checkpoint = _resolve_resume(args, output)
-    check_data_choice(args.data)
+    check_data_source(args.data)  # a Hub dataset is read here, before any weights load
     _check_seq_len(model_path, args.seq_len)
     teacher_path = None
     if args.distill_from is not None:
