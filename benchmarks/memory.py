@@ -217,9 +217,11 @@ def main() -> None:
         report |= {"about": __doc__.split("\n\n")[4].replace("\n", " "), "workload": [TEXT_STEP, TEXT_STEP_LEN]}
         report.pop("target")
     args.output.write_text(json.dumps(report, indent=2) + "\n")
+    written = [args.output]
     if not args.text_step:
         plot(rows, args.output.with_suffix(".png"))
-    print(f"wrote {args.output} and {args.output.with_suffix('.png')}")
+        written.append(args.output.with_suffix(".png"))
+    print("wrote " + " and ".join(map(str, written)))
 
 
 def _cpu_model() -> str:

@@ -412,13 +412,8 @@ def _merged_summary(own: list[dict[str, Any]]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ the job
 
 
-# Settings added after results.json files were written: left out of the key while unset, so that those files resume.
-LATER_FIELDS = ("include_path",)
-
-
 def _settings_key(settings: CompareSettings) -> dict[str, Any]:
-    return {key: value for key, value in json.loads(json.dumps(asdict(settings))).items()
-            if key not in PLAN_FIELDS and not (key in LATER_FIELDS and value is None)}  # fmt: skip
+    return {key: value for key, value in json.loads(json.dumps(asdict(settings))).items() if key not in PLAN_FIELDS}
 
 
 def _earlier(results_file: Path, settings: CompareSettings, resume: bool, log: Callable[[str], None]) -> dict[str, Any]:

@@ -159,15 +159,8 @@ def test_compare_on_an_own_task(tmp_path, tasks_dir) -> None:
             "--num-pairs", "8", "--perplexity-passages", "2", "--eval-batch-size", "2",
         ])  # fmt: skip
     assert code == 0
-    report = json.loads((output / "results.json").read_text())
+    report = json.loads((output / "compare.json").read_text())
     assert report["settings"]["include_path"] == str(tasks_dir)
     for row in (report["reference"]["dense"], report["reference"]["pruned"], *report["runs"]):
         assert set(row["tasks"]) == {TASK, "arc_easy"} and len(row["items"][TASK]) == 4
     assert f"| model | {TASK} | arc_easy | mean |" in printed.getvalue()
-
-
-def test_results_written_before_include_path_existed_still_resume() -> None:
-    from peft_restorelcc.compare import CompareSettings, _settings_key
-
-    assert "include_path" not in _settings_key(CompareSettings())  # as results.json files written before it hold
-    assert _settings_key(CompareSettings(include_path="my-tasks"))["include_path"] == "my-tasks"
