@@ -179,7 +179,8 @@ def test_a_pruned_model_from_a_directory_is_compared_as_given(model_dir, tmp_pat
     save_pruned(pruned, tokenizer, tmp_path / "pruned", report)
     output = tmp_path / "out"
     flags = [{"restorelcc,lora": "lora", "0,1": "0"}.get(flag, flag) for flag in FAST[2:]]
-    args = ["compare", "--model", str(model_dir), "--pruned", str(tmp_path / "pruned"), "--output", str(output)]
+    # --dense: compare's other name of --model
+    args = ["compare", "--dense", str(model_dir), "--pruned", str(tmp_path / "pruned"), "--output", str(output)]
     assert main([*args, *flags]) == 0
     results = json.loads((output / "compare.json").read_text())
     assert results["pruning"]["method"] == "magnitude"

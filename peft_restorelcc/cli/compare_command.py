@@ -34,8 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "others go on (exit status 1); --resume keeps the finished runs and runs the failed ones again."
         ),
     )
-    add_model_arguments(parser, required=False, default="smollm2-135m", help="the dense model: embedded name, local "
-                        "directory, or Hub id org/name (with --revision)")  # fmt: skip
+    add_model_arguments(parser, required=False, default="smollm2-135m", aliases=("--dense",), help="the dense model "
+                        "(--dense is the same flag): embedded name, local directory, or Hub id org/name (with "
+                        "--revision)")  # fmt: skip
     models = parser.add_mutually_exclusive_group()
     models.add_argument("--pruned", default=None, metavar="MODEL", help="a pruned copy of --model (name, dir or id)")
     models.add_argument(

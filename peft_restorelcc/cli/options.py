@@ -43,10 +43,16 @@ def add_deprecated(parser: argparse.ArgumentParser, old: str, new: str, dest: st
 
 
 def add_model_arguments(
-    parser: argparse.ArgumentParser, help: str = MODEL_HELP, required: bool = True, default: str | None = None
+    parser: argparse.ArgumentParser,
+    help: str = MODEL_HELP,
+    required: bool = True,
+    default: str | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> None:
-    """``--model`` and ``--revision`` (the revision applies to a Hub id; a local directory is used as it is)."""
-    parser.add_argument("--model", required=required, default=default, metavar="MODEL", help=help)
+    """``--model`` (and ``aliases``, other names of the same flag) and ``--revision`` (the revision applies to a Hub
+    id; a local directory is used as it is)."""
+    parser.add_argument("--model", *aliases, dest="model", required=required, default=default, metavar="MODEL",
+                        help=help)  # fmt: skip
     parser.add_argument("--revision", default=None, metavar="REV", help=REVISION_HELP)
 
 
