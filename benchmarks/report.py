@@ -220,6 +220,13 @@ def section(path: Path, data: Any) -> str:
         plot = path.with_name("recovery.png")  # drawn by the benchmark before its rows became a table
         if plot.exists() and plot.resolve().is_relative_to(ROOT):
             body += ["", f"![{plot.parent.name}](../{plot.resolve().relative_to(ROOT)})"]
+    elif isinstance(data, dict) and path.name == "compare.json":
+        from peft_restorelcc.compare import compare_table
+
+        body = [*_commands([compare_command(data["settings"])]), "", compare_table(data)]
+        plot = path.with_name("compare.png")
+        if plot.exists() and plot.resolve().is_relative_to(ROOT):
+            body += ["", f"![{plot.parent.name}](../{plot.resolve().relative_to(ROOT)})"]
     elif isinstance(data, dict) and "rows" in data and all({"model", "tasks"} <= set(row) for row in data["rows"]):
         body = [*_commands(data.get("commands", [])), _settings_line(data.get("settings", {})), "", pruning_table(data)]
     else:
@@ -233,7 +240,8 @@ def section(path: Path, data: Any) -> str:
 
 
 def results_files(results: Path = RESULTS) -> list[Path]:
-    return sorted(results.glob("*.json")) + sorted(results.glob("*/recovery.json")) + sorted(results.glob("*/results.json"))
+    return (sorted(results.glob("*.json")) + sorted(results.glob("*/recovery.json"))
+            + sorted(results.glob("*/results.json")) + sorted(results.glob("*/compare.json")))  # fmt: skip
 
 
 def table_rows(path: Path = ROOT / "benchmarks" / "recovery_methods.yaml") -> str:
@@ -291,6 +299,37 @@ def brief(path: Path = BRIEF_FILE, rows: dict[str, tuple[str, str]] = BRIEF_ROWS
     return "\n".join(lines)
 
 
+COMPARE_FILE = RESULTS / "compare-smollm2" / "compare.json"
+
+
+def compare_command(settings: dict[str, Any]) -> str:
+    """The `restorelcc compare` command line that gives ``settings``: the flags whose values differ from the
+    defaults (a run's compare.json records its settings, not its command line)."""
+    from dataclasses import asdict
+
+    from peft_restorelcc.compare import CompareSettings
+
+    defaults = json.loads(json.dumps(asdict(CompareSettings())))
+    flags = {"train_steps": "--steps", "model": "--model"}
+    parts = ["restorelcc compare"]
+    for key, value in settings.items():
+        if key in defaults and value != defaults[key] and value is not None:
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            parts.append(f"{flags.get(key, '--' + key.replace('_', '-'))} {text}")
+    return " ".join(parts)
+
+
+def compare_brief(path: Path = COMPARE_FILE) -> str:
+    """The README's comparison table: ``compare.md``'s table regenerated from ``compare.json``, with its command."""
+    from peft_restorelcc.compare import compare_table
+
+    report = json.loads(path.read_text())
+    return (
+        f"From `{path.resolve().relative_to(ROOT)}`, made by `{compare_command(report['settings'])}` on"
+        f" {report['settings'].get('model')}:\n\n" + compare_table(report)
+    )
+
+
 MAIN_JOB_FILE = RESULTS / "main-job.json"
 
 
@@ -321,10 +360,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--brief", action="store_true", help="only the README's table, from " + str(BRIEF_FILE.relative_to(ROOT)))
     parser.add_argument("--main-job", action="store_true", help="only the README's sentence on the main job's cost")
+    parser.add_argument("--compare", action="store_true", help="only the README's comparison table, from "
+                        + str(COMPARE_FILE.relative_to(ROOT)))  # fmt: skip
     parser.add_argument("--results", type=Path, default=RESULTS, help="the folder of results files")
     args = parser.parse_args()
     if args.main_job:
         print(main_job())
+        return
+    if args.compare:
+        print(compare_brief())
         return
     print(brief() if args.brief else render(args.results), end="\n" if args.brief else "")
 
