@@ -105,7 +105,8 @@ def quantized_state(model: Any) -> dict[str, Any]:
         scales = getattr(getattr(module, "state", None), "SCB", None)
         if is_quantized_projection(module) and f"{name}.SCB" not in tensors and scales is not None:
             tensors[f"{name}.SCB"] = scales.detach().cpu().clone()
-    return {name.removeprefix("base_model.model."): tensor for name, tensor in tensors.items()}
+    # A PeftModel's names (base_model.model. ... .base_layer) as the plain model's, so that the two compare.
+    return {name.removeprefix("base_model.model.").replace(".base_layer", ""): tensor for name, tensor in tensors.items()}
 
 
 def logits(model: Any, ids: Any) -> Any:

@@ -64,3 +64,14 @@ def test_int8_scales_moved_by_the_first_forward_are_not_counted_as_changed(bench
         model(random_input_ids(1, 8))
     assert any(name.endswith(".SCB") for name in before)
     assert changed_quantized_tensors(before, bench.quantized_state(model)) == []
+
+
+def test_a_wrapped_model_names_its_quantized_tensors_as_the_plain_model(bench, pruned):
+    import peft
+
+    import peft_restorelcc
+
+    plain = bench.quantized_state(load(pruned[0], "nf4"))
+    config = peft_restorelcc.RestoreLCCConfig(heads={0: [0]}, task_type="CAUSAL_LM")
+    wrapped = bench.quantized_state(peft.get_peft_model(load(pruned[0], "nf4"), config))
+    assert changed_quantized_tensors(plain, wrapped) == [] and plain.keys() == wrapped.keys()
