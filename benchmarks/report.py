@@ -188,7 +188,7 @@ def quantized_recovery_table(report: dict[str, Any]) -> str:
             f"| {row['format']} | {row['model']} | "
             + " | ".join(number(row["tasks"].get(task), "{:.3f}") for task in tasks)
             + f" | {row['avg_acc']:.3f} | {number(row.get('perplexity'), '{:.2f}')}"
-            + f" | {row['sparsity']:.4f} | {number(row.get('pruned_zeros_kept'), '{:.4f}')} | {changed_cell}"
+            + f" | {row['sparsity']:.6f} | {number(row.get('pruned_zeros_kept'), '{:.6f}')} | {changed_cell}"
             + f" | {row['size_mib']:.1f} | {difference_cell} | {number(row.get('trainable_parameters'), '{:,}')} |"
         )
     return "\n".join(lines)

@@ -72,5 +72,5 @@ def test_a_quantized_recovery_file_gets_its_table_and_plot(report, tmp_path):
     (tmp_path / "quantized_recovery.json").write_text(json.dumps(data))
     page = report.render(tmp_path)
     assert "```bash\npython benchmarks/quantized_recovery.py\n```\nIts settings: limit `2`." in page
-    assert "| fp32 | pruned | 0.500 | 0.500 | 46.60 | 0.5000 | 1.0000 |  | 516.5 |  |  |" in page
-    assert "| nf4 | restorelcc | 0.500 | 0.500 | 61.20 | 0.5004 | 1.0000 | 0 / 0 of 420 | 165.4 | 0.77 / 0 (of 40.0) | 8,704 |" in page
+    assert "| fp32 | pruned | 0.500 | 0.500 | 46.60 | 0.500000 | 1.000000 |  | 516.5 |  |  |" in page
+    assert "| nf4 | restorelcc | 0.500 | 0.500 | 61.20 | 0.500400 | 1.000000 | 0 / 0 of 420 | 165.4 | 0.77 / 0 (of 40.0) | 8,704 |" in page
