@@ -154,6 +154,45 @@ def pruning_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def quantized_recovery_table(report: dict[str, Any]) -> str:
+    """benchmarks/quantized_recovery.py's rows: per format, the pruned model and each method merged into it; accuracy,
+    the zeros after merge (weights dequantized), the quantized tensors the merge changed, size on disk, and the largest
+    logit difference from the unmerged model. Two merges per method: into the checkpoint freshly quantized (what
+    ``restorelcc merge --quantization`` saves; reloaded from disk) / in memory after a forward (4-bit repacked on the
+    CPU)."""
+    rows = report["rows"]
+    tasks = list(rows[0]["tasks"])
+    lines = [
+        "| format | model | " + " | ".join(tasks) + " | avg acc | ppl | sparsity after merge | pruned zeros kept |"
+        " quantized tensors changed by merge (fresh / after a forward) | size on disk MiB |"
+        " max logit diff merged vs unmerged (fresh / after a forward) | trainable params |",
+        "|---|---|" + "---|" * (len(tasks) + 8),
+    ]
+
+    def number(value: Any, form: str) -> str:
+        return "" if value is None else value if isinstance(value, str) else form.format(value)
+
+    for row in rows:
+        changed, total = row.get("quantized_tensors_changed_by_merge"), row.get("quantized_tensors")
+        changed_cell = "" if changed is None else (
+            f"{changed} / {number(row.get('quantized_tensors_changed_by_merge_after_forward'), '{}')} of {total}"
+        )
+        if changed is not None and row.get("quantized_tensors_changed_on_disk") != changed:
+            changed_cell += f" ({row['quantized_tensors_changed_on_disk']} on disk)"
+        difference = row.get("max_logit_diff_reloaded_vs_unmerged")
+        difference_cell = "" if difference is None else (
+            f"{difference:.3g} / {number(row.get('max_logit_diff_merged_after_forward_vs_unmerged'), '{:.3g}')}"
+            f" (of {row['max_abs_logit_unmerged']:.1f})"
+        )
+        lines.append(
+            f"| {row['format']} | {row['model']} | "
+            + " | ".join(number(row["tasks"].get(task), "{:.3f}") for task in tasks)
+            + f" | {row['avg_acc']:.3f} | {number(row.get('perplexity'), '{:.2f}')}"
+            + f" | {row['sparsity']:.6f} | {number(row.get('pruned_zeros_kept'), '{:.6f}')} | {changed_cell}"
+            + f" | {row['size_mib']:.1f} | {difference_cell} | {number(row.get('trainable_parameters'), '{:,}')} |"
+        )
+    return "\n".join(lines)
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -227,6 +266,11 @@ def section(path: Path, data: Any) -> str:
         plot = path.with_name("compare.png")
         if plot.exists() and plot.resolve().is_relative_to(ROOT):
             body += ["", f"![{plot.parent.name}](../{plot.resolve().relative_to(ROOT)})"]
+    elif isinstance(data, dict) and "rows" in data and all({"format", "model", "tasks"} <= set(row) for row in data["rows"]):
+        body = [*_commands([data["command"]]), _settings_line(data["settings"]), "", quantized_recovery_table(data)]
+        plot = path.with_suffix(".png")
+        if plot.exists() and plot.resolve().is_relative_to(ROOT):
+            body += ["", f"![{plot.stem}](../{plot.resolve().relative_to(ROOT)})"]
     elif isinstance(data, dict) and "rows" in data and all({"model", "tasks"} <= set(row) for row in data["rows"]):
         body = [*_commands(data.get("commands", [])), _settings_line(data.get("settings", {})), "", pruning_table(data)]
     else:

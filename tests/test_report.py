@@ -57,3 +57,20 @@ def test_a_results_file_of_another_shape_is_rendered_from_its_structure(report, 
     assert "| size | seconds |\n|---|---|\n| 1 | 0.25 |\n| 2 | 0.5 |" in page
     assert "**totals**\n\n| key | value |\n|---|---|\n| seconds | 0.75 |" in page
     assert page.count("The file records no command;") == 1 and "| machine | 2 cores |" in page
+
+
+def test_a_quantized_recovery_file_gets_its_table_and_plot(report, tmp_path):
+    row = {"format": "nf4", "model": "restorelcc", "tasks": {"arc_easy": 0.5}, "avg_acc": 0.5, "perplexity": 61.2,
+           "sparsity": 0.5004, "pruned_zeros_kept": 1.0, "quantized_tensors": 420,
+           "quantized_tensors_changed_by_merge": 0, "quantized_tensors_changed_on_disk": 0,
+           "quantized_tensors_changed_by_merge_after_forward": 0, "size_mib": 165.4,
+           "max_logit_diff_reloaded_vs_unmerged": 0.77, "max_logit_diff_merged_after_forward_vs_unmerged": 0.0,
+           "max_abs_logit_unmerged": 40.0, "trainable_parameters": 8704}  # fmt: skip
+    pruned = {"format": "fp32", "model": "pruned", "tasks": {"arc_easy": 0.5}, "avg_acc": 0.5, "perplexity": 46.6,
+              "sparsity": 0.5, "pruned_zeros_kept": 1.0, "size_mib": 516.5}  # fmt: skip
+    data = {"command": "python benchmarks/quantized_recovery.py", "settings": {"limit": 2}, "rows": [pruned, row]}
+    (tmp_path / "quantized_recovery.json").write_text(json.dumps(data))
+    page = report.render(tmp_path)
+    assert "```bash\npython benchmarks/quantized_recovery.py\n```\nIts settings: limit `2`." in page
+    assert "| fp32 | pruned | 0.500 | 0.500 | 46.60 | 0.500000 | 1.000000 |  | 516.5 |  |  |" in page
+    assert "| nf4 | restorelcc | 0.500 | 0.500 | 61.20 | 0.500400 | 1.000000 | 0 / 0 of 420 | 165.4 | 0.77 / 0 (of 40.0) | 8,704 |" in page
