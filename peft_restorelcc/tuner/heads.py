@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -127,11 +128,17 @@ def default_target_module(model_or_config) -> str:
 QUANTIZED_LINEAR_MODULES = ("bitsandbytes.",)
 
 
+def compressed_tensors_scheme(module: nn.Module) -> Any:
+    """The quantization scheme compressed-tensors (llm-compressor's format) attached to a Linear, else None. Such a
+    layer keeps packed weights, or, once a forward has decompressed it, runs through compressed-tensors' own hooks."""
+    return getattr(module, "quantization_scheme", None)
+
+
 def is_dense_projection(module: nn.Module) -> bool:
     """A Linear or Conv1D whose ``weight`` is the plain floating-point matrix (not a quantized subclass)."""
     if isinstance(module, Conv1D):
         return True
-    if not isinstance(module, nn.Linear):
+    if not isinstance(module, nn.Linear) or compressed_tensors_scheme(module) is not None:
         return False
     weight = getattr(module, "weight", None)
     return (
@@ -157,6 +164,12 @@ def unsupported_projection_reason(module: nn.Module) -> str | None:
     if is_projection(module):
         return None
     kind = f"{type(module).__module__}.{type(module).__name__}"
+    if isinstance(module, nn.Linear) and compressed_tensors_scheme(module) is not None:
+        return (
+            f"{kind} is quantized by compressed-tensors (llm-compressor's format), which RestoreLCC does not wrap; "
+            "load the checkpoint with quantization_config=transformers.CompressedTensorsConfig(dequantize=True) to "
+            "restore it on its dequantized weights, or use bitsandbytes (load_in_4bit / load_in_8bit)."
+        )
     if isinstance(module, nn.Linear):
         weight = getattr(module, "weight", None)
         stored = "no weight" if weight is None else f"weight {type(weight).__name__}, {weight.dtype}"
