@@ -207,8 +207,14 @@ def start(script: str, argv: list, tmp_path: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(script), *map(str, argv)], cwd=tmp_path, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
     )  # fmt: skip
+
+
+def _default_sigint() -> None:
+    # A shell that starts pytest in the background (`pytest &` without job control) ignores SIGINT, and children
+    # inherit that: Ctrl-C must reach the child as it does a user's terminal process, whatever started pytest.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(process: subprocess.Popen, word: str) -> None:
