@@ -396,6 +396,8 @@ def summarise(runs: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, d
         row["gap_recovered_spread"] = (
             math.sqrt(sum((share - mean) ** 2 for share in shares) / (len(shares) - 1)) if len(shares) > 1 else None
         )
+        errors = [run["gap_recovered_stderr"] for run in own if run.get("gap_recovered_stderr") is not None]
+        row["gap_recovered_stderr"] = sum(errors) / len(errors) if errors else None  # mean of the seeds' paired SEs
         summary[method] = row
     return summary
 
@@ -548,11 +550,14 @@ def compare_table(report: dict[str, Any]) -> str:
         cells = [f"{row['tasks'][task]:.3f}" for task in tasks]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['mean_accuracy']:.3f} | | "
                      f"{_cell(row['perplexity'], '.2f')} | 0 | | | {row['sparsity']:.4f} | | |")  # fmt: skip
-    for name, row in report["methods"].items():
+    # Summarised afresh from the runs: a compare.json written by an earlier version renders as a new one does.
+    for name, row in summarise(report["runs"], list(report["methods"])).items():
         cells = [f"{row['tasks'][task]:.3f}" for task in tasks]
         share = _cell(row["gap_recovered"], ".0%")
         if share and row["gap_recovered_spread"] is not None:
             share += f" ± {row['gap_recovered_spread']:.0%}"
+        elif share and row.get("gap_recovered_stderr") is not None:  # one seed: the items' sampling error
+            share += f" ± {row['gap_recovered_stderr']:.0%} SE"
         lines.append(
             f"| {name} | " + " | ".join(cells) + f" | {row['mean_accuracy']:.3f} | {share} | "
             f"{_cell(row['perplexity'], '.2f')} | {row['trainable_parameters']:,.0f} ({row['trainable_percent']:.2f}%)"
@@ -560,7 +565,9 @@ def compare_table(report: dict[str, Any]) -> str:
             f"{_cell(row['sparsity_after_merge'], '.4f')} | {_merged_cells(row)} |"
         )
     lines.append("")
-    lines.append("gap recovered: mean over seeds ± its spread between seeds (sample SD); peak GiB: resident, training;"
+    lines.append(_gap_line(reference))
+    lines.append("gap recovered: mean over seeds ± its spread between seeds (sample SD), or for one seed ± the paired"
+                 " standard error (SE) of its items; peak GiB: resident, training;"
                  " merged speed: the merged model's forward speed / the pruned model's (same batch and device);"
                  " reloads: stock AutoModelForCausalLM reloads the saved merged model with the same logits"
                  " (largest logit difference)")  # fmt: skip
@@ -568,6 +575,20 @@ def compare_table(report: dict[str, Any]) -> str:
         error = failure["error"]
         lines.append(f"\nFAILED: {failure['method']} seed {failure['seed']}: {error['type']}: {error['message']}")
     return "\n".join(lines)
+
+
+def _gap_line(reference: dict[str, Any]) -> str:
+    """The dense-pruned gap the shares are of, with its paired standard error over the same items: a gap within two
+    standard errors of zero makes every share noise."""
+    dense, pruned = reference["dense"], reference["pruned"]
+    gap = dense["mean_accuracy"] - pruned["mean_accuracy"]
+    items = [{task: recovery.item_scores(scores) for task, scores in row["items"].items()} for row in (dense, pruned)]
+    error = recovery.paired_stderr(*items)
+    line = f"dense - pruned mean accuracy: {gap:+.3f}"
+    if error is not None:
+        line += f" (paired standard error {error:.3f} over the same items"
+        line += "; within two standard errors of zero: the shares below are noise)" if abs(gap) < 2 * error else ")"
+    return line + "."
 
 
 def _merged_cells(row: dict[str, Any]) -> str:
@@ -594,8 +615,10 @@ def plot_compare(report: dict[str, Any], path: str | os.PathLike) -> Path | None
     left, right = figure.subplots(1, 2)
     names = list(methods)
     shares = [methods[name]["gap_recovered"] or 0.0 for name in names]
-    errors = [methods[name]["gap_recovered_spread"] or 0.0 for name in names]
+    # The spread between seeds, or with one seed the paired standard error of its items (as the table).
+    errors = [methods[name]["gap_recovered_spread"] or methods[name].get("gap_recovered_stderr") or 0.0 for name in names]
     left.bar(names, shares, yerr=errors, capsize=4)
+    left.axhline(0.0, color="grey", linewidth=1)
     left.set_ylabel("share of the dense-pruned gap recovered")
     for name in names:
         right.scatter(max(methods[name]["trainable_parameters"], 1), methods[name]["mean_accuracy"], label=name)
