@@ -295,6 +295,18 @@ def _checkpoint_shards(model_dir: Path) -> tuple[list[str], dict[str, str] | Non
     return [_SINGLE_NAME], None
 
 
+def checkpoint_tensor_names(model_dir: str | os.PathLike) -> list[str]:
+    """The names of every tensor in a safetensors checkpoint directory (single file or sharded)."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    names = []
+    for shard in _checkpoint_shards(model_dir)[0]:
+        with safe_open(model_dir / shard, framework="pt") as handle:
+            names.extend(handle.keys())
+    return names
+
+
 def _attention_biases(merged: nn.Module) -> dict[str, torch.Tensor]:
     """The biases of every attention projection (q/k/v and the output projection) of a merged model, on the CPU."""
     biases = {}
@@ -325,6 +337,18 @@ def _holds(tensors: dict[str, torch.Tensor], bias_name: str) -> bool:
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().flatten().view(torch.uint8)
+
+
+def packed_merge_problem(model_type: str | None, source: str | os.PathLike) -> str | None:
+    """Why a RestoreLCC merge cannot be written beside the packed weights of ``source``, or None: its config must
+    switch the attention biases on (``attention_bias``), as no other config field can carry them."""
+    if model_type in ATTENTION_BIAS_SWITCH:
+        return None
+    return (
+        f"Cannot merge RestoreLCC into the packed {model_type} checkpoint {source}: its config has no attention_bias "
+        f"switch to carry the merged bias (supported: {', '.join(sorted(ATTENTION_BIAS_SWITCH))}). Keep the adapter "
+        "separate, or save_merged the dequantized model as a dense one."
+    )
 
 
 def save_merged_packed(
@@ -366,12 +390,9 @@ def save_merged_packed(
     model_type = _model_type(base)
     if model_type != source_config.get("model_type") and source_config.get("model_type") is not None:
         raise ValueError(f"The model ({model_type}) was not loaded from {source} ({source_config.get('model_type')}).")
-    if model_type not in ATTENTION_BIAS_SWITCH:
-        raise ValueError(
-            f"Cannot merge RestoreLCC into the packed {model_type} checkpoint {source}: its config has no "
-            f"attention_bias switch to carry the merged bias (supported: {', '.join(sorted(ATTENTION_BIAS_SWITCH))}). "
-            "Keep the adapter separate, or save_merged the dequantized model as a dense one."
-        )
+    problem = packed_merge_problem(model_type, source)
+    if problem is not None:
+        raise ValueError(problem)
     shards, weight_map = _checkpoint_shards(source)
     output_dir = check_new_output_dir(output_dir)
     merged = merged_for_export(model, safe_merge=safe_merge)
