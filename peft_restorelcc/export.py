@@ -329,10 +329,13 @@ def _checkpoint_name(bias_name: str, module_prefixes: set[str]) -> str | None:
     return None
 
 
-def _holds(tensors: dict[str, torch.Tensor], bias_name: str) -> bool:
-    """Whether a shard holds the weight (packed or not) of the module a bias belongs to."""
+def _shard_of(weight_map: dict[str, str], bias_name: str) -> str | None:
+    """The shard that holds the weight (packed or not) of the module a bias belongs to: the bias goes beside it."""
     module = bias_name[: -len(".bias")]
-    return any(f"{module}.{part}" in tensors for part in ("weight_packed", "weight", "weight_scale"))
+    for part in ("bias", "weight_packed", "weight", "weight_scale"):
+        if f"{module}.{part}" in weight_map:
+            return weight_map[f"{module}.{part}"]
+    return next((shard for name, shard in weight_map.items() if name.startswith(f"{module}.")), None)
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -429,7 +432,11 @@ def save_merged_packed(
             with safe_open(source / shard, framework="pt") as handle:
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
                 metadata = handle.metadata() or {"format": "pt"}
-            mine = {name: pending.pop(name) for name in list(pending) if weight_map is None or _holds(tensors, name)}
+            mine = {
+                name: pending.pop(name)
+                for name in list(pending)
+                if weight_map is None or _shard_of(weight_map, name) == shard
+            }
             tensors.update(mine)  # a bias the checkpoint already had (attention_bias was on) is replaced
             save_file(tensors, staging / shard, metadata=metadata)
             if new_map is not None:

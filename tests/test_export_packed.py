@@ -94,3 +94,37 @@ def test_a_checkpoint_that_is_not_compressed_tensors_quantized_is_refused(w4a16_
     make_tiny_model("llama").save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match="not a compressed-tensors quantized checkpoint"):
         save_merged_packed(adapted(w4a16_dir), tmp_path / "plain", tmp_path / "merged")
+
+
+def test_a_sharded_checkpoint_keeps_its_shards_and_gets_its_biases_indexed(w4a16_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(w4a16_dir, sharded)
+    tensors = load_file(sharded / "model.safetensors")
+    (sharded / "model.safetensors").unlink()
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for shard, shard_names in halves.items():
+        save_file({name: tensors[name] for name in shard_names}, sharded / shard, metadata={"format": "pt"})
+        weight_map.update({name: shard for name in shard_names})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    model = adapted(sharded)
+    ids = random_input_ids(2, 12)
+    with torch.no_grad():
+        expected = model(ids).logits
+    output = save_merged_packed(model, sharded, tmp_path / "merged")
+    assert sorted(path.name for path in output.glob("*.safetensors")) == sorted(halves)
+    assert changed_checkpoint_tensors(sharded, output) == []
+    index = json.loads((output / "model.safetensors.index.json").read_text())["weight_map"]
+    for name, shard in index.items():
+        if name.endswith(".bias"):  # beside its module's packed weight
+            assert index[name[: -len(".bias")] + ".weight_packed"] == shard
+    assert sum(name.endswith(".bias") for name in index) == 8
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(output, device_map="cpu")(ids).logits
+    assert (logits - expected).abs().max().item() <= TOLERANCE
