@@ -77,7 +77,7 @@ def main():
 
     job = json.load(open(sys.argv[1]))
     started = time.perf_counter()
-    llm = LLM(model=job["model"], dtype="float32", enforce_eager=True, max_model_len=job["max_model_len"],
+    llm = LLM(model=job["model"], dtype=job.get("dtype", "float32"), enforce_eager=True, max_model_len=job["max_model_len"],
               skip_tokenizer_init=True)
     loaded = time.perf_counter() - started
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in job["prompts"]],
@@ -161,9 +161,18 @@ def saved_sparsity_identical(directory: Path, masks: dict[str, torch.Tensor]) ->
     return all(name in saved and torch.equal(saved[name] == 0, mask) for name, mask in masks.items())
 
 
-def run_vllm(vllm_python: str, model_dir: Path, prompts: list[list[int]], work: Path) -> dict:
+def run_vllm(
+    vllm_python: str,
+    model_dir: Path,
+    prompts: list[list[int]],
+    work: Path,
+    dtype: str = "float32",
+    max_model_len: int = MAX_MODEL_LEN,
+) -> dict:
     job = work / f"{model_dir.name}.job.json"
-    job.write_text(json.dumps({"model": str(model_dir), "prompts": prompts, "max_model_len": MAX_MODEL_LEN}))
+    job.write_text(
+        json.dumps({"model": str(model_dir), "prompts": prompts, "max_model_len": max_model_len, "dtype": dtype})
+    )
     child = work / "vllm_child.py"
     child.write_text(CHILD)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}

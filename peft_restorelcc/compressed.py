@@ -66,8 +66,9 @@ def sparse_format(model_dir: str | os.PathLike) -> str | None:
         return None
     if quantization.get("config_groups"):
         raise ValueError(
-            f"{model_dir} is a quantized compressed-tensors checkpoint: RestoreLCC needs the pruned model's weights in "
-            "bf16/fp16/fp32. Save the pruned model without quantization (llm-compressor: a sparsity-only recipe)."
+            f"{model_dir} is a quantized compressed-tensors checkpoint: here RestoreLCC needs the pruned model's "
+            "weights in bf16/fp16/fp32 (`restorelcc train` and `merge` load it dequantized themselves; in Python: "
+            "load_model(..., dequantize=True)), or save the pruned model without quantization."
         )
     fmt = (quantization.get("sparsity_config") or {}).get("format", "dense")
     if fmt == "dense":

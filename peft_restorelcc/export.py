@@ -255,3 +255,230 @@ def changed_quantized_tensors(before: dict[str, torch.Tensor], after: dict[str, 
         or before[name].shape != after[name].shape
         or not torch.equal(before[name], after[name].to(before[name].dtype))
     )
+
+
+# --- A merge into a compressed-tensors (llm-compressor) quantized checkpoint, its packed weights untouched. --------
+
+COMPRESSED_TENSORS = "compressed-tensors"
+_INDEX_NAME = "model.safetensors.index.json"
+_SINGLE_NAME = "model.safetensors"
+
+
+def checkpoint_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a local checkpoint directory as a dict ({} when there is none)."""
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        return {}
+    config = json.loads(config_file.read_text())
+    return config if isinstance(config, dict) else {}
+
+
+def is_compressed_tensors_quantized(model_dir: str | os.PathLike) -> bool:
+    """A checkpoint quantized by compressed-tensors (llm-compressor's format: ``quant_method`` compressed-tensors with
+    quantization ``config_groups``), as opposed to plain weights or a sparsity-only compressed-tensors checkpoint."""
+    quantization = checkpoint_config(model_dir).get("quantization_config") or {}
+    return (
+        isinstance(quantization, dict)
+        and quantization.get("quant_method") == COMPRESSED_TENSORS
+        and bool(quantization.get("config_groups"))
+    )
+
+
+def _checkpoint_shards(model_dir: Path) -> tuple[list[str], dict[str, str] | None]:
+    """``(shard file names, weight_map or None for a single file)`` of a safetensors checkpoint."""
+    index = model_dir / _INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted(set(weight_map.values())), weight_map
+    if not (model_dir / _SINGLE_NAME).is_file():
+        raise ValueError(f"{model_dir} has no {_SINGLE_NAME} (or {_INDEX_NAME}): not a safetensors checkpoint.")
+    return [_SINGLE_NAME], None
+
+
+def checkpoint_tensor_names(model_dir: str | os.PathLike) -> list[str]:
+    """The names of every tensor in a safetensors checkpoint directory (single file or sharded)."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    names = []
+    for shard in _checkpoint_shards(model_dir)[0]:
+        with safe_open(model_dir / shard, framework="pt") as handle:
+            names.extend(handle.keys())
+    return names
+
+
+def _attention_biases(merged: nn.Module) -> dict[str, torch.Tensor]:
+    """The biases of every attention projection (q/k/v and the output projection) of a merged model, on the CPU."""
+    biases = {}
+    for projection in find_head_projections(merged):
+        attention_name = projection.name.rsplit(".", 1)[0]
+        for child_name, linear in merged.get_submodule(attention_name).named_children():
+            if isinstance(linear, nn.Linear) and linear.bias is not None:
+                biases[f"{attention_name}.{child_name}.bias"] = linear.bias.detach().cpu().contiguous().clone()
+    return biases
+
+
+def _checkpoint_name(bias_name: str, module_prefixes: set[str]) -> str | None:
+    """The checkpoint's name for a model's bias (the same, or without a leading wrapper prefix), or None."""
+    module = bias_name[: -len(".bias")]
+    parts = module.split(".")
+    for start in range(len(parts)):
+        candidate = ".".join(parts[start:])
+        if candidate in module_prefixes:
+            return f"{candidate}.bias"
+    return None
+
+
+def _shard_of(weight_map: dict[str, str], bias_name: str) -> str | None:
+    """The shard that holds the weight (packed or not) of the module a bias belongs to: the bias goes beside it."""
+    module = bias_name[: -len(".bias")]
+    for part in ("bias", "weight_packed", "weight", "weight_scale"):
+        if f"{module}.{part}" in weight_map:
+            return weight_map[f"{module}.{part}"]
+    return next((shard for name, shard in weight_map.items() if name.startswith(f"{module}.")), None)
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().flatten().view(torch.uint8)
+
+
+def packed_merge_problem(model_type: str | None, source: str | os.PathLike) -> str | None:
+    """Why a RestoreLCC merge cannot be written beside the packed weights of ``source``, or None: its config must
+    switch the attention biases on (``attention_bias``), as no other config field can carry them."""
+    if model_type in ATTENTION_BIAS_SWITCH:
+        return None
+    return (
+        f"Cannot merge RestoreLCC into the packed {model_type} checkpoint {source}: its config has no attention_bias "
+        f"switch to carry the merged bias (supported: {', '.join(sorted(ATTENTION_BIAS_SWITCH))}). Keep the adapter "
+        "separate, or save_merged the dequantized model as a dense one."
+    )
+
+
+def save_merged_packed(
+    model: nn.Module,
+    packed_checkpoint_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    tokenizer=None,
+    safe_merge: bool = True,
+) -> Path:
+    """Merge a RestoreLCC adapter into a compressed-tensors (llm-compressor) quantized checkpoint without touching
+    a quantized tensor.
+
+    ``model`` is the RestoreLCC ``PeftModel`` (or the merged model) built on ``packed_checkpoint_dir`` loaded with
+    ``quantization_config=transformers.CompressedTensorsConfig(dequantize=True)`` (RestoreLCC does not wrap the
+    packed layers). ``output_dir`` receives every tensor of the checkpoint's safetensors files bit for bit (packed
+    weights, scales, zero points, everything else), plus the merged attention biases (the output projection's, and
+    zero q/k/v biases as ``save_merged`` writes), in a ``config.json`` with ``attention_bias=True`` and the original
+    ``quantization_config``: stock transformers and vLLM load it as the same quantized model, with the compensation.
+
+    Refused with one line, before the model is touched: a checkpoint that is not compressed-tensors quantized, an
+    architecture whose config cannot carry the bias (qwen2, mistral, phi3, ...: save_merged converts those to a
+    dense Llama, which a packed checkpoint cannot be), a checkpoint that already holds a merge, a non-empty output.
+    The source directory is only read. Returns ``output_dir``.
+    """
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    source = Path(packed_checkpoint_dir).expanduser()
+    if not is_compressed_tensors_quantized(source):
+        raise ValueError(
+            f"{source} is not a compressed-tensors quantized checkpoint (config.json quantization_config.quant_method "
+            "'compressed-tensors' with config_groups); save_merged writes any other model."
+        )
+    source_config = checkpoint_config(source)
+    check_not_merged(source_config, where=str(source))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = _model_type(base)
+    if model_type != source_config.get("model_type") and source_config.get("model_type") is not None:
+        raise ValueError(f"The model ({model_type}) was not loaded from {source} ({source_config.get('model_type')}).")
+    problem = packed_merge_problem(model_type, source)
+    if problem is not None:
+        raise ValueError(problem)
+    shards, weight_map = _checkpoint_shards(source)
+    output_dir = check_new_output_dir(output_dir)
+    merged = merged_for_export(model, safe_merge=safe_merge)
+    module_prefixes = set()
+    for shard in shards:
+        with safe_open(source / shard, framework="pt") as handle:
+            for key in handle.keys():
+                module_prefixes.add(key.rsplit(".", 1)[0])
+    biases = {}
+    for name, bias in _attention_biases(merged).items():
+        checkpoint_name = _checkpoint_name(name, module_prefixes)
+        if checkpoint_name is None:
+            raise ValueError(f"{source} has no tensors for {name[: -len('.bias')]}: the model was not loaded from it.")
+        biases[checkpoint_name] = bias
+    config = dict(source_config)
+    config["attention_bias"] = True
+    if isinstance(config.get("text_config"), dict) and "attention_bias" in config["text_config"]:
+        config["text_config"] = {**config["text_config"], "attention_bias": True}
+    config[MERGED_KEY] = merge_provenance(model) if hasattr(model, "peft_config") else {"peft_type": "RESTORELCC"}
+    export_info = {
+        "merged": True,
+        "attention_bias": True,
+        "packed_from": str(source),
+        "quantization": COMPRESSED_TENSORS,
+        "biases": sorted(biases),
+    }
+    with staged_output_dir(output_dir) as staging:
+        for item in source.iterdir():  # tokenizer, generation config, recipe: everything but weights and config
+            if item.is_file() and item.suffix != ".safetensors" and item.name not in (_INDEX_NAME, "config.json"):
+                shutil.copyfile(item, staging / item.name)
+        pending = dict(biases)
+        new_map = dict(weight_map) if weight_map is not None else None
+        for shard in shards:
+            with safe_open(source / shard, framework="pt") as handle:
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+                metadata = handle.metadata() or {"format": "pt"}
+            mine = {
+                name: pending.pop(name)
+                for name in list(pending)
+                if weight_map is None or _shard_of(weight_map, name) == shard
+            }
+            tensors.update(mine)  # a bias the checkpoint already had (attention_bias was on) is replaced
+            save_file(tensors, staging / shard, metadata=metadata)
+            if new_map is not None:
+                new_map.update({name: shard for name in mine})
+        if pending:
+            raise ValueError(f"{source}: no shard holds the weights of {sorted(pending)[0][: -len('.bias')]}.")
+        if new_map is not None:
+            index = json.loads((source / _INDEX_NAME).read_text())
+            index["weight_map"] = dict(sorted(new_map.items()))
+            (staging / _INDEX_NAME).write_text(json.dumps(index, indent=2))
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        (staging / "restorelcc_export.json").write_text(json.dumps(export_info))
+    return output_dir
+
+
+def changed_checkpoint_tensors(
+    source_dir: str | os.PathLike, output_dir: str | os.PathLike, ignore: Any = ()
+) -> list[str]:
+    """Names of the tensors of the checkpoint ``source_dir`` (but ``ignore``) that ``output_dir`` lacks or holds with
+    other bits (dtype, shape or any byte): after ``save_merged_packed``, with its biases ignored, none."""
+    from safetensors import safe_open
+
+    source, output = Path(source_dir), Path(output_dir)
+    output_shards, _ = _checkpoint_shards(output)
+    located = {}
+    for shard in output_shards:
+        with safe_open(output / shard, framework="pt") as handle:
+            located.update({key: shard for key in handle.keys()})
+    changed = []
+    for shard in _checkpoint_shards(source)[0]:
+        with safe_open(source / shard, framework="pt") as handle:
+            for key in handle.keys():
+                if key in ignore:
+                    continue
+                if key not in located:
+                    changed.append(key)
+                    continue
+                before = handle.get_tensor(key)
+                with safe_open(output / located[key], framework="pt") as other:
+                    after = other.get_tensor(key)
+                if before.dtype != after.dtype or before.shape != after.shape or not torch.equal(_bits(before), _bits(after)):
+                    changed.append(key)
+    return sorted(changed)

@@ -149,8 +149,88 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, str, Path, Path]:
         )
     if adapter_type == "RESTORELCC":
         _check_not_merged(model_path)
+    if _is_packed(model_path):
+        _check_packed(args, adapter_type, model_path)
+    elif adapter_type == "RESTORELCC":
         _check_bias_switch(model_path)
     return adapter, adapter_type, output, model_path
+
+
+def _is_packed(model_path: Path) -> bool:
+    from ..export import is_compressed_tensors_quantized
+
+    return is_compressed_tensors_quantized(model_path)
+
+
+def _check_packed(args: argparse.Namespace, adapter_type: str, model_path: Path) -> None:
+    """A compressed-tensors quantized --model: only a RestoreLCC adapter, of an architecture with a bias switch."""
+    from ..export import checkpoint_config, packed_merge_problem
+
+    if args.quantization is not None:
+        raise ValueError(
+            f"--model {args.model} is already quantized by compressed-tensors: leave --quantization out (the merge "
+            "writes the adapter's biases beside its packed weights)."
+        )
+    if adapter_type != "RESTORELCC":
+        raise ValueError(
+            f"--model {args.model} is quantized by compressed-tensors: a {adapter_type} merge would rewrite its "
+            "packed weights; keep that adapter separate (only RestoreLCC merges into biases beside them)."
+        )
+    problem = packed_merge_problem(checkpoint_config(model_path).get("model_type"), args.model)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def _run_packed(args: argparse.Namespace, adapter: Path, output: Path, model_path: Path) -> int:
+    """Merge into the dequantized --model and write its own packed tensors bit for bit plus the merged biases."""
+    import peft_restorelcc  # noqa: F401  (registers RESTORELCC with PEFT before the adapter is read)
+
+    from .. import export
+    from ..integrity import check_finite_weights
+    from ..io import load_model, load_tokenizer
+    from ..io.adapters import load_adapter
+
+    base = load_model(model_path, dtype=args.dtype, dequantize=True)
+    try:
+        tokenizer = load_tokenizer(model_path)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None  # the checkpoint's own tokenizer files are copied as they are
+    model = load_adapter(base, adapter)
+    check_finite_weights(model, f"--model {args.model} with --adapter {args.adapter}")
+    export.save_merged_packed(model, model_path, output, tokenizer=tokenizer)
+    written = json.loads((output / "restorelcc_export.json").read_text())["biases"]
+    changed = export.changed_checkpoint_tensors(model_path, output, ignore=set(written))
+    quantization = export.checkpoint_config(model_path)["quantization_config"]
+    compared = sum(1 for name in export.checkpoint_tensor_names(model_path) if name not in written)
+    report = {
+        "adapter_type": "RESTORELCC",
+        "model": str(args.model),
+        "adapter": str(adapter),
+        "format": args.format,
+        "quantization": "compressed-tensors",
+        "quantization_format": quantization.get("format"),
+        "checkpoint_tensors": compared,
+        "checkpoint_tensors_changed": changed,
+        "quantized_weights_unchanged": not changed,
+        "biases_written": written,
+    }
+    (output / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    rows = [
+        ("adapter type", "RESTORELCC"),
+        ("quantization", f"compressed-tensors ({quantization.get('format')}), kept"),
+        ("checkpoint tensors", f"{compared}, " + ("packed weights and scales bit-identical to --model" if not changed
+                                                 else f"CHANGED: {len(changed)}, e.g. {changed[0]}")),
+        ("biases written", f"{len(written)} (attention_bias=True)"),
+        ("output", str(output)),
+    ]  # fmt: skip
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+    if changed:
+        print("restorelcc merge: error: the packed merge changed checkpoint tensors.", file=sys.stderr)
+        return 1
+    return 0
+
 
 
 def _merge(
@@ -230,6 +310,8 @@ def run(args: argparse.Namespace) -> int:
     from ..tuner.config import PEFT_TYPE
 
     adapter, adapter_type, output, model_path = _check_args(args)
+    if _is_packed(model_path):
+        return _run_packed(args, adapter, output, model_path)
     if args.quantization is not None:
         return _run_quantized(args, adapter, output, model_path)
     before, after = _merge(args, adapter, adapter_type, output, model_path)

@@ -319,7 +319,16 @@ def _load(args: argparse.Namespace, model_path: Path, teacher_path: Path | None,
         ) from error
     dataset = pipeline.training_data(args.data, tokenizer, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     if args.quantization is None:
-        base = load_model(model_path, dtype=args.dtype)
+        from ..export import is_compressed_tensors_quantized
+
+        if is_compressed_tensors_quantized(model_path):
+            print(
+                f"--model {args.model} is quantized by compressed-tensors (llm-compressor): loading it dequantized "
+                "(CompressedTensorsConfig(dequantize=True)); `restorelcc merge` writes the adapter back beside its "
+                "packed weights",
+                file=sys.stderr,
+            )
+        base = load_model(model_path, dtype=args.dtype, dequantize=True)
     else:
         from peft import prepare_model_for_kbit_training
 

@@ -95,6 +95,7 @@ def load_model(
     device_map: str | dict | None = None,
     revision: str | None = None,
     quantization: str | None = None,
+    dequantize: bool = False,
 ) -> PreTrainedModel:
     """A causal LM from an embedded name, a local directory or a Hub id (at ``revision``), in eval mode.
 
@@ -103,12 +104,30 @@ def load_model(
     offloads the rest to CPU/disk). A pruned model saved by llm-compressor in compressed-tensors' sparse formats
     (``sparse-bitmask``, ``sparse-24-bitmask``) is decompressed exactly (``compressed.load_sparse_model``).
     ``quantization`` (one of ``QUANTIZATIONS``) loads it quantized by bitsandbytes, placed whole on the GPU if
-    there is one, else on the CPU, unless ``device_map`` says otherwise.
+    there is one, else on the CPU, unless ``device_map`` says otherwise. ``dequantize`` loads a checkpoint quantized
+    by compressed-tensors (llm-compressor's W4A16, W8A8, ...; ``is_compressed_tensors_quantized``) on its dequantized
+    weights (``CompressedTensorsConfig(dequantize=True)``), the form RestoreLCC restores; without it such a checkpoint
+    is refused with one line.
     """
     from ..compressed import load_sparse_model, sparse_format
+    from ..export import is_compressed_tensors_quantized
 
     path = resolve_model_path(name_or_path, revision)
     dtype = _torch_dtype(dtype)
+    if dequantize and quantization is None and is_compressed_tensors_quantized(path):
+        import warnings
+
+        from transformers import CompressedTensorsConfig
+
+        with warnings.catch_warnings():  # "the quantization_config from the model will be used", but dequantized
+            warnings.filterwarnings("ignore", message=".*already has a `quantization_config` attribute")
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=dtype or "auto",
+                device_map=device_map,
+                quantization_config=CompressedTensorsConfig(dequantize=True),
+            )
+        return model.eval()
     if quantization is not None:
         if sparse_format(path) is not None:
             raise ValueError(
