@@ -65,3 +65,10 @@ def test_readmes_main_job_cost_is_what_the_report_script_prints() -> None:
     sentence = report_output("--main-job")
     assert " to " in sentence and "CPU:" in sentence, sentence
     assert sentence in readme_text()
+
+
+def test_readmes_comparison_table_is_what_the_report_script_prints() -> None:
+    """The README's `restorelcc compare` table is generated from its results file, with the command that made it."""
+    table = report_output("--compare")
+    assert "made by `restorelcc compare" in table and "| restorelcc |" in table and "| lora |" in table, table
+    assert table in readme_text()
