@@ -223,13 +223,7 @@ def _run_packed(args: argparse.Namespace, adapter: Path, output: Path, model_pat
         ("biases written", f"{len(written)} (attention_bias=True)"),
         ("output", str(output)),
     ]  # fmt: skip
-    width = max(len(label) for label, _ in rows)
-    for label, value in rows:
-        print(f"{label:<{width}}  {value}")
-    if changed:
-        print("restorelcc merge: error: the packed merge changed checkpoint tensors.", file=sys.stderr)
-        return 1
-    return 0
+    return _report_rows(rows, changed, "the packed merge changed checkpoint tensors.")
 
 
 
@@ -297,11 +291,16 @@ def _run_quantized(args: argparse.Namespace, adapter: Path, output: Path, model_
                                                     else f"CHANGED: {len(changed)}, e.g. {changed[0]}")),
         ("output", str(output)),
     ]  # fmt: skip
+    return _report_rows(rows, changed, "a RestoreLCC merge changed quantized weights.")
+
+
+def _report_rows(rows: list[tuple[str, str]], changed: list, error: str) -> int:
+    """Print the merge's summary rows aligned; exit status 1 (with ``error`` on stderr) when a tensor changed."""
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
     if changed:
-        print("restorelcc merge: error: a RestoreLCC merge changed quantized weights.", file=sys.stderr)
+        print(f"restorelcc merge: error: {error}", file=sys.stderr)
         return 1
     return 0
 
