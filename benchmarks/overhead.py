@@ -28,7 +28,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_restorelcc import RestoreLCCConfig
-from peft_restorelcc.recovery import training_memory_bytes
+from peft_restorelcc.evaluation.statistics import training_memory_bytes
 from peft_restorelcc.tuner.heads import find_head_projections
 
 

@@ -16,19 +16,28 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from .calibration import CalibrationInputs, LostComponents, calibration_inputs
+from .calibration import (
+    CalibrationInputs,
+    LostComponents,
+    build_restorelcc_model,
+    calibration_inputs,
+    refine_lost_init,
+)
+from .calibration import calibrate as run_calibration
 from .data import text_passages
-from .evaluation import evaluate_tasks, perplexity
-from .integrity import json_safe
-from .pruning import calibration_windows, measure_sparsity, prune_model
-
-if TYPE_CHECKING:
-    from .recovery import StageTimer
+from .evaluation.statistics import StageTimer, trainable_parameters
+from .evaluation.tasks import evaluate_tasks, perplexity
+from .io import load_model, load_tokenizer, resolve_model_path
+from .io.checks import json_safe
+from .io.devices import default_device
+from .io.export import changed_quantized_tensors, quantized_tensors, save_merged
+from .pruning import calibration_windows, measure_sparsity, prune_model, save_pruned
+from .training import build_train_dataset, train_adapter
 
 __all__ = [
     "RunSettings",
@@ -36,7 +45,6 @@ __all__ = [
     "calibrate",
     "calibrate_components",
     "calibration_inputs",
-    "compare",
     "evaluate",
     "evaluate_model",
     "export",
@@ -60,8 +68,6 @@ def load(
 ) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from an embedded name, a local directory or a Hub id at ``revision``; the model in
     eval mode, moved to ``device`` when given."""
-    from .io import load_model, load_tokenizer, resolve_model_path
-
     path = resolve_model_path(name_or_path, revision)  # resolved once: a Hub id is looked up a single time
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=dtype)
@@ -115,10 +121,8 @@ def calibrate(
     ``options`` go to ``calibration.calibrate`` (``position``, ``kept_heads``, ``pruning``, ``batch_size``,
     ``max_length``, ``pruned_tokenizer`` ...); those left out keep its defaults.
     """
-    from .calibration import calibrate as measure
-
     pairs = inputs.pairs if strategy == "probe" else None
-    return measure(dense, pruned, inputs.prompts, tokenizer, pairs=pairs, strategy=strategy, seed=seed, **options)
+    return run_calibration(dense, pruned, inputs.prompts, tokenizer, pairs=pairs, strategy=strategy, seed=seed, **options)
 
 
 def calibrate_components(
@@ -171,8 +175,6 @@ def build_adapter(
     re-measured layer by layer with the layers below compensated; ``refine`` then holds ``dense``, ``prompts``,
     ``tokenizer`` and optionally ``batch_size`` / ``max_length`` for ``calibration.refine_lost_init``).
     """
-    from .calibration import build_restorelcc_model, refine_lost_init
-
     model = build_restorelcc_model(
         pruned,
         components,
@@ -192,16 +194,12 @@ def build_adapter(
 
 def training_data(data: str, tokenizer: Any, *, samples: int | None, seed: int = 0, seq_len: int = 128) -> Any:
     """Tokenized training sequences for ``data`` (a data choice, ``task:NAME`` or a user file)."""
-    from .training import build_train_dataset
-
     return build_train_dataset(data, tokenizer, samples=samples, seq_len=seq_len, seed=seed)
 
 
 def train(model: nn.Module, tokenizer: Any, dataset: Any, output: str | os.PathLike, **options: Any) -> dict[str, Any]:
     """Train the adapter of ``model`` on ``dataset`` (``training.train_adapter``; ``options`` are its keywords),
     writing checkpoints and the trained adapter to ``output``. Returns the training metrics."""
-    from .training import train_adapter
-
     return train_adapter(model, tokenizer, dataset, output, **options)
 
 
@@ -235,20 +233,10 @@ evaluate_model = evaluate
 
 def export(model: nn.Module, output: str | os.PathLike, tokenizer: Any = None) -> Path:
     """The adapter merged into the output projections' biases, saved as a standard transformers directory."""
-    from .export import save_merged
-
     return save_merged(model, output, tokenizer=tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------ the whole job
-
-
-def compare(settings: Any, output: str | os.PathLike, **options: Any) -> dict[str, Any]:
-    """``restorelcc compare``: the methods of ``settings`` (a ``compare.CompareSettings``) trained and measured on
-    one pruned model (``peft_restorelcc.compare.compare``; ``options``: ``resume``, ``log``)."""
-    from .compare import compare as run_comparison
-
-    return run_comparison(settings, output, **options)
 
 
 @dataclass
@@ -333,10 +321,6 @@ def run_job(settings: RunSettings, output: str | os.PathLike) -> dict[str, Any]:
     evaluation. Pruning and calibration draw from their own seeded generators, so the dense model is evaluated first,
     before pruning makes the second copy (same numbers, one model less in memory while it is scored).
     """
-    from .assets import default_device
-    from .pruning import save_pruned
-    from .recovery import StageTimer, trainable_parameters
-
     device = default_device(settings.device)
     torch.manual_seed(settings.seed)
     output, timer, evaluate_options = Path(output), StageTimer(), _evaluate_all(settings)
@@ -384,8 +368,6 @@ def run_job(settings: RunSettings, output: str | os.PathLike) -> dict[str, Any]:
 
 def _quantized_pruned(settings: RunSettings, output: Path, device: torch.device) -> nn.Module:
     """The saved pruned model (pruned/) loaded quantized by bitsandbytes, whole on ``device``."""
-    from .io import load_model
-
     device_map = "cpu" if device.type == "cpu" else {"": device.index or 0}
     return load_model(
         output / "pruned", dtype=settings.dtype, device_map=device_map, quantization=settings.quantization
@@ -418,8 +400,6 @@ def _merge_quantized(
     merged model holds with other bits (none expected: a merge writes only biases)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    from .export import changed_quantized_tensors, quantized_tensors
 
     base = _quantized_pruned(settings, output, device)
     fresh = quantized_tensors(base)

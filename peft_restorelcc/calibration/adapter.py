@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..tuner import RestoreLCCConfig, restorelcc_layers
 from ..tuner.heads import find_head_projections
 from .capture import (
     ModelStructure,
@@ -103,8 +104,6 @@ def build_restorelcc_model(
     # Imported here: the tuner registers itself with PEFT on import, and calibration alone does not need it.
     from peft import get_peft_model
 
-    from .. import RestoreLCCConfig, restorelcc_layers
-
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}.")
     d = components.head_dim
@@ -173,8 +172,6 @@ def refine_lost_init(
     pruned model per compensated layer. Returns, per layer, the norm of the mean loss that was left after the
     layers below had been compensated (summed over its compensated heads).
     """
-    from .. import restorelcc_layers
-
     position = components.metadata.get("position") or "last"
     if max_length is None:
         max_length = components.metadata.get("max_length", 512)

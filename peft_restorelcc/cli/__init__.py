@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..files import Terminated, handle_termination
+    from ..io.files import Terminated, handle_termination
 
     try:
         # SIGTERM raises like Ctrl-C does, so that staging directories and lock files are removed on the way out.

@@ -6,10 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import compare as comparison
-from ..compare import METHODS, CompareSettings, compare, compare_table, parse_methods, parse_prune, plot_compare
-from ..logits import parse_batch_size
-from ..training import DEFAULT_DATA
+from ..compare import settings as comparison
+from ..compare.settings import METHODS, CompareSettings, parse_methods, parse_prune
+from ..training.choices import DEFAULT_DATA, parse_batch_size
 from .options import (
     add_common_arguments,
     add_model_arguments,
@@ -121,8 +120,8 @@ def settings_of(args: argparse.Namespace) -> CompareSettings:
     if args.batch_size < 1 or args.lora_rank < 1 or args.heads <= 0:
         raise ValueError("--batch-size and --lora-rank must be >= 1, and --heads > 0")
     train_steps, epochs = _training_length(args)
-    from ..evaluation import resolve_tasks
-    from ..training import check_data_source
+    from ..evaluation.tasks import resolve_tasks
+    from ..training.trainer import check_data_source
 
     tasks = resolve_tasks(args.tasks.split(","), args.include_path) if args.tasks else None
     check_common_arguments(args)
@@ -141,6 +140,9 @@ def settings_of(args: argparse.Namespace) -> CompareSettings:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..compare.runs import compare
+    from ..compare.table import compare_table, plot_compare
+
     settings = settings_of(args)
     output = Path(args.output)
     if not args.resume:

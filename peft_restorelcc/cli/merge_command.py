@@ -13,9 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..files import staged_output_dir
-from ..integrity import json_safe
-from ..io.models import QUANTIZATIONS
+from ..io.choices import QUANTIZATIONS
 from .options import DTYPES, MODEL_HELP, add_model_arguments, check_output_dir
 
 REPORT_FILE = "merge_report.json"
@@ -86,8 +84,8 @@ def _check_bias_switch(model_path: Path) -> None:
     checks again on the model itself, which also covers architectures it does not know)."""
     from transformers import AutoConfig
 
-    from ..conversion import conversion_problem
-    from ..export import NO_OUTPUT_BIAS
+    from ..io.conversion import conversion_problem
+    from ..io.export import NO_OUTPUT_BIAS
 
     config = AutoConfig.from_pretrained(model_path)
     model_type = getattr(config.get_text_config(), "model_type", None)
@@ -99,7 +97,7 @@ def _check_bias_switch(model_path: Path) -> None:
 
 def _check_not_merged(model_path: Path) -> None:
     """A model that `restorelcc merge` wrote already holds a compensation: a second merge would add another one."""
-    from ..export import check_not_merged
+    from ..io.export import check_not_merged
 
     config_file = model_path / "config.json"
     try:
@@ -114,13 +112,15 @@ def _check_not_merged(model_path: Path) -> None:
 def save_merged_generic(model: Any, output: Path, tokenizer: Any = None) -> Path:
     """``merge_and_unload()`` + ``save_pretrained`` for any mergeable PEFT type, written to a temporary sibling and
     renamed into place, so a failure leaves no half-written output."""
+    from ..io.files import staged_output_dir
+
     if not hasattr(model, "merge_and_unload"):
         raise ValueError(f"{type(model).__name__} cannot be merged into the weights; keep the adapter separate.")
     try:
         merged = model.merge_and_unload()
     except (AttributeError, NotImplementedError) as error:  # prompt-learning methods have nothing to fold
         raise ValueError(f"This adapter type cannot be merged into the weights ({error}); keep it separate.") from error
-    from ..export import strip_serving_blockers
+    from ..io.export import strip_serving_blockers
 
     strip_serving_blockers(merged.config)
     with staged_output_dir(output) as staging:
@@ -157,14 +157,14 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, str, Path, Path]:
 
 
 def _is_packed(model_path: Path) -> bool:
-    from ..export import is_compressed_tensors_quantized
+    from ..io.export import is_compressed_tensors_quantized
 
     return is_compressed_tensors_quantized(model_path)
 
 
 def _check_packed(args: argparse.Namespace, adapter_type: str, model_path: Path) -> None:
     """A compressed-tensors quantized --model: only a RestoreLCC adapter, of an architecture with a bias switch."""
-    from ..export import checkpoint_config, packed_merge_problem
+    from ..io.export import checkpoint_config, packed_merge_problem
 
     if args.quantization is not None:
         raise ValueError(
@@ -185,10 +185,9 @@ def _run_packed(args: argparse.Namespace, adapter: Path, output: Path, model_pat
     """Merge into the dequantized --model and write its own packed tensors bit for bit plus the merged biases."""
     import peft_restorelcc  # noqa: F401  (registers RESTORELCC with PEFT before the adapter is read)
 
-    from .. import export
-    from ..integrity import check_finite_weights
-    from ..io import load_model, load_tokenizer
+    from ..io import export, load_model, load_tokenizer
     from ..io.adapters import load_adapter
+    from ..io.checks import check_finite_weights
 
     base = load_model(model_path, dtype=args.dtype, dequantize=True)
     try:
@@ -235,8 +234,7 @@ def _merge(
 
     import peft_restorelcc  # noqa: F401  (registers RESTORELCC with PEFT before the adapter is read)
 
-    from .. import export
-    from ..io import load_model, load_tokenizer
+    from ..io import export, load_model, load_tokenizer
     from ..pruning import measure_sparsity
     from ..tuner.config import PEFT_TYPE
 
@@ -253,7 +251,7 @@ def _merge(
     from ..io.adapters import load_adapter
 
     model = load_adapter(base, adapter)
-    from ..integrity import check_finite_weights
+    from ..io.checks import check_finite_weights
 
     check_finite_weights(model, f"--model {args.model} with --adapter {args.adapter}")
     if adapter_type == PEFT_TYPE:
@@ -269,7 +267,7 @@ def _merge(
 
 
 def _run_quantized(args: argparse.Namespace, adapter: Path, output: Path, model_path: Path) -> int:
-    from ..export import changed_quantized_tensors
+    from ..io.export import changed_quantized_tensors
 
     before, after = _merge(args, adapter, "RESTORELCC", output, model_path)
     changed = changed_quantized_tensors(before, after)
@@ -306,6 +304,7 @@ def _report_rows(rows: list[tuple[str, str]], changed: list, error: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io.checks import json_safe
     from ..tuner.config import PEFT_TYPE
 
     adapter, adapter_type, output, model_path = _check_args(args)

@@ -6,16 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from ..pruning import (
-    METHODS,
-    calibration_windows,
-    measure_sparsity,
-    prune_model,
-    resolve_sparsity,
-    save_pruned,
-    structured_prune_heads,
-    summary_rows,
-)
+from ..pruning.choices import METHODS, resolve_sparsity
 from .options import add_common_arguments, add_deprecated, add_model_arguments, check_common_arguments, check_output_dir
 
 
@@ -85,8 +76,8 @@ def _max_positions(model: Any) -> int | None:
 
 def _load(args: argparse.Namespace, needs_calibration: bool) -> tuple[Any, Any]:
     """``(model on --device, tokenizer or None)``; a tokenizer is required only when pruning calibrates."""
-    from ..assets import default_device
     from ..io import load_model, load_tokenizer, resolve_model_path
+    from ..io.devices import default_device
 
     model_path = resolve_model_path(args.model, args.revision)
     model = load_model(model_path, dtype=args.dtype)
@@ -106,6 +97,7 @@ def _load(args: argparse.Namespace, needs_calibration: bool) -> tuple[Any, Any]:
 def _calibration(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
     """Token windows from the bundled training passages for Wanda/SparseGPT/structured pruning, and their record."""
     from ..data import text_passages
+    from ..pruning import calibration_windows
 
     limit = _max_positions(model)
     if limit is not None and args.seq_len > limit:
@@ -116,6 +108,8 @@ def _calibration(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[
 
 def run(args: argparse.Namespace) -> int:
     sparsity, structured = _check_args(args)
+    from ..pruning import measure_sparsity, prune_model, save_pruned, structured_prune_heads, summary_rows  # torch
+
     needs_calibration = args.method in ("wanda", "sparsegpt") or structured
     model, tokenizer = _load(args, needs_calibration)
     calibration, calibration_info = _calibration(args, model, tokenizer) if needs_calibration else (None, None)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..logits import parse_batch_size
-from ..pipeline import RunSettings, run_job
-from ..training import DEFAULT_DATA
+from ..training.choices import DEFAULT_DATA, parse_batch_size
 from .options import (
     add_common_arguments,
     add_deprecated,
@@ -20,6 +18,9 @@ from .options import (
 )
 
 DEFAULT_OUTPUT = "runs/restorelcc-run"
+
+if TYPE_CHECKING:  # a type only; the pipeline itself loads when the job runs
+    from ..pipeline import RunSettings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..io.models import QUANTIZATIONS
+    from ..io.choices import QUANTIZATIONS
 
     parser.add_argument(
         "--quantization",
@@ -134,8 +135,8 @@ def _check(args: argparse.Namespace) -> None:
     args.eval_batch_size = parse_batch_size(args.eval_batch_size, "--eval-batch-size")
     if not 0 <= args.distill_alpha <= 1:
         raise ValueError(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}.")
-    from ..evaluation import resolve_tasks
-    from ..training import check_data_source
+    from ..evaluation.tasks import resolve_tasks
+    from ..training.trainer import check_data_source
 
     if args.tasks:
         resolve_tasks(args.tasks.split(","), args.include_path)  # an unknown task fails here, before any model loads
@@ -146,6 +147,8 @@ def _check(args: argparse.Namespace) -> None:
 
 def settings_of(args: argparse.Namespace) -> RunSettings:
     """The pipeline's settings from the parsed flags (the flags are named after its fields)."""
+    from ..pipeline import RunSettings
+
     fields = {field.name for field in dataclasses.fields(RunSettings)}
     settings = {key: value for key, value in vars(args).items() if key in fields}
     settings["tasks"] = args.tasks.split(",") if args.tasks else None
@@ -153,6 +156,8 @@ def settings_of(args: argparse.Namespace) -> RunSettings:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..pipeline import run_job
+
     _check(args)
     if args.threads is not None:
         import torch
@@ -171,14 +176,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _accuracy(metrics: dict[str, Any]) -> float:
-    from ..recovery import headline_metric
+    from ..evaluation.statistics import headline_metric
 
     return metrics[headline_metric(metrics)]
 
 
 def results_table(summary: dict[str, Any]) -> str:
     """Markdown: accuracy per task (acc_norm where the task has it), average, perplexity; then costs and times."""
-    from .. import recovery
+    from ..evaluation import statistics as recovery
 
     results = summary["results"]
     # All three models answered the same items: the errors of their differences are paired ones.
@@ -243,8 +248,8 @@ def results_table(summary: dict[str, Any]) -> str:
 def _above_chance_line(results: dict[str, Any], items: dict[str, Any]) -> str:
     """The gap and its share recovered over the tasks the dense model is above chance on: on a small model some
     tasks sit at chance, where pruning has nothing to remove and a pruned model's bias can even score higher."""
-    from .. import recovery
-    from ..evaluation import chance_accuracy
+    from ..evaluation import statistics as recovery
+    from ..evaluation.tasks import chance_accuracy
 
     accuracies = {name: {task: _accuracy(metrics) for task, metrics in result["tasks"].items()}
                   for name, result in results.items()}  # fmt: skip
@@ -278,7 +283,7 @@ def plot_accuracies(summary: dict[str, Any], path: Path) -> Path | None:
         from matplotlib.figure import Figure
     except ImportError:
         return None
-    from ..recovery import headline_accuracy
+    from ..evaluation.statistics import headline_accuracy
 
     results = summary["results"]
     tasks = list(results["dense"]["tasks"]) + ["average"]

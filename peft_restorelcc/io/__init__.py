@@ -1,26 +1,23 @@
 """Models and adapters in and out: embedded names, local directories and Hub ids (with a revision)."""
 
-from .adapters import resolve_adapter_path
-from .hub import download_snapshot, is_hub_id
-from .models import (
-    QUANTIZATIONS,
-    bitsandbytes_config,
-    load_model,
-    load_model_and_tokenizer,
-    load_tokenizer,
-    model_loader,
-    resolve_model_path,
-)
+from __future__ import annotations
 
-__all__ = [
-    "QUANTIZATIONS",
-    "bitsandbytes_config",
-    "download_snapshot",
-    "is_hub_id",
-    "load_model",
-    "load_model_and_tokenizer",
-    "load_tokenizer",
-    "model_loader",
-    "resolve_adapter_path",
-    "resolve_model_path",
-]
+from .. import lazy_face
+
+# Each name loads its module on first use (see ``lazy_face``).
+__getattr__, __all__ = lazy_face(
+    __name__,
+    {
+        ".adapters": ("resolve_adapter_path",),
+        ".choices": ("QUANTIZATIONS",),
+        ".hub": ("download_snapshot", "is_hub_id"),
+        ".models": (
+            "bitsandbytes_config",
+            "load_model",
+            "load_model_and_tokenizer",
+            "load_tokenizer",
+            "model_loader",
+            "resolve_model_path",
+        ),
+    },
+)

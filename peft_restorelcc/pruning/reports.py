@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import staged_output_dir
+from ..io.files import staged_output_dir
 from .common import REPORT_FILE
 
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .choices import METHODS, resolve_sparsity
 from .common import (
-    METHODS,
     _apply_to_weight,
     _block_projections,
     _execution_device,
@@ -21,7 +21,6 @@ from .common import (
     _weight_matrix,
     find_decoder_layers,
     measure_sparsity,
-    resolve_sparsity,
 )
 from .magnitude import magnitude_prune_weight
 from .sparsegpt import sparsegpt_prune_weight

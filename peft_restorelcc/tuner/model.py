@@ -86,7 +86,7 @@ class RestoreLCCModel(BaseTuner):
     prefix: str = "restorelcc_"
     tuner_layer_cls = RestoreLCCLayer
     target_module_mapping = {model_type: [suffix] for model_type, suffix in DEFAULT_TARGET_MODULES.items()}
-    # Installed by the package that knows the model families (peft_restorelcc.export); None = PEFT's plain merge
+    # Installed by the package that knows the model families (peft_restorelcc.io.merge_policy); None = PEFT's plain merge
     # plus a family-free warning when a merge creates a bias.
     merge_policy: ClassVar[MergePolicy | None] = None
 

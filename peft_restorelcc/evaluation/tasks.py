@@ -33,8 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from peft_restorelcc.data import eval_dataset, hellaswag_query_and_endings
-from peft_restorelcc.devices import input_device
-from peft_restorelcc.logits import (
+from peft_restorelcc.io.devices import input_device
+from peft_restorelcc.training.logits import (
     IGNORE_INDEX,
     cross_entropy_sum,
     lm_head_at,
@@ -42,6 +42,8 @@ from peft_restorelcc.logits import (
     parameter_bytes,
     rows_within_budget,
 )
+
+from .choices import LIST_TASKS_HINT, PAPER_BUNDLED, PAPER_TASKS, TASK_PREFIX
 
 __all__ = [
     "PAPER_BUNDLED",
@@ -55,24 +57,6 @@ __all__ = [
     "task_size",
 ]
 
-# The seven zero-shot tasks of the paper (and of Wanda / SparseGPT), in the order they are usually reported.
-PAPER_TASKS: tuple[str, ...] = (
-    "boolq",
-    "rte",
-    "hellaswag",
-    "winogrande",
-    "arc_easy",
-    "arc_challenge",
-    "openbookqa",
-)
-
-# The name that stands for the seven bundled tasks at once (``--tasks paper-bundled``).
-PAPER_BUNDLED = "paper-bundled"
-# How a user finds the names of lm-eval's own tasks (the ``lm-eval`` command that comes with lm-eval).
-LIST_TASKS_HINT = "list lm-eval's tasks with `lm-eval ls tasks` (your own task YAMLs: --include-path DIR)"
-
-# Prefix of the lm-eval task names registered here; keeps them apart from lm-eval's own (hub-backed) tasks.
-TASK_PREFIX = "restorelcc_"
 
 # Seeds as lm-eval's simple_evaluate sets them; zero-shot loglikelihood scoring draws nothing random, but a
 # fixed state keeps any future sampling (few-shot, bootstrap) reproducible.

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .compressed import sparse_format
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Every tensor a RestoreLCC adapter saves has one of these in its name (tuner/layer.py's parameter names).
@@ -124,7 +126,6 @@ def decoder_weight_zeros(model_dir: Path) -> int | None:
     sparse or quantized format, or another file format)."""
     from safetensors import safe_open
 
-    from .compressed import sparse_format
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
     config_file = Path(model_dir) / "config.json"

@@ -38,6 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
+from .. import data as data_module
+from ..data.choices import FILE_SUFFIXES, TRAINING_HELP
+from ..data.user import hub_dataset, read_training_file
+from .choices import DATA_CHOICES, PAPER_BATCH_SIZE, PAPER_EPOCHS, PAPER_LEARNING_RATE, PAPER_SAMPLES, TASK_DATA_PREFIX
 from .logits import (
     TRAINING_CHUNK_BYTES,
     TRAINING_CHUNK_THRESHOLD,
@@ -52,17 +56,6 @@ from .logits import (
 )
 
 IGNORE_INDEX = -100
-DATA_CHOICES = ("instruction", "instruction-wide", "instruction-and-cloze", "text", "mixed")
-# The default of `train` and `run`: the paper's loss on the recipe's pairs and PIQA's and SciQ's written as question ->
-# answer. In the 750-step benchmark it ties "instruction" on accuracy (three seeds, the same items) and keeps held-out
-# perplexity at the pruned model's (84.9 against 109.6); "instruction" alone lifts it above the pruned model's.
-DEFAULT_DATA = "instruction-and-cloze"
-
-# Paper settings (RestoreLCC, Alpaca SFT): lr 1e-3, 3 epochs, batch 8, 2k samples.
-PAPER_LEARNING_RATE = 1e-3
-PAPER_EPOCHS = 3
-PAPER_BATCH_SIZE = 8
-PAPER_SAMPLES = 2000
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,15 +183,10 @@ def instruction_records(
 def read_jsonl(path: str | os.PathLike) -> tuple[list[dict[str, str]], list[str]]:
     """``(instruction examples, texts)`` from a data file (``user_data.read_training_file``: prompt/response and
     Alpaca rows as examples, text rows as texts); chats are refused here (they need a tokenizer)."""
-    from .user_data import read_training_file
-
     read = read_training_file(path)
     if read.chats:
         raise ValueError(f"{path} holds chat rows ('messages'): read it with user_data.read_training_file.")
     return read.examples, read.texts
-
-
-TASK_DATA_PREFIX = "task:"
 
 
 def check_data_choice(data: str) -> None:
@@ -207,8 +195,6 @@ def check_data_choice(data: str) -> None:
     if data in DATA_CHOICES:
         return
     if data.startswith(TASK_DATA_PREFIX):
-        from . import data as data_module
-
         task = data[len(TASK_DATA_PREFIX) :]
         if task not in data_module.EVAL_TASKS:
             raise ValueError(
@@ -216,8 +202,6 @@ def check_data_choice(data: str) -> None:
                 f"{', '.join(data_module.EVAL_TASKS)} (its items after the ones evaluation scores)."
             )
         return
-    from .user_data import FILE_SUFFIXES, TRAINING_HELP, hub_dataset
-
     if hub_dataset(data) is not None:
         return
     path = Path(data).expanduser()
@@ -238,8 +222,6 @@ def check_data_source(data: str) -> None:
     follows): a missing or unreachable dataset, or rows of no known schema, fail with one line before any model
     loads."""
     check_data_choice(data)
-    from .user_data import hub_dataset, read_training_file
-
     if hub_dataset(data) is not None:
         read_training_file(data)
 
@@ -273,8 +255,6 @@ def build_train_dataset(
         raise ValueError(f"samples must be >= 1 (or None for all), got {samples}.")
     rng = random.Random(seed)
     if data in DATA_CHOICES:
-        from . import data as data_module
-
         half = None if samples is None else samples // 2
         wanted_instruction = {"instruction": samples, "instruction-wide": samples, "text": 0, "mixed": half}
         sources = data_module.WIDE_TRAINING_SOURCES if data == "instruction-wide" else data_module.TRAINING_SOURCES
@@ -291,13 +271,9 @@ def build_train_dataset(
             limit = None if samples is None else samples - len(records)
             records += text_windows(passages, tokenizer, seq_len, limit)
     elif data.startswith(TASK_DATA_PREFIX):
-        from . import data as data_module
-
         examples = data_module.task_examples(data[len(TASK_DATA_PREFIX) :], seed=seed, limit=samples)
         records = instruction_records(examples, tokenizer, seq_len)
     else:
-        from .user_data import read_training_file
-
         read = read_training_file(data)
         rng.shuffle(read.examples)
         rng.shuffle(read.chats)

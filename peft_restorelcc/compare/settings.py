@@ -1,0 +1,97 @@
+"""What a comparison is asked for: ``restorelcc compare's`` settings, its methods and their standard rates, the
+pruning spec, and the files it writes; readable without torch, so that the command line builds its parser here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..pruning.choices import resolve_sparsity
+from ..training.choices import DEFAULT_DATA
+
+# 2: compare.json (was results.json); per run the merged model's speed and reload, epochs, seq_len, examples seen;
+# failed runs under "failed".
+SCHEMA_VERSION = 2
+
+
+RESULTS_FILE = "compare.json"
+
+
+TABLE_FILE = "compare.md"
+
+
+PLOT_FILE = "compare.png"
+
+
+PRUNING_METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+# Each method's standard learning rate (benchmarks/recovery_methods.yaml: the rates its rows train at).
+METHODS: dict[str, float] = {"restorelcc": 1e-3, "lora": 5e-4, "dora": 5e-4, "ia3": 1e-3}
+
+
+# Settings a run may differ in and still be kept on resume: what is run, not how it is measured.
+PLAN_FIELDS = ("methods", "seeds", "device")
+
+
+@dataclass
+class CompareSettings:
+    """Everything a comparison does differently from the next (``restorelcc compare``'s flags, by name)."""
+
+    model: str = "smollm2-135m"
+    revision: str | None = None
+    pruned: str | None = None  # a pruned model to load; None: prune ``model`` with ``prune``
+    pruned_revision: str | None = None
+    prune: str = "wanda:0.5"
+    methods: Sequence[str] = ("restorelcc", "lora")
+    seeds: Sequence[int] = (0,)
+    lora_rank: int = 8
+    heads: float = 0.25
+    learning_rates: dict[str, float] = field(default_factory=dict)  # per method; the rest keep METHODS' rates
+    data: str = DEFAULT_DATA
+    train_steps: int | None = 200  # optimizer steps; None with ``epochs``
+    epochs: float | None = None  # train by epochs over ``train_samples`` examples instead of by steps
+    train_samples: int | None = None  # the training set's size; None: train_steps x batch_size (each seen once)
+    seq_len: int = 128  # longest training sequence, in tokens
+    batch_size: int = 8
+    prune_samples: int = 64
+    calibration_samples: int = 128
+    num_pairs: int = 256
+    tasks: Sequence[str] | None = None
+    include_path: str | None = None  # a folder of the user's own lm-eval task YAMLs
+    limit: int | None = 100
+    perplexity_passages: int = 64
+    eval_batch_size: int | str = "auto"
+    device: str | None = None
+    dtype: str = "auto"
+
+    def learning_rate(self, method: str) -> float:
+        return self.learning_rates.get(method, METHODS[method])
+
+
+def parse_prune(spec: str) -> tuple[str, float | None, str | None]:
+    """``wanda:0.5`` -> ``("wanda", 0.5, None)``; ``sparsegpt:2:4`` -> ``("sparsegpt", None, "2:4")``. ValueError
+    with one line for an unknown method or a ratio outside (0, 1)."""
+    method, _, shape = spec.partition(":")
+    if method not in PRUNING_METHODS or not shape:
+        raise ValueError(f"--prune {spec!r}: give METHOD:RATIO or METHOD:N:M, METHOD one of {list(PRUNING_METHODS)}")
+    if ":" in shape:
+        resolve_sparsity(None, shape)  # a malformed N:M pattern fails here
+        return method, None, shape
+    try:
+        ratio = float(shape)
+    except ValueError:
+        raise ValueError(f"--prune {spec!r}: the ratio must be a number in (0, 1), e.g. {method}:0.5") from None
+    if not 0 < ratio < 1:
+        raise ValueError(f"--prune {spec!r}: the ratio must be in (0, 1), got {ratio}")
+    return method, ratio, None
+
+
+def parse_methods(text: str) -> list[str]:
+    """``restorelcc,lora`` -> the method names, each known and given once."""
+    methods = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown or not methods or len(set(methods)) != len(methods):
+        raise ValueError(f"--methods {text!r}: give each of {list(METHODS)} at most once, comma-separated")
+    return methods
