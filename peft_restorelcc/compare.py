@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from . import pipeline, recovery
+from .io.adapters import record_base
 from .merged_checks import merged_measures
 from .pruning import measure_sparsity, resolve_sparsity
 from .training import DEFAULT_DATA
@@ -44,6 +46,7 @@ SCHEMA_VERSION = 2
 RESULTS_FILE = "compare.json"
 TABLE_FILE = "compare.md"
 PLOT_FILE = "compare.png"
+PRUNED_DIR = "pruned"  # the model pruned on the fly (--prune), the base the kept adapters name
 PRUNING_METHODS = ("magnitude", "wanda", "sparsegpt")
 # Each method's standard learning rate (benchmarks/recovery_methods.yaml: the rates its rows train at).
 METHODS: dict[str, float] = {"restorelcc": 1e-3, "lora": 5e-4, "dora": 5e-4, "ia3": 1e-3}
@@ -182,9 +185,9 @@ def _general_calibration(models: Models) -> Any:
 CALIBRATIONS: dict[str, Callable[[Models], Any]] = {"general": _general_calibration}
 
 
-def _load_models(settings: CompareSettings, timer: recovery.StageTimer) -> Models:
+def _load_models(settings: CompareSettings, timer: recovery.StageTimer, output: Path) -> Models:
     from .assets import default_device
-    from .io import resolve_model_path
+    from .io import model_reference, name_model_source, resolve_model_path
     from .pruning import load_report
 
     device = default_device(settings.device)
@@ -194,15 +197,38 @@ def _load_models(settings: CompareSettings, timer: recovery.StageTimer) -> Model
         _check_same_architecture(dense_path, pruned_path)  # before any weights load
     with timer.stage("load"):
         dense, tokenizer = pipeline.load(dense_path, dtype=settings.dtype, device=device)
+    name_model_source(dense, model_reference(settings.model, dense_path))  # what a pruned copy records it came from
     if pruned_path is None:
         method, sparsity, pattern = parse_prune(settings.prune)
         with timer.stage("prune"):
             pruned, report = pipeline.prune(dense, tokenizer, method, sparsity, pattern, settings.prune_samples)
+            _save_pruned_once(pruned, tokenizer, report, output / PRUNED_DIR)
     else:
         with timer.stage("load"):
             pruned, _ = pipeline.load(pruned_path, dtype=settings.dtype, device=device)
+        name_model_source(pruned, model_reference(settings.pruned, pruned_path))
         report = load_report(pruned_path) if (pruned_path / "pruning_report.json").is_file() else {}
     return Models(dense, pruned, tokenizer, report, device, settings, timer)
+
+
+def _save_pruned_once(pruned: nn.Module, tokenizer: Any, report: dict[str, Any], directory: Path) -> None:
+    """The model pruned on the fly, saved so that the adapters kept under work/ name a base a user can load. A copy
+    from an earlier comparison with the same pruning (the same report, but for its timing) is kept; any other is
+    replaced."""
+    from .io import name_model_source
+    from .pruning import load_report, save_pruned
+
+    if (directory / "pruning_report.json").is_file():
+        def timeless(entries: dict[str, Any]) -> str:
+            return json.dumps({key: value for key, value in entries.items() if key != "seconds"}, default=str)
+
+        if timeless(load_report(directory)) == timeless(json.loads(json.dumps(report, default=str))):
+            pruned.config.pruned_from = pruned.name_or_path
+            name_model_source(pruned, directory.resolve())
+            return
+    if directory.exists():
+        shutil.rmtree(directory)
+    save_pruned(pruned, tokenizer, directory, report)
 
 
 # What a pruned copy shares with its dense model (pruning zeroes weights, it changes no shape).
@@ -337,6 +363,7 @@ def run_method(spec: MethodSpec, seed: int, models: Models, settings: CompareSet
     timer = recovery.StageTimer()
     torch.manual_seed(seed)
     model = BUILDERS[spec.kind](copy.deepcopy(models.pruned), spec, models)
+    record_base(model, models.pruned.name_or_path, settings.pruned_revision if settings.pruned else None)
     teacher = models.dense if spec.distill_alpha > 0 else None
     dataset = models.training_dataset(spec.data, samples=_train_samples(settings), seed=seed, seq_len=settings.seq_len)
     first_batch = [dataset[i] for i in range(min(settings.batch_size, len(dataset)))]
@@ -463,7 +490,7 @@ def compare(
         log(f"every run is in {output / RESULTS_FILE} already ({len(done)} skipped): nothing to train")
         return _write(output, settings, report)
     timer = recovery.StageTimer()
-    models = _load_models(settings, timer)
+    models = _load_models(settings, timer, output)
     if not {"dense", "pruned"} <= set(report["reference"]):
         report["reference"] = _reference_rows(models, settings, timer)
         report["runs"] = runs = []  # runs measured against other reference rows cannot be paired with these

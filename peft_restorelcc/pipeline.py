@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +49,9 @@ __all__ = [
     "training_data",
 ]
 
+# Training checkpoints of run_job: beside adapter/, not in it (a folder upload of the adapter would publish them).
+CHECKPOINTS_DIR = "checkpoints"
+
 # ------------------------------------------------------------------------------------------------ load / prune
 
 
@@ -60,11 +64,12 @@ def load(
 ) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from an embedded name, a local directory or a Hub id at ``revision``; the model in
     eval mode, moved to ``device`` when given."""
-    from .io import load_model, load_tokenizer, resolve_model_path
+    from .io import load_model, load_tokenizer, model_reference, name_model_source, resolve_model_path
 
     path = resolve_model_path(name_or_path, revision)  # resolved once: a Hub id is looked up a single time
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=dtype)
+    name_model_source(model, model_reference(name_or_path, path))  # a Hub id as given, else the absolute directory
     return (model.to(device) if device is not None else model), tokenizer
 
 
@@ -316,7 +321,8 @@ def _train_stage(
     model = build_adapter(pruned, components, settings.heads, selection=settings.selection, init=settings.init)
     dataset = training_data(settings.data, tokenizer, samples=settings.train_samples, seed=settings.seed)
     metrics = train(
-        model, tokenizer, dataset, output / "adapter", epochs=settings.epochs, learning_rate=settings.lr,
+        model, tokenizer, dataset, output / "adapter", checkpoint_dir=output / CHECKPOINTS_DIR,
+        epochs=settings.epochs, learning_rate=settings.lr,
         batch_size=settings.batch_size, max_steps=settings.train_steps, seed=settings.seed, teacher=teacher,
         distill_alpha=settings.distill_alpha if teacher is not None else 1.0, device=device,
     )  # fmt: skip
@@ -379,17 +385,19 @@ def run_job(settings: RunSettings, output: str | os.PathLike) -> dict[str, Any]:
     if settings.quantization:
         summary.update(quantized_tensors=len(fresh), quantized_tensors_changed_by_merge=changed)
     (output / "results.json").write_text(json.dumps(json_safe(summary), indent=2, default=str, allow_nan=False) + "\n")
+    # The optimizer state is of no use once the run has finished, and must not travel with the adapter.
+    shutil.rmtree(output / CHECKPOINTS_DIR, ignore_errors=True)
     return summary
 
 
 def _quantized_pruned(settings: RunSettings, output: Path, device: torch.device) -> nn.Module:
     """The saved pruned model (pruned/) loaded quantized by bitsandbytes, whole on ``device``."""
-    from .io import load_model
+    from .io import load_model, name_model_source
 
     device_map = "cpu" if device.type == "cpu" else {"": device.index or 0}
-    return load_model(
-        output / "pruned", dtype=settings.dtype, device_map=device_map, quantization=settings.quantization
-    )
+    model = load_model(output / "pruned", dtype=settings.dtype, device_map=device_map, quantization=settings.quantization)
+    name_model_source(model, (output / "pruned").resolve())
+    return model
 
 
 def _quantize_stage(

@@ -656,14 +656,15 @@ def train_adapter(
     disable_tqdm: bool | None = None,
     callbacks: Sequence[TrainerCallback] = (),
     device: str | torch.device | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train the trainable parameters of a PEFT model with the HF Trainer and save the adapter to ``output_dir``.
 
     Works for any PEFT model; only its trainable parameters (for RestoreLCC: m and b) are optimised (AdamW, no
     weight decay, linear decay). ``batch_size`` is per process; the global batch is ``batch_size x processes x
     gradient_accumulation_steps``. Checkpoints (adapter, optimizer, scheduler, RNG) go to
-    ``output_dir/checkpoint-<step>`` every ``save_steps``; ``resume_from_checkpoint`` (a path, or True for the latest
-    in ``output_dir``) continues from one, and with the same arguments ends where an uninterrupted run ends. With a
+    ``output_dir/checkpoint-<step>`` (``checkpoint_dir/checkpoint-<step>`` when given) every ``save_steps``;
+    ``resume_from_checkpoint`` (a path, or True for the latest in that directory) continues from one, and with the same arguments ends where an uninterrupted run ends. With a
     ``teacher`` the loss is ``distill_alpha * KL(teacher || student) + (1 - distill_alpha) * LM`` (temperature
     ``temperature``). Shuffling is seeded, and one permutation is shared by all processes, so N processes x batch B
     see the same global batches as 1 process x batch N*B; ``shuffle=False`` feeds the data in file order.
@@ -689,7 +690,7 @@ def train_adapter(
     output_dir = Path(output_dir)
     use_cpu = torch.device(device).type == "cpu" if device is not None else not torch.cuda.is_available()
     arguments = TrainingArguments(
-        output_dir=str(output_dir),
+        output_dir=str(checkpoint_dir if checkpoint_dir is not None else output_dir),
         num_train_epochs=epochs,
         max_steps=max_steps,
         learning_rate=learning_rate,

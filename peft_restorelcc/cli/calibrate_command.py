@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
     from ..assets import default_device
     from ..calibration import calibration_inputs
     from ..files import staged_output_dir
-    from ..io import load_model
+    from ..io import load_model, model_reference, record_base
 
     num_heads = _check_args(args)
     started = time.perf_counter()
@@ -308,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
         pruned, components, num_heads, selection=args.selection, init=args.init,
         num_components=args.num_components, refine=refine,
     )  # fmt: skip
+    record_base(peft_model, model_reference(args.pruned, pruned_path), args.pruned_revision)
     output = Path(args.output).expanduser()
     with staged_output_dir(output) as staging:  # all or nothing: a failure leaves no half-written adapter
         peft_model.save_pretrained(str(staging))

@@ -336,9 +336,11 @@ def _load(args: argparse.Namespace, model_path: Path, teacher_path: Path | None,
         # PEFT's k-bit preparation: every base parameter frozen, non-quantized ones (norms, embeddings) in fp32.
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     from ..integrity import check_finite_weights
+    from ..io import model_reference, record_base
     from ..io.adapters import load_adapter
 
     model = load_adapter(base, adapter, is_trainable=True)
+    record_base(model, model_reference(args.model, model_path), args.revision)  # trained on --model: its base now
     check_finite_weights(model, f"--model {args.model} with --adapter {args.adapter}")
     teacher = load_model(teacher_path, dtype=args.dtype) if teacher_path is not None else None
     return tokenizer, dataset, model, teacher

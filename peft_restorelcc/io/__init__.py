@@ -1,6 +1,6 @@
 """Models and adapters in and out: embedded names, local directories and Hub ids (with a revision)."""
 
-from .adapters import resolve_adapter_path
+from .adapters import record_base, resolve_adapter_path
 from .hub import download_snapshot, is_hub_id
 from .models import (
     QUANTIZATIONS,
@@ -9,6 +9,8 @@ from .models import (
     load_model_and_tokenizer,
     load_tokenizer,
     model_loader,
+    model_reference,
+    name_model_source,
     resolve_model_path,
 )
 
@@ -21,6 +23,9 @@ __all__ = [
     "load_model_and_tokenizer",
     "load_tokenizer",
     "model_loader",
+    "model_reference",
+    "name_model_source",
+    "record_base",
     "resolve_adapter_path",
     "resolve_model_path",
 ]
