@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from . import pipeline, recovery
+from .integrity import write_json_atomic
 from .io.adapters import record_base
 from .merged_checks import merged_measures
 from .pruning import measure_sparsity, resolve_sparsity
@@ -461,7 +462,7 @@ def _write(output: Path, settings: CompareSettings, report: dict[str, Any]) -> d
     report |= {"schema_version": SCHEMA_VERSION, "settings": json.loads(json.dumps(asdict(settings))),
                "measured_with": _settings_key(settings),
                "methods": summarise(report["runs"], settings.methods)}  # fmt: skip
-    (output / RESULTS_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(output / RESULTS_FILE, report)  # a full disk or a kill never leaves half a file
     return report
 
 

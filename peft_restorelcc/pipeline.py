@@ -25,7 +25,7 @@ from torch import nn
 from .calibration import CalibrationInputs, LostComponents, calibration_inputs
 from .data import text_passages
 from .evaluation import evaluate_tasks, perplexity
-from .integrity import json_safe
+from .integrity import write_json_atomic
 from .pruning import calibration_windows, measure_sparsity, prune_model
 
 if TYPE_CHECKING:
@@ -384,7 +384,7 @@ def run_job(settings: RunSettings, output: str | os.PathLike) -> dict[str, Any]:
     )
     if settings.quantization:
         summary.update(quantized_tensors=len(fresh), quantized_tensors_changed_by_merge=changed)
-    (output / "results.json").write_text(json.dumps(json_safe(summary), indent=2, default=str, allow_nan=False) + "\n")
+    write_json_atomic(output / "results.json", json.loads(json.dumps(summary, default=str)))
     # The optimizer state is of no use once the run has finished, and must not travel with the adapter.
     shutil.rmtree(output / CHECKPOINTS_DIR, ignore_errors=True)
     return summary

@@ -23,11 +23,12 @@ import math
 import os
 import random
 import resource
+import shutil
 import statistics
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
+from .files import DiskFullError, is_disk_full
 from .logits import (
     TRAINING_CHUNK_BYTES,
     TRAINING_CHUNK_THRESHOLD,
@@ -408,6 +410,38 @@ class _CheckpointMarker(TrainerCallback):
             )
 
 
+@contextmanager
+def _disk_full_as_one_line(checkpoint_dir: Path) -> Iterator[None]:
+    """A full disk while the Trainer writes a checkpoint: the checkpoint it was writing (no marker yet) is removed,
+    the finished ones stay (``--resume`` continues from the last), and the error is one ``DiskFullError`` line."""
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        for checkpoint in checkpoint_dir.glob("checkpoint-*"):
+            if checkpoint.is_dir() and not (checkpoint / CHECKPOINT_MARKER).is_file():
+                shutil.rmtree(checkpoint, ignore_errors=True)
+        raise DiskFullError(checkpoint_dir) from None
+
+
+def save_adapter(model: nn.Module, output_dir: str | os.PathLike) -> Path:
+    """``model.save_pretrained(output_dir)``, all or nothing: on a full disk the adapter files it began to write are
+    removed (what was in ``output_dir`` before, checkpoints included, stays) and the error is a ``DiskFullError``."""
+    output_dir = Path(output_dir)
+    before = set(output_dir.iterdir()) if output_dir.is_dir() else set()
+    try:
+        model.save_pretrained(str(output_dir))
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        for entry in set(output_dir.iterdir()) - before:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        raise DiskFullError(output_dir, needed=trainable) from None
+    return output_dir
+
+
 class RecoveryTrainer(Trainer):
     """A Trainer that can distil from a frozen teacher: ``alpha * KL + (1 - alpha) * LM`` on labelled positions.
 
@@ -730,14 +764,15 @@ def train_adapter(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = trainer.train(
-        resume_from_checkpoint=str(resume_from_checkpoint)
-        if isinstance(resume_from_checkpoint, (str, os.PathLike))
-        else resume_from_checkpoint
-    )
+    with _disk_full_as_one_line(Path(arguments.output_dir)):
+        result = trainer.train(
+            resume_from_checkpoint=str(resume_from_checkpoint)
+            if isinstance(resume_from_checkpoint, (str, os.PathLike))
+            else resume_from_checkpoint
+        )
     seconds = time.perf_counter() - started
     if trainer.is_world_process_zero():
-        model.save_pretrained(str(output_dir))
+        save_adapter(model, output_dir)
     trainer.accelerator.wait_for_everyone()
 
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]

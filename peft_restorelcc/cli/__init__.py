@@ -38,6 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input is reported as one clear line, not a traceback.
         print(f"restorelcc {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        from ..files import DiskFullError, is_disk_full
+
+        if not is_disk_full(error):
+            raise
+        # A write outside the staged writers (results, checkpoints) that did not fit: one line, not a traceback.
+        target = getattr(args, "output", None) or getattr(args, "output_dir", None) or "."
+        print(f"restorelcc {args.command}: error: {DiskFullError(target)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"restorelcc {args.command}: interrupted; partial output removed", file=sys.stderr)
         return 130

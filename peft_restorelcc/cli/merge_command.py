@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..files import staged_output_dir
+from ..files import staged_output_dir, state_bytes
 from ..integrity import json_safe
 from ..io.models import QUANTIZATIONS
 from .options import DTYPES, MODEL_HELP, add_model_arguments, check_output_dir
@@ -123,7 +123,7 @@ def save_merged_generic(model: Any, output: Path, tokenizer: Any = None) -> Path
     from ..export import strip_serving_blockers
 
     strip_serving_blockers(merged.config)
-    with staged_output_dir(output) as staging:
+    with staged_output_dir(output, expected_bytes=state_bytes(merged)) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)

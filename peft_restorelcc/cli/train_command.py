@@ -8,7 +8,6 @@ Runs as one process, or data-parallel under ``torchrun --nproc_per_node N -m pef
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -414,9 +413,9 @@ def _report(args: argparse.Namespace, metrics: dict[str, Any], output: Path, che
         resumed_from=checkpoint,
         quantization=args.quantization,
     )
-    from ..integrity import json_safe
+    from ..integrity import write_json_atomic
 
-    (output / METRICS_FILE).write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
+    write_json_atomic(output / METRICS_FILE, metrics)
     rows = [
         ("steps", str(metrics["steps"])),
         ("seconds", f"{metrics['seconds']:.1f}"),

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import staged_output_dir
+from ..files import staged_output_dir, state_bytes
 from ..io.models import name_model_source
 from .common import REPORT_FILE
 
@@ -101,7 +101,7 @@ def save_pruned(
     """
     source = pruned_from or getattr(model.config, "pruned_from", None) or getattr(model, "name_or_path", "") or None
     model.config.pruned_from = source
-    with staged_output_dir(output_dir) as staging:
+    with staged_output_dir(output_dir, expected_bytes=state_bytes(model)) as staging:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
