@@ -86,7 +86,7 @@ def fp32_model_gib(model: str) -> float:
 def libraries_gib() -> float:
     """Peak resident memory of a process that imports what the main job imports and does nothing else."""
     code = ("import lm_eval.models.huggingface, peft_restorelcc.cli\n"
-            "from peft_restorelcc.recovery import peak_rss_bytes\nprint(peak_rss_bytes())")  # fmt: skip
+            "from peft_restorelcc.evaluation.statistics import peak_rss_bytes\nprint(peak_rss_bytes())")  # fmt: skip
     return int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout) / 2**30
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,8 +33,8 @@ from .calibration import calibrate as run_calibration
 from .data import text_passages
 from .evaluation.statistics import StageTimer, trainable_parameters
 from .evaluation.tasks import evaluate_tasks, perplexity
-from .io import load_model, load_tokenizer, resolve_model_path
-from .io.checks import json_safe
+from .io import load_model, load_tokenizer, model_reference, name_model_source, resolve_model_path
+from .io.checks import write_json_atomic
 from .io.devices import default_device
 from .io.export import changed_quantized_tensors, quantized_tensors, save_merged
 from .pruning import calibration_windows, measure_sparsity, prune_model, save_pruned
@@ -56,6 +57,9 @@ __all__ = [
     "training_data",
 ]
 
+# Training checkpoints of run_job: beside adapter/, not in it (a folder upload of the adapter would publish them).
+CHECKPOINTS_DIR = "checkpoints"
+
 # ------------------------------------------------------------------------------------------------ load / prune
 
 
@@ -71,6 +75,7 @@ def load(
     path = resolve_model_path(name_or_path, revision)  # resolved once: a Hub id is looked up a single time
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=dtype)
+    name_model_source(model, model_reference(name_or_path, path))  # a Hub id as given, else the absolute directory
     return (model.to(device) if device is not None else model), tokenizer
 
 
@@ -304,7 +309,8 @@ def _train_stage(
     model = build_adapter(pruned, components, settings.heads, selection=settings.selection, init=settings.init)
     dataset = training_data(settings.data, tokenizer, samples=settings.train_samples, seed=settings.seed)
     metrics = train(
-        model, tokenizer, dataset, output / "adapter", epochs=settings.epochs, learning_rate=settings.lr,
+        model, tokenizer, dataset, output / "adapter", checkpoint_dir=output / CHECKPOINTS_DIR,
+        epochs=settings.epochs, learning_rate=settings.lr,
         batch_size=settings.batch_size, max_steps=settings.train_steps, seed=settings.seed, teacher=teacher,
         distill_alpha=settings.distill_alpha if teacher is not None else 1.0, device=device,
     )  # fmt: skip
@@ -362,16 +368,18 @@ def run_job(settings: RunSettings, output: str | os.PathLike) -> dict[str, Any]:
     )
     if settings.quantization:
         summary.update(quantized_tensors=len(fresh), quantized_tensors_changed_by_merge=changed)
-    (output / "results.json").write_text(json.dumps(json_safe(summary), indent=2, default=str, allow_nan=False) + "\n")
+    write_json_atomic(output / "results.json", json.loads(json.dumps(summary, default=str)))
+    # The optimizer state is of no use once the run has finished, and must not travel with the adapter.
+    shutil.rmtree(output / CHECKPOINTS_DIR, ignore_errors=True)
     return summary
 
 
 def _quantized_pruned(settings: RunSettings, output: Path, device: torch.device) -> nn.Module:
     """The saved pruned model (pruned/) loaded quantized by bitsandbytes, whole on ``device``."""
     device_map = "cpu" if device.type == "cpu" else {"": device.index or 0}
-    return load_model(
-        output / "pruned", dtype=settings.dtype, device_map=device_map, quantization=settings.quantization
-    )
+    model = load_model(output / "pruned", dtype=settings.dtype, device_map=device_map, quantization=settings.quantization)
+    name_model_source(model, (output / "pruned").resolve())
+    return model
 
 
 def _quantize_stage(

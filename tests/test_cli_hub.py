@@ -7,6 +7,7 @@ command runs in a subprocess whose environment alone points ``HF_HUB_CACHE`` at 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -65,12 +66,20 @@ def test_every_command_takes_a_hub_id_at_a_revision(hub_home, tmp_path):
         "4", "--prune-samples", "2", "--perplexity-passages", "1", "--batch-size", "2", "--device", "cpu",
     ))  # fmt: skip
     assert (run / "merged").is_dir() and (run / "results.json").is_file()
+    # Provenance: the pruned model names the Hub id it was pruned from; the adapter names the pruned directory.
+    assert json.loads((run / "pruned" / "config.json").read_text())["pruned_from"] == HUB_ID
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        (run / "pruned").resolve()
+    )
     adapter = tmp_path / "adapter"
+    pruned_id = _publish(hub_home, "tiny-org/tiny-pruned", run / "pruned")  # the pruned model, as if pushed
     _ok(restorelcc(
-        hub_home, "calibrate", "--model", HUB_ID, "--revision", SHA, "--pruned", str(run / "pruned"), "--num-heads",
-        "2", "--output", str(adapter), "--samples", "4", "--num-pairs", "4", "--negatives", "jaccard",
+        hub_home, "calibrate", "--model", HUB_ID, "--revision", SHA, "--pruned", pruned_id, "--pruned-revision", SHA,
+        "--num-heads", "2", "--output", str(adapter), "--samples", "4", "--num-pairs", "4", "--negatives", "jaccard",
         "--max-length", "40", "--batch-size", "2", "--device", "cpu",
     ))  # fmt: skip
+    calibrated = json.loads((adapter / "adapter_config.json").read_text())
+    assert (calibrated["base_model_name_or_path"], calibrated["revision"]) == (pruned_id, SHA)
     trained = tmp_path / "trained"
     _ok(restorelcc(
         hub_home, "train", "--model", HUB_ID, "--revision", "main", "--adapter", str(adapter), "--output",

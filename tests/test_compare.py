@@ -258,6 +258,7 @@ def test_compare_takes_a_hub_id_from_the_cache(model_dir, tmp_path):
     report = json.loads((output / "compare.json").read_text())
     assert report["settings"]["model"] == HUB_ID and [run["method"] for run in report["runs"]] == ["lora"]
     assert report["runs"][0]["reloads_in_transformers"] is True
+    assert json.loads((output / "pruned" / "config.json").read_text())["pruned_from"] == HUB_ID
 
 
 def test_the_reload_check_reports_a_changed_model_and_a_missing_one(tmp_path):

@@ -542,3 +542,20 @@ def test_merging_an_adapter_twice_in_python_adds_it_once(inputs) -> None:
     with pytest.warns(UserWarning, match="already merged"):
         model.merge_adapter()  # PEFT's own double-merge warning, and nothing more
     assert torch.equal(model.base_model.model.model.layers[0].self_attn.o_proj.get_base_layer().bias, bias)
+
+
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_run_and_compare_refuse_an_output_another_live_process_writes(tmp_path, capsys, command) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live process holding it
+    try:
+        (output / LOCK_FILE).write_text(str(writer.pid))
+        extra = ["--resume"] if command == "compare" else []
+        code = cli_main([command, "--model", str(tmp_path / "no-model-needed"), "--output", str(output), *extra])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and f"in use by another restorelcc process (pid {writer.pid}" in line
+        assert sorted(entry.name for entry in output.iterdir()) == [LOCK_FILE]  # nothing else written
+    finally:
+        writer.kill()
+        writer.wait()

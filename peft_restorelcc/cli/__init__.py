@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..io.files import Terminated, handle_termination
+    from ..io.files import DiskFullError, Terminated, handle_termination, is_disk_full
 
     try:
         # SIGTERM raises like Ctrl-C does, so that staging directories and lock files are removed on the way out.
@@ -37,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         # Bad input is reported as one clear line, not a traceback.
         print(f"restorelcc {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        # A write outside the staged writers (results, checkpoints) that did not fit: one line, not a traceback.
+        target = getattr(args, "output", None) or getattr(args, "output_dir", None) or "."
+        print(f"restorelcc {args.command}: error: {DiskFullError(target)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"restorelcc {args.command}: interrupted; partial output removed", file=sys.stderr)

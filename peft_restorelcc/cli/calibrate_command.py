@@ -270,7 +270,7 @@ def _check_lost(args: argparse.Namespace, components: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import pipeline
     from ..calibration import calibration_inputs
-    from ..io import load_model
+    from ..io import load_model, model_reference, record_base
     from ..io.devices import default_device
     from ..io.files import staged_output_dir
 
@@ -307,6 +307,7 @@ def run(args: argparse.Namespace) -> int:
         pruned, components, num_heads, selection=args.selection, init=args.init,
         num_components=args.num_components, refine=refine,
     )  # fmt: skip
+    record_base(peft_model, model_reference(args.pruned, pruned_path), args.pruned_revision)
     output = Path(args.output).expanduser()
     with staged_output_dir(output) as staging:  # all or nothing: a failure leaves no half-written adapter
         peft_model.save_pretrained(str(staging))

@@ -147,9 +147,12 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if not args.resume:
         check_output_dir(output, hint=", remove it, or give --resume to continue its runs")
-    report = compare(settings, output, resume=args.resume)
-    table = compare_table(report)
-    (output / comparison.TABLE_FILE).write_text(table + "\n")
+    from ..io.files import output_lock
+
+    with output_lock(output):  # a second comparison into the same --output fails at once, with one line
+        report = compare(settings, output, resume=args.resume)
+        table = compare_table(report)
+        (output / comparison.TABLE_FILE).write_text(table + "\n")
     print(table)
     plot = plot_compare(report, output / comparison.PLOT_FILE)
     if plot is not None:

@@ -112,7 +112,7 @@ def _check_not_merged(model_path: Path) -> None:
 def save_merged_generic(model: Any, output: Path, tokenizer: Any = None) -> Path:
     """``merge_and_unload()`` + ``save_pretrained`` for any mergeable PEFT type, written to a temporary sibling and
     renamed into place, so a failure leaves no half-written output."""
-    from ..io.files import staged_output_dir
+    from ..io.files import staged_output_dir, state_bytes
 
     if not hasattr(model, "merge_and_unload"):
         raise ValueError(f"{type(model).__name__} cannot be merged into the weights; keep the adapter separate.")
@@ -123,7 +123,7 @@ def save_merged_generic(model: Any, output: Path, tokenizer: Any = None) -> Path
     from ..io.export import strip_serving_blockers
 
     strip_serving_blockers(merged.config)
-    with staged_output_dir(output) as staging:
+    with staged_output_dir(output, expected_bytes=state_bytes(merged)) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)

@@ -76,11 +76,12 @@ def _max_positions(model: Any) -> int | None:
 
 def _load(args: argparse.Namespace, needs_calibration: bool) -> tuple[Any, Any]:
     """``(model on --device, tokenizer or None)``; a tokenizer is required only when pruning calibrates."""
-    from ..io import load_model, load_tokenizer, resolve_model_path
+    from ..io import load_model, load_tokenizer, model_reference, name_model_source, resolve_model_path
     from ..io.devices import default_device
 
     model_path = resolve_model_path(args.model, args.revision)
     model = load_model(model_path, dtype=args.dtype)
+    name_model_source(model, model_reference(args.model, model_path))  # recorded as the pruned model's pruned_from
     model.to(default_device(args.device))
     try:
         tokenizer = load_tokenizer(model_path)

@@ -163,10 +163,13 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from ..io.files import output_lock
+
     output = Path(args.output)
-    summary = run_job(settings_of(args), output)
-    table = results_table(summary)
-    (output / "results.md").write_text(table + "\n")
+    with output_lock(output):  # a second writer into the same --output fails at once, with one line
+        summary = run_job(settings_of(args), output)
+        table = results_table(summary)
+        (output / "results.md").write_text(table + "\n")
     print(table)
     plot = plot_accuracies(summary, output / "accuracy.png")
     if plot is not None:

@@ -8,7 +8,6 @@ Runs as one process, or data-parallel under ``torchrun --nproc_per_node N -m pef
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -334,10 +333,12 @@ def _load(args: argparse.Namespace, model_path: Path, teacher_path: Path | None,
         base = load_model(model_path, dtype=args.dtype, device_map=args.device, quantization=args.quantization)
         # PEFT's k-bit preparation: every base parameter frozen, non-quantized ones (norms, embeddings) in fp32.
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    from ..io import model_reference, record_base
     from ..io.adapters import load_adapter
     from ..io.checks import check_finite_weights
 
     model = load_adapter(base, adapter, is_trainable=True)
+    record_base(model, model_reference(args.model, model_path), args.revision)  # trained on --model: its base now
     check_finite_weights(model, f"--model {args.model} with --adapter {args.adapter}")
     teacher = load_model(teacher_path, dtype=args.dtype) if teacher_path is not None else None
     return tokenizer, dataset, model, teacher
@@ -411,9 +412,9 @@ def _report(args: argparse.Namespace, metrics: dict[str, Any], output: Path, che
         resumed_from=checkpoint,
         quantization=args.quantization,
     )
-    from ..io.checks import json_safe
+    from ..io.checks import write_json_atomic
 
-    (output / METRICS_FILE).write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
+    write_json_atomic(output / METRICS_FILE, metrics)
     rows = [
         ("steps", str(metrics["steps"])),
         ("seconds", f"{metrics['seconds']:.1f}"),

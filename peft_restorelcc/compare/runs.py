@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,9 +31,11 @@ from torch import nn
 
 from .. import pipeline
 from ..evaluation import statistics as recovery
-from ..io import resolve_model_path
+from ..io import model_reference, name_model_source, resolve_model_path
+from ..io.adapters import record_base
+from ..io.checks import write_json_atomic
 from ..io.devices import default_device
-from ..pruning import hold_pruned_weights_at_zero, load_report, measure_sparsity
+from ..pruning import hold_pruned_weights_at_zero, load_report, measure_sparsity, save_pruned
 from ..training import PaddingCollator, pad_token_id_of
 from ..training.choices import DEFAULT_DATA
 from .merged_checks import merged_measures
@@ -40,6 +43,8 @@ from .settings import PLAN_FIELDS, RESULTS_FILE, SCHEMA_VERSION, CompareSettings
 from .table import summarise
 
 __all__ = ["BUILDERS", "CALIBRATIONS", "MethodSpec", "Models", "compare", "run_method", "standard_spec"]
+
+PRUNED_DIR = "pruned"  # the model pruned on the fly (--prune), the base the kept adapters name
 
 
 @dataclass
@@ -111,7 +116,7 @@ def _general_calibration(models: Models) -> Any:
 CALIBRATIONS: dict[str, Callable[[Models], Any]] = {"general": _general_calibration}
 
 
-def _load_models(settings: CompareSettings, timer: recovery.StageTimer) -> Models:
+def _load_models(settings: CompareSettings, timer: recovery.StageTimer, output: Path) -> Models:
     device = default_device(settings.device)
     dense_path = resolve_model_path(settings.model, settings.revision)
     pruned_path = None if settings.pruned is None else resolve_model_path(settings.pruned, settings.pruned_revision)
@@ -119,15 +124,35 @@ def _load_models(settings: CompareSettings, timer: recovery.StageTimer) -> Model
         _check_same_architecture(dense_path, pruned_path)  # before any weights load
     with timer.stage("load"):
         dense, tokenizer = pipeline.load(dense_path, dtype=settings.dtype, device=device)
+    name_model_source(dense, model_reference(settings.model, dense_path))  # what a pruned copy records it came from
     if pruned_path is None:
         method, sparsity, pattern = parse_prune(settings.prune)
         with timer.stage("prune"):
             pruned, report = pipeline.prune(dense, tokenizer, method, sparsity, pattern, settings.prune_samples)
+            _save_pruned_once(pruned, tokenizer, report, output / PRUNED_DIR)
     else:
         with timer.stage("load"):
             pruned, _ = pipeline.load(pruned_path, dtype=settings.dtype, device=device)
+        name_model_source(pruned, model_reference(settings.pruned, pruned_path))
         report = load_report(pruned_path) if (pruned_path / "pruning_report.json").is_file() else {}
     return Models(dense, pruned, tokenizer, report, device, settings, timer)
+
+
+def _save_pruned_once(pruned: nn.Module, tokenizer: Any, report: dict[str, Any], directory: Path) -> None:
+    """The model pruned on the fly, saved so that the adapters kept under work/ name a base a user can load. A copy
+    from an earlier comparison with the same pruning (the same report, but for its timing) is kept; any other is
+    replaced."""
+    if (directory / "pruning_report.json").is_file():
+        def timeless(entries: dict[str, Any]) -> str:
+            return json.dumps({key: value for key, value in entries.items() if key != "seconds"}, default=str)
+
+        if timeless(load_report(directory)) == timeless(json.loads(json.dumps(report, default=str))):
+            pruned.config.pruned_from = pruned.name_or_path
+            name_model_source(pruned, directory.resolve())
+            return
+    if directory.exists():
+        shutil.rmtree(directory)
+    save_pruned(pruned, tokenizer, directory, report)
 
 
 # What a pruned copy shares with its dense model (pruning zeroes weights, it changes no shape).
@@ -258,6 +283,7 @@ def run_method(spec: MethodSpec, seed: int, models: Models, settings: CompareSet
     timer = recovery.StageTimer()
     torch.manual_seed(seed)
     model = BUILDERS[spec.kind](copy.deepcopy(models.pruned), spec, models)
+    record_base(model, models.pruned.name_or_path, settings.pruned_revision if settings.pruned else None)
     teacher = models.dense if spec.distill_alpha > 0 else None
     dataset = models.training_dataset(spec.data, samples=_train_samples(settings), seed=seed, seq_len=settings.seq_len)
     first_batch = [dataset[i] for i in range(min(settings.batch_size, len(dataset)))]
@@ -320,7 +346,7 @@ def _write(output: Path, settings: CompareSettings, report: dict[str, Any]) -> d
     report |= {"schema_version": SCHEMA_VERSION, "settings": json.loads(json.dumps(asdict(settings))),
                "measured_with": _settings_key(settings),
                "methods": summarise(report["runs"], settings.methods)}  # fmt: skip
-    (output / RESULTS_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(output / RESULTS_FILE, report)  # a full disk or a kill never leaves half a file
     return report
 
 
@@ -349,7 +375,7 @@ def compare(
         log(f"every run is in {output / RESULTS_FILE} already ({len(done)} skipped): nothing to train")
         return _write(output, settings, report)
     timer = recovery.StageTimer()
-    models = _load_models(settings, timer)
+    models = _load_models(settings, timer, output)
     if not {"dense", "pruned"} <= set(report["reference"]):
         report["reference"] = _reference_rows(models, settings, timer)
         report["runs"] = runs = []  # runs measured against other reference rows cannot be paired with these

@@ -8,7 +8,7 @@ from .. import lazy_face
 __getattr__, __all__ = lazy_face(
     __name__,
     {
-        ".adapters": ("resolve_adapter_path",),
+        ".adapters": ("record_base", "resolve_adapter_path"),
         ".choices": ("QUANTIZATIONS",),
         ".hub": ("download_snapshot", "is_hub_id"),
         ".models": (
@@ -17,6 +17,8 @@ __getattr__, __all__ = lazy_face(
             "load_model_and_tokenizer",
             "load_tokenizer",
             "model_loader",
+            "model_reference",
+            "name_model_source",
             "resolve_model_path",
         ),
     },

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from .checks import check_adapter_files
 from .hub import download_snapshot, is_hub_id
@@ -48,3 +49,12 @@ def load_adapter(base, adapter: str | os.PathLike, flag: str = "--adapter", **kw
             f"{flag} {adapter} does not fit this base model: {first}{more}. Load it onto the model it was made for, "
             "or save the adapter again."
         ) from None
+
+
+def record_base(peft_model: Any, reference: str, revision: str | None = None) -> None:
+    """Name ``reference`` (at ``revision``) as the base of every adapter of ``peft_model``: what
+    ``AutoPeftModelForCausalLM`` loads under the adapter once it is saved. For an adapter trained on another model
+    than the one it was made on (``restorelcc train --model``), the model it was trained on."""
+    for config in peft_model.peft_config.values():
+        config.base_model_name_or_path = str(reference)
+        config.revision = None if Path(reference).is_dir() else revision  # a revision names a Hub commit only

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .files import DiskFullError, is_disk_full
+
 try:  # POSIX only; elsewhere the atomic rename alone keeps the cache consistent.
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -234,6 +236,10 @@ def _ensure_converted(model: EmbeddedModel) -> Path:
                 target.rename(work / "old")
             staged.rename(target)
             logger.warning("Converted '%s' in %.1f s.", model.name, time.perf_counter() - started)
+        except Exception as error:
+            if is_disk_full(error):  # one line naming the cache, not the user's --output
+                raise DiskFullError(target.parent) from None
+            raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return target

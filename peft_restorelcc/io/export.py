@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from ..tuner.heads import find_head_projections, is_quantized_projection, text_config
 from . import conversion
 from .compressed import is_sparsity_only
-from .files import check_new_output_dir, staged_output_dir
+from .files import check_new_output_dir, staged_output_dir, state_bytes
 from .merge_policy import (
     ATTENTION_BIAS_SWITCH,
     NO_OUTPUT_BIAS,
@@ -112,7 +112,7 @@ def _save_merged_same_architecture(
 
 def _write_merged(merged: PreTrainedModel, output_dir: Path, tokenizer: Any, export_info: dict[str, Any]) -> Path:
     """The merged model, its tokenizer and ``restorelcc_export.json``, staged beside ``output_dir`` and renamed."""
-    with staged_output_dir(output_dir) as staging:
+    with staged_output_dir(output_dir, expected_bytes=state_bytes(merged)) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)

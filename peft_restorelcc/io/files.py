@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -27,13 +28,21 @@ def check_new_output_dir(output_dir: str | os.PathLike, label: str = "Output dir
 
 
 @contextmanager
-def staged_output_dir(output_dir: str | os.PathLike) -> Iterator[Path]:
+def staged_output_dir(output_dir: str | os.PathLike, expected_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of ``output_dir`` to write into; on success it is renamed to ``output_dir``, on
     any failure it is removed (SIGTERM too, under ``handle_termination``, as the CLI runs). ``output_dir`` must be
-    new or empty (checked first); staging directories left by killed writers into it are removed first."""
+    new or empty (checked first); staging directories left by killed writers into it are removed first.
+
+    A full disk is a ``DiskFullError`` (one line, exit 2 in the CLI) naming ``output_dir``, the bytes free there and
+    ``expected_bytes`` (what the output will take, where the caller knows it): raised before anything is written when
+    ``expected_bytes`` already exceeds the free space, else when a write fails with ENOSPC or EDQUOT.
+    """
     output = check_new_output_dir(output_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(output)
+    free = free_bytes(output.parent)
+    if expected_bytes is not None and free is not None and expected_bytes > free:
+        raise DiskFullError(output, needed=expected_bytes)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}{STAGING_INFIX}{os.getpid()}-", dir=output.parent))
     try:
         yield staging
@@ -46,9 +55,76 @@ def staged_output_dir(output_dir: str | os.PathLike) -> Iterator[Path]:
                 f"{output} was written by another process while this one ran ({error.strerror}): nothing of this run "
                 "was kept; pass a new directory."
             ) from None
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if is_disk_full(error) and not isinstance(error, DiskFullError):
+            raise DiskFullError(output, needed=expected_bytes) from None
         raise
+
+
+# ------------------------------------------------------------------------------------------------ a full disk
+#
+# safetensors reports a full disk as its own SafetensorError (not an OSError) whose text carries the OS message, and
+# other writers wrap the OSError: both the errno and the text are looked for along the exception chain.
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """True when ``error``, or an exception it was raised from or while handling, is a full disk or quota."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(error) for text in DISK_FULL_TEXTS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes free to this user on the filesystem of ``path`` (its nearest existing parent); None if unreadable."""
+    candidate = Path(path).expanduser().absolute()
+    while not candidate.exists() and candidate != candidate.parent:
+        candidate = candidate.parent
+    try:
+        return shutil.disk_usage(candidate).free
+    except OSError:
+        return None
+
+
+def tree_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the files under ``path`` (what a write of its kind needs)."""
+    root = Path(path)
+    if root.is_file():
+        return root.stat().st_size
+    return sum(entry.stat().st_size for entry in root.rglob("*") if entry.is_file()) if root.is_dir() else 0
+
+
+def state_bytes(model: object) -> int:
+    """Bytes of ``model.state_dict()`` as saved: tensors that share storage (tied embeddings) counted once."""
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():  # type: ignore[attr-defined]
+        key = (tensor.data_ptr(), tensor.numel(), str(tensor.dtype))
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+class DiskFullError(ValueError):
+    """A write that did not fit: one line naming the target, the bytes needed where known and the bytes free."""
+
+    def __init__(self, target: str | os.PathLike, needed: int | None = None) -> None:
+        self.target, self.needed, self.free = Path(target), needed, free_bytes(target)
+        free = "unknown" if self.free is None else f"{self.free:,}"
+        need = "" if needed is None else f"it needs {needed:,} bytes, "
+        super().__init__(
+            f"no space left on the device of {self.target} ({need}{free} bytes free there): nothing half-written was "
+            "kept; free some space or write to another disk."
+        )
 
 
 # ------------------------------------------------------------------------------------------------ faults and kills

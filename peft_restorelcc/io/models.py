@@ -49,6 +49,24 @@ def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = N
     )
 
 
+def model_reference(name_or_path: str | os.PathLike, resolved: str | os.PathLike) -> str:
+    """How an adapter names this model as its base so that anyone can load it again: a Hub id as the user gave it
+    (``resolved`` is then a cache snapshot, private to this machine), otherwise the absolute local directory (for
+    an embedded name, its converted copy in the cache)."""
+    text = str(name_or_path)
+    if text not in EMBEDDED_MODELS and not Path(text).expanduser().exists() and is_hub_id(text):
+        return text
+    return str(Path(resolved).expanduser().resolve())
+
+
+def name_model_source(model: Any, reference: str | os.PathLike) -> None:
+    """Make ``model`` name ``reference`` as the place it was loaded from. PEFT's ``get_peft_model`` records
+    ``model.name_or_path`` as the adapter's ``base_model_name_or_path``, which ``AutoPeftModelForCausalLM`` loads: a
+    pruned copy of a dense model keeps the dense model's name until it is told otherwise."""
+    model.name_or_path = str(reference)
+    model.config._name_or_path = str(reference)
+
+
 def _torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """None for "auto"/None (the checkpoint's own dtype), else a torch dtype ("bfloat16" -> torch.bfloat16): the
     sparse-format loader does arithmetic with it, so a CLI string must become a real dtype."""

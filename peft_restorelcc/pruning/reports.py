@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io.files import staged_output_dir
+from ..io.files import staged_output_dir, state_bytes
+from ..io.models import name_model_source
 from .common import REPORT_FILE
 
 
@@ -82,19 +83,33 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def save_pruned(model: nn.Module, tokenizer: Any, output_dir: str | os.PathLike, report: dict[str, Any]) -> Path:
+def save_pruned(
+    model: nn.Module,
+    tokenizer: Any,
+    output_dir: str | os.PathLike,
+    report: dict[str, Any],
+    pruned_from: str | None = None,
+) -> Path:
     """Save model (safetensors), tokenizer (may be None) and ``pruning_report.json`` into ``output_dir``.
 
     Everything is written into a temporary directory next to ``output_dir`` and renamed at the end, so a failure
     never leaves a half-written output. A non-empty existing ``output_dir`` is refused.
+
+    The saved config records the model it was pruned from in ``pruned_from`` (``pruned_from``, else the model's own
+    earlier record, else the directory or Hub id it was loaded from). Once saved, ``model`` names ``output_dir`` as
+    its source, so an adapter built on it afterwards names the pruned model as its base, not the dense one.
     """
-    with staged_output_dir(output_dir) as staging:
+    source = pruned_from or getattr(model.config, "pruned_from", None) or getattr(model, "name_or_path", "") or None
+    model.config.pruned_from = source
+    with staged_output_dir(output_dir, expected_bytes=state_bytes(model)) as staging:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         with open(staging / REPORT_FILE, "w", encoding="utf-8") as handle:
             json.dump(_json_ready(report), handle, indent=2, sort_keys=False)
-    return Path(output_dir).expanduser().resolve()
+    saved = Path(output_dir).expanduser().resolve()
+    name_model_source(model, saved)
+    return saved
 
 
 def summary_rows(report: dict[str, Any]) -> Iterable[tuple[str, str]]:

@@ -23,11 +23,12 @@ import math
 import os
 import random
 import resource
+import shutil
 import statistics
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, Trai
 from .. import data as data_module
 from ..data.choices import FILE_SUFFIXES, TRAINING_HELP
 from ..data.user import hub_dataset, read_training_file
+from ..io.files import DiskFullError, is_disk_full
 from .choices import DATA_CHOICES, PAPER_BATCH_SIZE, PAPER_EPOCHS, PAPER_LEARNING_RATE, PAPER_SAMPLES, TASK_DATA_PREFIX
 from .logits import (
     TRAINING_CHUNK_BYTES,
@@ -384,6 +386,38 @@ class _CheckpointMarker(TrainerCallback):
             )
 
 
+@contextmanager
+def _disk_full_as_one_line(checkpoint_dir: Path) -> Iterator[None]:
+    """A full disk while the Trainer writes a checkpoint: the checkpoint it was writing (no marker yet) is removed,
+    the finished ones stay (``--resume`` continues from the last), and the error is one ``DiskFullError`` line."""
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        for checkpoint in checkpoint_dir.glob("checkpoint-*"):
+            if checkpoint.is_dir() and not (checkpoint / CHECKPOINT_MARKER).is_file():
+                shutil.rmtree(checkpoint, ignore_errors=True)
+        raise DiskFullError(checkpoint_dir) from None
+
+
+def save_adapter(model: nn.Module, output_dir: str | os.PathLike) -> Path:
+    """``model.save_pretrained(output_dir)``, all or nothing: on a full disk the adapter files it began to write are
+    removed (what was in ``output_dir`` before, checkpoints included, stays) and the error is a ``DiskFullError``."""
+    output_dir = Path(output_dir)
+    before = set(output_dir.iterdir()) if output_dir.is_dir() else set()
+    try:
+        model.save_pretrained(str(output_dir))
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        for entry in set(output_dir.iterdir()) - before:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        raise DiskFullError(output_dir, needed=trainable) from None
+    return output_dir
+
+
 class RecoveryTrainer(Trainer):
     """A Trainer that can distil from a frozen teacher: ``alpha * KL + (1 - alpha) * LM`` on labelled positions.
 
@@ -632,14 +666,15 @@ def train_adapter(
     disable_tqdm: bool | None = None,
     callbacks: Sequence[TrainerCallback] = (),
     device: str | torch.device | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train the trainable parameters of a PEFT model with the HF Trainer and save the adapter to ``output_dir``.
 
     Works for any PEFT model; only its trainable parameters (for RestoreLCC: m and b) are optimised (AdamW, no
     weight decay, linear decay). ``batch_size`` is per process; the global batch is ``batch_size x processes x
     gradient_accumulation_steps``. Checkpoints (adapter, optimizer, scheduler, RNG) go to
-    ``output_dir/checkpoint-<step>`` every ``save_steps``; ``resume_from_checkpoint`` (a path, or True for the latest
-    in ``output_dir``) continues from one, and with the same arguments ends where an uninterrupted run ends. With a
+    ``output_dir/checkpoint-<step>`` (``checkpoint_dir/checkpoint-<step>`` when given) every ``save_steps``;
+    ``resume_from_checkpoint`` (a path, or True for the latest in that directory) continues from one, and with the same arguments ends where an uninterrupted run ends. With a
     ``teacher`` the loss is ``distill_alpha * KL(teacher || student) + (1 - distill_alpha) * LM`` (temperature
     ``temperature``). Shuffling is seeded, and one permutation is shared by all processes, so N processes x batch B
     see the same global batches as 1 process x batch N*B; ``shuffle=False`` feeds the data in file order.
@@ -665,7 +700,7 @@ def train_adapter(
     output_dir = Path(output_dir)
     use_cpu = torch.device(device).type == "cpu" if device is not None else not torch.cuda.is_available()
     arguments = TrainingArguments(
-        output_dir=str(output_dir),
+        output_dir=str(checkpoint_dir if checkpoint_dir is not None else output_dir),
         num_train_epochs=epochs,
         max_steps=max_steps,
         learning_rate=learning_rate,
@@ -705,14 +740,15 @@ def train_adapter(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = trainer.train(
-        resume_from_checkpoint=str(resume_from_checkpoint)
-        if isinstance(resume_from_checkpoint, (str, os.PathLike))
-        else resume_from_checkpoint
-    )
+    with _disk_full_as_one_line(Path(arguments.output_dir)):
+        result = trainer.train(
+            resume_from_checkpoint=str(resume_from_checkpoint)
+            if isinstance(resume_from_checkpoint, (str, os.PathLike))
+            else resume_from_checkpoint
+        )
     seconds = time.perf_counter() - started
     if trainer.is_world_process_zero():
-        model.save_pretrained(str(output_dir))
+        save_adapter(model, output_dir)
     trainer.accelerator.wait_for_everyone()
 
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
