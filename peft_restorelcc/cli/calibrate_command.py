@@ -17,6 +17,7 @@ from .options import (
     check_output_dir,
     require,
 )
+from .summary import print_rows
 
 LOST_COMPONENTS_DIR = "lost_components"
 REPORT_FILE = "pruning_report.json"
@@ -336,6 +337,4 @@ def _print_summary(
         ("adapter", str(output)),
         ("lost components", str(output / LOST_COMPONENTS_DIR)),
     ]
-    width = max(len(label) for label, _ in rows)
-    for label, value in rows:
-        print(f"{label:<{width}}  {value}")
+    print_rows(rows)

@@ -18,8 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from peft_restorelcc.evaluation.choices import PAPER_BUNDLED
-
+from ..evaluation.choices import PAPER_BUNDLED
 from ..training.choices import parse_batch_size
 from .options import add_common_arguments, add_model_arguments, add_task_arguments
 
@@ -76,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _heldout_texts() -> list[str] | None:
     """Held-out passages from peft_restorelcc.data, or None (with a note) while that module does not provide them."""
     try:
-        from peft_restorelcc.data import text_passages  # type: ignore[attr-defined]
+        from ..data import text_passages  # type: ignore[attr-defined]
     except ImportError as error:
         print(f"restorelcc eval: perplexity skipped, no held-out text available ({error})", file=sys.stderr)
         return None
@@ -85,8 +84,8 @@ def _heldout_texts() -> list[str] | None:
 
 def run(args: argparse.Namespace) -> int:
     # Check the cheap things before loading a model.
-    from peft_restorelcc.evaluation.tasks import evaluate_tasks, format_results_table, perplexity, resolve_tasks
-    from peft_restorelcc.io.hub import is_hub_id
+    from ..evaluation.tasks import evaluate_tasks, format_results_table, perplexity, resolve_tasks
+    from ..io.hub import is_hub_id
 
     tasks = resolve_tasks(args.tasks.split(","), args.include_path)
     args.batch_size = parse_batch_size(args.batch_size, "--batch-size")
@@ -99,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         _check_output_file(Path(args.output).expanduser(), args.overwrite, (args.model, args.adapter))
 
-    from peft_restorelcc.io import load_model, load_tokenizer, resolve_adapter_path, resolve_model_path
-    from peft_restorelcc.io.devices import default_device
+    from ..io import load_model, load_tokenizer, resolve_adapter_path, resolve_model_path
+    from ..io.devices import default_device
 
     device = default_device(args.device)
     adapter = resolve_adapter_path(args.adapter, args.adapter_revision) if args.adapter is not None else None
@@ -110,10 +109,11 @@ def run(args: argparse.Namespace) -> int:
     if adapter is not None:
         # Importing the package registers the RestoreLCC method with PEFT; other adapter types load as they are.
         import peft_restorelcc  # noqa: F401
-        from peft_restorelcc.io.adapters import load_adapter
+
+        from ..io.adapters import load_adapter
 
         model = load_adapter(model, adapter)
-    from peft_restorelcc.io.checks import check_finite_weights
+    from ..io.checks import check_finite_weights
 
     # NaN/inf weights would give numbers that mean nothing: refused before any item is scored.
     check_finite_weights(model, f"--model {args.model}" + (f" with --adapter {args.adapter}" if adapter else ""))
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(format_results_table(results))
     if args.output:
-        from peft_restorelcc.io.checks import write_json_atomic
+        from ..io.checks import write_json_atomic
 
         output = write_json_atomic(Path(args.output).expanduser(), results)  # NaN/inf as null: strict JSON
         print(f"results written to {output}")

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..io.choices import QUANTIZATIONS
 from .options import DTYPES, MODEL_HELP, add_model_arguments, check_output_dir
+from .summary import print_rows
 
 REPORT_FILE = "merge_report.json"
 FORMATS = ("plain",)
@@ -133,6 +134,7 @@ def save_merged_generic(model: Any, output: Path, tokenizer: Any = None) -> Path
 def _check_args(args: argparse.Namespace) -> tuple[Path, str, Path, Path]:
     """``(adapter dir, adapter type, output, model dir)``, every check done before any weight is read."""
     from ..io import resolve_adapter_path, resolve_model_path
+    from ..tuner.config import PEFT_TYPE
 
     if args.format in RETIRED_FORMATS:
         raise ValueError(RETIRED_FORMATS[args.format])
@@ -141,17 +143,17 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, str, Path, Path]:
     output = Path(args.output).expanduser()
     check_output_dir(output)
     model_path = resolve_model_path(args.model, args.revision)
-    if args.quantization is not None and adapter_type != "RESTORELCC":
+    if args.quantization is not None and adapter_type != PEFT_TYPE:
         raise ValueError(
             f"--quantization merges a RestoreLCC adapter into a bias; a {adapter_type} merge would rewrite the "
             "quantized weights (dequantize, add, requantize): keep that adapter separate or merge into the "
             "unquantized model."
         )
-    if adapter_type == "RESTORELCC":
+    if adapter_type == PEFT_TYPE:
         _check_not_merged(model_path)
     if _is_packed(model_path):
         _check_packed(args, adapter_type, model_path)
-    elif adapter_type == "RESTORELCC":
+    elif adapter_type == PEFT_TYPE:
         _check_bias_switch(model_path)
     return adapter, adapter_type, output, model_path
 
@@ -165,13 +167,14 @@ def _is_packed(model_path: Path) -> bool:
 def _check_packed(args: argparse.Namespace, adapter_type: str, model_path: Path) -> None:
     """A compressed-tensors quantized --model: only a RestoreLCC adapter, of an architecture with a bias switch."""
     from ..io.export import checkpoint_config, packed_merge_problem
+    from ..tuner.config import PEFT_TYPE
 
     if args.quantization is not None:
         raise ValueError(
             f"--model {args.model} is already quantized by compressed-tensors: leave --quantization out (the merge "
             "writes the adapter's biases beside its packed weights)."
         )
-    if adapter_type != "RESTORELCC":
+    if adapter_type != PEFT_TYPE:
         raise ValueError(
             f"--model {args.model} is quantized by compressed-tensors: a {adapter_type} merge would rewrite its "
             "packed weights; keep that adapter separate (only RestoreLCC merges into biases beside them)."
@@ -188,6 +191,7 @@ def _run_packed(args: argparse.Namespace, adapter: Path, output: Path, model_pat
     from ..io import export, load_model, load_tokenizer
     from ..io.adapters import load_adapter
     from ..io.checks import check_finite_weights
+    from ..tuner.config import PEFT_TYPE
 
     base = load_model(model_path, dtype=args.dtype, dequantize=True)
     try:
@@ -202,7 +206,7 @@ def _run_packed(args: argparse.Namespace, adapter: Path, output: Path, model_pat
     quantization = export.checkpoint_config(model_path)["quantization_config"]
     compared = sum(1 for name in export.checkpoint_tensor_names(model_path) if name not in written)
     report = {
-        "adapter_type": "RESTORELCC",
+        "adapter_type": PEFT_TYPE,
         "model": str(args.model),
         "adapter": str(adapter),
         "format": args.format,
@@ -215,7 +219,7 @@ def _run_packed(args: argparse.Namespace, adapter: Path, output: Path, model_pat
     }
     (output / REPORT_FILE).write_text(json.dumps(report, indent=2))
     rows = [
-        ("adapter type", "RESTORELCC"),
+        ("adapter type", PEFT_TYPE),
         ("quantization", f"compressed-tensors ({quantization.get('format')}), kept"),
         ("checkpoint tensors", f"{compared}, " + ("packed weights and scales bit-identical to --model" if not changed
                                                  else f"CHANGED: {len(changed)}, e.g. {changed[0]}")),
@@ -268,11 +272,12 @@ def _merge(
 
 def _run_quantized(args: argparse.Namespace, adapter: Path, output: Path, model_path: Path) -> int:
     from ..io.export import changed_quantized_tensors
+    from ..tuner.config import PEFT_TYPE
 
-    before, after = _merge(args, adapter, "RESTORELCC", output, model_path)
+    before, after = _merge(args, adapter, PEFT_TYPE, output, model_path)
     changed = changed_quantized_tensors(before, after)
     report = {
-        "adapter_type": "RESTORELCC",
+        "adapter_type": PEFT_TYPE,
         "model": str(args.model),
         "adapter": str(adapter),
         "format": args.format,
@@ -283,7 +288,7 @@ def _run_quantized(args: argparse.Namespace, adapter: Path, output: Path, model_
     }
     (output / REPORT_FILE).write_text(json.dumps(report, indent=2))
     rows = [
-        ("adapter type", "RESTORELCC"),
+        ("adapter type", PEFT_TYPE),
         ("quantization", args.quantization),
         ("quantized tensors", f"{len(before)}, " + ("bit-identical to --model quantized afresh" if not changed
                                                     else f"CHANGED: {len(changed)}, e.g. {changed[0]}")),
@@ -294,9 +299,7 @@ def _run_quantized(args: argparse.Namespace, adapter: Path, output: Path, model_
 
 def _report_rows(rows: list[tuple[str, str]], changed: list, error: str) -> int:
     """Print the merge's summary rows aligned; exit status 1 (with ``error`` on stderr) when a tensor changed."""
-    width = max(len(label) for label, _ in rows)
-    for label, value in rows:
-        print(f"{label:<{width}}  {value}")
+    print_rows(rows)
     if changed:
         print(f"restorelcc merge: error: {error}", file=sys.stderr)
         return 1
@@ -334,9 +337,7 @@ def run(args: argparse.Namespace) -> int:
         ("format", args.format),
         ("output", str(output)),
     ]
-    width = max(len(label) for label, _ in rows)
-    for label, value in rows:
-        print(f"{label:<{width}}  {value}")
+    print_rows(rows)
     if adapter_type == PEFT_TYPE and not unchanged:
         # RestoreLCC merges into biases only; a changed weight is a bug, not a property of the method.
         print("restorelcc merge: error: a RestoreLCC merge changed the weights' sparsity.", file=sys.stderr)

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..pruning.choices import METHODS, resolve_sparsity
 from .options import add_common_arguments, add_deprecated, add_model_arguments, check_common_arguments, check_output_dir
+from .summary import print_rows
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -151,7 +152,5 @@ def run(args: argparse.Namespace) -> int:
 
     output = save_pruned(model, tokenizer, args.output, report)
     rows = [*summary_rows(report), ("output", str(output))]
-    width = max(len(label) for label, _ in rows)
-    for label, value in rows:
-        print(f"{label:<{width}}  {value}")
+    print_rows(rows)
     return 0

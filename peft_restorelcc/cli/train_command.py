@@ -24,6 +24,7 @@ from ..training.choices import (
     PAPER_SAMPLES,
 )
 from .options import MODEL_HELP, add_common_arguments, add_model_arguments, check_output_dir
+from .summary import print_rows
 
 METRICS_FILE = "train_metrics.json"
 
@@ -422,9 +423,7 @@ def _report(args: argparse.Namespace, metrics: dict[str, Any], output: Path, che
         ("final loss", f"{metrics['final_loss']:.4f}"),
         ("output", str(output)),
     ]
-    width = max(len(label) for label, _ in rows)
-    for label, value in rows:
-        print(f"{label:<{width}}  {value}")
+    print_rows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

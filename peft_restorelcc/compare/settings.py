@@ -1,5 +1,5 @@
 """What a comparison is asked for: ``restorelcc compare's`` settings, its methods and their standard rates, the
-pruning spec, and the files it writes; readable without torch, so that the command line builds its parser here.
+pruning spec, and the files it writes (the settings shared with ``run`` are ``pipeline.settings``); readable without torch, so that the command line builds its parser here.
 """
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..pipeline.settings import RecoverySettings
 from ..pruning.choices import resolve_sparsity
-from ..training.choices import DEFAULT_DATA
 
 # 2: compare.json (was results.json); per run the merged model's speed and reload, epochs, seq_len, examples seen;
 # failed runs under "failed".
@@ -36,35 +36,17 @@ PLAN_FIELDS = ("methods", "seeds", "device")
 
 
 @dataclass
-class CompareSettings:
+class CompareSettings(RecoverySettings):
     """Everything a comparison does differently from the next (``restorelcc compare``'s flags, by name)."""
 
-    model: str = "smollm2-135m"
-    revision: str | None = None
     pruned: str | None = None  # a pruned model to load; None: prune ``model`` with ``prune``
     pruned_revision: str | None = None
     prune: str = "wanda:0.5"
     methods: Sequence[str] = ("restorelcc", "lora")
     seeds: Sequence[int] = (0,)
     lora_rank: int = 8
-    heads: float = 0.25
     learning_rates: dict[str, float] = field(default_factory=dict)  # per method; the rest keep METHODS' rates
-    data: str = DEFAULT_DATA
-    train_steps: int | None = 200  # optimizer steps; None with ``epochs``
-    epochs: float | None = None  # train by epochs over ``train_samples`` examples instead of by steps
-    train_samples: int | None = None  # the training set's size; None: train_steps x batch_size (each seen once)
     seq_len: int = 128  # longest training sequence, in tokens
-    batch_size: int = 8
-    prune_samples: int = 64
-    calibration_samples: int = 128
-    num_pairs: int = 256
-    tasks: Sequence[str] | None = None
-    include_path: str | None = None  # a folder of the user's own lm-eval task YAMLs
-    limit: int | None = 100
-    perplexity_passages: int = 64
-    eval_batch_size: int | str = "auto"
-    device: str | None = None
-    dtype: str = "auto"
 
     def learning_rate(self, method: str) -> float:
         return self.learning_rates.get(method, METHODS[method])

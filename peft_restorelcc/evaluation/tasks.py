@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from peft_restorelcc.data import eval_dataset, hellaswag_query_and_endings
-from peft_restorelcc.io.devices import input_device
-from peft_restorelcc.training.logits import (
+from ..data import eval_dataset, hellaswag_query_and_endings
+from ..io.devices import input_device
+from ..training.logits import (
     IGNORE_INDEX,
     cross_entropy_sum,
     lm_head_at,
@@ -42,7 +42,6 @@ from peft_restorelcc.training.logits import (
     parameter_bytes,
     rows_within_budget,
 )
-
 from .choices import LIST_TASKS_HINT, PAPER_BUNDLED, PAPER_TASKS, TASK_PREFIX
 
 __all__ = [

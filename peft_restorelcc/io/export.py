@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..tuner.config import PEFT_TYPE
 from ..tuner.heads import find_head_projections, is_quantized_projection, text_config
 from . import conversion
 from .compressed import is_sparsity_only
@@ -78,7 +79,7 @@ def merge_provenance(model: nn.Module) -> dict[str, Any]:
     return {
         "base_model": getattr(peft_config, "base_model_name_or_path", None) or None,
         "base_revision": getattr(peft_config, "revision", None),
-        "peft_type": "RESTORELCC",
+        "peft_type": PEFT_TYPE,
     }
 
 
@@ -339,7 +340,7 @@ def save_merged_packed(
     config["attention_bias"] = True
     if isinstance(config.get("text_config"), dict) and "attention_bias" in config["text_config"]:
         config["text_config"] = {**config["text_config"], "attention_bias": True}
-    config[MERGED_KEY] = merge_provenance(model) if hasattr(model, "peft_config") else {"peft_type": "RESTORELCC"}
+    config[MERGED_KEY] = merge_provenance(model) if hasattr(model, "peft_config") else {"peft_type": PEFT_TYPE}
     export_info = {
         "merged": True,
         "attention_bias": True,
