@@ -7,7 +7,7 @@ import re
 import datasets
 import pytest
 
-from peft_restorelcc import data
+from peft_restorelcc.data import bundled as data
 
 EXPECTED_EVAL_SIZES = {
     "boolq": 3270,

@@ -28,7 +28,7 @@ __getattr__, __all__ = lazy_face(
         ".choices": ("NEGATIVES", "PAPER_PAIRS", "PAPER_PROMPTS"),
         ".components": ("LostComponents", "compare_fingerprints", "model_fingerprint"),
         ".inputs": ("CalibrationInputs", "calibration_inputs", "resolve_negatives"),
-        ".pipeline": ("calibrate",),
+        ".measure": ("calibrate",),
         ".scoring": ("probe_scores", "random_scores", "score_heads"),
     },
 )

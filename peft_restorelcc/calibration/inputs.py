@@ -57,6 +57,31 @@ def _cut(items: list[Any], wanted: int, what: str, source: str, notes: list[str]
     return items[:wanted]
 
 
+def _task_prompts(task: str, scored_items: int, seed: int, samples: int, notes: list[str]) -> tuple[list[str], str]:
+    """One evaluation task's training-side prompts, and where they came from."""
+    side = len(data.task_split(task, scored_items)["train"])
+    source = f"task {task} ({side} training-side items, after the {scored_items} scored)"
+    prompts = _cut(data.task_prompts(task, scored_items, seed, samples), samples, "prompts", source, notes)
+    if not prompts:
+        raise ValueError(
+            f"Task {task} has no items after the {scored_items} that evaluation scores: pick a task with more "
+            f"items ({', '.join(t for t in data.EVAL_TASKS if len(data.eval_dataset(t)) > scored_items)}) or "
+            "lower --scored-items (and evaluate with --limit no larger)."
+        )
+    return prompts, source
+
+
+def _prompts(prompts_file: str | None, samples: int, seed: int, notes: list[str]) -> tuple[list[str], str]:
+    """The user's prompts, else the bundled ones, and where they came from."""
+    if prompts_file:
+        return _cut(read_prompts(prompts_file), samples, "prompts", prompts_file, notes), prompts_file
+    source = "the bundled training-side data"
+    available = data.calibration_prompt_count()
+    if available < samples:
+        notes.append(f"prompts: {source} has {available}, fewer than {samples}: using all")
+    return data.calibration_prompts(min(samples, available), seed=seed), source
+
+
 def calibration_inputs(
     *,
     task: str | None = None,
@@ -88,26 +113,11 @@ def calibration_inputs(
     similarity, note = resolve_negatives(negatives)
     chose_negatives = probe and not pairs_file  # bundled and task pairs pick wrong answers among options
     if task is not None:
-        side = len(data.task_split(task, scored_items)["train"])
-        prompts_source = pairs_source = f"task {task} ({side} training-side items, after the {scored_items} scored)"
-        prompts = _cut(data.task_prompts(task, scored_items, seed, samples), samples, "prompts", prompts_source, notes)
-        if not prompts:
-            raise ValueError(
-                f"Task {task} has no items after the {scored_items} that evaluation scores: pick a task with more "
-                f"items ({', '.join(t for t in data.EVAL_TASKS if len(data.eval_dataset(t)) > scored_items)}) or "
-                "lower --scored-items (and evaluate with --limit no larger)."
-            )
+        prompts, prompts_source = _task_prompts(task, scored_items, seed, samples, notes)
+        pairs_source = prompts_source
         pair_list = data.task_pairs(task, scored_items, seed, pairs, similarity) if probe else None
     else:
-        if prompts_file:
-            prompts_source = prompts_file
-            prompts = _cut(read_prompts(prompts_file), samples, "prompts", prompts_source, notes)
-        else:
-            prompts_source = "the bundled training-side data"
-            available = data.calibration_prompt_count()
-            prompts = data.calibration_prompts(min(samples, available), seed=seed)
-            if available < samples:
-                notes.append(f"prompts: {prompts_source} has {available}, fewer than {samples}: using all")
+        prompts, prompts_source = _prompts(prompts_file, samples, seed, notes)
         pair_list = None
         if probe and pairs_file:
             pair_list, from_options = read_pairs_and_count_options(pairs_file, similarity)

@@ -15,6 +15,32 @@ STRATEGIES = ("probe", "lost_norm", "random")
 
 
 # ----------------------------------------------------------------------------------------------- the probe
+def _check_probe_inputs(
+    pruned_prompt: torch.Tensor,
+    main_components: torch.Tensor,
+    dense_correct: torch.Tensor,
+    dense_wrong: torch.Tensor,
+    train_fraction: float,
+) -> None:
+    """One ValueError line for inputs the probe cannot use (shapes, too few pairs, a bad split)."""
+    if (
+        pruned_prompt.dim() != 3
+        or pruned_prompt.shape != dense_correct.shape
+        or dense_correct.shape != dense_wrong.shape
+    ):
+        raise ValueError(
+            "probe_scores expects pruned_prompt, dense_correct and dense_wrong of the same shape (pairs, heads, d); "
+            f"got {tuple(pruned_prompt.shape)}, {tuple(dense_correct.shape)}, {tuple(dense_wrong.shape)}."
+        )
+    pairs, heads, d = pruned_prompt.shape
+    if main_components.shape != (heads, d):
+        raise ValueError(f"main_components must be ({heads}, {d}), got {tuple(main_components.shape)}.")
+    if pairs < 2:
+        raise ValueError(f"The probe needs at least 2 contrastive pairs (tens to hundreds are sensible), got {pairs}.")
+    if not 0 < train_fraction < 1:
+        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}.")
+
+
 def probe_scores(
     pruned_prompt: torch.Tensor,
     main_components: torch.Tensor,
@@ -37,23 +63,8 @@ def probe_scores(
     trained on the stacked problem (weights ``H x 2d``): the loss is the sum of the per-head losses and Adam is
     coordinate-wise, so this is exactly one independent optimiser per head, in one tensor op per step.
     """
-    if (
-        pruned_prompt.dim() != 3
-        or pruned_prompt.shape != dense_correct.shape
-        or dense_correct.shape != dense_wrong.shape
-    ):
-        raise ValueError(
-            "probe_scores expects pruned_prompt, dense_correct and dense_wrong of the same shape (pairs, heads, d); "
-            f"got {tuple(pruned_prompt.shape)}, {tuple(dense_correct.shape)}, {tuple(dense_wrong.shape)}."
-        )
-    pairs, heads, d = pruned_prompt.shape
-    if main_components.shape != (heads, d):
-        raise ValueError(f"main_components must be ({heads}, {d}), got {tuple(main_components.shape)}.")
-    if pairs < 2:
-        raise ValueError(f"The probe needs at least 2 contrastive pairs (tens to hundreds are sensible), got {pairs}.")
-    if not 0 < train_fraction < 1:
-        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}.")
-
+    _check_probe_inputs(pruned_prompt, main_components, dense_correct, dense_wrong, train_fraction)
+    pairs, heads, _ = pruned_prompt.shape
     anchor = pruned_prompt.float() + main_components.float()
     positives = torch.cat([anchor, dense_correct.float()], dim=-1)  # (M, H, 2d)
     negatives = torch.cat([anchor, dense_wrong.float()], dim=-1)

@@ -184,6 +184,23 @@ def _accuracy(metrics: dict[str, Any]) -> float:
     return metrics[headline_metric(metrics)]
 
 
+def _gap_lines(results: dict[str, Any], items: dict[str, Any], paired: bool, gap: float) -> list[str]:
+    """The dense-pruned gap with its standard error (paired where the models answered the same items)."""
+    from ..evaluation import statistics as recovery
+
+    if paired:
+        gap_error = recovery.paired_stderr(items["dense"], items["pruned"])
+        kind = "paired standard error over the same items"
+    else:
+        dense_error, pruned_error = (recovery.headline_stderr(results[name]) for name in ("dense", "pruned"))
+        has_errors = dense_error is not None and pruned_error is not None
+        gap_error, kind = ((dense_error**2 + pruned_error**2) ** 0.5 if has_errors else None), "standard error"
+    if gap_error is None:
+        return []
+    within_noise = "; within noise: raise --limit to measure recovery)" if abs(gap) < 2 * gap_error else ")"
+    return [f"dense - pruned average accuracy: {gap:+.3f} ({kind} {gap_error:.3f}" + within_noise]
+
+
 def results_table(summary: dict[str, Any]) -> str:
     """Markdown: accuracy per task (acc_norm where the task has it), average, perplexity; then costs and times."""
     from ..evaluation import statistics as recovery
@@ -213,23 +230,7 @@ def results_table(summary: dict[str, Any]) -> str:
             + ("" if recovered_error is None else f" ± {recovered_error:.0%}")
             + f" | {result.get('perplexity', float('nan')):.2f} |"
         )
-    lines.append("")
-    if paired:
-        gap_error = recovery.paired_stderr(items["dense"], items["pruned"])
-        kind = "paired standard error over the same items"
-    else:
-        dense_error, pruned_error = (recovery.headline_stderr(results[name]) for name in ("dense", "pruned"))
-        has_errors = dense_error is not None and pruned_error is not None
-        gap_error, kind = ((dense_error**2 + pruned_error**2) ** 0.5 if has_errors else None), "standard error"
-    if gap_error is not None:
-        lines.append(
-            f"dense - pruned average accuracy: {dense_avg - pruned_avg:+.3f} ({kind} {gap_error:.3f}"
-            + (
-                "; within noise: raise --limit to measure recovery)"
-                if abs(dense_avg - pruned_avg) < 2 * gap_error
-                else ")"
-            )
-        )
+    lines += ["", *_gap_lines(results, items, paired, dense_avg - pruned_avg)]
     if paired:
         lines.append("gap recovered: ± its standard error from the items sampled (another seed adds its own spread)")
         lines.append(_above_chance_line(results, items))

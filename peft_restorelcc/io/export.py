@@ -280,6 +280,8 @@ def packed_merge_problem(model_type: str | None, source: str | os.PathLike) -> s
     )
 
 
+# Long on purpose: the refusals, then one pass over the checkpoint's shards that copies every tensor bit for bit
+# and writes the merged biases beside them; each step reads what the one before found in the shards.
 def save_merged_packed(
     model: nn.Module,
     packed_checkpoint_dir: str | os.PathLike,

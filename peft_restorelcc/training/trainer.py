@@ -228,6 +228,43 @@ def check_data_source(data: str) -> None:
         read_training_file(data)
 
 
+def _bundled_records(
+    data: str, tokenizer: PreTrainedTokenizerBase, samples: int | None, seq_len: int, seed: int, rng: random.Random
+) -> list[dict[str, list[int]]]:
+    """The sequences of one of ``DATA_CHOICES``, from the bundled sets."""
+    half = None if samples is None else samples // 2
+    wanted_instruction = {"instruction": samples, "instruction-wide": samples, "text": 0, "mixed": half}
+    sources = data_module.WIDE_TRAINING_SOURCES if data == "instruction-wide" else data_module.TRAINING_SOURCES
+    records: list[dict[str, list[int]]] = []
+    if data == "instruction-and-cloze":
+        examples = data_module.instruction_and_cloze_examples("train", samples, seed)
+    elif data != "text":
+        examples = data_module.instruction_examples("train", wanted_instruction[data], seed, sources)
+    if data != "text":
+        records += instruction_records(examples, tokenizer, seq_len)
+    if data in ("text", "mixed"):
+        passages = data_module.text_passages("train")
+        rng.shuffle(passages)
+        limit = None if samples is None else samples - len(records)
+        records += text_windows(passages, tokenizer, seq_len, limit)
+    return records
+
+
+def _file_records(
+    data: str, tokenizer: PreTrainedTokenizerBase, samples: int | None, seq_len: int, rng: random.Random
+) -> list[dict[str, list[int]]]:
+    """The sequences of the user's file, directory or Hub dataset, in a seeded order."""
+    read = read_training_file(data)
+    rng.shuffle(read.examples)
+    rng.shuffle(read.chats)
+    rng.shuffle(read.texts)
+    chats = (tokenize_chat(messages, tokenizer, seq_len) for messages in read.chats)
+    records = instruction_records(read.examples, tokenizer, seq_len) + [r for r in chats if r is not None]
+    records += text_windows(read.texts, tokenizer, seq_len)
+    rng.shuffle(records)
+    return records if samples is None else records[:samples]
+
+
 def build_train_dataset(
     data: str,
     tokenizer: PreTrainedTokenizerBase,
@@ -257,34 +294,12 @@ def build_train_dataset(
         raise ValueError(f"samples must be >= 1 (or None for all), got {samples}.")
     rng = random.Random(seed)
     if data in DATA_CHOICES:
-        half = None if samples is None else samples // 2
-        wanted_instruction = {"instruction": samples, "instruction-wide": samples, "text": 0, "mixed": half}
-        sources = data_module.WIDE_TRAINING_SOURCES if data == "instruction-wide" else data_module.TRAINING_SOURCES
-        records: list[dict[str, list[int]]] = []
-        if data == "instruction-and-cloze":
-            examples = data_module.instruction_and_cloze_examples("train", samples, seed)
-        elif data != "text":
-            examples = data_module.instruction_examples("train", wanted_instruction[data], seed, sources)
-        if data != "text":
-            records += instruction_records(examples, tokenizer, seq_len)
-        if data in ("text", "mixed"):
-            passages = data_module.text_passages("train")
-            rng.shuffle(passages)
-            limit = None if samples is None else samples - len(records)
-            records += text_windows(passages, tokenizer, seq_len, limit)
+        records = _bundled_records(data, tokenizer, samples, seq_len, seed, rng)
     elif data.startswith(TASK_DATA_PREFIX):
         examples = data_module.task_examples(data[len(TASK_DATA_PREFIX) :], seed=seed, limit=samples)
         records = instruction_records(examples, tokenizer, seq_len)
     else:
-        read = read_training_file(data)
-        rng.shuffle(read.examples)
-        rng.shuffle(read.chats)
-        rng.shuffle(read.texts)
-        chats = (tokenize_chat(messages, tokenizer, seq_len) for messages in read.chats)
-        records = instruction_records(read.examples, tokenizer, seq_len) + [r for r in chats if r is not None]
-        records += text_windows(read.texts, tokenizer, seq_len)
-        rng.shuffle(records)
-        records = records if samples is None else records[:samples]
+        records = _file_records(data, tokenizer, samples, seq_len, rng)
     if data == "mixed":
         rng.shuffle(records)
     if not records:
@@ -641,6 +656,8 @@ def peak_memory_mb() -> dict[str, float]:
     return peaks
 
 
+# Long on purpose, for now: its keyword arguments are the recipe, handed to TrainingArguments one by one. Folding
+# them into one recipe object changes the signature that pipeline, compare, the CLI and the benchmarks call.
 def train_adapter(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase | None,
