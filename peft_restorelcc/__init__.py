@@ -32,8 +32,8 @@ __all__ = ["hub", "RestoreLCCConfig", "RestoreLCCLayer", "RestoreLCCModel", "Lin
 # The public names, all from the tuner; loaded on first use.
 _PUBLIC = [name for name in __all__ if name != "hub"]
 
-# Modules of 0.1 that moved in the 0.2 layout -> the modules that hold their names now (searched in order). The
-# old paths keep working for one release and warn with the new path.
+# Module paths of 0.1.0 that moved when the package was laid out by stage -> the modules that hold their names
+# now (searched in order). The old paths keep working for one release and warn with the new path.
 _MOVED = {
     "assets": ("io.embedded", "io.devices", "io.models"),
     "compressed": ("io.compressed",),
