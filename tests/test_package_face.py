@@ -59,20 +59,21 @@ def test_a_stage_imported_first_registers_with_the_merge_policy() -> None:
     assert state == ["RESTORELCC", True]
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["--help"],
-        ["prune", "--help"],
-        ["run", "--help"],
-        ["compare", "--help"],
-        ["prune", "--model", "smollm2-135m", "--method", "wanda", "--sparsity", "1.5", "--output", "OUT"],
-    ],
-    ids=["help", "prune-help", "run-help", "compare-help", "bad-sparsity"],
-)
-def test_help_and_a_bad_flag_value_load_nothing_heavy(argv: list[str], tmp_path: Path) -> None:
-    argv = [str(tmp_path / "out") if arg == "OUT" else arg for arg in argv]
-    state = _fresh(
+BAD_VALUES = {
+    "prune": (["prune", "--model", "smollm2-135m", "--method", "wanda", "--sparsity", "1.5", "--output", "OUT"],
+              "sparsity=1.5 is outside [0, 1): pass the fraction of weights to zero, e.g. 0.5."),
+    "run": (["run", "--sparsity", "1.5", "--output", "OUT"], "--sparsity must be in [0, 1), got 1.5."),
+    "compare": (["compare", "--prune", "wanda:1.5", "--output", "OUT"],
+                "--prune 'wanda:1.5': the ratio must be in (0, 1), got 1.5"),
+    "train": (["train", "--model", "x", "--adapter", "y", "--batch-size", "0", "--output", "OUT"],
+              "--batch-size 0 must be >= 1."),
+    "eval": (["eval", "--model", "x", "--limit", "0"], "--limit must be a positive number of items, got 0"),
+}  # fmt: skip
+HELP = [["--help"], *([command, "--help"] for command in ("prune", "calibrate", "train", "merge", "eval", "run", "compare"))]
+
+
+def _main_in_a_fresh_interpreter(argv: list[str]) -> dict:
+    return _fresh(
         f"""
         import contextlib, io, json, sys
         from peft_restorelcc.cli import main
@@ -85,14 +86,19 @@ def test_help_and_a_bad_flag_value_load_nothing_heavy(argv: list[str], tmp_path:
         print(json.dumps({{"code": code, "err": err.getvalue(), "heavy": [n for n in {HEAVY!r} if n in sys.modules]}}))
         """
     )
-    assert state["heavy"] == []
-    if argv[-1] == "--help":
-        assert state["code"] == 0
-    else:
-        assert state["code"] == 2
-        assert state["err"].strip() == (
-            "restorelcc prune: error: sparsity=1.5 is outside [0, 1): pass the fraction of weights to zero, e.g. 0.5."
-        )
+
+
+@pytest.mark.parametrize("argv", HELP, ids=lambda argv: " ".join(argv))
+def test_help_loads_nothing_heavy(argv: list[str]) -> None:
+    state = _main_in_a_fresh_interpreter(argv)
+    assert (state["code"], state["heavy"]) == (0, [])
+
+
+@pytest.mark.parametrize("command", sorted(BAD_VALUES))
+def test_a_bad_flag_value_is_one_line_before_anything_heavy_loads(command: str, tmp_path: Path) -> None:
+    argv, message = BAD_VALUES[command]
+    state = _main_in_a_fresh_interpreter([str(tmp_path / "out") if arg == "OUT" else arg for arg in argv])
+    assert state == {"code": 2, "err": f"restorelcc {command}: error: {message}\n", "heavy": []}
 
 
 # Paths of 0.1 that the README, docs/ or the benchmarks named, with where they live now.

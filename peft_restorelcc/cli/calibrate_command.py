@@ -269,13 +269,13 @@ def _check_lost(args: argparse.Namespace, components: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import pipeline
+    num_heads = _check_args(args)
+    from .. import pipeline  # torch: after the flags are checked
     from ..calibration import calibration_inputs
     from ..io import load_model, model_reference, record_base
     from ..io.devices import default_device
     from ..io.files import staged_output_dir
 
-    num_heads = _check_args(args)
     started = time.perf_counter()
     dense_source, pruned_source, dense_tokenizer, pruned_tokenizer, pruned_path = _load_sources(args, num_heads)
     pruning, kept_heads = pruning_description(read_pruning_report(args, pruned_path))

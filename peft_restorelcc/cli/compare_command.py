@@ -140,10 +140,10 @@ def settings_of(args: argparse.Namespace) -> CompareSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..compare.runs import compare
+    settings = settings_of(args)
+    from ..compare.runs import compare  # torch: after the flags are checked
     from ..compare.table import compare_table, plot_compare
 
-    settings = settings_of(args)
     output = Path(args.output)
     if not args.resume:
         check_output_dir(output, hint=", remove it, or give --resume to continue its runs")

@@ -83,16 +83,16 @@ def _heldout_texts() -> list[str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Check the cheap things before loading a model.
-    from ..evaluation.tasks import evaluate_tasks, format_results_table, perplexity, resolve_tasks
-    from ..io.hub import is_hub_id
-
-    tasks = resolve_tasks(args.tasks.split(","), args.include_path)
+    # Check the cheap things before loading a model: the numbers first, before torch is imported.
     args.batch_size = parse_batch_size(args.batch_size, "--batch-size")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive number of items, got {args.limit}")
     if args.perplexity_limit is not None and args.perplexity_limit < 1:
         raise ValueError(f"--perplexity-limit must be a positive number of passages, got {args.perplexity_limit}")
+    from ..evaluation.tasks import evaluate_tasks, format_results_table, perplexity, resolve_tasks
+    from ..io.hub import is_hub_id
+
+    tasks = resolve_tasks(args.tasks.split(","), args.include_path)
     if args.adapter is not None and not Path(args.adapter).expanduser().is_dir() and not is_hub_id(args.adapter):
         raise ValueError(f"adapter directory {args.adapter!r} does not exist (nor is it a Hub id org/name)")
     if args.output:

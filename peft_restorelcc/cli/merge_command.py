@@ -307,10 +307,10 @@ def _report_rows(rows: list[tuple[str, str]], changed: list, error: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    adapter, adapter_type, output, model_path = _check_args(args)
     from ..io.checks import json_safe
     from ..tuner.config import PEFT_TYPE
 
-    adapter, adapter_type, output, model_path = _check_args(args)
     if _is_packed(model_path):
         return _run_packed(args, adapter, output, model_path)
     if args.quantization is not None:

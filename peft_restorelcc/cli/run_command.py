@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ..pipeline.settings import RunSettings
 from ..training.choices import DEFAULT_DATA, parse_batch_size
 from .options import (
     add_common_arguments,
@@ -19,8 +20,6 @@ from .options import (
 
 DEFAULT_OUTPUT = "runs/restorelcc-run"
 
-if TYPE_CHECKING:  # a type only; the pipeline itself loads when the job runs
-    from ..pipeline import RunSettings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -147,8 +146,6 @@ def _check(args: argparse.Namespace) -> None:
 
 def settings_of(args: argparse.Namespace) -> RunSettings:
     """The pipeline's settings from the parsed flags (the flags are named after its fields)."""
-    from ..pipeline import RunSettings
-
     fields = {field.name for field in dataclasses.fields(RunSettings)}
     settings = {key: value for key, value in vars(args).items() if key in fields}
     settings["tasks"] = args.tasks.split(",") if args.tasks else None
@@ -156,9 +153,9 @@ def settings_of(args: argparse.Namespace) -> RunSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipeline import run_job
-
     _check(args)
+    from ..pipeline import run_job  # torch: after the flags are checked
+
     if args.threads is not None:
         import torch
 

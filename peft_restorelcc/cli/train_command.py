@@ -273,11 +273,11 @@ def _check_seq_len(model_path: Path, seq_len: int) -> None:
 
 def _check_args(args: argparse.Namespace) -> tuple[Path, Path | None, Path, str | None, Path]:
     """Every check that needs no model weights. Returns (model path, teacher path, output, checkpoint, adapter)."""
-    from ..io import resolve_adapter_path, resolve_model_path
+    _check_numbers(args)
+    from ..io import resolve_adapter_path, resolve_model_path  # torch: after the flags are checked
     from ..io.files import check_not_locked
     from ..training.trainer import check_data_source
 
-    _check_numbers(args)
     adapter = resolve_adapter_path(args.adapter, args.adapter_revision)
     output = Path(args.output).expanduser()
     model_path = resolve_model_path(args.model, args.revision)
@@ -360,10 +360,10 @@ def _announce(args: argparse.Namespace, model: Any, dataset: Any, teacher: Any) 
 def run(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
+    model_path, teacher_path, output, checkpoint, adapter = _check_args(args)
     from ..io.files import output_lock
     from ..training.trainer import is_main_process
 
-    model_path, teacher_path, output, checkpoint, adapter = _check_args(args)
     main = is_main_process()
     # One writer per --output: a second `restorelcc train` into it fails at once (only rank 0 holds the lock).
     with output_lock(output) if main else nullcontext():
