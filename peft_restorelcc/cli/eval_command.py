@@ -22,7 +22,7 @@ from peft_restorelcc.evaluation import PAPER_BUNDLED, evaluate_tasks, format_res
 from peft_restorelcc.io.hub import is_hub_id
 
 from ..logits import parse_batch_size
-from .options import add_common_arguments, add_model_arguments, add_task_arguments
+from .options import add_common_arguments, add_force_argument, add_model_arguments, add_task_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--adapter-revision", default=None, metavar="REV", help="revision of a Hub id given to --adapter"
     )
+    add_force_argument(parser)
     add_task_arguments(parser, default=PAPER_BUNDLED, default_help=f"default: {PAPER_BUNDLED}")
     parser.add_argument(
         "--limit", type=int, metavar="N", help="evaluate the first N validation items of each task (default: all)"
@@ -98,11 +99,19 @@ def run(args: argparse.Namespace) -> int:
         _check_output_file(Path(args.output).expanduser(), args.overwrite, (args.model, args.adapter))
 
     from peft_restorelcc.assets import default_device
-    from peft_restorelcc.io import load_model, load_tokenizer, resolve_adapter_path, resolve_model_path
+    from peft_restorelcc.io import (
+        check_adapter_base,
+        load_model,
+        load_tokenizer,
+        resolve_adapter_path,
+        resolve_model_path,
+    )
 
     device = default_device(args.device)
     adapter = resolve_adapter_path(args.adapter, args.adapter_revision) if args.adapter is not None else None
     model_path = resolve_model_path(args.model, args.revision)
+    if adapter is not None:
+        check_adapter_base(adapter, model_path, args.model, args.force)
     model: Any = load_model(model_path, dtype=args.dtype)
     tokenizer = load_tokenizer(model_path)
     if adapter is not None:

@@ -25,7 +25,7 @@ from ..training import (
     check_data_source,
 )
 from ..user_data import TRAINING_HELP
-from .options import MODEL_HELP, add_common_arguments, add_model_arguments, check_output_dir
+from .options import MODEL_HELP, add_common_arguments, add_force_argument, add_model_arguments, check_output_dir
 
 METRICS_FILE = "train_metrics.json"
 
@@ -66,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adapter-revision", default=None, metavar="REV", help="revision of a Hub id given to --adapter"
     )
+    add_force_argument(parser)
     parser.add_argument("--output", required=True, metavar="DIR", help="new or empty directory (or the one resumed)")
     parser.add_argument(
         "--data",
@@ -275,12 +276,13 @@ def _check_seq_len(model_path: Path, seq_len: int) -> None:
 def _check_args(args: argparse.Namespace) -> tuple[Path, Path | None, Path, str | None, Path]:
     """Every check that needs no model weights. Returns (model path, teacher path, output, checkpoint, adapter)."""
     from ..files import check_not_locked
-    from ..io import resolve_adapter_path, resolve_model_path
+    from ..io import check_adapter_base, resolve_adapter_path, resolve_model_path
 
     _check_numbers(args)
     adapter = resolve_adapter_path(args.adapter, args.adapter_revision)
     output = Path(args.output).expanduser()
     model_path = resolve_model_path(args.model, args.revision)
+    check_adapter_base(adapter, model_path, args.model, args.force)
     inputs = {"--model": model_path, "--adapter": adapter}
     if args.distill_from is not None:
         inputs["--distill-from"] = resolve_model_path(args.distill_from)
@@ -339,7 +341,7 @@ def _load(args: argparse.Namespace, model_path: Path, teacher_path: Path | None,
     from ..io.adapters import load_adapter
 
     model = load_adapter(base, adapter, is_trainable=True)
-    record_base(model, model_reference(args.model, model_path), args.revision)  # trained on --model: its base now
+    record_base(model, model_reference(args.model, model_path), args.revision, local_dir=model_path)  # its base now
     check_finite_weights(model, f"--model {args.model} with --adapter {args.adapter}")
     teacher = load_model(teacher_path, dtype=args.dtype) if teacher_path is not None else None
     return tokenizer, dataset, model, teacher
