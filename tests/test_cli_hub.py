@@ -82,17 +82,19 @@ def test_every_command_takes_a_hub_id_at_a_revision(hub_home, tmp_path):
     assert (calibrated["base_model_name_or_path"], calibrated["revision"]) == (pruned_id, SHA)
     trained = tmp_path / "trained"
     _ok(restorelcc(
-        hub_home, "train", "--model", HUB_ID, "--revision", "main", "--adapter", str(adapter), "--output",
+        hub_home, "train", "--model", pruned_id, "--revision", "main", "--adapter", str(adapter), "--output",
         str(trained), "--samples", "4", "--max-steps", "1", "--batch-size", "2", "--seq-len", "32", "--device", "cpu",
     ))  # fmt: skip
     assert (trained / "adapter_config.json").is_file()
+    record = json.loads((trained / "restorelcc_base.json").read_text())
+    assert (record["base_model_name_or_path"], record["revision"]) == (pruned_id, "main")
     adapter_id = _publish(hub_home, "tiny-org/tiny-adapter", trained)  # the trained adapter, as if pushed
     _ok(restorelcc(
-        hub_home, "eval", "--model", HUB_ID, "--revision", SHA, "--adapter", adapter_id, "--adapter-revision", SHA,
+        hub_home, "eval", "--model", pruned_id, "--revision", SHA, "--adapter", adapter_id, "--adapter-revision", SHA,
         "--tasks", "boolq", "--limit", "2", "--no-perplexity", "--device", "cpu",
     ))  # fmt: skip
     merged = tmp_path / "merged"
-    _ok(restorelcc(hub_home, "merge", "--model", HUB_ID, "--revision", "main", "--adapter", adapter_id, "--output",
+    _ok(restorelcc(hub_home, "merge", "--model", pruned_id, "--revision", "main", "--adapter", adapter_id, "--output",
                    str(merged)))  # fmt: skip
     assert (merged / "config.json").is_file()
 

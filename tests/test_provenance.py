@@ -94,3 +94,74 @@ def test_compare_saves_the_model_it_pruned_and_its_adapters_name_it(dense_dir, t
     assert json.loads((pruned / "config.json").read_text())["pruned_from"] == str(dense_dir.resolve())
     for method in ("restorelcc", "lora"):
         assert_loads_the_pruned_base(output / "work" / f"{method}-seed0", pruned)
+
+
+# ------------------------------------------------------------------------------------------------ the base's weights
+
+
+def test_an_adapter_refuses_another_base_of_the_same_shape_unless_forced(dense_dir, tmp_path, capsys):
+    import warnings
+
+    from peft_restorelcc.io import BASE_RECORD
+    from peft_restorelcc.tuner.fingerprint import weights_fingerprint
+
+    pruned, other, adapter = tmp_path / "pruned", tmp_path / "other", tmp_path / "adapter"
+    for directory, method in ((pruned, "magnitude"), (other, "wanda")):
+        assert main(["prune", "--model", str(dense_dir), "--method", method, "--sparsity", "0.5", "--output",
+                     str(directory), "--samples", "4"]) == 0  # fmt: skip
+    assert main([
+        "calibrate", "--model", str(dense_dir), "--pruned", str(pruned), "--num-heads", "2", "--output", str(adapter),
+        "--samples", "4", "--num-pairs", "4", "--negatives", "jaccard", "--max-length", "40", "--batch-size", "2",
+    ]) == 0  # fmt: skip
+    record = json.loads((adapter / BASE_RECORD).read_text())
+    assert record["fingerprint"] == weights_fingerprint(pruned) != weights_fingerprint(other)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_fingerprint"] == record["fingerprint"]
+    capsys.readouterr()
+    for base in (dense_dir, other):  # the dense model and another pruning: same shapes, other weights
+        merged = tmp_path / f"merged-{base.name}"
+        assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--output", str(merged)]) == 2
+        line = capsys.readouterr().err.strip()
+        assert "has other weights" in line and str(pruned.resolve()) in line and "--force" in line and "\n" not in line
+        assert not merged.exists()
+        for command in (["eval", "--model", str(base), "--adapter", str(adapter), "--tasks", "boolq", "--limit", "1"],
+                        ["train", "--model", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "t"),
+                         "--samples", "4", "--max-steps", "1"]):  # fmt: skip
+            assert main(command) == 2 and "has other weights" in capsys.readouterr().err
+    assert main(["merge", "--model", str(other), "--adapter", str(adapter), "--output", str(tmp_path / "m"),
+                 "--force"]) == 0  # fmt: skip
+    assert main(["merge", "--model", str(pruned), "--adapter", str(adapter), "--output", str(tmp_path / "ok")]) == 0
+    # In Python PEFT's behaviour stays (the adapter loads) with one warning, once (the forced merge above warned
+    # for the other pruning already).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(dense_dir), adapter)
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pruned), adapter)
+    assert len([warning for warning in caught if "has other weights" in str(warning.message)]) == 1
+
+
+def test_an_adapter_without_a_base_record_loads_and_merges_as_before(dense_dir, tmp_path):
+    from test_cli_train import save_adapter
+
+    adapter = save_adapter(tmp_path / "old-adapter", dense_dir)  # as written before the record existed
+    assert not (adapter / "restorelcc_base.json").exists()
+    assert main(["merge", "--model", str(dense_dir), "--adapter", str(adapter), "--output", str(tmp_path / "m")]) == 0
+
+
+def test_the_fingerprint_reads_headers_and_samples_not_whole_tensors(dense_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from peft_restorelcc.tuner.fingerprint import weights_fingerprint
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dense_dir, copy)
+    assert weights_fingerprint(copy) == weights_fingerprint(dense_dir)  # a copy is the same model
+    tensors = load_file(copy / "model.safetensors")
+    name = next(key for key, value in tensors.items() if value.numel() > 64 * 16)
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 1.0  # one weight changed, inside the first sample window
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    assert weights_fingerprint(copy) != weights_fingerprint(dense_dir)
+    assert weights_fingerprint(tmp_path / "nothing-here") is None

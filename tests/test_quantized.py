@@ -122,7 +122,8 @@ def test_trains_after_an_eval_forward_repacked_the_4bit_weight(tiny_dir, fmt):
     base = load_quantized(tiny_dir, fmt)
     with torch.no_grad():
         base(random_input_ids(2, 16))
-    assert base.model.layers[0].self_attn.o_proj.weight.quant_state.packing_format_for_cpu
+    if not getattr(base.model.layers[0].self_attn.o_proj.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("bitsandbytes repacks 4-bit weights on CPUs with AVX512-BF16 only: the case does not arise here")
     model = restorelcc(base)
     with pytest.warns(RuntimeWarning, match="Reload the model and train before any eval forward"):
         losses = train(model, random_input_ids(2, 16))

@@ -272,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
     num_heads = _check_args(args)
     from .. import pipeline  # torch: after the flags are checked
     from ..calibration import calibration_inputs
-    from ..io import load_model, model_reference, record_base
+    from ..io import load_model, model_reference, record_base, write_base_record
     from ..io.devices import default_device
     from ..io.files import staged_output_dir
 
@@ -308,10 +308,11 @@ def run(args: argparse.Namespace) -> int:
         pruned, components, num_heads, selection=args.selection, init=args.init,
         num_components=args.num_components, refine=refine,
     )  # fmt: skip
-    record_base(peft_model, model_reference(args.pruned, pruned_path), args.pruned_revision)
+    record_base(peft_model, model_reference(args.pruned, pruned_path), args.pruned_revision, local_dir=pruned_path)
     output = Path(args.output).expanduser()
     with staged_output_dir(output) as staging:  # all or nothing: a failure leaves no half-written adapter
         peft_model.save_pretrained(str(staging))
+        write_base_record(staging, peft_model)
         components.save(staging / LOST_COMPONENTS_DIR)
     _print_summary(args, inputs, pruning, peft_model, components, time.perf_counter() - started)
     return 0

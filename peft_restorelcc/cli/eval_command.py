@@ -20,7 +20,7 @@ from typing import Any
 
 from ..evaluation.choices import PAPER_BUNDLED
 from ..training.choices import parse_batch_size
-from .options import add_common_arguments, add_model_arguments, add_task_arguments
+from .options import add_common_arguments, add_force_argument, add_model_arguments, add_task_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--adapter-revision", default=None, metavar="REV", help="revision of a Hub id given to --adapter"
     )
+    add_force_argument(parser)
     add_task_arguments(parser, default=PAPER_BUNDLED, default_help=f"default: {PAPER_BUNDLED}")
     parser.add_argument(
         "--limit", type=int, metavar="N", help="evaluate the first N validation items of each task (default: all)"
@@ -98,27 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         _check_output_file(Path(args.output).expanduser(), args.overwrite, (args.model, args.adapter))
 
-    from ..io import load_model, load_tokenizer, resolve_adapter_path, resolve_model_path
-    from ..io.devices import default_device
-
-    device = default_device(args.device)
-    adapter = resolve_adapter_path(args.adapter, args.adapter_revision) if args.adapter is not None else None
-    model_path = resolve_model_path(args.model, args.revision)
-    model: Any = load_model(model_path, dtype=args.dtype)
-    tokenizer = load_tokenizer(model_path)
-    if adapter is not None:
-        # Importing the package registers the RestoreLCC method with PEFT; other adapter types load as they are.
-        import peft_restorelcc  # noqa: F401
-
-        from ..io.adapters import load_adapter
-
-        model = load_adapter(model, adapter)
-    from ..io.checks import check_finite_weights
-
-    # NaN/inf weights would give numbers that mean nothing: refused before any item is scored.
-    check_finite_weights(model, f"--model {args.model}" + (f" with --adapter {args.adapter}" if adapter else ""))
-    model.eval()
-    model.to(device)
+    model, tokenizer = _loaded(args)
 
     results: dict[str, Any] = {"model": args.model, "adapter": args.adapter}
     results.update(
@@ -141,6 +122,34 @@ def run(args: argparse.Namespace) -> int:
         output = write_json_atomic(Path(args.output).expanduser(), results)  # NaN/inf as null: strict JSON
         print(f"results written to {output}")
     return 0
+
+
+def _loaded(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model (with its adapter, when given) on its device, checked for NaN/inf weights, and its tokenizer."""
+    from ..io import check_adapter_base, load_model, load_tokenizer, resolve_adapter_path, resolve_model_path
+    from ..io.devices import default_device
+
+    device = default_device(args.device)
+    adapter = resolve_adapter_path(args.adapter, args.adapter_revision) if args.adapter is not None else None
+    model_path = resolve_model_path(args.model, args.revision)
+    if adapter is not None:
+        check_adapter_base(adapter, model_path, args.model, args.force)
+    model: Any = load_model(model_path, dtype=args.dtype)
+    tokenizer = load_tokenizer(model_path)
+    if adapter is not None:
+        # Importing the package registers the RestoreLCC method with PEFT; other adapter types load as they are.
+        import peft_restorelcc  # noqa: F401
+
+        from ..io.adapters import load_adapter
+
+        model = load_adapter(model, adapter)
+    from ..io.checks import check_finite_weights
+
+    # NaN/inf weights would give numbers that mean nothing: refused before any item is scored.
+    check_finite_weights(model, f"--model {args.model}" + (f" with --adapter {args.adapter}" if adapter else ""))
+    model.eval()
+    model.to(device)
+    return model, tokenizer
 
 
 def _check_output_file(output: Path, overwrite: bool, inputs: tuple[str | None, ...]) -> None:

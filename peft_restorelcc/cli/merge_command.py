@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io.choices import QUANTIZATIONS
-from .options import DTYPES, MODEL_HELP, add_model_arguments, check_output_dir
+from .options import DTYPES, MODEL_HELP, add_force_argument, add_model_arguments, check_output_dir
 from .summary import print_rows
 
 REPORT_FILE = "merge_report.json"
@@ -45,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--adapter-revision", default=None, metavar="REV", help="revision of a Hub id given to --adapter"
     )
+    add_force_argument(parser)
     parser.add_argument(
         "--dtype", default="auto", choices=DTYPES, help="dtype the model is loaded and merged in (default: its own)"
     )
@@ -133,7 +134,7 @@ def save_merged_generic(model: Any, output: Path, tokenizer: Any = None) -> Path
 
 def _check_args(args: argparse.Namespace) -> tuple[Path, str, Path, Path]:
     """``(adapter dir, adapter type, output, model dir)``, every check done before any weight is read."""
-    from ..io import resolve_adapter_path, resolve_model_path
+    from ..io import check_adapter_base, resolve_adapter_path, resolve_model_path
     from ..tuner.config import PEFT_TYPE
 
     if args.format in RETIRED_FORMATS:
@@ -143,6 +144,7 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, str, Path, Path]:
     output = Path(args.output).expanduser()
     check_output_dir(output)
     model_path = resolve_model_path(args.model, args.revision)
+    check_adapter_base(adapter, model_path, args.model, args.force)
     if args.quantization is not None and adapter_type != PEFT_TYPE:
         raise ValueError(
             f"--quantization merges a RestoreLCC adapter into a bias; a {adapter_type} merge would rewrite the "

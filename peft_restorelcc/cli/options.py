@@ -112,3 +112,13 @@ def check_common_arguments(args: argparse.Namespace) -> None:
         from ..io.devices import default_device
 
         default_device(args.device)
+
+
+def add_force_argument(parser: argparse.ArgumentParser) -> None:
+    """``--force``: use an adapter on a model other than the one it records as its base (train, eval, merge)."""
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="use --adapter even though it records another base model (its weights fingerprint differs from "
+        "--model's): an adapter is measured and trained for one model",
+    )

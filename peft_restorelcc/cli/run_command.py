@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser, required=False, default="smollm2-135m")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, metavar="DIR", help="where models, adapter and results go")
     add_deprecated(parser, "--output-dir", "--output", dest="output")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run in --output: reuse every stage it finished under the same settings (stages.json), "
+        "redo the rest and what reads their output; an interrupted training continues from its last checkpoint",
+    )
     parser.add_argument("--method", default="wanda", choices=("magnitude", "wanda", "sparsegpt"))
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--pattern", default=None, help="N:M pattern, e.g. 2:4 (implies the sparsity)")
@@ -140,7 +147,8 @@ def _check(args: argparse.Namespace) -> None:
     if args.tasks:
         resolve_tasks(args.tasks.split(","), args.include_path)  # an unknown task fails here, before any model loads
     check_common_arguments(args)  # an unknown device or dtype fails here, before any work
-    check_output_dir(args.output)
+    if not args.resume:
+        check_output_dir(args.output, hint=", or add --resume to continue the run whose output it holds")
     check_data_source(args.data)  # last: a Hub dataset is read here
 
 
@@ -164,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
 
     output = Path(args.output)
     with output_lock(output):  # a second writer into the same --output fails at once, with one line
-        summary = run_job(settings_of(args), output)
+        summary = run_job(settings_of(args), output, resume=args.resume, log=_say)
         table = results_table(summary)
         (output / "results.md").write_text(table + "\n")
     print(table)
@@ -173,6 +181,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nplot: {plot}")
     print(f"results: {output / 'results.json'}")
     return 0
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _accuracy(metrics: dict[str, Any]) -> float:

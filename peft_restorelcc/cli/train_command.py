@@ -23,7 +23,7 @@ from ..training.choices import (
     PAPER_LEARNING_RATE,
     PAPER_SAMPLES,
 )
-from .options import MODEL_HELP, add_common_arguments, add_model_arguments, check_output_dir
+from .options import MODEL_HELP, add_common_arguments, add_force_argument, add_model_arguments, check_output_dir
 from .summary import print_rows
 
 METRICS_FILE = "train_metrics.json"
@@ -65,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adapter-revision", default=None, metavar="REV", help="revision of a Hub id given to --adapter"
     )
+    add_force_argument(parser)
     parser.add_argument("--output", required=True, metavar="DIR", help="new or empty directory (or the one resumed)")
     parser.add_argument(
         "--data",
@@ -274,13 +275,14 @@ def _check_seq_len(model_path: Path, seq_len: int) -> None:
 def _check_args(args: argparse.Namespace) -> tuple[Path, Path | None, Path, str | None, Path]:
     """Every check that needs no model weights. Returns (model path, teacher path, output, checkpoint, adapter)."""
     _check_numbers(args)
-    from ..io import resolve_adapter_path, resolve_model_path  # torch: after the flags are checked
+    from ..io import check_adapter_base, resolve_adapter_path, resolve_model_path  # torch: after the flags are checked
     from ..io.files import check_not_locked
     from ..training.trainer import check_data_source
 
     adapter = resolve_adapter_path(args.adapter, args.adapter_revision)
     output = Path(args.output).expanduser()
     model_path = resolve_model_path(args.model, args.revision)
+    check_adapter_base(adapter, model_path, args.model, args.force)
     inputs = {"--model": model_path, "--adapter": adapter}
     if args.distill_from is not None:
         inputs["--distill-from"] = resolve_model_path(args.distill_from)
@@ -339,7 +341,7 @@ def _load(args: argparse.Namespace, model_path: Path, teacher_path: Path | None,
     from ..io.checks import check_finite_weights
 
     model = load_adapter(base, adapter, is_trainable=True)
-    record_base(model, model_reference(args.model, model_path), args.revision)  # trained on --model: its base now
+    record_base(model, model_reference(args.model, model_path), args.revision, local_dir=model_path)  # its base now
     check_finite_weights(model, f"--model {args.model} with --adapter {args.adapter}")
     teacher = load_model(teacher_path, dtype=args.dtype) if teacher_path is not None else None
     return tokenizer, dataset, model, teacher

@@ -91,6 +91,7 @@ class Models:
         self.dense, self.pruned, self.tokenizer, self.report, self.device = dense, pruned, tokenizer, report, device
         self.settings, self.timer = settings, timer or recovery.StageTimer()
         self.components: dict[str, Any] = {}
+        self.pruned_dir: Path | None = None  # the saved pruned model, when there is one: what adapters record
 
     def components_for(self, calibration: str) -> Any:
         """The ``LostComponents`` of a calibration of ``CALIBRATIONS``, measured once."""
@@ -135,7 +136,9 @@ def _load_models(settings: CompareSettings, timer: recovery.StageTimer, output: 
             pruned, _ = pipeline.load(pruned_path, dtype=settings.dtype, device=device)
         name_model_source(pruned, model_reference(settings.pruned, pruned_path))
         report = load_report(pruned_path) if (pruned_path / "pruning_report.json").is_file() else {}
-    return Models(dense, pruned, tokenizer, report, device, settings, timer)
+    models = Models(dense, pruned, tokenizer, report, device, settings, timer)
+    models.pruned_dir = output / PRUNED_DIR if pruned_path is None else pruned_path  # what its adapters record
+    return models
 
 
 def _save_pruned_once(pruned: nn.Module, tokenizer: Any, report: dict[str, Any], directory: Path) -> None:
@@ -283,7 +286,8 @@ def run_method(spec: MethodSpec, seed: int, models: Models, settings: CompareSet
     timer = recovery.StageTimer()
     torch.manual_seed(seed)
     model = BUILDERS[spec.kind](copy.deepcopy(models.pruned), spec, models)
-    record_base(model, models.pruned.name_or_path, settings.pruned_revision if settings.pruned else None)
+    record_base(model, models.pruned.name_or_path, settings.pruned_revision if settings.pruned else None,
+                local_dir=models.pruned_dir)  # fmt: skip
     teacher = models.dense if spec.distill_alpha > 0 else None
     dataset = models.training_dataset(spec.data, samples=_train_samples(settings), seed=seed, seq_len=settings.seq_len)
     first_batch = [dataset[i] for i in range(min(settings.batch_size, len(dataset)))]

@@ -8,7 +8,7 @@ from .. import lazy_face
 __getattr__, __all__ = lazy_face(
     __name__,
     {
-        ".adapters": ("record_base", "resolve_adapter_path"),
+        ".adapters": ("BASE_RECORD", "check_adapter_base", "record_base", "resolve_adapter_path", "write_base_record"),
         ".choices": ("QUANTIZATIONS",),
         ".hub": ("download_snapshot", "is_hub_id"),
         ".models": (

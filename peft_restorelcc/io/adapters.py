@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
+from ..tuner.fingerprint import FINGERPRINT_METHOD, weights_fingerprint
 from .checks import check_adapter_files
 from .hub import download_snapshot, is_hub_id
 
@@ -51,10 +53,55 @@ def load_adapter(base, adapter: str | os.PathLike, flag: str = "--adapter", **kw
         ) from None
 
 
-def record_base(peft_model: Any, reference: str, revision: str | None = None) -> None:
+BASE_RECORD = "restorelcc_base.json"
+
+
+def record_base(
+    peft_model: Any, reference: str, revision: str | None = None, local_dir: str | os.PathLike | None = None
+) -> str | None:
     """Name ``reference`` (at ``revision``) as the base of every adapter of ``peft_model``: what
     ``AutoPeftModelForCausalLM`` loads under the adapter once it is saved. For an adapter trained on another model
-    than the one it was made on (``restorelcc train --model``), the model it was trained on."""
-    for config in peft_model.peft_config.values():
+    than the one it was made on (``restorelcc train --model``), the model it was trained on. The weights'
+    fingerprint (of ``local_dir``, else of ``reference`` when that is a directory) goes with it: into a RestoreLCC
+    config's ``base_model_fingerprint`` and, for every type, into ``restorelcc_base.json`` by ``write_base_record``.
+    Returns the fingerprint (None where the weights are not safetensors files on this machine)."""
+    fingerprint = weights_fingerprint(local_dir if local_dir is not None else reference)
+    for config in getattr(peft_model, "peft_config", {}).values():  # a plain model (full fine-tuning) has none
         config.base_model_name_or_path = str(reference)
         config.revision = None if Path(reference).is_dir() else revision  # a revision names a Hub commit only
+        config.base_model_fingerprint = fingerprint  # a field of RestoreLCCConfig; on other types read by us only
+    return fingerprint
+
+
+def write_base_record(adapter_dir: str | os.PathLike, peft_model: Any) -> Path | None:
+    """``restorelcc_base.json`` beside a saved adapter: the base it names, its revision and weights fingerprint, as
+    ``record_base`` set them; nothing when no fingerprint was recorded."""
+    configs = getattr(peft_model, "peft_config", {})
+    config = configs.get("default") or next(iter(configs.values()), None)
+    fingerprint = getattr(config, "base_model_fingerprint", None)
+    if not fingerprint:
+        return None
+    record = {"base_model_name_or_path": config.base_model_name_or_path, "revision": config.revision,
+              "fingerprint": fingerprint, "fingerprint_method": FINGERPRINT_METHOD}  # fmt: skip
+    path = Path(adapter_dir) / BASE_RECORD
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def check_adapter_base(
+    adapter_dir: str | os.PathLike, model_dir: str | os.PathLike, model_label: str, force: bool = False
+) -> None:
+    """Refuse (one ValueError line) an adapter whose recorded base has other weights than ``model_dir``, unless
+    ``force``. Adapters without a record (written before it, or by other tools) pass, as before."""
+    path = Path(adapter_dir) / BASE_RECORD
+    if force or not path.is_file():
+        return
+    recorded = json.loads(path.read_text())
+    current = weights_fingerprint(model_dir)
+    if current is None or current == recorded.get("fingerprint"):
+        return
+    raise ValueError(
+        f"--adapter {adapter_dir} was made on {recorded.get('base_model_name_or_path')} (weights "
+        f"{str(recorded.get('fingerprint'))[:19]}), but --model {model_label} has other weights ({current[:19]}): "
+        "pass the model it was made on, or add --force to use it anyway."
+    )

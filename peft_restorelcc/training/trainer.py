@@ -42,6 +42,7 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, Trai
 from .. import data as data_module
 from ..data.choices import FILE_SUFFIXES, TRAINING_HELP
 from ..data.user import hub_dataset, read_training_file
+from ..io.adapters import write_base_record
 from ..io.files import DiskFullError, is_disk_full
 from .choices import DATA_CHOICES, PAPER_BATCH_SIZE, PAPER_EPOCHS, PAPER_LEARNING_RATE, PAPER_SAMPLES, TASK_DATA_PREFIX
 from .logits import (
@@ -417,12 +418,13 @@ def _disk_full_as_one_line(checkpoint_dir: Path) -> Iterator[None]:
 
 
 def save_adapter(model: nn.Module, output_dir: str | os.PathLike) -> Path:
-    """``model.save_pretrained(output_dir)``, all or nothing: on a full disk the adapter files it began to write are
+    """``model.save_pretrained(output_dir)`` and the base record (``io.write_base_record``), all or nothing: on a full disk the adapter files it began to write are
     removed (what was in ``output_dir`` before, checkpoints included, stays) and the error is a ``DiskFullError``."""
     output_dir = Path(output_dir)
     before = set(output_dir.iterdir()) if output_dir.is_dir() else set()
     try:
         model.save_pretrained(str(output_dir))
+        write_base_record(output_dir, model)
     except Exception as error:
         if not is_disk_full(error):
             raise

@@ -108,6 +108,9 @@ class RestoreLCCConfig(PeftConfig):
         exclude_modules: modules not to wrap even if they match ``target_modules``, as in LoRA (heads in their
             layers are dropped with a warning).
         modules_to_save: extra modules to train and save in full.
+        base_model_fingerprint: the ``weights_fingerprint`` of the model the adapter was calibrated and trained on,
+            recorded by ``restorelcc calibrate`` / ``train``: a base with other weights (another pruning, the dense
+            model) is warned about once on load.
     """
 
     heads: dict[int, list[int]] | None = field(
@@ -149,6 +152,13 @@ class RestoreLCCConfig(PeftConfig):
     )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules apart from RestoreLCC layers to train and save."}
+    )
+    base_model_fingerprint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fingerprint of the weights of the model the adapter was made on (tuner.fingerprint); loading it "
+            "onto a base with other weights warns once. None: not recorded (adapters written before 0.2)."
+        },
     )
 
     def __post_init__(self) -> None:

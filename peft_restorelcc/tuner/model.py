@@ -13,6 +13,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from torch import nn
 
 from .config import RestoreLCCConfig
+from .fingerprint import weights_fingerprint
 from .heads import (
     DEFAULT_TARGET_MODULES,
     default_target_module,
@@ -31,6 +32,32 @@ def restorelcc_layers(model: nn.Module) -> Iterator[RestoreLCCLayer]:
     for module in model.modules():
         if isinstance(module, RestoreLCCLayer):
             yield module
+
+
+_warned_bases: set[tuple[str, str]] = set()
+
+
+def warn_if_other_base(model: nn.Module, config: RestoreLCCConfig) -> bool:
+    """Warn (once per pair of weights) when the adapter records the fingerprint of the model it was made on and
+    ``model`` was loaded from a directory with other weights: it still loads, as PEFT loads any adapter whose shapes
+    fit, but its compensation was measured for another model. True when it warned."""
+    source = getattr(model, "name_or_path", None)
+    if not config.base_model_fingerprint or not source:
+        return False
+    current = weights_fingerprint(source)
+    pair = (config.base_model_fingerprint, current or "")
+    if current is None or current == config.base_model_fingerprint or pair in _warned_bases:
+        return False
+    _warned_bases.add(pair)
+    warnings.warn(
+        f"This RestoreLCC adapter was made on {config.base_model_name_or_path or 'another model'} (weights "
+        f"{config.base_model_fingerprint[:19]}), but the base model loaded from {source} has other weights "
+        f"({current[:19]}): its compensation was measured and trained for the other model. Load it onto the model "
+        "it names.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return True
 
 
 @dataclass(frozen=True)
@@ -93,6 +120,7 @@ class RestoreLCCModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         # Every check runs before the first module is replaced, so bad input leaves the model as it was.
         self._validate_against_model(model, self.peft_config[adapter_name])
+        warn_if_other_base(model, self.peft_config[adapter_name])
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _validate_against_model(self, model: nn.Module, config: RestoreLCCConfig) -> None:
