@@ -44,19 +44,6 @@ from ..training.logits import (
 )
 from .choices import LIST_TASKS_HINT, PAPER_BUNDLED, PAPER_TASKS, TASK_PREFIX
 
-__all__ = [
-    "PAPER_BUNDLED",
-    "PAPER_TASKS",
-    "TASK_PREFIX",
-    "evaluate_tasks",
-    "format_results_table",
-    "lm_eval_task_configs",
-    "perplexity",
-    "resolve_tasks",
-    "task_size",
-]
-
-
 # Seeds as lm-eval's simple_evaluate sets them; zero-shot loglikelihood scoring draws nothing random, but a
 # fixed state keeps any future sampling (few-shot, bootstrap) reproducible.
 _RANDOM_SEED = 0
