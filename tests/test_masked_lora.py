@@ -127,3 +127,34 @@ def test_a_second_masked_adapter_and_the_refused_configurations():
         MaskedLoraConfig(r=2, use_dora=True)
     with pytest.raises(ValueError, match="linear layers only"):
         get_peft_model(_pruned(), MaskedLoraConfig(r=2, target_modules=["embed_tokens"]))
+
+
+def test_a_fresh_interpreter_reloads_the_adapter_masked_through_peft_alone(tmp_path):
+    """No ``import peft_restorelcc`` in the loading process: the installed import hook registers MASKED_LORA, and
+    ``PeftModel.from_pretrained`` rebuilds the masked layers, with the same logits."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pruned, model, ids = _pruned_and_masked()
+    pruned.save_pretrained(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    code = (
+        "import json, torch\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
+        "model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('base'), 'adapter')\n"
+        "torch.save(model(input_ids=torch.load('ids.pt')).logits.detach(), 'logits.pt')\n"
+        "print(json.dumps({'tuner': type(model.base_model).__name__, 'type': model.peft_config['default'].peft_type}))\n"
+    )
+    import peft_restorelcc_autoload
+
+    env = {name: value for name, value in os.environ.items() if name != peft_restorelcc_autoload.ENV_VAR}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"tuner": "MaskedLoraModel", "type": "MASKED_LORA"}
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=1e-6)
