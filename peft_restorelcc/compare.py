@@ -406,7 +406,7 @@ def summarise(runs: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, d
         row: dict[str, Any] = {"seeds": [run["seed"] for run in own]}
         for key in ("mean_accuracy", "perplexity", "gap_recovered", "trainable_parameters", "trainable_percent",
                     "train_seconds", "peak_rss_gib", "sparsity_after_merge", "merged_speed_ratio", "train_steps",
-                    "examples_seen", "unmerged_speed_ratio"):  # fmt: skip
+                    "examples_seen", "unmerged_speed_ratio", "pruned_zeros_kept"):  # fmt: skip
             values = [run[key] for run in own if run.get(key) is not None]
             row[key] = sum(values) / len(values) if values else None
         row |= _merged_summary(own)

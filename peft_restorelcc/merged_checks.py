@@ -1,10 +1,10 @@
 """What a merged model costs and whether it travels: ``restorelcc compare``'s checks of each trained adapter, merged.
 
 The adapter is merged once, in place (the trained PEFT model is not used afterwards), and the merged model is
-measured three ways: the sparsity of its weights, its forward time against the pruned model's on one fixed batch
-(same device, warmed up, repeats interleaved so both see the same machine, the fastest repeat of each kept: other
-processes only ever add time, as ``timeit`` reasons), and whether stock
-``AutoModelForCausalLM.from_pretrained`` reloads the saved copy with the same logits. Before the merge,
+measured three ways: the sparsity of its weights (and the share of the pruned model's zeros still exactly zero), its
+forward time against the pruned model's on one fixed batch (same device, warmed up, repeats interleaved so both see
+the same machine, the fastest repeat of each kept: other processes only ever add time, as ``timeit`` reasons), and
+whether stock ``AutoModelForCausalLM.from_pretrained`` reloads the saved copy with the same logits. Before the merge,
 ``unmerged_speed`` times the trained model as PEFT runs it, base plus adapter, the same way: what serving the adapter
 unmerged costs.
 """
@@ -160,13 +160,30 @@ def reload_check(merged: nn.Module, saved: Path) -> dict[str, Any]:
     return {"reloads_in_transformers": bool(diff <= RELOAD_TOLERANCE * scale), "reload_max_abs_diff": diff}
 
 
+@torch.no_grad()
+def pruned_zeros_kept(pruned: nn.Module, merged: nn.Module) -> float | None:
+    """The share of the pruned model's zero weights (every 2-D weight both models hold under the same name and shape)
+    that are still exactly zero in the merged model: 1.0 when the merge kept every pruned zero; None with no zeros."""
+    merged_weights = dict(merged.named_parameters())
+    zeros = kept = 0
+    for name, weight in pruned.named_parameters():
+        other = merged_weights.get(name)
+        if weight.dim() != 2 or other is None or other.shape != weight.shape:
+            continue
+        was_zero = weight == 0
+        zeros += int(was_zero.sum())
+        kept += int((other.to(weight.device)[was_zero] == 0).sum())
+    return kept / zeros if zeros else None
+
+
 def merged_measures(
     peft_model: nn.Module, pruned: nn.Module, tokenizer: Any, work: Path, restorelcc: bool
 ) -> dict[str, Any]:
     """Merge ``peft_model`` once (in place) and measure the merged model: sparsity, inference speed against
     ``pruned``, and the stock reload of the copy saved in a temporary directory under ``work`` (removed after)."""
     merged = merge_once(peft_model)
-    measured: dict[str, Any] = {"sparsity_after_merge": measure_sparsity(merged)["overall_sparsity"]}
+    measured: dict[str, Any] = {"sparsity_after_merge": measure_sparsity(merged)["overall_sparsity"],
+                                "pruned_zeros_kept": pruned_zeros_kept(pruned, merged)}  # fmt: skip
     measured |= inference_speed(pruned, merged)
     work.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="merged-", dir=work))

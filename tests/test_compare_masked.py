@@ -40,6 +40,9 @@ def test_masked_lora_keeps_the_pruned_sparsity_after_merge_and_every_method_has_
     assert f"{runs['masked-lora']['sparsity_after_merge']:.4f}" == f"{pruned:.4f}"  # to 4 decimals, as the table
     assert runs["masked-lora"]["sparsity_after_merge"] == pruned  # in fact exactly
     assert runs["lora"]["sparsity_after_merge"] < pruned
+    # Position by position: every zero of the pruned model is still zero after masked LoRA's and RestoreLCC's merges.
+    assert runs["masked-lora"]["pruned_zeros_kept"] == 1.0 and runs["restorelcc"]["pruned_zeros_kept"] == 1.0
+    assert runs["lora"]["pruned_zeros_kept"] < 0.01
     # Same modules and rank as LoRA: the same trainable parameters.
     assert runs["masked-lora"]["trainable_parameters"] == runs["lora"]["trainable_parameters"]
     assert runs["masked-lora"]["reloads_in_transformers"] is True
