@@ -25,7 +25,7 @@ def _quiet_bitsandbytes_kernel_fetch(record: logging.LogRecord) -> bool:
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_quiet_bitsandbytes_kernel_fetch)
 
-from . import export, hub  # noqa: E402
+from . import export, hub, masked_lora  # noqa: E402 - masked_lora registers MASKED_LORA with PEFT
 from .tuner import (  # noqa: E402
     PEFT_TYPE,
     Linear,
@@ -42,3 +42,4 @@ __all__ = ["hub", "RestoreLCCConfig", "RestoreLCCLayer", "RestoreLCCModel", "Lin
 # Idempotent (the tuner registered itself on import); kept so a reload of this package re-registers.
 _register_with_peft()
 export.install_merge_policy()
+masked_lora.register()  # idempotent, as above

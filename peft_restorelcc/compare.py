@@ -32,7 +32,7 @@ from torch import nn
 from . import pipeline, recovery
 from .integrity import write_json_atomic
 from .io.adapters import record_base
-from .merged_checks import merged_measures
+from .merged_checks import merged_measures, unmerged_speed
 from .pruning import measure_sparsity, resolve_sparsity
 from .training import DEFAULT_DATA
 
@@ -42,15 +42,20 @@ __all__ = [
 ]  # fmt: skip
 
 # 2: compare.json (was results.json); per run the merged model's speed and reload, epochs, seq_len, examples seen;
-# failed runs under "failed".
-SCHEMA_VERSION = 2
+# failed runs under "failed". 3: per run the unmerged model's forward time (unmerged_forward_seconds,
+# unmerged_speed_ratio); a schema-2 file is still read and resumed (its runs get the unmerged time of an untrained
+# adapter of the same shape, marked by unmerged_speed_source).
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (2, 3)
 RESULTS_FILE = "compare.json"
 TABLE_FILE = "compare.md"
 PLOT_FILE = "compare.png"
 PRUNED_DIR = "pruned"  # the model pruned on the fly (--prune), the base the kept adapters name
+# Why no plot was drawn (``restorelcc compare`` and ``run`` print it): the eval extra brings matplotlib.
+PLOT_MISSING = "matplotlib is not installed (pip install matplotlib, or the package's eval extra)"
 PRUNING_METHODS = ("magnitude", "wanda", "sparsegpt")
 # Each method's standard learning rate (benchmarks/recovery_methods.yaml: the rates its rows train at).
-METHODS: dict[str, float] = {"restorelcc": 1e-3, "lora": 5e-4, "dora": 5e-4, "ia3": 1e-3}
+METHODS: dict[str, float] = {"restorelcc": 1e-3, "lora": 5e-4, "dora": 5e-4, "ia3": 1e-3, "masked-lora": 5e-4}
 # Settings a run may differ in and still be kept on resume: what is run, not how it is measured.
 PLAN_FIELDS = ("methods", "seeds", "device")
 
@@ -109,11 +114,17 @@ def parse_prune(spec: str) -> tuple[str, float | None, str | None]:
 
 
 def parse_methods(text: str) -> list[str]:
-    """``restorelcc,lora`` -> the method names, each known and given once."""
+    """``restorelcc,lora`` -> the method names, each known and given once (ValueError with one line naming the
+    unknown or the repeated method)."""
     methods = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in methods if name not in METHODS]
-    if unknown or not methods or len(set(methods)) != len(methods):
-        raise ValueError(f"--methods {text!r}: give each of {list(METHODS)} at most once, comma-separated")
+    if unknown:
+        raise ValueError(f"--methods {text!r}: unknown method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+    repeated = [name for index, name in enumerate(methods) if name in methods[:index]]
+    if repeated:
+        raise ValueError(f"--methods {text!r}: {repeated[0]!r} is given twice: give each method once")
+    if not methods:
+        raise ValueError(f"--methods {text!r}: give one or more of {', '.join(METHODS)}, comma-separated")
     return methods
 
 
@@ -249,11 +260,17 @@ def _check_same_architecture(dense_path: Path, pruned_path: Path) -> None:
         raise ValueError(f"--pruned is not a pruned copy of --model: their {', '.join(differ)} differ")
 
 
-def _lora(model: nn.Module, spec: MethodSpec, dora: bool = False) -> nn.Module:
+def _lora(model: nn.Module, spec: MethodSpec, dora: bool = False, masked: bool = False) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     target_modules = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
-    config = LoraConfig(r=spec.rank, target_modules=target_modules, use_dora=dora, task_type="CAUSAL_LM")
+    config_class = LoraConfig
+    if masked:  # LoRA whose update is masked by the base weight's zeros (masked_lora): same modules, same rank
+        from .masked_lora import MaskedLoraConfig as config_class
+
+        if measure_sparsity(model)["overall_sparsity"] == 0:
+            raise ValueError("masked-lora needs a pruned model: this one has no zero weight to keep")
+    config = config_class(r=spec.rank, target_modules=target_modules, use_dora=dora, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
@@ -282,6 +299,7 @@ BUILDERS: dict[str, Callable[[nn.Module, MethodSpec, Models], nn.Module]] = {
     "restorelcc": _restorelcc,
     "lora": lambda model, spec, _: _lora(model, spec),
     "dora": lambda model, spec, _: _lora(model, spec, dora=True),
+    "masked-lora": lambda model, spec, _: _lora(model, spec, masked=True),
     "ia3": lambda model, spec, _: _ia3(model, spec),
     "every-weight": _every_weight,
 }
@@ -383,13 +401,15 @@ def run_method(spec: MethodSpec, seed: int, models: Models, settings: CompareSet
     trainable = recovery.trainable_parameters(model)
     with timer.stage("evaluate"):
         measured = evaluate(model, models, settings, spec.tasks)
+    with timer.stage("unmerged speed"):  # before the merge: base plus adapter, as PEFT serves it unmerged
+        unmerged = unmerged_speed(models.pruned, model)
     with timer.stage("merge"):  # once, in place: the trained adapter is not used after this
         merged = merged_measures(model, models.pruned, models.tokenizer, work / f"{spec.name}-seed{seed}",
                                  restorelcc=spec.kind == "restorelcc")  # fmt: skip
     total = sum(parameter.numel() for parameter in models.pruned.parameters())
     return {
         "method": spec.name, "seed": seed, **measured, "trainable_parameters": trainable,
-        "trainable_percent": 100.0 * trainable / total, **merged, **_data_seen(metrics, dataset, settings),
+        "trainable_percent": 100.0 * trainable / total, **unmerged, **merged, **_data_seen(metrics, dataset, settings),
         "train_seconds": metrics.get("seconds", timer.seconds["train"]), "train_steps": metrics.get("steps"),
         "seconds_per_step": metrics.get("seconds_per_step"), "train_examples": len(dataset),
         "train_memory_mb": memory / 2**20, "data": spec.data, "learning_rate": spec.learning_rate,
@@ -418,10 +438,11 @@ def summarise(runs: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, d
         row: dict[str, Any] = {"seeds": [run["seed"] for run in own]}
         for key in ("mean_accuracy", "perplexity", "gap_recovered", "trainable_parameters", "trainable_percent",
                     "train_seconds", "peak_rss_gib", "sparsity_after_merge", "merged_speed_ratio", "train_steps",
-                    "examples_seen"):  # fmt: skip
+                    "examples_seen", "unmerged_speed_ratio", "pruned_zeros_kept"):  # fmt: skip
             values = [run[key] for run in own if run.get(key) is not None]
             row[key] = sum(values) / len(values) if values else None
         row |= _merged_summary(own)
+        row["unmerged_speed_untrained"] = any(run.get("unmerged_speed_source") for run in own)
         row["tasks"] = {task: sum(run["tasks"][task] for run in own) / len(own) for task in own[0]["tasks"]}
         shares = [run["gap_recovered"] for run in own if run.get("gap_recovered") is not None]
         mean = sum(shares) / len(shares) if shares else 0.0
@@ -456,7 +477,7 @@ def _earlier(results_file: Path, settings: CompareSettings, resume: bool, log: C
     if not resume or not results_file.is_file():
         return {"reference": {}, "runs": []}
     earlier = json.loads(results_file.read_text())
-    if earlier.get("schema_version") != SCHEMA_VERSION or earlier.get("measured_with") != _settings_key(settings):
+    if earlier.get("schema_version") not in READABLE_SCHEMAS or earlier.get("measured_with") != _settings_key(settings):
         log(f"{results_file} was measured with other settings: every run is redone")
         return {"reference": {}, "runs": []}
     return {"reference": earlier.get("reference", {}), "runs": earlier.get("runs", [])}
@@ -491,7 +512,8 @@ def compare(
     todo = [key for key in plan if key not in done]
     report: dict[str, Any] = {"reference": earlier["reference"], "runs": runs, "failed": [], "skipped": sorted(done),
                               "timings": {}}  # fmt: skip
-    if not todo and {"dense", "pruned"} <= set(report["reference"]):
+    unmeasured = [run for run in runs if "unmerged_speed_ratio" not in run]  # kept from an earlier schema
+    if not todo and not unmeasured and {"dense", "pruned"} <= set(report["reference"]):
         log(f"every run is in {output / RESULTS_FILE} already ({len(done)} skipped): nothing to train")
         return _write(output, settings, report)
     timer = recovery.StageTimer()
@@ -504,6 +526,9 @@ def compare(
     if any(specs[method].kind == "restorelcc" for method, _ in todo):
         models.components_for("general")  # once, shared by every RestoreLCC run
     report["pruning"] = pipeline.pruning_metadata(models.report)
+    for run in (run for run in runs if "unmerged_speed_ratio" not in run):
+        _fill_unmerged_speed(run, specs[run["method"]], models, log)
+        _write(output, settings, report)
     for method, seed in _progress(todo):
         log(f"training {method} seed {seed} ({_length_text(settings)})")
         _attempt(specs[method], seed, models, settings, output, report, log)
@@ -511,6 +536,23 @@ def compare(
         _write(output, settings, report)
     _log_failures(report, log)
     return _write(output, settings, report)
+
+
+# How a kept run of an earlier schema got its unmerged speed (compare.json's unmerged_speed_source).
+UNTRAINED_SOURCE = "untrained adapter of the same shape (run resumed from an earlier schema)"
+
+
+def _fill_unmerged_speed(run: dict[str, Any], spec: MethodSpec, models: Models, log: Callable[[str], None]) -> None:
+    """The unmerged forward time of a kept run that an earlier schema did not measure: it depends on the adapter's
+    shape (method, modules, rank, heads), not on its trained values, so it is timed on a freshly built, untrained
+    adapter of the same spec, and ``unmerged_speed_source`` says so."""
+    log(f"timing {spec.name} seed {run['seed']} unmerged on an untrained adapter of the same shape (kept from an "
+        "earlier schema)")  # fmt: skip
+    torch.manual_seed(run["seed"])
+    model = BUILDERS[spec.kind](copy.deepcopy(models.pruned), spec, models)
+    run |= unmerged_speed(models.pruned, model) | {"unmerged_speed_source": UNTRAINED_SOURCE}
+    del model
+    _free_memory()
 
 
 def _progress(todo: list[tuple[str, int]]) -> Any:
@@ -574,14 +616,14 @@ def compare_table(report: dict[str, Any]) -> str:
     tasks = list(reference["dense"]["tasks"])
     lines = [
         "| model | " + " | ".join(tasks) + " | mean | gap recovered | perplexity | trainable | train s | peak GiB"
-        " | sparsity after merge | merged speed | reloads |",
-        "|---|" + "---|" * (len(tasks) + 9),
+        " | sparsity after merge | unmerged speed | merged speed | reloads |",
+        "|---|" + "---|" * (len(tasks) + 10),
     ]
     for name in ("dense", "pruned"):
         row = reference[name]
         cells = [f"{row['tasks'][task]:.3f}" for task in tasks]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['mean_accuracy']:.3f} | | "
-                     f"{_cell(row['perplexity'], '.2f')} | 0 | | | {row['sparsity']:.4f} | | |")  # fmt: skip
+                     f"{_cell(row['perplexity'], '.2f')} | 0 | | | {row['sparsity']:.4f} | | | |")  # fmt: skip
     # Summarised afresh from the runs: a compare.json written by an earlier version renders as a new one does.
     for name, row in summarise(report["runs"], list(report["methods"])).items():
         cells = [f"{row['tasks'][task]:.3f}" for task in tasks]
@@ -594,12 +636,15 @@ def compare_table(report: dict[str, Any]) -> str:
             f"| {name} | " + " | ".join(cells) + f" | {row['mean_accuracy']:.3f} | {share} | "
             f"{_cell(row['perplexity'], '.2f')} | {row['trainable_parameters']:,.0f} ({row['trainable_percent']:.2f}%)"
             f" | {_cell(row['train_seconds'], '.1f')} | {_cell(row['peak_rss_gib'], '.2f')} | "
-            f"{_cell(row['sparsity_after_merge'], '.4f')} | {_merged_cells(row)} |"
+            f"{_cell(row['sparsity_after_merge'], '.4f')} | {_unmerged_cell(row)} | {_merged_cells(row)} |"
         )
     lines.append("")
     lines.append(_gap_line(reference))
     lines.append("gap recovered: mean over seeds ± its spread between seeds (sample SD), or for one seed ± the paired"
                  " standard error (SE) of its items; peak GiB: resident, training;"
+                 " unmerged speed: the trained model's forward speed unmerged (base plus adapter, as PEFT runs it)"
+                 " / the pruned model's (-: not measured, a run of an earlier schema; *: timed on an untrained adapter"
+                 " of the same shape when the run was resumed);"
                  " merged speed: the merged model's forward speed / the pruned model's (same batch and device);"
                  " reloads: stock AutoModelForCausalLM reloads the saved merged model with the same logits"
                  " (largest logit difference)")  # fmt: skip
@@ -621,6 +666,15 @@ def _gap_line(reference: dict[str, Any]) -> str:
         line += f" (paired standard error {error:.3f} over the same items"
         line += "; within two standard errors of zero: the shares below are noise)" if abs(gap) < 2 * error else ")"
     return line + "."
+
+
+def _unmerged_cell(row: dict[str, Any]) -> str:
+    """The unmerged speed ratio; ``-`` for runs of an earlier schema that never measured it; ``*`` where a seed's
+    figure was timed on an untrained adapter of the same shape (``UNTRAINED_SOURCE``)."""
+    ratio = row.get("unmerged_speed_ratio")
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f}x" + ("*" if row.get("unmerged_speed_untrained") else "")
 
 
 def _merged_cells(row: dict[str, Any]) -> str:
