@@ -80,6 +80,7 @@ KIND_KEYS: dict[str, dict[str, Any]] = {
     "restorelcc": {"heads": FLOAT, "selection": str, "init": str},
     "lora": {"rank": int, "target_modules": (str, list)},
     "dora": {"rank": int, "target_modules": (str, list)},
+    "masked-lora": {"rank": int, "target_modules": (str, list)},
     "ia3": {},
     "every-weight": {},
 }

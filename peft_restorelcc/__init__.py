@@ -44,6 +44,7 @@ _MOVED = {
     "hub": ("io.push",),
     "integrity": ("io.checks",),
     "logits": ("training.logits", "training.choices"),
+    "masked_lora": ("compare.masked_lora",),
     "merged_checks": ("compare.merged_checks",),
     "recovery": ("evaluation.statistics",),
     "user_data": ("data.user", "data.choices"),
@@ -109,9 +110,13 @@ def __getattr__(name: str) -> Any:
 
 
 def _register_with_peft() -> None:
-    """Register RESTORELCC with PEFT and install the family merge policy; idempotent (it imports torch and peft)."""
+    """Register RESTORELCC and MASKED_LORA with PEFT and install the family merge policy; idempotent (it imports
+    torch and peft)."""
     importlib.import_module(f"{__name__}.tuner").register()
     importlib.import_module(f"{__name__}.io.merge_policy").install_merge_policy()
+    masked_lora = importlib.import_module(f"{__name__}.compare.masked_lora")
+    if hasattr(masked_lora, "register"):  # one still loading (it imported peft) registers itself as it finishes
+        masked_lora.register()
 
 
 def _load_tuner() -> None:

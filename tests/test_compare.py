@@ -42,7 +42,7 @@ def finished(model_dir, tmp_path_factory):
 def test_compare_trains_both_methods_on_the_same_data_and_measures_merged_sparsity(finished):
     output, printed = finished
     report = json.loads((output / "compare.json").read_text())
-    assert report["schema_version"] == 2 and set(report["methods"]) == {"restorelcc", "lora"}
+    assert report["schema_version"] == 3 and set(report["methods"]) == {"restorelcc", "lora"}
     assert report["failed"] == [] and len(report["runs"]) == 4
     assert [(run["method"], run["seed"]) for run in report["runs"]] == [
         ("restorelcc", 0), ("lora", 0), ("restorelcc", 1), ("lora", 1)

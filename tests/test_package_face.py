@@ -121,6 +121,7 @@ MOVED = [
     ("conversion", "convert_to_llama", "peft_restorelcc.io.conversion"),
     ("merged_checks", "merged_measures", "peft_restorelcc.compare.merged_checks"),
     ("devices", "input_device", "peft_restorelcc.io.devices"),
+    ("masked_lora", "MaskedLoraConfig", "peft_restorelcc.compare.masked_lora"),
 ]
 
 

@@ -45,9 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="prune --model on the fly: wanda:0.5, sparsegpt:2:4, magnitude:0.5 (default wanda:0.5)",
     )
     parser.add_argument("--pruned-revision", default=None, metavar="REV", help="revision of a Hub id given to --pruned")
-    parser.add_argument("--methods", default="restorelcc,lora", help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--methods", default="restorelcc,lora", help=f"comma-separated, of {', '.join(METHODS)} "
+                        "(masked-lora: LoRA whose update is masked by the pruned weights' zeros, so its merge keeps "
+                        "them; needs a pruned model)")  # fmt: skip
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds, for every method")
-    parser.add_argument("--lora-rank", type=int, default=8, help="r of LoRA and DoRA (all linear layers)")
+    parser.add_argument("--lora-rank", type=int, default=8, help="r of LoRA, DoRA and masked LoRA (all linear layers)")
     parser.add_argument("--heads", type=float, default=0.25, help="RestoreLCC heads: a count, or a fraction < 1")
     parser.add_argument("--lr", default="", metavar="METHOD=RATE,...",
                         help="learning rates overriding the standard ones (" +
@@ -125,10 +127,12 @@ def settings_of(args: argparse.Namespace) -> CompareSettings:
 
     tasks = resolve_tasks(args.tasks.split(","), args.include_path) if args.tasks else None
     check_common_arguments(args)
+    methods = parse_methods(args.methods)
+    _check_masked_lora(args, methods)
     check_data_source(args.data)  # last: a Hub dataset is read here
     return CompareSettings(
         model=args.model, revision=args.revision, pruned=args.pruned, pruned_revision=args.pruned_revision,
-        prune=args.prune, methods=parse_methods(args.methods), seeds=list(dict.fromkeys(seeds)),
+        prune=args.prune, methods=methods, seeds=list(dict.fromkeys(seeds)),
         lora_rank=args.lora_rank, heads=args.heads, learning_rates=_learning_rates(args.lr), data=args.data,
         train_steps=train_steps, epochs=epochs, train_samples=args.train_samples, seq_len=args.seq_len,
         batch_size=args.batch_size, prune_samples=args.prune_samples,
@@ -137,6 +141,19 @@ def settings_of(args: argparse.Namespace) -> CompareSettings:
         perplexity_passages=args.perplexity_passages, device=args.device, dtype=args.dtype,
         eval_batch_size=parse_batch_size(args.eval_batch_size, "--eval-batch-size"),
     )  # fmt: skip
+
+
+def _check_masked_lora(args: argparse.Namespace, methods: list[str]) -> None:
+    """masked-lora keeps the pruned model's zeros: a --pruned model with none in its decoder's linear weights (not
+    pruned) is a bad combination, told in one line before any model loads (read tensor by tensor from its files)."""
+    if "masked-lora" not in methods or args.pruned is None:
+        return  # --prune always leaves zeros
+    from ..io import resolve_model_path
+    from ..io.checks import decoder_weight_zeros
+
+    if decoder_weight_zeros(resolve_model_path(args.pruned, args.pruned_revision)) == 0:
+        raise ValueError(f"--methods masked-lora keeps the pruned model's zeros, but --pruned {args.pruned} has no zero "
+                         "weight in its decoder layers (it is not pruned): pass a pruned model, or drop masked-lora")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,8 +172,7 @@ def run(args: argparse.Namespace) -> int:
         (output / comparison.TABLE_FILE).write_text(table + "\n")
     print(table)
     plot = plot_compare(report, output / comparison.PLOT_FILE)
-    if plot is not None:
-        print(f"\nplot: {plot}")
+    print(f"\nplot: {plot}" if plot is not None else f"\nplot: not drawn, {comparison.PLOT_MISSING}")
     print(f"results: {output / comparison.RESULTS_FILE}")
     if report["failed"]:
         names = ", ".join(f"{failure['method']} seed {failure['seed']}" for failure in report["failed"])

@@ -177,7 +177,11 @@ def run(args: argparse.Namespace) -> int:
         (output / "results.md").write_text(table + "\n")
     print(table)
     plot = plot_accuracies(summary, output / "accuracy.png")
-    if plot is not None:
+    if plot is None:
+        from ..compare.settings import PLOT_MISSING
+
+        print(f"\nplot: not drawn, {PLOT_MISSING}")
+    else:
         print(f"\nplot: {plot}")
     print(f"results: {output / 'results.json'}")
     return 0

@@ -1,5 +1,6 @@
-"""Compare recovery methods on one pruned model: the settings (``settings``), the runs (``runs``), the checks of the
-merged model (``merged_checks``), the summary, table and plot (``table``)."""
+"""Compare recovery methods on one pruned model: the settings (``settings``), the runs (``runs``), masked LoRA
+(``masked_lora``, a method PEFT lacks), the checks of the merged model (``merged_checks``), the summary, table and
+plot (``table``)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
 """What a merged model costs and whether it travels: ``restorelcc compare``'s checks of each trained adapter, merged.
 
 The adapter is merged once, in place (the trained PEFT model is not used afterwards), and the merged model is
-measured three ways: the sparsity of its weights, its forward time against the pruned model's on one fixed batch
-(same device, warmed up, repeats interleaved so both see the same machine, the fastest repeat of each kept: other
-processes only ever add time, as ``timeit`` reasons), and whether stock
-``AutoModelForCausalLM.from_pretrained`` reloads the saved copy with the same logits.
+measured three ways: the sparsity of its weights (and the share of the pruned model's zeros still exactly zero), its
+forward time against the pruned model's on one fixed batch (same device, warmed up, repeats interleaved so both see
+the same machine, the fastest repeat of each kept: other processes only ever add time, as ``timeit`` reasons), and
+whether stock ``AutoModelForCausalLM.from_pretrained`` reloads the saved copy with the same logits. Before the merge,
+``unmerged_speed`` times the trained model as PEFT runs it, base plus adapter, the same way: what serving the adapter
+unmerged costs.
 """
 
 from __future__ import annotations
@@ -68,26 +70,45 @@ def _forward_seconds(model: nn.Module, ids: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+def _fastest_forwards(pruned: nn.Module, other: nn.Module, repeats: int) -> tuple[float, float, torch.Tensor]:
+    """The fastest of ``repeats`` forward passes of ``pruned`` and ``other`` on one fixed batch (warmed up, repeats
+    interleaved, Python's garbage collector paused), and the batch. Both models' train/eval modes are restored."""
+    ids = fixed_batch(pruned, SPEED_BATCH)
+    modes, collecting = (pruned.training, other.training), gc.isenabled()
+    pruned.eval()
+    other.eval()
+    gc.disable()
+    try:
+        _forward_seconds(pruned, ids), _forward_seconds(other, ids)  # warm-up: kernels, caches, lazy allocations
+        times: dict[str, list[float]] = {"pruned": [], "other": []}
+        for _ in range(repeats):  # interleaved: a slower moment of the machine hits both
+            times["pruned"].append(_forward_seconds(pruned, ids))
+            times["other"].append(_forward_seconds(other, ids))
+    finally:
+        pruned.train(modes[0])
+        other.train(modes[1])
+        if collecting:
+            gc.enable()
+    return min(times["pruned"]), min(times["other"]), ids
+
+
+def unmerged_speed(pruned: nn.Module, model: nn.Module, repeats: int = SPEED_REPEATS) -> dict[str, Any]:
+    """The trained model's forward time *unmerged* (base plus adapter, as PEFT runs it) against the pruned model's,
+    timed as ``inference_speed`` times the merged one: the cost of serving the adapter without merging it
+    (``unmerged_speed_ratio``: pruned seconds / unmerged seconds, below 1 = slower)."""
+    pruned_seconds, unmerged_seconds, _ = _fastest_forwards(pruned, model, repeats)
+    return {
+        "unmerged_pruned_forward_seconds": round(pruned_seconds, 5),
+        "unmerged_forward_seconds": round(unmerged_seconds, 5),
+        "unmerged_speed_ratio": pruned_seconds / unmerged_seconds if unmerged_seconds > 0 else None,
+    }
+
+
 def inference_speed(pruned: nn.Module, merged: nn.Module, repeats: int = SPEED_REPEATS) -> dict[str, Any]:
     """The fastest of ``repeats`` forward passes of the pruned and the merged model on one fixed batch, and the merged
     model's speed as a ratio to the pruned one's (pruned seconds / merged seconds: 1.0 = as fast, above 1 = faster).
     Python's garbage collector is paused while timing."""
-    ids = fixed_batch(pruned, SPEED_BATCH)
-    was_training, collecting = pruned.training, gc.isenabled()
-    pruned.eval()
-    merged.eval()
-    gc.disable()
-    try:
-        _forward_seconds(pruned, ids), _forward_seconds(merged, ids)  # warm-up: kernels, caches, lazy allocations
-        times: dict[str, list[float]] = {"pruned": [], "merged": []}
-        for _ in range(repeats):  # interleaved: a slower moment of the machine hits both
-            times["pruned"].append(_forward_seconds(pruned, ids))
-            times["merged"].append(_forward_seconds(merged, ids))
-    finally:
-        pruned.train(was_training)
-        if collecting:
-            gc.enable()
-    pruned_seconds, merged_seconds = (min(times[name]) for name in ("pruned", "merged"))
+    pruned_seconds, merged_seconds, ids = _fastest_forwards(pruned, merged, repeats)
     return {
         "pruned_forward_seconds": round(pruned_seconds, 5),
         "merged_forward_seconds": round(merged_seconds, 5),
@@ -138,13 +159,30 @@ def reload_check(merged: nn.Module, saved: Path) -> dict[str, Any]:
     return {"reloads_in_transformers": bool(diff <= RELOAD_TOLERANCE * scale), "reload_max_abs_diff": diff}
 
 
+@torch.no_grad()
+def pruned_zeros_kept(pruned: nn.Module, merged: nn.Module) -> float | None:
+    """The share of the pruned model's zero weights (every 2-D weight both models hold under the same name and shape)
+    that are still exactly zero in the merged model: 1.0 when the merge kept every pruned zero; None with no zeros."""
+    merged_weights = dict(merged.named_parameters())
+    zeros = kept = 0
+    for name, weight in pruned.named_parameters():
+        other = merged_weights.get(name)
+        if weight.dim() != 2 or other is None or other.shape != weight.shape:
+            continue
+        was_zero = weight == 0
+        zeros += int(was_zero.sum())
+        kept += int((other.to(weight.device)[was_zero] == 0).sum())
+    return kept / zeros if zeros else None
+
+
 def merged_measures(
     peft_model: nn.Module, pruned: nn.Module, tokenizer: Any, work: Path, restorelcc: bool
 ) -> dict[str, Any]:
     """Merge ``peft_model`` once (in place) and measure the merged model: sparsity, inference speed against
     ``pruned``, and the stock reload of the copy saved in a temporary directory under ``work`` (removed after)."""
     merged = merge_once(peft_model)
-    measured: dict[str, Any] = {"sparsity_after_merge": measure_sparsity(merged)["overall_sparsity"]}
+    measured: dict[str, Any] = {"sparsity_after_merge": measure_sparsity(merged)["overall_sparsity"],
+                                "pruned_zeros_kept": pruned_zeros_kept(pruned, merged)}  # fmt: skip
     measured |= inference_speed(pruned, merged)
     work.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="merged-", dir=work))

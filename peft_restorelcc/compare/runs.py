@@ -38,8 +38,9 @@ from ..io.devices import default_device
 from ..pruning import hold_pruned_weights_at_zero, load_report, measure_sparsity, save_pruned
 from ..training import PaddingCollator, pad_token_id_of
 from ..training.choices import DEFAULT_DATA
-from .merged_checks import merged_measures
-from .settings import PLAN_FIELDS, RESULTS_FILE, SCHEMA_VERSION, CompareSettings, parse_prune
+from .masked_lora import MaskedLoraConfig
+from .merged_checks import merged_measures, unmerged_speed
+from .settings import PLAN_FIELDS, READABLE_SCHEMAS, RESULTS_FILE, SCHEMA_VERSION, CompareSettings, parse_prune
 from .table import summarise
 
 __all__ = ["BUILDERS", "CALIBRATIONS", "MethodSpec", "Models", "compare", "run_method", "standard_spec"]
@@ -172,11 +173,16 @@ def _check_same_architecture(dense_path: Path, pruned_path: Path) -> None:
         raise ValueError(f"--pruned is not a pruned copy of --model: their {', '.join(differ)} differ")
 
 
-def _lora(model: nn.Module, spec: MethodSpec, dora: bool = False) -> nn.Module:
+def _lora(model: nn.Module, spec: MethodSpec, dora: bool = False, masked: bool = False) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     target_modules = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
-    config = LoraConfig(r=spec.rank, target_modules=target_modules, use_dora=dora, task_type="CAUSAL_LM")
+    config_class = LoraConfig
+    if masked:  # LoRA whose update is masked by the base weight's zeros (masked_lora): same modules, same rank
+        config_class = MaskedLoraConfig
+        if measure_sparsity(model)["overall_sparsity"] == 0:
+            raise ValueError("masked-lora needs a pruned model: this one has no zero weight to keep")
+    config = config_class(r=spec.rank, target_modules=target_modules, use_dora=dora, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
@@ -203,6 +209,7 @@ BUILDERS: dict[str, Callable[[nn.Module, MethodSpec, Models], nn.Module]] = {
     "restorelcc": _restorelcc,
     "lora": lambda model, spec, _: _lora(model, spec),
     "dora": lambda model, spec, _: _lora(model, spec, dora=True),
+    "masked-lora": lambda model, spec, _: _lora(model, spec, masked=True),
     "ia3": lambda model, spec, _: _ia3(model, spec),
     "every-weight": _every_weight,
 }
@@ -302,13 +309,15 @@ def run_method(spec: MethodSpec, seed: int, models: Models, settings: CompareSet
     trainable = recovery.trainable_parameters(model)
     with timer.stage("evaluate"):
         measured = evaluate(model, models, settings, spec.tasks)
+    with timer.stage("unmerged speed"):  # before the merge: base plus adapter, as PEFT serves it unmerged
+        unmerged = unmerged_speed(models.pruned, model)
     with timer.stage("merge"):  # once, in place: the trained adapter is not used after this
         merged = merged_measures(model, models.pruned, models.tokenizer, work / f"{spec.name}-seed{seed}",
                                  restorelcc=spec.kind == "restorelcc")  # fmt: skip
     total = sum(parameter.numel() for parameter in models.pruned.parameters())
     return {
         "method": spec.name, "seed": seed, **measured, "trainable_parameters": trainable,
-        "trainable_percent": 100.0 * trainable / total, **merged, **_data_seen(metrics, dataset, settings),
+        "trainable_percent": 100.0 * trainable / total, **unmerged, **merged, **_data_seen(metrics, dataset, settings),
         "train_seconds": metrics.get("seconds", timer.seconds["train"]), "train_steps": metrics.get("steps"),
         "seconds_per_step": metrics.get("seconds_per_step"), "train_examples": len(dataset),
         "train_memory_mb": memory / 2**20, "data": spec.data, "learning_rate": spec.learning_rate,
@@ -340,7 +349,7 @@ def _earlier(results_file: Path, settings: CompareSettings, resume: bool, log: C
     if not resume or not results_file.is_file():
         return {"reference": {}, "runs": []}
     earlier = json.loads(results_file.read_text())
-    if earlier.get("schema_version") != SCHEMA_VERSION or earlier.get("measured_with") != _settings_key(settings):
+    if earlier.get("schema_version") not in READABLE_SCHEMAS or earlier.get("measured_with") != _settings_key(settings):
         log(f"{results_file} was measured with other settings: every run is redone")
         return {"reference": {}, "runs": []}
     return {"reference": earlier.get("reference", {}), "runs": earlier.get("runs", [])}
@@ -375,7 +384,8 @@ def compare(
     todo = [key for key in plan if key not in done]
     report: dict[str, Any] = {"reference": earlier["reference"], "runs": runs, "failed": [], "skipped": sorted(done),
                               "timings": {}}  # fmt: skip
-    if not todo and {"dense", "pruned"} <= set(report["reference"]):
+    unmeasured = [run for run in runs if "unmerged_speed_ratio" not in run]  # kept from an earlier schema
+    if not todo and not unmeasured and {"dense", "pruned"} <= set(report["reference"]):
         log(f"every run is in {output / RESULTS_FILE} already ({len(done)} skipped): nothing to train")
         return _write(output, settings, report)
     timer = recovery.StageTimer()
@@ -388,6 +398,9 @@ def compare(
     if any(specs[method].kind == "restorelcc" for method, _ in todo):
         models.components_for("general")  # once, shared by every RestoreLCC run
     report["pruning"] = pipeline.pruning_metadata(models.report)
+    for run in (run for run in runs if "unmerged_speed_ratio" not in run):
+        _fill_unmerged_speed(run, specs[run["method"]], models, log)
+        _write(output, settings, report)
     for method, seed in _progress(todo):
         log(f"training {method} seed {seed} ({_length_text(settings)})")
         _attempt(specs[method], seed, models, settings, output, report, log)
@@ -395,6 +408,23 @@ def compare(
         _write(output, settings, report)
     _log_failures(report, log)
     return _write(output, settings, report)
+
+
+# How a kept run of an earlier schema got its unmerged speed (compare.json's unmerged_speed_source).
+UNTRAINED_SOURCE = "untrained adapter of the same shape (run resumed from an earlier schema)"
+
+
+def _fill_unmerged_speed(run: dict[str, Any], spec: MethodSpec, models: Models, log: Callable[[str], None]) -> None:
+    """The unmerged forward time of a kept run that an earlier schema did not measure: it depends on the adapter's
+    shape (method, modules, rank, heads), not on its trained values, so it is timed on a freshly built, untrained
+    adapter of the same spec, and ``unmerged_speed_source`` says so."""
+    log(f"timing {spec.name} seed {run['seed']} unmerged on an untrained adapter of the same shape (kept from an "
+        "earlier schema)")  # fmt: skip
+    torch.manual_seed(run["seed"])
+    model = BUILDERS[spec.kind](copy.deepcopy(models.pruned), spec, models)
+    run |= unmerged_speed(models.pruned, model) | {"unmerged_speed_source": UNTRAINED_SOURCE}
+    del model
+    _free_memory()
 
 
 def _progress(todo: list[tuple[str, int]]) -> Any:

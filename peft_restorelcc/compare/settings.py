@@ -1,5 +1,6 @@
 """What a comparison is asked for: ``restorelcc compare's`` settings, its methods and their standard rates, the
-pruning spec, and the files it writes (the settings shared with ``run`` are ``pipeline.settings``); readable without torch, so that the command line builds its parser here.
+pruning spec, and the files it writes (the settings shared with ``run`` are ``pipeline.settings``); readable without
+torch, so that the command line builds its parser here.
 """
 
 from __future__ import annotations
@@ -11,8 +12,13 @@ from ..pipeline.settings import RecoverySettings
 from ..pruning.choices import resolve_sparsity
 
 # 2: compare.json (was results.json); per run the merged model's speed and reload, epochs, seq_len, examples seen;
-# failed runs under "failed".
-SCHEMA_VERSION = 2
+# failed runs under "failed". 3: per run the unmerged model's forward time (unmerged_forward_seconds,
+# unmerged_speed_ratio); a schema-2 file is still read and resumed (its runs get the unmerged time of an untrained
+# adapter of the same shape, marked by unmerged_speed_source).
+SCHEMA_VERSION = 3
+
+
+READABLE_SCHEMAS = (2, 3)
 
 
 RESULTS_FILE = "compare.json"
@@ -24,11 +30,15 @@ TABLE_FILE = "compare.md"
 PLOT_FILE = "compare.png"
 
 
+# Why no plot was drawn (``restorelcc compare`` and ``run`` print it): the eval extra brings matplotlib.
+PLOT_MISSING = "matplotlib is not installed (pip install matplotlib, or the package's eval extra)"
+
+
 PRUNING_METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 # Each method's standard learning rate (benchmarks/recovery_methods.yaml: the rates its rows train at).
-METHODS: dict[str, float] = {"restorelcc": 1e-3, "lora": 5e-4, "dora": 5e-4, "ia3": 1e-3}
+METHODS: dict[str, float] = {"restorelcc": 1e-3, "lora": 5e-4, "dora": 5e-4, "ia3": 1e-3, "masked-lora": 5e-4}
 
 
 # Settings a run may differ in and still be kept on resume: what is run, not how it is measured.
@@ -71,9 +81,15 @@ def parse_prune(spec: str) -> tuple[str, float | None, str | None]:
 
 
 def parse_methods(text: str) -> list[str]:
-    """``restorelcc,lora`` -> the method names, each known and given once."""
+    """``restorelcc,lora`` -> the method names, each known and given once (ValueError with one line naming the
+    unknown or the repeated method)."""
     methods = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in methods if name not in METHODS]
-    if unknown or not methods or len(set(methods)) != len(methods):
-        raise ValueError(f"--methods {text!r}: give each of {list(METHODS)} at most once, comma-separated")
+    if unknown:
+        raise ValueError(f"--methods {text!r}: unknown method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+    repeated = [name for index, name in enumerate(methods) if name in methods[:index]]
+    if repeated:
+        raise ValueError(f"--methods {text!r}: {repeated[0]!r} is given twice: give each method once")
+    if not methods:
+        raise ValueError(f"--methods {text!r}: give one or more of {', '.join(METHODS)}, comma-separated")
     return methods
