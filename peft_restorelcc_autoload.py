@@ -16,8 +16,11 @@ A failure inside the hook never breaks the interpreter or the import of peft: it
 warning (``import peft_restorelcc`` explicitly to see the full error).
 """
 
+from __future__ import annotations
+
 import os
 import sys
+from collections.abc import Callable
 
 ENV_VAR = "PEFT_RESTORELCC_AUTOLOAD"
 _OFF_VALUES = frozenset({"0", "false", "no", "off"})
@@ -51,11 +54,12 @@ def register_restorelcc() -> None:
         )
 
 
-class _RegisterAfterExec:
-    """Loader that runs peft's own loader, then ``register_restorelcc``; everything else is the original's."""
+class _RunAfterExec:
+    """Loader that runs the module's own loader, then the finder's callback; everything else is the original's."""
 
-    def __init__(self, loader) -> None:
+    def __init__(self, loader, finder: AfterImportFinder) -> None:
         self._loader = loader
+        self._finder = finder
 
     def __getattr__(self, name: str):
         return getattr(self._loader, name)
@@ -64,49 +68,66 @@ class _RegisterAfterExec:
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:
-        uninstall()  # peft is being loaded: the finder's job is done
-        # Give the module its real loader back first, so peft sees itself exactly as without the hook.
+        self._finder.leave()  # the module is being loaded: the finder's job is done
+        # Give the module its real loader back first, so it sees itself exactly as without the hook.
         module.__loader__ = self._loader
         if getattr(module, "__spec__", None) is not None:
             module.__spec__.loader = self._loader
-        self._loader.exec_module(module)  # peft's own errors propagate unchanged
-        register_restorelcc()
+        self._loader.exec_module(module)  # the module's own errors propagate unchanged
+        self._finder.callback()
 
 
-class PeftImportFinder:
-    """``sys.meta_path`` entry that wraps the loader of the top-level ``peft`` module; it leaves once peft loads.
+class AfterImportFinder:
+    """``sys.meta_path`` entry that wraps the loader of one module so that ``callback`` runs right after the module
+    has been executed; it leaves once the module loads. ``peft_restorelcc`` uses it too, to register when peft loads.
 
-    It must not leave at the first ``find_spec("peft")``: ``importlib.util.find_spec`` (transformers asks it whether
-    peft is installed) finds a spec without loading it.
+    It must not leave at the first ``find_spec``: ``importlib.util.find_spec`` (transformers asks it whether peft is
+    installed) finds a spec without loading it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fullname: str, callback: Callable[[], None]) -> None:
+        self.fullname = fullname
+        self.callback = callback
         self._searching = False
 
     def find_spec(self, fullname: str, path=None, target=None):
-        if fullname != _TRIGGER or self._searching:
+        if fullname != self.fullname or self._searching:
             return None
         self._searching = True  # the search below asks every finder, this one too (under the import lock)
         try:
-            spec = _find_spec_elsewhere(fullname, path, target)
+            spec = _find_spec_elsewhere(self, fullname, path, target)
             if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
                 return None  # not installed, or a loader we cannot wrap: the normal search carries on
-            spec.loader = _RegisterAfterExec(spec.loader)
+            spec.loader = _RunAfterExec(spec.loader, self)
             return spec
         except Exception as error:  # noqa: BLE001
-            _warn(f"peft_restorelcc's import hook failed ({type(error).__name__}: {error}); peft loads without it.")
-            return None  # the normal finders then find peft as if the hook were not there
+            _warn(f"peft_restorelcc's import hook failed ({type(error).__name__}: {error}); {fullname} loads without it.")
+            return None  # the normal finders then find the module as if the hook were not there
         finally:
             self._searching = False
+
+    def leave(self) -> None:
+        """Remove this finder from ``sys.meta_path`` (idempotent)."""
+        sys.meta_path[:] = [finder for finder in sys.meta_path if finder is not self]
+
+    def __repr__(self) -> str:
+        return f"<{__name__}.{type(self).__name__} {self.fullname}>"
+
+
+class PeftImportFinder(AfterImportFinder):
+    """The interpreter-start hook: registers RestoreLCC right after ``peft`` has loaded."""
+
+    def __init__(self) -> None:
+        super().__init__(_TRIGGER, register_restorelcc)
 
     def __repr__(self) -> str:
         return f"<{__name__}.{type(self).__name__}>"
 
 
-def _find_spec_elsewhere(fullname: str, path, target):
+def _find_spec_elsewhere(searcher: AfterImportFinder, fullname: str, path, target):
     for finder in list(sys.meta_path):
         find_spec = getattr(finder, "find_spec", None)
-        if find_spec is None or isinstance(finder, PeftImportFinder):
+        if find_spec is None or finder is searcher:
             continue
         spec = find_spec(fullname, path, target)
         if spec is not None:

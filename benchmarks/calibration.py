@@ -83,10 +83,10 @@ def one_run(
 ) -> dict:
     import torch
 
-    from peft_restorelcc.assets import load_model, load_tokenizer
     from peft_restorelcc.calibration import calibrate
     from peft_restorelcc.calibration.capture import _backbone
     from peft_restorelcc.data import calibration_prompts, contrastive_pairs
+    from peft_restorelcc.io import load_model, load_tokenizer
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer("smollm2-135m")

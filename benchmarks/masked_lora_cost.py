@@ -30,8 +30,10 @@ from pathlib import Path
 
 import torch
 
-from peft_restorelcc import compare, pipeline, recovery
-from peft_restorelcc.merged_checks import fixed_batch, unmerged_speed
+from peft_restorelcc import pipeline
+from peft_restorelcc.compare import runs as compare
+from peft_restorelcc.compare.merged_checks import fixed_batch, unmerged_speed
+from peft_restorelcc.evaluation import statistics as recovery
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = (8, 128)  # restorelcc compare's --batch-size and --seq-len

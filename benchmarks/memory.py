@@ -56,7 +56,7 @@ def random_model(name: str, directory: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from peft_restorelcc.assets import load_tokenizer
+    from peft_restorelcc.io import load_tokenizer
 
     model_type, vocab, hidden, layers = RANDOM_CONFIGS[name]
     config = AutoConfig.for_model(
@@ -74,7 +74,7 @@ def fp32_model_gib(model: str) -> float:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from peft_restorelcc.assets import resolve_model_path
+    from peft_restorelcc.io import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(model))
 
@@ -86,7 +86,7 @@ def fp32_model_gib(model: str) -> float:
 def libraries_gib() -> float:
     """Peak resident memory of a process that imports what the main job imports and does nothing else."""
     code = ("import lm_eval.models.huggingface, peft_restorelcc.cli\n"
-            "from peft_restorelcc.recovery import peak_rss_bytes\nprint(peak_rss_bytes())")  # fmt: skip
+            "from peft_restorelcc.evaluation.statistics import peak_rss_bytes\nprint(peak_rss_bytes())")  # fmt: skip
     return int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout) / 2**30
 
 
@@ -121,8 +121,9 @@ def text_step(model: str, chunked: bool) -> dict:
     from peft import get_peft_model
     from transformers import TrainingArguments
 
-    from peft_restorelcc import RestoreLCCConfig, pipeline, recovery
-    from peft_restorelcc.training import PaddingCollator, RecoveryTrainer, pad_token_id_of
+    from peft_restorelcc import RestoreLCCConfig, pipeline
+    from peft_restorelcc.evaluation import statistics as recovery
+    from peft_restorelcc.training.trainer import PaddingCollator, RecoveryTrainer, pad_token_id_of
 
     network, tokenizer = pipeline.load(model, dtype="float32", device="cpu")
     torch.manual_seed(0)  # the same adapter in both processes: the chunked and one-call losses must agree

@@ -28,7 +28,8 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_restorelcc import RestoreLCCConfig
-from peft_restorelcc.recovery import training_memory_bytes
+from peft_restorelcc.evaluation.statistics import training_memory_bytes
+from peft_restorelcc.pruning import prune_model
 from peft_restorelcc.tuner.heads import find_head_projections
 
 
@@ -46,17 +47,6 @@ def smollm2_shaped_model(seed: int = 0) -> LlamaForCausalLM:
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
-
-
-@torch.no_grad()
-def magnitude_prune(model: torch.nn.Module, sparsity: float = 0.5) -> None:
-    """Zero the smallest weights of every row of every decoder linear (embeddings and lm_head stay dense)."""
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            weight = module.weight
-            k = int(weight.shape[1] * sparsity)
-            smallest = weight.abs().topk(k, dim=1, largest=False).indices
-            weight.scatter_(1, smallest, 0.0)
 
 
 def every_fourth_head(model: torch.nn.Module) -> dict[int, list[int]]:
@@ -114,7 +104,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     base = smollm2_shaped_model()
-    magnitude_prune(base)
+    prune_model(base, "magnitude", 0.5, progress=False)  # the package's own pruner: rows, decoder linears
     heads = every_fourth_head(base)
     num_heads = sum(len(h) for h in heads.values())
     restorelcc = get_peft_model(

@@ -19,8 +19,9 @@ import torch
 from report import pruning_table
 from tqdm import tqdm
 
-from peft_restorelcc import pipeline, recovery
-from peft_restorelcc.assets import load_model, load_tokenizer
+from peft_restorelcc import pipeline
+from peft_restorelcc.evaluation import statistics as recovery
+from peft_restorelcc.io import load_model, load_tokenizer
 
 CONFIGS = {
     "magnitude-50%": ("magnitude", 0.5, None),

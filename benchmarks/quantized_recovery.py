@@ -97,7 +97,7 @@ def zero_stats(model: Any, zeros: dict[str, Any]) -> dict[str, Any]:
 def quantized_state(model: Any) -> dict[str, Any]:
     """export.quantized_tensors, with LLM.int8's scales read where its first forward moved them (``weight.SCB`` to
     ``state.SCB``): a tensor that moved is not a tensor that changed."""
-    from peft_restorelcc.export import quantized_tensors
+    from peft_restorelcc.io.export import quantized_tensors
     from peft_restorelcc.tuner.heads import is_quantized_projection
 
     tensors = quantized_tensors(model)
@@ -118,7 +118,8 @@ def logits(model: Any, ids: Any) -> Any:
 
 
 def evaluation(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from peft_restorelcc import pipeline, recovery
+    from peft_restorelcc import pipeline
+    from peft_restorelcc.evaluation import statistics as recovery
 
     results = pipeline.evaluate(model, tokenizer, tasks=args.tasks, limit=args.limit or None,
                                 perplexity_passages=args.perplexity_passages)  # fmt: skip
@@ -132,11 +133,13 @@ def run(args: argparse.Namespace, work: Path, progress: Any) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     import peft_restorelcc  # noqa: F401  (registers the tuner for PeftModel.from_pretrained)
-    from peft_restorelcc import compare, pipeline, recovery
-    from peft_restorelcc.export import changed_quantized_tensors
+    from peft_restorelcc import pipeline
+    from peft_restorelcc.compare import runs as compare
+    from peft_restorelcc.evaluation import statistics as recovery
     from peft_restorelcc.io import load_model
+    from peft_restorelcc.io.export import changed_quantized_tensors
     from peft_restorelcc.pruning import save_pruned
-    from peft_restorelcc.training import DEFAULT_DATA
+    from peft_restorelcc.training.choices import DEFAULT_DATA
 
     started = time.perf_counter()
     torch.manual_seed(args.seed)

@@ -49,16 +49,21 @@ from recovery_results import (
 from report import markdown_table
 from tqdm import tqdm
 
-from peft_restorelcc import compare, pipeline, recovery
-from peft_restorelcc.assets import default_device
+from peft_restorelcc import pipeline
 from peft_restorelcc.calibration import LostComponents
 from peft_restorelcc.calibration.adapter import INITS
-from peft_restorelcc.data import EVALUATED_ITEMS, in_task_examples, instruction_examples, shuffled
-from peft_restorelcc.evaluation import PAPER_BUNDLED, PAPER_TASKS, resolve_tasks
+from peft_restorelcc.compare import runs as compare
+from peft_restorelcc.data import in_task_examples, instruction_examples, shuffled
+from peft_restorelcc.data.choices import EVALUATED_ITEMS
+from peft_restorelcc.evaluation import statistics as recovery
+from peft_restorelcc.evaluation.choices import PAPER_BUNDLED, PAPER_TASKS
+from peft_restorelcc.evaluation.tasks import resolve_tasks
 from peft_restorelcc.io import load_model, load_tokenizer
-from peft_restorelcc.logits import parse_batch_size
-from peft_restorelcc.pruning import load_report, measure_sparsity, resolve_sparsity, save_pruned
-from peft_restorelcc.training import check_data_choice, instruction_records
+from peft_restorelcc.io.devices import default_device
+from peft_restorelcc.pruning import load_report, measure_sparsity, save_pruned
+from peft_restorelcc.pruning.choices import resolve_sparsity
+from peft_restorelcc.training.choices import parse_batch_size
+from peft_restorelcc.training.trainer import check_data_choice, instruction_records
 
 RESULTS = Path(__file__).parent / "results"
 TABLE = Path(__file__).parent / "recovery_methods.yaml"

@@ -10,8 +10,8 @@ from typing import Any
 
 from report import MEASUREMENT_SETTINGS
 
-from peft_restorelcc import recovery
-from peft_restorelcc.evaluation import chance_accuracy, task_size
+from peft_restorelcc.evaluation import statistics as recovery
+from peft_restorelcc.evaluation.tasks import chance_accuracy, task_size
 
 
 def measured_alike(earlier: dict[str, Any], settings: dict[str, Any]) -> bool:

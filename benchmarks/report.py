@@ -260,7 +260,7 @@ def section(path: Path, data: Any) -> str:
         if plot.exists() and plot.resolve().is_relative_to(ROOT):
             body += ["", f"![{plot.parent.name}](../{plot.resolve().relative_to(ROOT)})"]
     elif isinstance(data, dict) and path.name == "compare.json":
-        from peft_restorelcc.compare import compare_table
+        from peft_restorelcc.compare.table import compare_table
 
         body = [*_commands([compare_command(data["settings"])]), "", compare_table(data)]
         plot = path.with_name("compare.png")
@@ -351,7 +351,7 @@ def compare_command(settings: dict[str, Any]) -> str:
     defaults (a run's compare.json records its settings, not its command line)."""
     from dataclasses import asdict
 
-    from peft_restorelcc.compare import CompareSettings
+    from peft_restorelcc.compare.settings import CompareSettings
 
     defaults = json.loads(json.dumps(asdict(CompareSettings())))
     flags = {"train_steps": "--steps", "model": "--model"}
@@ -365,7 +365,7 @@ def compare_command(settings: dict[str, Any]) -> str:
 
 def compare_brief(path: Path = COMPARE_FILE) -> str:
     """The README's comparison table: ``compare.md``'s table regenerated from ``compare.json``, with its command."""
-    from peft_restorelcc.compare import compare_table
+    from peft_restorelcc.compare.table import compare_table
 
     report = json.loads(path.read_text())
     return (

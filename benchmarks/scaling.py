@@ -262,8 +262,8 @@ def stage_train(shape: str, work: Path, device: str, options: dict[str, Any]) ->
 
     from peft_restorelcc import pipeline
     from peft_restorelcc.calibration import LostComponents
-    from peft_restorelcc.recovery import training_memory_bytes
-    from peft_restorelcc.training import PaddingCollator
+    from peft_restorelcc.evaluation.statistics import training_memory_bytes
+    from peft_restorelcc.training.trainer import PaddingCollator
 
     model = _load(work / "pruned", device, options.get("device_map"))
     weight_bytes = _weight_bytes(model)
@@ -341,7 +341,6 @@ def child_main(stage: str, shape: str, work: Path, device: str, options: dict[st
     import transformers  # noqa: F401  (imported before the baseline so that it counts as runtime, not stage)
 
     import peft_restorelcc.calibration  # noqa: F401
-    import peft_restorelcc.training  # noqa: F401
 
     if options.get("threads"):
         torch.set_num_threads(options["threads"])

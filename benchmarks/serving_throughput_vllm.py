@@ -38,7 +38,7 @@ from serving_vllm import prune_rows
 from transformers import LlamaForCausalLM
 
 from peft_restorelcc import RestoreLCCConfig
-from peft_restorelcc.export import save_merged
+from peft_restorelcc.io.export import save_merged
 
 NUM_PROMPTS = 16
 PROMPT_LEN = 64

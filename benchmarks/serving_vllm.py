@@ -40,7 +40,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from peft_restorelcc import RestoreLCCConfig
-from peft_restorelcc.export import save_merged
+from peft_restorelcc.io.export import save_merged
 
 TOLERANCE = 1e-3
 VOCAB_SIZE = 512

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from peft_restorelcc.logits import parse_batch_size
+from peft_restorelcc.training.choices import parse_batch_size
 
 ARMS = ("pruned", "general", "task")
 
@@ -80,7 +80,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
 
 def paired_difference(items_a: str, items_b: str) -> dict[str, float]:
     """Mean of a - b over the same items (per-item 0/1 strings) and its paired standard error."""
-    from peft_restorelcc.recovery import item_scores, paired_stderr
+    from peft_restorelcc.evaluation.statistics import item_scores, paired_stderr
 
     a, b = item_scores(items_a), item_scores(items_b)
     return {
@@ -131,8 +131,8 @@ def write_json(path: Path, record: dict[str, Any]) -> None:
 def _restore_arm(name: str, args: argparse.Namespace, dense: Any, model: Any, tokenizer: Any, record: dict) -> Any:
     """Calibrate, build and train one RestoreLCC arm through the pipeline; fills ``record``, returns the model."""
     from peft_restorelcc import data, pipeline
-    from peft_restorelcc.recovery import trainable_parameters
-    from peft_restorelcc.training import DEFAULT_DATA, TASK_DATA_PREFIX
+    from peft_restorelcc.evaluation.statistics import trainable_parameters
+    from peft_restorelcc.training.choices import DEFAULT_DATA, TASK_DATA_PREFIX
 
     begin = time.perf_counter()
     inputs = pipeline.calibration_inputs(
@@ -179,7 +179,7 @@ def run_arm(name: str, args: argparse.Namespace, dense: Any, pruned: Any, tokeni
     import copy
 
     from peft_restorelcc import pipeline
-    from peft_restorelcc.recovery import headline_metric
+    from peft_restorelcc.evaluation.statistics import headline_metric
 
     record: dict[str, Any] = {"seconds": {}}
     model = copy.deepcopy(pruned)

@@ -1,5 +1,5 @@
 """A compressed-tensors sparse writer, for test fixtures only: legacy llm-compressor checkpoints (``sparse-bitmask``,
-``sparse-24-bitmask``) are still READ by ``peft_restorelcc.compressed``, but nothing in the package writes them any more
+``sparse-24-bitmask``) are still READ by ``peft_restorelcc.io.compressed``, but nothing in the package writes them any more
 (the ecosystem dropped the formats). The tests make such inputs with this writer, which test_compressed checks
 against the files compressed-tensors 0.14's own compressors wrote (tests/data/compressed_tensors)."""
 
@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from peft_restorelcc.compressed import BITMASK, SPARSE24, SPARSE_FORMATS, _compressed_tensors
-from peft_restorelcc.files import check_new_output_dir, staged_output_dir
+from peft_restorelcc.io.compressed import BITMASK, SPARSE24, SPARSE_FORMATS, _compressed_tensors
+from peft_restorelcc.io.files import check_new_output_dir, staged_output_dir
 
 
 def _target_modules(model: nn.Module) -> dict[str, nn.Module]:

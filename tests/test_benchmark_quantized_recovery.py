@@ -14,7 +14,7 @@ from benchmark_scripts import load_benchmark  # noqa: E402
 from tiny_models import make_tiny_model, random_input_ids  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
-from peft_restorelcc.export import changed_quantized_tensors  # noqa: E402
+from peft_restorelcc.io.export import changed_quantized_tensors  # noqa: E402
 
 # bitsandbytes' 4-bit blocks are 64 wide (test_quantized.TINY).
 TINY = dict(hidden_size=64, intermediate_size=128)

@@ -18,7 +18,7 @@ def results():
 
 
 def test_every_row_of_the_table_is_known_typed_and_buildable(bench):
-    from peft_restorelcc import compare
+    from peft_restorelcc.compare import runs as compare
 
     table = bench.load_table()
     # The table's kinds are compare's: every row runs through compare.run_method as a compare.MethodSpec.
@@ -68,7 +68,7 @@ def test_the_benchmarks_own_set_holds_each_pair_once_and_cuts_no_prompt(bench):
     tokens (HellaSwag's long prompts too). The library's sets are tested with the library (tests/test_training.py)."""
     from peft_restorelcc.data import in_task_examples, instruction_examples
     from peft_restorelcc.io import load_tokenizer
-    from peft_restorelcc.training import IGNORE_INDEX
+    from peft_restorelcc.training.trainer import IGNORE_INDEX
 
     tokenizer = load_tokenizer("smollm2-135m")
     dataset = bench.training_dataset("instruction-and-cloze-in-task", tokenizer, samples=10**5, seed=2)

@@ -8,11 +8,11 @@ from test_training import char_tokenizer
 from tiny_models import make_tiny_model, random_input_ids
 
 import peft_restorelcc
-from peft_restorelcc.assets import load_model
 from peft_restorelcc.calibration import build_restorelcc_model, calibrate
-from peft_restorelcc.evaluation import perplexity
+from peft_restorelcc.evaluation.tasks import perplexity
+from peft_restorelcc.io import load_model
 from peft_restorelcc.pruning import measure_sparsity, prune_model
-from peft_restorelcc.training import train_adapter
+from peft_restorelcc.training.trainer import train_adapter
 from peft_restorelcc.tuner.heads import projection_weight
 
 HALF = [torch.bfloat16, torch.float16]

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from peft_restorelcc import data
-from peft_restorelcc.calibration import PAPER_PAIRS, PAPER_PROMPTS, calibration_inputs, inputs, resolve_negatives
+from peft_restorelcc.calibration import calibration_inputs, inputs, resolve_negatives
+from peft_restorelcc.calibration.choices import PAPER_PAIRS, PAPER_PROMPTS
 
 
 def test_the_defaults_are_the_papers_counts_from_the_bundled_data() -> None:

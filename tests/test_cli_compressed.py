@@ -18,8 +18,7 @@ from tiny_models import make_tiny_model, random_input_ids
 from transformers import AutoModelForCausalLM
 
 import peft_restorelcc  # noqa: F401  (registers the tuner)
-from peft_restorelcc import compressed
-from peft_restorelcc.assets import load_model
+from peft_restorelcc.io import compressed, load_model
 from peft_restorelcc.pruning import measure_sparsity
 
 FIXTURES = Path(__file__).parent / "data" / "compressed_tensors"

@@ -19,7 +19,7 @@ from tiny_models import random_input_ids  # noqa: E402
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # noqa: E402
 
 import peft_restorelcc  # noqa: E402
-from peft_restorelcc.export import changed_checkpoint_tensors  # noqa: E402
+from peft_restorelcc.io.export import changed_checkpoint_tensors  # noqa: E402
 
 HEADS = {0: [1, 2], 1: [0, 3]}
 TOLERANCE = 1e-5  # as tests/test_export_packed.py: measured 0 in float32

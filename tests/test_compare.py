@@ -9,7 +9,7 @@ from test_training import char_tokenizer
 from tiny_models import make_tiny_model
 
 from peft_restorelcc.cli import main
-from peft_restorelcc.compare import parse_methods, parse_prune
+from peft_restorelcc.compare.settings import parse_methods, parse_prune
 
 FAST = [
     "--prune", "magnitude:0.5", "--methods", "restorelcc,lora", "--tasks", "arc_easy,boolq", "--limit", "2",
@@ -125,7 +125,7 @@ def test_bad_flags_exit_2_with_one_line_before_any_model_loads(tmp_path, capsys,
 
 
 def test_examples_seen_counts_the_short_last_batch_of_each_epoch():
-    from peft_restorelcc.compare import examples_seen
+    from peft_restorelcc.compare.runs import examples_seen
 
     assert examples_seen(2, 4, 2) == 4 and examples_seen(4, 4, 2) == 8  # one epoch; two
     assert examples_seen(2, 5, 2) == 4 and examples_seen(6, 5, 2) == 10 and examples_seen(3, 5, 2) == 5
@@ -141,7 +141,8 @@ def test_prune_and_methods_parse():
 
 
 def test_the_standard_methods_are_specs_with_the_standard_recipes():
-    from peft_restorelcc.compare import BUILDERS, METHODS, CompareSettings, MethodSpec, standard_spec
+    from peft_restorelcc.compare.runs import BUILDERS, MethodSpec, standard_spec
+    from peft_restorelcc.compare.settings import METHODS, CompareSettings
 
     settings = CompareSettings(lora_rank=4, heads=0.5, learning_rates={"lora": 1e-4}, data="instruction")
     lora, restorelcc = standard_spec("lora", settings), standard_spec("restorelcc", settings)
@@ -200,19 +201,18 @@ def test_a_pruned_model_of_another_shape_exits_2(model_dir, tmp_path, capsys):
 
 
 def test_the_python_function_resumes_as_the_command_does(finished):
-    from peft_restorelcc import pipeline
-    from peft_restorelcc.compare import CompareSettings
+    from peft_restorelcc.compare import CompareSettings, compare
 
     output = finished[0]
     settings = CompareSettings(**json.loads((output / "compare.json").read_text())["settings"])
     messages: list[str] = []
-    report = pipeline.compare(settings, output, resume=True, log=messages.append)
+    report = compare(settings, output, resume=True, log=messages.append)
     assert len(report["skipped"]) == 4 and "nothing to train" in messages[0]
 
 
 def test_a_failed_run_is_recorded_the_others_finish_exit_1_and_resume_runs_it_again(model_dir, tmp_path, monkeypatch,
                                                                                      capsys):  # fmt: skip
-    from peft_restorelcc import compare
+    from peft_restorelcc.compare import runs as compare
 
     def broken(model, settings, models):
         raise RuntimeError("no adapter today")
@@ -264,7 +264,7 @@ def test_compare_takes_a_hub_id_from_the_cache(model_dir, tmp_path):
 def test_the_reload_check_reports_a_changed_model_and_a_missing_one(tmp_path):
     import torch
 
-    from peft_restorelcc.merged_checks import reload_check
+    from peft_restorelcc.compare.merged_checks import reload_check
 
     model = make_tiny_model("llama")
     model.save_pretrained(tmp_path / "saved")

@@ -12,7 +12,8 @@ import pytest
 from test_compare import FAST, model_dir  # noqa: F401 - model_dir is a fixture
 
 from peft_restorelcc.cli import main
-from peft_restorelcc.compare import UNTRAINED_SOURCE, parse_methods
+from peft_restorelcc.compare.runs import UNTRAINED_SOURCE
+from peft_restorelcc.compare.settings import parse_methods
 
 THREE = [{"restorelcc,lora": "restorelcc,lora,masked-lora", "0,1": "0", "magnitude:0.5": "wanda:0.5"}.get(flag, flag)
          for flag in FAST]  # fmt: skip

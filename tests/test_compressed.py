@@ -18,8 +18,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import make_tiny_model, random_input_ids
 from transformers import AutoModelForCausalLM
 
-from peft_restorelcc import compressed
-from peft_restorelcc.assets import load_model
+from peft_restorelcc.io import compressed, load_model
 from peft_restorelcc.pruning import measure_sparsity, prune_model
 
 FIXTURES = Path(__file__).parent / "data" / "compressed_tensors"

@@ -18,8 +18,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from peft_restorelcc import RestoreLCCConfig
-from peft_restorelcc.conversion import PROVENANCE_KEY, conversion_problem, convert_to_llama
-from peft_restorelcc.export import save_merged
+from peft_restorelcc.io.conversion import PROVENANCE_KEY, conversion_problem, convert_to_llama
+from peft_restorelcc.io.export import save_merged
 
 HEADS = {0: [1], 1: [0, 3]}  # compensated heads: (layer, head) pairs of the tiny 2-layer, 4-head models
 
@@ -224,7 +224,7 @@ def test_sparsity_config_is_not_carried_into_the_converted_model():
 
 
 def test_a_conversion_that_changes_the_logits_is_refused(monkeypatch):
-    from peft_restorelcc import conversion
+    from peft_restorelcc.io import conversion
 
     original = conversion._llama_state_dict
 

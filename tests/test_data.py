@@ -7,7 +7,7 @@ import re
 import datasets
 import pytest
 
-from peft_restorelcc import data
+from peft_restorelcc.data import bundled as data
 
 EXPECTED_EVAL_SIZES = {
     "boolq": 3270,
@@ -302,7 +302,7 @@ def test_in_task_pairs_come_only_from_items_after_the_evaluated_ones():
 def test_in_task_cloze_pairs_are_what_lm_eval_scores_as_the_right_answer():
     from lm_eval.tasks import TaskManager
 
-    from peft_restorelcc.evaluation import lm_eval_task_configs
+    from peft_restorelcc.evaluation.tasks import lm_eval_task_configs
 
     # Every (context, continuation) lm-eval scores as right on the items after the evaluated ones, by lm-eval's own
     # rendering of the package's task configs.
@@ -372,7 +372,7 @@ def test_no_scored_item_ever_feeds_task_specific_data(task: str) -> None:
 
 
 def test_task_items_are_what_the_evaluation_scores() -> None:
-    from peft_restorelcc.evaluation import lm_eval_task_configs
+    from peft_restorelcc.evaluation.tasks import lm_eval_task_configs
 
     rows = data.eval_dataset("arc_easy")
     item = data.task_items("arc_easy", limit=None, seed=0)[0]

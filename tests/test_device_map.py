@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 from test_training import char_tokenizer
 from tiny_models import make_tiny_model, random_input_ids
 
-from peft_restorelcc.assets import load_model, model_loader, parse_device_map
 from peft_restorelcc.calibration import ModelLoader, calibrate
 from peft_restorelcc.cli import main
+from peft_restorelcc.io import load_model, model_loader
+from peft_restorelcc.io.devices import parse_device_map
 from peft_restorelcc.pruning import measure_sparsity, prune_model
 
 # Layer 1 and the LM head on disk (read from the checkpoint by accelerate), the rest in memory.

@@ -18,8 +18,8 @@ from test_model import prune_half
 from tiny_models import make_tiny_model
 
 from peft_restorelcc.cli import main as cli_main
-from peft_restorelcc.files import DiskFullError, free_bytes, is_disk_full, staged_output_dir
-from peft_restorelcc.training import CHECKPOINT_MARKER
+from peft_restorelcc.io.files import DiskFullError, free_bytes, is_disk_full, staged_output_dir
+from peft_restorelcc.training.trainer import CHECKPOINT_MARKER
 
 PAGE = 4096
 

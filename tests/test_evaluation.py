@@ -17,10 +17,11 @@ from tiny_models import VOCAB_SIZE, make_tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from peft_restorelcc import evaluation
-from peft_restorelcc.data import EVAL_TASKS, eval_dataset
-from peft_restorelcc.evaluation import (
-    PAPER_TASKS,
+from peft_restorelcc.data import eval_dataset
+from peft_restorelcc.data.choices import EVAL_TASKS
+from peft_restorelcc.evaluation import tasks as evaluation
+from peft_restorelcc.evaluation.choices import PAPER_TASKS
+from peft_restorelcc.evaluation.tasks import (
     evaluate_tasks,
     format_results_table,
     lm_eval_task_configs,
@@ -248,7 +249,7 @@ def test_perplexity_rejects_nothing_to_predict(model, tokenizer) -> None:
 
 def test_chance_is_the_common_answer_on_fixed_answers_and_one_over_the_choices_elsewhere() -> None:
     from peft_restorelcc.data import eval_dataset
-    from peft_restorelcc.evaluation import chance_accuracy
+    from peft_restorelcc.evaluation.tasks import chance_accuracy
 
     answers = eval_dataset("boolq")["answer"][:300]
     assert chance_accuracy("boolq", 300) == pytest.approx(max(answers.count(True), answers.count(False)) / 300)

@@ -12,7 +12,7 @@ from test_model import HEADS, prune_half
 from tiny_models import ARCHITECTURES, make_tiny_model, random_input_ids
 
 from peft_restorelcc import RestoreLCCConfig
-from peft_restorelcc.export import NO_OUTPUT_BIAS, save_merged
+from peft_restorelcc.io.export import NO_OUTPUT_BIAS, save_merged
 
 RELOADABLE = [architecture for architecture in ARCHITECTURES if architecture not in NO_OUTPUT_BIAS]
 
@@ -118,7 +118,7 @@ def test_a_merged_model_carries_no_sparsity_config_a_server_would_reject(archite
 
 
 def test_a_real_quantization_config_is_not_stripped():
-    from peft_restorelcc.export import strip_serving_blockers
+    from peft_restorelcc.io.export import strip_serving_blockers
 
     config = make_tiny_model("llama").config
     config.quantization_config = {"quant_method": "compressed-tensors", "config_groups": {"group_0": {}}}

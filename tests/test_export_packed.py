@@ -18,7 +18,7 @@ from tiny_models import random_input_ids  # noqa: E402
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # noqa: E402
 
 import peft_restorelcc  # noqa: E402
-from peft_restorelcc.export import changed_checkpoint_tensors, save_merged_packed  # noqa: E402
+from peft_restorelcc.io.export import changed_checkpoint_tensors, save_merged_packed  # noqa: E402
 
 HEADS = {0: [1, 2], 1: [0, 3]}
 # Stock reload of the packed output (compressed-tensors decompresses the int4 weights on the first forward) against the

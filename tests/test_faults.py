@@ -23,9 +23,9 @@ from tiny_models import make_tiny_model
 import peft_restorelcc  # noqa: F401  (registers the tuner)
 from peft_restorelcc import RestoreLCCConfig
 from peft_restorelcc.cli import main as cli_main
-from peft_restorelcc.files import LOCK_FILE, staged_output_dir
-from peft_restorelcc.integrity import json_safe, write_json_atomic
-from peft_restorelcc.training import CHECKPOINT_MARKER
+from peft_restorelcc.io.checks import json_safe, write_json_atomic
+from peft_restorelcc.io.files import LOCK_FILE, staged_output_dir
+from peft_restorelcc.training.trainer import CHECKPOINT_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FAST = ["--seq-len", "32", "--batch-size", "4", "--lr", "1e-2", "--threads", "1", "--max-steps", "2"]
@@ -313,7 +313,7 @@ def test_merging_an_already_merged_model_is_refused(inputs, tmp_path, capsys, un
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from peft_restorelcc.export import save_merged
+    from peft_restorelcc.io.export import save_merged
 
     twice = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(merged), str(inputs["adapter"]))
     with pytest.raises(ValueError, match="already holds a merged RestoreLCC compensation"):
@@ -321,7 +321,7 @@ def test_merging_an_already_merged_model_is_refused(inputs, tmp_path, capsys, un
 
 
 def test_nan_training_stops_with_one_line_and_writes_no_adapter(inputs, tmp_path, capsys, unchanged, monkeypatch):
-    from peft_restorelcc import integrity
+    from peft_restorelcc.io import checks as integrity
 
     # The loss check itself (the up-front weight check would catch this model first): let NaN weights through.
     monkeypatch.setattr(integrity, "check_finite_weights", lambda model, what: None)
@@ -338,8 +338,8 @@ def test_a_nan_gradient_stops_training(inputs, tmp_path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from peft_restorelcc.training import NonFiniteTraining, train_adapter
-    from peft_restorelcc.user_data import read_training_file  # noqa: F401
+    from peft_restorelcc.data.user import read_training_file  # noqa: F401
+    from peft_restorelcc.training.trainer import NonFiniteTraining, train_adapter
 
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(inputs["pruned"]), str(inputs["adapter"]), is_trainable=True

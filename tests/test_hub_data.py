@@ -18,8 +18,8 @@ from pathlib import Path
 import datasets
 import pytest
 
-from peft_restorelcc.training import check_data_choice
-from peft_restorelcc.user_data import hub_dataset, read_training_file
+from peft_restorelcc.data.user import hub_dataset, read_training_file
+from peft_restorelcc.training.trainer import check_data_choice
 
 REPO = Path(__file__).resolve().parents[1]
 SHA = "89abcdef0123456789abcdef0123456789abcdef"
@@ -65,7 +65,7 @@ def _python(home: Path, code: str, cwd: Path = REPO) -> subprocess.CompletedProc
 
 _READ = """
 import json
-from peft_restorelcc.user_data import read_training_file
+from peft_restorelcc.data.user import read_training_file
 from peft_restorelcc.training import build_train_dataset
 from test_training import char_tokenizer
 train, test = read_training_file("{id}"), read_training_file("{id}:test")

@@ -9,8 +9,8 @@ from test_model import HEADS, prune_half
 from tiny_models import make_tiny_model, random_input_ids
 from transformers import Trainer, TrainingArguments
 
-import peft_restorelcc
 from peft_restorelcc import RestoreLCCConfig, restorelcc_layers
+from peft_restorelcc.io.push import push_to_hub
 
 
 def train_a_few_steps(model, output_dir, gradient_checkpointing):
@@ -108,7 +108,7 @@ def test_restorelcc_push_writes_a_card_that_names_the_method_and_base(tmp_path):
     model = adapted_with_name(tmp_path)
     api = FakeHubApi()
     with mock.patch("transformers.utils.hub.hf_api", return_value=api):
-        peft_restorelcc.hub.push_to_hub(model, "someone/restorelcc-test")
+        push_to_hub(model, "someone/restorelcc-test")
     config = json.loads(api.uploaded["adapter_config.json"])
     assert config["peft_type"] == "RESTORELCC" and config["heads"] == {"0": [1], "1": [0, 3]}
     tensors = load(api.uploaded["adapter_model.safetensors"])

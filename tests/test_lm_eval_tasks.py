@@ -17,9 +17,10 @@ from test_evaluation import make_eval_model, make_tiny_tokenizer
 from test_training import char_tokenizer
 from tiny_models import make_tiny_model
 
-from peft_restorelcc import recovery
 from peft_restorelcc.cli import main
-from peft_restorelcc.evaluation import PAPER_TASKS, chance_accuracy, evaluate_tasks, resolve_tasks
+from peft_restorelcc.evaluation import statistics as recovery
+from peft_restorelcc.evaluation.choices import PAPER_TASKS
+from peft_restorelcc.evaluation.tasks import chance_accuracy, evaluate_tasks, resolve_tasks
 
 TASK = "tiny_sky_quiz"
 ITEMS = 6

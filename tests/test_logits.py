@@ -8,8 +8,14 @@ from test_training import restorelcc_model, tiny_records
 from tiny_models import make_tiny_model, random_input_ids
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, TrainingArguments
 
-from peft_restorelcc.logits import cross_entropy_sum, head_inputs_at, head_logits, lm_head_at, next_token_targets
-from peft_restorelcc.training import PaddingCollator, RecoveryTrainer, distillation_kl
+from peft_restorelcc.training.logits import (
+    cross_entropy_sum,
+    head_inputs_at,
+    head_logits,
+    lm_head_at,
+    next_token_targets,
+)
+from peft_restorelcc.training.trainer import PaddingCollator, RecoveryTrainer, distillation_kl
 
 # fp32 sums over a few dozen tokens in another order: the loss and gradients agree to float rounding.
 TOLERANCE = dict(rtol=1e-6, atol=1e-6)
@@ -120,7 +126,7 @@ def test_prediction_step_still_sees_the_full_logits(tmp_path) -> None:
 
 
 def test_the_auto_batch_shrinks_with_the_vocabulary_and_stays_in_range() -> None:
-    from peft_restorelcc.logits import MAX_AUTO_BATCH, SCORING_BYTES_PER_LOGIT, rows_within_budget
+    from peft_restorelcc.training.logits import MAX_AUTO_BATCH, SCORING_BYTES_PER_LOGIT, rows_within_budget
 
     free, model_bytes = 16 * 2**30, 4 * 2**30  # a budget of half the model: 2 GiB
     smollm = rows_within_budget(200, 49_152, "cpu", model_bytes=model_bytes, free_bytes=free)
@@ -138,14 +144,14 @@ def test_the_auto_batch_shrinks_with_the_vocabulary_and_stays_in_range() -> None
 
 @pytest.mark.parametrize("text,expected", [("auto", "auto"), ("12", 12), (3, 3)])
 def test_batch_size_flag_values(text, expected) -> None:
-    from peft_restorelcc.logits import parse_batch_size
+    from peft_restorelcc.training.choices import parse_batch_size
 
     assert parse_batch_size(text, "--batch-size") == expected
 
 
 @pytest.mark.parametrize("text", ["0", "-2", "many", "1.5"])
 def test_bad_batch_size_flags_name_the_flag_and_the_choices(text) -> None:
-    from peft_restorelcc.logits import parse_batch_size
+    from peft_restorelcc.training.choices import parse_batch_size
 
     with pytest.raises(ValueError, match=r"--batch-size must be 'auto' or a positive integer"):
         parse_batch_size(text, "--batch-size")
@@ -208,7 +214,7 @@ def test_chunked_distillation_equals_the_full_logits_kl(tmp_path, alpha) -> None
 def test_a_head_the_chunks_do_not_reproduce_falls_back_to_one_call(tmp_path, monkeypatch) -> None:
     """A model that changes its logits after the head in a way head_logits does not know: the check against the
     model's own rows fails, a warning says so, and the loss is the model's own."""
-    import peft_restorelcc.training as training
+    import peft_restorelcc.training.trainer as training
 
     model = random_adapter()
     batch = text_batch()
@@ -223,7 +229,7 @@ def test_a_head_the_chunks_do_not_reproduce_falls_back_to_one_call(tmp_path, mon
 
 def test_small_steps_keep_the_one_call_head(tmp_path, monkeypatch) -> None:
     """Under the default threshold (256 MiB of logits) a step never goes through the chunks."""
-    import peft_restorelcc.training as training
+    import peft_restorelcc.training.trainer as training
 
     def refuse(*args, **kwargs):
         raise AssertionError("chunked")

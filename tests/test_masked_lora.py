@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from tiny_models import make_tiny_model, random_input_ids
 
-from peft_restorelcc.masked_lora import MASK_BUFFER, MaskedLinear, MaskedLoraConfig, MaskedLoraModel
+from peft_restorelcc.compare.masked_lora import MASK_BUFFER, MaskedLinear, MaskedLoraConfig, MaskedLoraModel
 
 
 def _pruned(model_type: str = "llama") -> torch.nn.Module:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from peft_restorelcc.recovery import (
+from peft_restorelcc.evaluation.statistics import (
     gap_recovered,
     gap_recovered_on,
     gap_recovered_stderr,
@@ -127,7 +127,7 @@ def test_gap_recovered_on_some_tasks_averages_only_those():
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="per-stage peak memory is read from Linux /proc")
 def test_stage_timer_records_each_stages_own_peak_memory() -> None:
-    from peft_restorelcc.recovery import StageTimer
+    from peft_restorelcc.evaluation.statistics import StageTimer
 
     timer = StageTimer()
     with timer.stage("small"):

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 STOPPING_RUN = textwrap.dedent(
     """
     import sys, time
-    import peft_restorelcc.pipeline as pipeline
+    import peft_restorelcc.pipeline.job as pipeline  # where run_job looks its stages up
     from peft_restorelcc.cli import main
 
     stage, argv = sys.argv[1], sys.argv[2:]

@@ -30,7 +30,7 @@ from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM
 
 from peft_restorelcc import RestoreLCCConfig
-from peft_restorelcc.export import changed_checkpoint_tensors, save_merged, save_merged_packed
+from peft_restorelcc.io.export import changed_checkpoint_tensors, save_merged, save_merged_packed
 
 VLLM_PYTHON = os.environ.get("RESTORELCC_VLLM_PYTHON", "/work/vllm-venv/bin/python")
 pytestmark = pytest.mark.skipif(not Path(VLLM_PYTHON).exists(), reason=f"no vLLM venv at {VLLM_PYTHON}")

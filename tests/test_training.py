@@ -18,7 +18,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from peft_restorelcc import RestoreLCCConfig
-from peft_restorelcc.training import (
+from peft_restorelcc.training.trainer import (
     IGNORE_INDEX,
     PaddingCollator,
     RecoveryTrainer,
@@ -170,8 +170,8 @@ def test_jsonl_reads_instruction_and_text_lines_and_names_a_bad_line(tmp_path: P
 def test_smollm2_tokenizer_mixed_data_trains_a_tiny_llama(tmp_path: Path) -> None:
     """The real SmolLM2 tokenizer (pad == EOS, no BOS) on the real instruction and text data, with a tiny Llama of
     the same vocabulary."""
-    from peft_restorelcc.assets import load_tokenizer
     from peft_restorelcc.data import WIDE_TRAINING_SOURCES, instruction_and_cloze_examples, instruction_examples
+    from peft_restorelcc.io import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
     example = instruction_examples("train", limit=1, seed=3)[0]
@@ -381,7 +381,7 @@ def test_chat_rows_are_labelled_on_the_last_reply_only() -> None:
 
 
 def test_alpaca_and_chat_files_train_on_the_response_only(tmp_path: Path) -> None:
-    from peft_restorelcc.user_data import ALPACA_PROMPT
+    from peft_restorelcc.data.user import ALPACA_PROMPT
 
     tokenizer = char_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE

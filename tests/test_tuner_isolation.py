@@ -89,7 +89,7 @@ def test_the_tuner_folder_works_as_a_copy_outside_the_package(tmp_path):
 
 def test_the_architecture_table_exists_once():
     """Export's family sets and the pruner's list derive from (or stay within) the tuner's table."""
-    from peft_restorelcc import export
+    from peft_restorelcc.io import export
     from peft_restorelcc.pruning import STRUCTURED_MODEL_TYPES
     from peft_restorelcc.tuner.heads import DEFAULT_TARGET_MODULES, KNOWN_ARCHITECTURES, model_types_with_output_bias
 

@@ -1,4 +1,4 @@
-"""The user's own data files (peft_restorelcc.user_data): every format, every schema, every bad input."""
+"""The user's own data files (peft_restorelcc.data.user): every format, every schema, every bad input."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from peft_restorelcc.user_data import (
+from peft_restorelcc.data.user import (
     ALPACA_PROMPT_NO_INPUT,
     read_pairs,
     read_pairs_and_count_options,

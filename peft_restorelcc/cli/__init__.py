@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..files import Terminated, handle_termination
+    from ..io.files import DiskFullError, Terminated, handle_termination, is_disk_full
 
     try:
         # SIGTERM raises like Ctrl-C does, so that staging directories and lock files are removed on the way out.
@@ -39,8 +39,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"restorelcc {args.command}: error: {error}", file=sys.stderr)
         return 2
     except Exception as error:
-        from ..files import DiskFullError, is_disk_full
-
         if not is_disk_full(error):
             raise
         # A write outside the staged writers (results, checkpoints) that did not fit: one line, not a traceback.

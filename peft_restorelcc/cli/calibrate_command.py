@@ -17,6 +17,7 @@ from .options import (
     check_output_dir,
     require,
 )
+from .summary import print_rows
 
 LOST_COMPONENTS_DIR = "lost_components"
 REPORT_FILE = "pruning_report.json"
@@ -61,9 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the calibration prompts and the probe pairs come from, and how many."""
-    from ..calibration import NEGATIVES, PAPER_PAIRS, PAPER_PROMPTS
-    from ..data import EVAL_TASKS, SCORED_ITEMS
-    from ..user_data import PAIRS_HELP, PROMPTS_HELP
+    from ..calibration.choices import NEGATIVES, PAPER_PAIRS, PAPER_PROMPTS
+    from ..data.choices import EVAL_TASKS, PAIRS_HELP, PROMPTS_HELP, SCORED_ITEMS
 
     parser.add_argument("--prompts", default=None, metavar="FILE", help=f"your calibration prompts: {PROMPTS_HELP}")
     parser.add_argument("--pairs", default=None, metavar="FILE", help=f"your probe pairs: {PAIRS_HELP}")
@@ -210,9 +210,9 @@ def _check_args(args: argparse.Namespace) -> int | float:
 def _load_sources(args: argparse.Namespace, num_heads: int | float) -> tuple[Any, Any, Any, Any, Path]:
     """``(dense loader, pruned loader, dense tokenizer, pruned tokenizer or None, pruned path)``; the models are read
     only when calibration runs them, so that the two are never in memory together."""
-    from ..assets import default_device, parse_device_map
     from ..calibration import resolve_head_count
     from ..io import load_tokenizer, model_loader, resolve_model_path
+    from ..io.devices import default_device, parse_device_map
 
     dense_path = resolve_model_path(args.model, args.revision)
     pruned_path = resolve_model_path(args.pruned, args.pruned_revision)
@@ -250,7 +250,7 @@ def _check_pair(args: argparse.Namespace, dense_path: Path, pruned_path: Path, d
     hint = "pass the output of `restorelcc prune`, or add --allow-unpruned to compare two unpruned models."
     if dense_path.resolve() == pruned_path.resolve():
         raise ValueError(f"--pruned {args.pruned} is the same directory as --model {args.model}: {hint}")
-    from ..integrity import decoder_weight_zeros
+    from ..io.checks import decoder_weight_zeros
 
     zeros = decoder_weight_zeros(pruned_path)
     if zeros == 0 and pruned.get_text_config().num_attention_heads == dense.get_text_config().num_attention_heads:
@@ -269,13 +269,13 @@ def _check_lost(args: argparse.Namespace, components: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import pipeline
-    from ..assets import default_device
-    from ..calibration import calibration_inputs
-    from ..files import staged_output_dir
-    from ..io import load_model, model_reference, record_base, write_base_record
-
     num_heads = _check_args(args)
+    from .. import pipeline  # torch: after the flags are checked
+    from ..calibration import calibration_inputs
+    from ..io import load_model, model_reference, record_base, write_base_record
+    from ..io.devices import default_device
+    from ..io.files import staged_output_dir
+
     started = time.perf_counter()
     dense_source, pruned_source, dense_tokenizer, pruned_tokenizer, pruned_path = _load_sources(args, num_heads)
     pruning, kept_heads = pruning_description(read_pruning_report(args, pruned_path))
@@ -338,6 +338,4 @@ def _print_summary(
         ("adapter", str(output)),
         ("lost components", str(output / LOST_COMPONENTS_DIR)),
     ]
-    width = max(len(label) for label, _ in rows)
-    for label, value in rows:
-        print(f"{label:<{width}}  {value}")
+    print_rows(rows)

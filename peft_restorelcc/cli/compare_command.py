@@ -6,10 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import compare as comparison
-from ..compare import METHODS, CompareSettings, compare, compare_table, parse_methods, parse_prune, plot_compare
-from ..logits import parse_batch_size
-from ..training import DEFAULT_DATA
+from ..compare import settings as comparison
+from ..compare.settings import METHODS, CompareSettings, parse_methods, parse_prune
+from ..training.choices import DEFAULT_DATA, parse_batch_size
 from .options import (
     add_common_arguments,
     add_model_arguments,
@@ -123,8 +122,8 @@ def settings_of(args: argparse.Namespace) -> CompareSettings:
     if args.batch_size < 1 or args.lora_rank < 1 or args.heads <= 0:
         raise ValueError("--batch-size and --lora-rank must be >= 1, and --heads > 0")
     train_steps, epochs = _training_length(args)
-    from ..evaluation import resolve_tasks
-    from ..training import check_data_source
+    from ..evaluation.tasks import resolve_tasks
+    from ..training.trainer import check_data_source
 
     tasks = resolve_tasks(args.tasks.split(","), args.include_path) if args.tasks else None
     check_common_arguments(args)
@@ -149,8 +148,8 @@ def _check_masked_lora(args: argparse.Namespace, methods: list[str]) -> None:
     pruned) is a bad combination, told in one line before any model loads (read tensor by tensor from its files)."""
     if "masked-lora" not in methods or args.pruned is None:
         return  # --prune always leaves zeros
-    from ..integrity import decoder_weight_zeros
     from ..io import resolve_model_path
+    from ..io.checks import decoder_weight_zeros
 
     if decoder_weight_zeros(resolve_model_path(args.pruned, args.pruned_revision)) == 0:
         raise ValueError(f"--methods masked-lora keeps the pruned model's zeros, but --pruned {args.pruned} has no zero "
@@ -159,10 +158,13 @@ def _check_masked_lora(args: argparse.Namespace, methods: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_of(args)
+    from ..compare.runs import compare  # torch: after the flags are checked
+    from ..compare.table import compare_table, plot_compare
+
     output = Path(args.output)
     if not args.resume:
         check_output_dir(output, hint=", remove it, or give --resume to continue its runs")
-    from ..files import output_lock
+    from ..io.files import output_lock
 
     with output_lock(output):  # a second comparison into the same --output fails at once, with one line
         report = compare(settings, output, resume=args.resume)

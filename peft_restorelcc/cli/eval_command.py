@@ -18,10 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from peft_restorelcc.evaluation import PAPER_BUNDLED, evaluate_tasks, format_results_table, perplexity, resolve_tasks
-from peft_restorelcc.io.hub import is_hub_id
-
-from ..logits import parse_batch_size
+from ..evaluation.choices import PAPER_BUNDLED
+from ..training.choices import parse_batch_size
 from .options import add_common_arguments, add_force_argument, add_model_arguments, add_task_arguments
 
 
@@ -78,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _heldout_texts() -> list[str] | None:
     """Held-out passages from peft_restorelcc.data, or None (with a note) while that module does not provide them."""
     try:
-        from peft_restorelcc.data import text_passages  # type: ignore[attr-defined]
+        from ..data import text_passages  # type: ignore[attr-defined]
     except ImportError as error:
         print(f"restorelcc eval: perplexity skipped, no held-out text available ({error})", file=sys.stderr)
         return None
@@ -86,46 +84,22 @@ def _heldout_texts() -> list[str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Check the cheap things before loading a model.
-    tasks = resolve_tasks(args.tasks.split(","), args.include_path)
+    # Check the cheap things before loading a model: the numbers first, before torch is imported.
     args.batch_size = parse_batch_size(args.batch_size, "--batch-size")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive number of items, got {args.limit}")
     if args.perplexity_limit is not None and args.perplexity_limit < 1:
         raise ValueError(f"--perplexity-limit must be a positive number of passages, got {args.perplexity_limit}")
+    from ..evaluation.tasks import evaluate_tasks, format_results_table, perplexity, resolve_tasks
+    from ..io.hub import is_hub_id
+
+    tasks = resolve_tasks(args.tasks.split(","), args.include_path)
     if args.adapter is not None and not Path(args.adapter).expanduser().is_dir() and not is_hub_id(args.adapter):
         raise ValueError(f"adapter directory {args.adapter!r} does not exist (nor is it a Hub id org/name)")
     if args.output:
         _check_output_file(Path(args.output).expanduser(), args.overwrite, (args.model, args.adapter))
 
-    from peft_restorelcc.assets import default_device
-    from peft_restorelcc.io import (
-        check_adapter_base,
-        load_model,
-        load_tokenizer,
-        resolve_adapter_path,
-        resolve_model_path,
-    )
-
-    device = default_device(args.device)
-    adapter = resolve_adapter_path(args.adapter, args.adapter_revision) if args.adapter is not None else None
-    model_path = resolve_model_path(args.model, args.revision)
-    if adapter is not None:
-        check_adapter_base(adapter, model_path, args.model, args.force)
-    model: Any = load_model(model_path, dtype=args.dtype)
-    tokenizer = load_tokenizer(model_path)
-    if adapter is not None:
-        # Importing the package registers the RestoreLCC method with PEFT; other adapter types load as they are.
-        import peft_restorelcc  # noqa: F401
-        from peft_restorelcc.io.adapters import load_adapter
-
-        model = load_adapter(model, adapter)
-    from peft_restorelcc.integrity import check_finite_weights
-
-    # NaN/inf weights would give numbers that mean nothing: refused before any item is scored.
-    check_finite_weights(model, f"--model {args.model}" + (f" with --adapter {args.adapter}" if adapter else ""))
-    model.eval()
-    model.to(device)
+    model, tokenizer = _loaded(args)
 
     results: dict[str, Any] = {"model": args.model, "adapter": args.adapter}
     results.update(
@@ -143,11 +117,39 @@ def run(args: argparse.Namespace) -> int:
 
     print(format_results_table(results))
     if args.output:
-        from peft_restorelcc.integrity import write_json_atomic
+        from ..io.checks import write_json_atomic
 
         output = write_json_atomic(Path(args.output).expanduser(), results)  # NaN/inf as null: strict JSON
         print(f"results written to {output}")
     return 0
+
+
+def _loaded(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model (with its adapter, when given) on its device, checked for NaN/inf weights, and its tokenizer."""
+    from ..io import check_adapter_base, load_model, load_tokenizer, resolve_adapter_path, resolve_model_path
+    from ..io.devices import default_device
+
+    device = default_device(args.device)
+    adapter = resolve_adapter_path(args.adapter, args.adapter_revision) if args.adapter is not None else None
+    model_path = resolve_model_path(args.model, args.revision)
+    if adapter is not None:
+        check_adapter_base(adapter, model_path, args.model, args.force)
+    model: Any = load_model(model_path, dtype=args.dtype)
+    tokenizer = load_tokenizer(model_path)
+    if adapter is not None:
+        # Importing the package registers the RestoreLCC method with PEFT; other adapter types load as they are.
+        import peft_restorelcc  # noqa: F401
+
+        from ..io.adapters import load_adapter
+
+        model = load_adapter(model, adapter)
+    from ..io.checks import check_finite_weights
+
+    # NaN/inf weights would give numbers that mean nothing: refused before any item is scored.
+    check_finite_weights(model, f"--model {args.model}" + (f" with --adapter {args.adapter}" if adapter else ""))
+    model.eval()
+    model.to(device)
+    return model, tokenizer
 
 
 def _check_output_file(output: Path, overwrite: bool, inputs: tuple[str | None, ...]) -> None:

@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..files import staged_output_dir, state_bytes
-from ..integrity import json_safe
-from ..io.models import QUANTIZATIONS
+from ..io.choices import QUANTIZATIONS
 from .options import DTYPES, MODEL_HELP, add_force_argument, add_model_arguments, check_output_dir
+from .summary import print_rows
 
 REPORT_FILE = "merge_report.json"
 FORMATS = ("plain",)
@@ -87,8 +86,8 @@ def _check_bias_switch(model_path: Path) -> None:
     checks again on the model itself, which also covers architectures it does not know)."""
     from transformers import AutoConfig
 
-    from ..conversion import conversion_problem
-    from ..export import NO_OUTPUT_BIAS
+    from ..io.conversion import conversion_problem
+    from ..io.export import NO_OUTPUT_BIAS
 
     config = AutoConfig.from_pretrained(model_path)
     model_type = getattr(config.get_text_config(), "model_type", None)
@@ -100,7 +99,7 @@ def _check_bias_switch(model_path: Path) -> None:
 
 def _check_not_merged(model_path: Path) -> None:
     """A model that `restorelcc merge` wrote already holds a compensation: a second merge would add another one."""
-    from ..export import check_not_merged
+    from ..io.export import check_not_merged
 
     config_file = model_path / "config.json"
     try:
@@ -115,13 +114,15 @@ def _check_not_merged(model_path: Path) -> None:
 def save_merged_generic(model: Any, output: Path, tokenizer: Any = None) -> Path:
     """``merge_and_unload()`` + ``save_pretrained`` for any mergeable PEFT type, written to a temporary sibling and
     renamed into place, so a failure leaves no half-written output."""
+    from ..io.files import staged_output_dir, state_bytes
+
     if not hasattr(model, "merge_and_unload"):
         raise ValueError(f"{type(model).__name__} cannot be merged into the weights; keep the adapter separate.")
     try:
         merged = model.merge_and_unload()
     except (AttributeError, NotImplementedError) as error:  # prompt-learning methods have nothing to fold
         raise ValueError(f"This adapter type cannot be merged into the weights ({error}); keep it separate.") from error
-    from ..export import strip_serving_blockers
+    from ..io.export import strip_serving_blockers
 
     strip_serving_blockers(merged.config)
     with staged_output_dir(output, expected_bytes=state_bytes(merged)) as staging:
@@ -134,6 +135,7 @@ def save_merged_generic(model: Any, output: Path, tokenizer: Any = None) -> Path
 def _check_args(args: argparse.Namespace) -> tuple[Path, str, Path, Path]:
     """``(adapter dir, adapter type, output, model dir)``, every check done before any weight is read."""
     from ..io import check_adapter_base, resolve_adapter_path, resolve_model_path
+    from ..tuner.config import PEFT_TYPE
 
     if args.format in RETIRED_FORMATS:
         raise ValueError(RETIRED_FORMATS[args.format])
@@ -143,37 +145,38 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, str, Path, Path]:
     check_output_dir(output)
     model_path = resolve_model_path(args.model, args.revision)
     check_adapter_base(adapter, model_path, args.model, args.force)
-    if args.quantization is not None and adapter_type != "RESTORELCC":
+    if args.quantization is not None and adapter_type != PEFT_TYPE:
         raise ValueError(
             f"--quantization merges a RestoreLCC adapter into a bias; a {adapter_type} merge would rewrite the "
             "quantized weights (dequantize, add, requantize): keep that adapter separate or merge into the "
             "unquantized model."
         )
-    if adapter_type == "RESTORELCC":
+    if adapter_type == PEFT_TYPE:
         _check_not_merged(model_path)
     if _is_packed(model_path):
         _check_packed(args, adapter_type, model_path)
-    elif adapter_type == "RESTORELCC":
+    elif adapter_type == PEFT_TYPE:
         _check_bias_switch(model_path)
     return adapter, adapter_type, output, model_path
 
 
 def _is_packed(model_path: Path) -> bool:
-    from ..export import is_compressed_tensors_quantized
+    from ..io.export import is_compressed_tensors_quantized
 
     return is_compressed_tensors_quantized(model_path)
 
 
 def _check_packed(args: argparse.Namespace, adapter_type: str, model_path: Path) -> None:
     """A compressed-tensors quantized --model: only a RestoreLCC adapter, of an architecture with a bias switch."""
-    from ..export import checkpoint_config, packed_merge_problem
+    from ..io.export import checkpoint_config, packed_merge_problem
+    from ..tuner.config import PEFT_TYPE
 
     if args.quantization is not None:
         raise ValueError(
             f"--model {args.model} is already quantized by compressed-tensors: leave --quantization out (the merge "
             "writes the adapter's biases beside its packed weights)."
         )
-    if adapter_type != "RESTORELCC":
+    if adapter_type != PEFT_TYPE:
         raise ValueError(
             f"--model {args.model} is quantized by compressed-tensors: a {adapter_type} merge would rewrite its "
             "packed weights; keep that adapter separate (only RestoreLCC merges into biases beside them)."
@@ -187,10 +190,10 @@ def _run_packed(args: argparse.Namespace, adapter: Path, output: Path, model_pat
     """Merge into the dequantized --model and write its own packed tensors bit for bit plus the merged biases."""
     import peft_restorelcc  # noqa: F401  (registers RESTORELCC with PEFT before the adapter is read)
 
-    from .. import export
-    from ..integrity import check_finite_weights
-    from ..io import load_model, load_tokenizer
+    from ..io import export, load_model, load_tokenizer
     from ..io.adapters import load_adapter
+    from ..io.checks import check_finite_weights
+    from ..tuner.config import PEFT_TYPE
 
     base = load_model(model_path, dtype=args.dtype, dequantize=True)
     try:
@@ -205,7 +208,7 @@ def _run_packed(args: argparse.Namespace, adapter: Path, output: Path, model_pat
     quantization = export.checkpoint_config(model_path)["quantization_config"]
     compared = sum(1 for name in export.checkpoint_tensor_names(model_path) if name not in written)
     report = {
-        "adapter_type": "RESTORELCC",
+        "adapter_type": PEFT_TYPE,
         "model": str(args.model),
         "adapter": str(adapter),
         "format": args.format,
@@ -218,7 +221,7 @@ def _run_packed(args: argparse.Namespace, adapter: Path, output: Path, model_pat
     }
     (output / REPORT_FILE).write_text(json.dumps(report, indent=2))
     rows = [
-        ("adapter type", "RESTORELCC"),
+        ("adapter type", PEFT_TYPE),
         ("quantization", f"compressed-tensors ({quantization.get('format')}), kept"),
         ("checkpoint tensors", f"{compared}, " + ("packed weights and scales bit-identical to --model" if not changed
                                                  else f"CHANGED: {len(changed)}, e.g. {changed[0]}")),
@@ -237,8 +240,7 @@ def _merge(
 
     import peft_restorelcc  # noqa: F401  (registers RESTORELCC with PEFT before the adapter is read)
 
-    from .. import export
-    from ..io import load_model, load_tokenizer
+    from ..io import export, load_model, load_tokenizer
     from ..pruning import measure_sparsity
     from ..tuner.config import PEFT_TYPE
 
@@ -255,7 +257,7 @@ def _merge(
     from ..io.adapters import load_adapter
 
     model = load_adapter(base, adapter)
-    from ..integrity import check_finite_weights
+    from ..io.checks import check_finite_weights
 
     check_finite_weights(model, f"--model {args.model} with --adapter {args.adapter}")
     if adapter_type == PEFT_TYPE:
@@ -271,12 +273,13 @@ def _merge(
 
 
 def _run_quantized(args: argparse.Namespace, adapter: Path, output: Path, model_path: Path) -> int:
-    from ..export import changed_quantized_tensors
+    from ..io.export import changed_quantized_tensors
+    from ..tuner.config import PEFT_TYPE
 
-    before, after = _merge(args, adapter, "RESTORELCC", output, model_path)
+    before, after = _merge(args, adapter, PEFT_TYPE, output, model_path)
     changed = changed_quantized_tensors(before, after)
     report = {
-        "adapter_type": "RESTORELCC",
+        "adapter_type": PEFT_TYPE,
         "model": str(args.model),
         "adapter": str(adapter),
         "format": args.format,
@@ -287,7 +290,7 @@ def _run_quantized(args: argparse.Namespace, adapter: Path, output: Path, model_
     }
     (output / REPORT_FILE).write_text(json.dumps(report, indent=2))
     rows = [
-        ("adapter type", "RESTORELCC"),
+        ("adapter type", PEFT_TYPE),
         ("quantization", args.quantization),
         ("quantized tensors", f"{len(before)}, " + ("bit-identical to --model quantized afresh" if not changed
                                                     else f"CHANGED: {len(changed)}, e.g. {changed[0]}")),
@@ -298,9 +301,7 @@ def _run_quantized(args: argparse.Namespace, adapter: Path, output: Path, model_
 
 def _report_rows(rows: list[tuple[str, str]], changed: list, error: str) -> int:
     """Print the merge's summary rows aligned; exit status 1 (with ``error`` on stderr) when a tensor changed."""
-    width = max(len(label) for label, _ in rows)
-    for label, value in rows:
-        print(f"{label:<{width}}  {value}")
+    print_rows(rows)
     if changed:
         print(f"restorelcc merge: error: {error}", file=sys.stderr)
         return 1
@@ -308,9 +309,10 @@ def _report_rows(rows: list[tuple[str, str]], changed: list, error: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    adapter, adapter_type, output, model_path = _check_args(args)
+    from ..io.checks import json_safe
     from ..tuner.config import PEFT_TYPE
 
-    adapter, adapter_type, output, model_path = _check_args(args)
     if _is_packed(model_path):
         return _run_packed(args, adapter, output, model_path)
     if args.quantization is not None:
@@ -337,9 +339,7 @@ def run(args: argparse.Namespace) -> int:
         ("format", args.format),
         ("output", str(output)),
     ]
-    width = max(len(label) for label, _ in rows)
-    for label, value in rows:
-        print(f"{label:<{width}}  {value}")
+    print_rows(rows)
     if adapter_type == PEFT_TYPE and not unchanged:
         # RestoreLCC merges into biases only; a changed weight is a bug, not a property of the method.
         print("restorelcc merge: error: a RestoreLCC merge changed the weights' sparsity.", file=sys.stderr)

@@ -64,7 +64,7 @@ def require(args: argparse.Namespace, dest: str, flag: str) -> None:
 
 def check_output_dir(output: str | Path, flag: str = "--output", hint: str = "") -> Path:
     """``files.check_new_output_dir`` with the message naming ``flag``."""
-    from ..files import check_new_output_dir
+    from ..io.files import check_new_output_dir
 
     return check_new_output_dir(output, label=flag, hint=hint)
 
@@ -109,7 +109,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, device_help: str | Non
 def check_common_arguments(args: argparse.Namespace) -> None:
     """An unknown ``--device`` fails before any work (one ValueError line)."""
     if getattr(args, "device", None) is not None:
-        from ..assets import default_device
+        from ..io.devices import default_device
 
         default_device(args.device)
 

@@ -6,17 +6,9 @@ import argparse
 import sys
 from typing import Any
 
-from ..pruning import (
-    METHODS,
-    calibration_windows,
-    measure_sparsity,
-    prune_model,
-    resolve_sparsity,
-    save_pruned,
-    structured_prune_heads,
-    summary_rows,
-)
+from ..pruning.choices import METHODS, resolve_sparsity
 from .options import add_common_arguments, add_deprecated, add_model_arguments, check_common_arguments, check_output_dir
+from .summary import print_rows
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,8 +77,8 @@ def _max_positions(model: Any) -> int | None:
 
 def _load(args: argparse.Namespace, needs_calibration: bool) -> tuple[Any, Any]:
     """``(model on --device, tokenizer or None)``; a tokenizer is required only when pruning calibrates."""
-    from ..assets import default_device
     from ..io import load_model, load_tokenizer, model_reference, name_model_source, resolve_model_path
+    from ..io.devices import default_device
 
     model_path = resolve_model_path(args.model, args.revision)
     model = load_model(model_path, dtype=args.dtype)
@@ -107,6 +99,7 @@ def _load(args: argparse.Namespace, needs_calibration: bool) -> tuple[Any, Any]:
 def _calibration(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
     """Token windows from the bundled training passages for Wanda/SparseGPT/structured pruning, and their record."""
     from ..data import text_passages
+    from ..pruning import calibration_windows
 
     limit = _max_positions(model)
     if limit is not None and args.seq_len > limit:
@@ -117,6 +110,8 @@ def _calibration(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[
 
 def run(args: argparse.Namespace) -> int:
     sparsity, structured = _check_args(args)
+    from ..pruning import measure_sparsity, prune_model, save_pruned, structured_prune_heads, summary_rows  # torch
+
     needs_calibration = args.method in ("wanda", "sparsegpt") or structured
     model, tokenizer = _load(args, needs_calibration)
     calibration, calibration_info = _calibration(args, model, tokenizer) if needs_calibration else (None, None)
@@ -157,7 +152,5 @@ def run(args: argparse.Namespace) -> int:
 
     output = save_pruned(model, tokenizer, args.output, report)
     rows = [*summary_rows(report), ("output", str(output))]
-    width = max(len(label) for label, _ in rows)
-    for label, value in rows:
-        print(f"{label:<{width}}  {value}")
+    print_rows(rows)
     return 0

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..logits import parse_batch_size
-from ..pipeline import RunSettings, run_job
-from ..training import DEFAULT_DATA
+from ..pipeline.settings import RunSettings
+from ..training.choices import DEFAULT_DATA, parse_batch_size
 from .options import (
     add_common_arguments,
     add_deprecated,
@@ -21,6 +20,7 @@ from .options import (
 )
 
 DEFAULT_OUTPUT = "runs/restorelcc-run"
+
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..io.models import QUANTIZATIONS
+    from ..io.choices import QUANTIZATIONS
 
     parser.add_argument(
         "--quantization",
@@ -141,8 +141,8 @@ def _check(args: argparse.Namespace) -> None:
     args.eval_batch_size = parse_batch_size(args.eval_batch_size, "--eval-batch-size")
     if not 0 <= args.distill_alpha <= 1:
         raise ValueError(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}.")
-    from ..evaluation import resolve_tasks
-    from ..training import check_data_source
+    from ..evaluation.tasks import resolve_tasks
+    from ..training.trainer import check_data_source
 
     if args.tasks:
         resolve_tasks(args.tasks.split(","), args.include_path)  # an unknown task fails here, before any model loads
@@ -162,11 +162,13 @@ def settings_of(args: argparse.Namespace) -> RunSettings:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    from ..pipeline import run_job  # torch: after the flags are checked
+
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
-    from ..files import output_lock
+    from ..io.files import output_lock
 
     output = Path(args.output)
     with output_lock(output):  # a second writer into the same --output fails at once, with one line
@@ -176,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     plot = plot_accuracies(summary, output / "accuracy.png")
     if plot is None:
-        from ..compare import PLOT_MISSING
+        from ..compare.settings import PLOT_MISSING
 
         print(f"\nplot: not drawn, {PLOT_MISSING}")
     else:
@@ -190,14 +192,31 @@ def _say(line: str) -> None:
 
 
 def _accuracy(metrics: dict[str, Any]) -> float:
-    from ..recovery import headline_metric
+    from ..evaluation.statistics import headline_metric
 
     return metrics[headline_metric(metrics)]
 
 
+def _gap_lines(results: dict[str, Any], items: dict[str, Any], paired: bool, gap: float) -> list[str]:
+    """The dense-pruned gap with its standard error (paired where the models answered the same items)."""
+    from ..evaluation import statistics as recovery
+
+    if paired:
+        gap_error = recovery.paired_stderr(items["dense"], items["pruned"])
+        kind = "paired standard error over the same items"
+    else:
+        dense_error, pruned_error = (recovery.headline_stderr(results[name]) for name in ("dense", "pruned"))
+        has_errors = dense_error is not None and pruned_error is not None
+        gap_error, kind = ((dense_error**2 + pruned_error**2) ** 0.5 if has_errors else None), "standard error"
+    if gap_error is None:
+        return []
+    within_noise = "; within noise: raise --limit to measure recovery)" if abs(gap) < 2 * gap_error else ")"
+    return [f"dense - pruned average accuracy: {gap:+.3f} ({kind} {gap_error:.3f}" + within_noise]
+
+
 def results_table(summary: dict[str, Any]) -> str:
     """Markdown: accuracy per task (acc_norm where the task has it), average, perplexity; then costs and times."""
-    from .. import recovery
+    from ..evaluation import statistics as recovery
 
     results = summary["results"]
     # All three models answered the same items: the errors of their differences are paired ones.
@@ -224,23 +243,7 @@ def results_table(summary: dict[str, Any]) -> str:
             + ("" if recovered_error is None else f" ± {recovered_error:.0%}")
             + f" | {result.get('perplexity', float('nan')):.2f} |"
         )
-    lines.append("")
-    if paired:
-        gap_error = recovery.paired_stderr(items["dense"], items["pruned"])
-        kind = "paired standard error over the same items"
-    else:
-        dense_error, pruned_error = (recovery.headline_stderr(results[name]) for name in ("dense", "pruned"))
-        has_errors = dense_error is not None and pruned_error is not None
-        gap_error, kind = ((dense_error**2 + pruned_error**2) ** 0.5 if has_errors else None), "standard error"
-    if gap_error is not None:
-        lines.append(
-            f"dense - pruned average accuracy: {dense_avg - pruned_avg:+.3f} ({kind} {gap_error:.3f}"
-            + (
-                "; within noise: raise --limit to measure recovery)"
-                if abs(dense_avg - pruned_avg) < 2 * gap_error
-                else ")"
-            )
-        )
+    lines += ["", *_gap_lines(results, items, paired, dense_avg - pruned_avg)]
     if paired:
         lines.append("gap recovered: ± its standard error from the items sampled (another seed adds its own spread)")
         lines.append(_above_chance_line(results, items))
@@ -262,8 +265,8 @@ def results_table(summary: dict[str, Any]) -> str:
 def _above_chance_line(results: dict[str, Any], items: dict[str, Any]) -> str:
     """The gap and its share recovered over the tasks the dense model is above chance on: on a small model some
     tasks sit at chance, where pruning has nothing to remove and a pruned model's bias can even score higher."""
-    from .. import recovery
-    from ..evaluation import chance_accuracy
+    from ..evaluation import statistics as recovery
+    from ..evaluation.tasks import chance_accuracy
 
     accuracies = {name: {task: _accuracy(metrics) for task, metrics in result["tasks"].items()}
                   for name, result in results.items()}  # fmt: skip
@@ -297,7 +300,7 @@ def plot_accuracies(summary: dict[str, Any], path: Path) -> Path | None:
         from matplotlib.figure import Figure
     except ImportError:
         return None
-    from ..recovery import headline_accuracy
+    from ..evaluation.statistics import headline_accuracy
 
     results = summary["results"]
     tasks = list(results["dense"]["tasks"]) + ["average"]

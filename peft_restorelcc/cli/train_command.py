@@ -13,19 +13,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..data import EVAL_TASKS, SCORED_ITEMS
-from ..io.models import QUANTIZATIONS
-from ..training import (
+from ..data.choices import EVAL_TASKS, SCORED_ITEMS, TRAINING_HELP
+from ..io.choices import QUANTIZATIONS
+from ..training.choices import (
     DATA_CHOICES,
     DEFAULT_DATA,
     PAPER_BATCH_SIZE,
     PAPER_EPOCHS,
     PAPER_LEARNING_RATE,
     PAPER_SAMPLES,
-    check_data_source,
 )
-from ..user_data import TRAINING_HELP
 from .options import MODEL_HELP, add_common_arguments, add_force_argument, add_model_arguments, check_output_dir
+from .summary import print_rows
 
 METRICS_FILE = "train_metrics.json"
 
@@ -174,7 +173,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
         problems.append(f"--temperature {args.temperature} must be > 0 (1 keeps the distributions as they are)")
     if args.device is not None:
-        from ..assets import default_device
+        from ..io.devices import default_device
 
         try:
             default_device(args.device)
@@ -211,7 +210,7 @@ def _resolve_resume(args: argparse.Namespace, output: Path) -> str | None:
 def _check_own_checkpoint(checkpoint: Path, output: Path) -> str:
     """Resume only a checkpoint this tool wrote (its marker file) inside --output: training writes into --output,
     so anything else (an adapter or model the user passed in, another tool's run) would be overwritten."""
-    from ..training import CHECKPOINT_MARKER
+    from ..training.trainer import CHECKPOINT_MARKER
 
     if not (checkpoint / CHECKPOINT_MARKER).is_file():
         raise ValueError(
@@ -275,10 +274,11 @@ def _check_seq_len(model_path: Path, seq_len: int) -> None:
 
 def _check_args(args: argparse.Namespace) -> tuple[Path, Path | None, Path, str | None, Path]:
     """Every check that needs no model weights. Returns (model path, teacher path, output, checkpoint, adapter)."""
-    from ..files import check_not_locked
-    from ..io import check_adapter_base, resolve_adapter_path, resolve_model_path
-
     _check_numbers(args)
+    from ..io import check_adapter_base, resolve_adapter_path, resolve_model_path  # torch: after the flags are checked
+    from ..io.files import check_not_locked
+    from ..training.trainer import check_data_source
+
     adapter = resolve_adapter_path(args.adapter, args.adapter_revision)
     output = Path(args.output).expanduser()
     model_path = resolve_model_path(args.model, args.revision)
@@ -289,7 +289,7 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, Path | None, Path, str 
     if Path(args.data).expanduser().exists():
         inputs["--data"] = Path(args.data)
     _check_output_is_not_an_input(output, inputs)
-    from ..training import is_main_process
+    from ..training.trainer import is_main_process
 
     if is_main_process():  # under torchrun rank 0 holds the lock; the other ranks write nothing
         check_not_locked(output)
@@ -320,7 +320,7 @@ def _load(args: argparse.Namespace, model_path: Path, teacher_path: Path | None,
         ) from error
     dataset = pipeline.training_data(args.data, tokenizer, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     if args.quantization is None:
-        from ..export import is_compressed_tensors_quantized
+        from ..io.export import is_compressed_tensors_quantized
 
         if is_compressed_tensors_quantized(model_path):
             print(
@@ -336,9 +336,9 @@ def _load(args: argparse.Namespace, model_path: Path, teacher_path: Path | None,
         base = load_model(model_path, dtype=args.dtype, device_map=args.device, quantization=args.quantization)
         # PEFT's k-bit preparation: every base parameter frozen, non-quantized ones (norms, embeddings) in fp32.
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    from ..integrity import check_finite_weights
     from ..io import model_reference, record_base
     from ..io.adapters import load_adapter
+    from ..io.checks import check_finite_weights
 
     model = load_adapter(base, adapter, is_trainable=True)
     record_base(model, model_reference(args.model, model_path), args.revision, local_dir=model_path)  # its base now
@@ -362,10 +362,10 @@ def _announce(args: argparse.Namespace, model: Any, dataset: Any, teacher: Any) 
 def run(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
-    from ..files import output_lock
-    from ..training import is_main_process
-
     model_path, teacher_path, output, checkpoint, adapter = _check_args(args)
+    from ..io.files import output_lock
+    from ..training.trainer import is_main_process
+
     main = is_main_process()
     # One writer per --output: a second `restorelcc train` into it fails at once (only rank 0 holds the lock).
     with output_lock(output) if main else nullcontext():
@@ -415,7 +415,7 @@ def _report(args: argparse.Namespace, metrics: dict[str, Any], output: Path, che
         resumed_from=checkpoint,
         quantization=args.quantization,
     )
-    from ..integrity import write_json_atomic
+    from ..io.checks import write_json_atomic
 
     write_json_atomic(output / METRICS_FILE, metrics)
     rows = [
@@ -425,9 +425,7 @@ def _report(args: argparse.Namespace, metrics: dict[str, Any], output: Path, che
         ("final loss", f"{metrics['final_loss']:.4f}"),
         ("output", str(output)),
     ]
-    width = max(len(label) for label, _ in rows)
-    for label, value in rows:
-        print(f"{label:<{width}}  {value}")
+    print_rows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..tuner.fingerprint import FINGERPRINT_METHOD, weights_fingerprint
+from .checks import check_adapter_files
 from .hub import download_snapshot, is_hub_id
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -28,7 +29,6 @@ def resolve_adapter_path(name_or_path: str | os.PathLike, revision: str | None =
             f"{flag} {name_or_path} is not an adapter directory (no {ADAPTER_CONFIG}) nor a Hub id (org/name): pass "
             "the directory written by `restorelcc calibrate` or by a PEFT model's save_pretrained."
         )
-    from ..integrity import check_adapter_files
 
     check_adapter_files(path)  # a corrupt or truncated file is one line here, not a traceback at load time
     return path

@@ -8,16 +8,18 @@ else is one clear error. Every loader below resolves once and then reads a local
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..assets import EMBEDDED_MODELS, embedded_model_path, missing_embedded_hint
-
-if TYPE_CHECKING:  # calibration imports the tuner and the models: only its loader type is named here
-    from ..calibration import ModelLoader
+from .choices import QUANTIZATIONS
+from .compressed import load_sparse_model, sparse_format
+from .embedded import EMBEDDED_MODELS, embedded_model_path, missing_embedded_hint
+from .export import is_compressed_tensors_quantized
 from .hub import MODEL_PATTERNS, download_snapshot, is_hub_id
 
 
@@ -78,10 +80,6 @@ def _torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return resolved
 
 
-# --quantization choices: bitsandbytes formats a model is loaded in for a QLoRA-style restore.
-QUANTIZATIONS = ("int8", "nf4", "fp4", "nf4-double", "fp4-double")
-
-
 def bitsandbytes_config(quantization: str, compute_dtype: torch.dtype | str | None = None) -> Any:
     """A ``BitsAndBytesConfig`` for one of ``QUANTIZATIONS``: ``int8`` is LLM.int8 (8-bit weights, activations
     quantized per row), ``nf4``/``fp4`` are 4-bit weights, ``-double`` also quantizes their scales. 4-bit layers
@@ -127,9 +125,6 @@ def load_model(
     weights (``CompressedTensorsConfig(dequantize=True)``), the form RestoreLCC restores; without it such a checkpoint
     is refused with one line.
     """
-    from ..compressed import load_sparse_model, sparse_format
-    from ..export import is_compressed_tensors_quantized
-
     path = resolve_model_path(name_or_path, revision)
     dtype = _torch_dtype(dtype)
     if dequantize and quantization is None and is_compressed_tensors_quantized(path):
@@ -165,6 +160,22 @@ def load_model(
     return model.eval()
 
 
+class ModelLoader:
+    """A model source that loads on demand, so that the dense and the pruned model need not be in memory at once.
+
+    ``config`` (optional) lets the structural checks run before the model is loaded, i.e. before any forward pass
+    of the other model. ``name`` goes into the calibration metadata.
+    """
+
+    def __init__(self, load: Callable[[], nn.Module], config: Any = None, name: str | None = None) -> None:
+        self._load = load
+        self.config = config
+        self.name = name
+
+    def __call__(self) -> nn.Module:
+        return self._load()
+
+
 def model_loader(
     name_or_path: str | os.PathLike,
     dtype: torch.dtype | str | None = "auto",
@@ -172,14 +183,10 @@ def model_loader(
     device: str | torch.device | None = None,
     revision: str | None = None,
 ) -> ModelLoader:
-    """A ``calibration.ModelLoader`` that loads the model only when calibration needs it (so that the dense and
+    """A ``ModelLoader`` that loads the model only when calibration needs it (so that the dense and
     the pruned model are never both in memory), with ``dtype`` and ``device_map`` as in :func:`load_model`, moved to
     ``device`` when there is no ``device_map``; its config is read now, so the structural checks run before any
     forward pass."""
-    from transformers import AutoConfig
-
-    from ..calibration import ModelLoader
-
     path = resolve_model_path(name_or_path, revision)
 
     def load() -> PreTrainedModel:

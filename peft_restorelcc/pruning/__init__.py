@@ -24,48 +24,29 @@ blocks, masks, sparsity, accelerate-aware weight access), ``sequential`` (the la
 ``prune_model``) and ``reports`` (reports, calibration windows, saving). The names below are the public API.
 """
 
-from .common import (
-    METHODS,
-    REPORT_FILE,
-    _all_projections,
-    check_nm_pattern,
-    find_decoder_layers,
-    hold_pruned_weights_at_zero,
-    measure_sparsity,
-    parse_pattern,
-    read_weight,
-    resolve_sparsity,
-)
-from .magnitude import magnitude_prune_weight
-from .reports import calibration_windows, load_report, normalise_report_keys, save_pruned, summary_rows
-from .sequential import _InputStatistics, prune_model
-from .sparsegpt import SPARSEGPT_BLOCK_SIZE, SPARSEGPT_DAMPENING, sparsegpt_prune_weight
-from .structured import STRUCTURED_MODEL_TYPES, structured_prune_heads
-from .wanda import wanda_prune_weight
+from __future__ import annotations
 
-__all__ = [
-    "METHODS",
-    "REPORT_FILE",
-    "SPARSEGPT_BLOCK_SIZE",
-    "SPARSEGPT_DAMPENING",
-    "STRUCTURED_MODEL_TYPES",
-    "_InputStatistics",
-    "_all_projections",
-    "calibration_windows",
-    "check_nm_pattern",
-    "find_decoder_layers",
-    "hold_pruned_weights_at_zero",
-    "load_report",
-    "magnitude_prune_weight",
-    "measure_sparsity",
-    "normalise_report_keys",
-    "parse_pattern",
-    "prune_model",
-    "read_weight",
-    "resolve_sparsity",
-    "save_pruned",
-    "sparsegpt_prune_weight",
-    "structured_prune_heads",
-    "summary_rows",
-    "wanda_prune_weight",
-]
+from .. import lazy_face
+
+# Each name loads its module on first use (see ``lazy_face``).
+__getattr__, __all__ = lazy_face(
+    __name__,
+    {
+        ".choices": ("METHODS", "parse_pattern", "resolve_sparsity"),
+        ".common": (
+            "REPORT_FILE",
+            "_all_projections",
+            "check_nm_pattern",
+            "find_decoder_layers",
+            "hold_pruned_weights_at_zero",
+            "measure_sparsity",
+            "read_weight",
+        ),
+        ".magnitude": ("magnitude_prune_weight",),
+        ".reports": ("calibration_windows", "load_report", "normalise_report_keys", "save_pruned", "summary_rows"),
+        ".sequential": ("_InputStatistics", "prune_model"),
+        ".sparsegpt": ("SPARSEGPT_BLOCK_SIZE", "SPARSEGPT_DAMPENING", "sparsegpt_prune_weight"),
+        ".structured": ("STRUCTURED_MODEL_TYPES", "structured_prune_heads"),
+        ".wanda": ("wanda_prune_weight",),
+    },
+)

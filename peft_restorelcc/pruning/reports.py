@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import staged_output_dir, state_bytes
+from ..io.files import staged_output_dir, state_bytes
 from ..io.models import name_model_source
 from .common import REPORT_FILE
 

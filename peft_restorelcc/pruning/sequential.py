@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .choices import METHODS, resolve_sparsity
 from .common import (
-    METHODS,
     _apply_to_weight,
     _block_projections,
     _execution_device,
@@ -21,7 +21,6 @@ from .common import (
     _weight_matrix,
     find_decoder_layers,
     measure_sparsity,
-    resolve_sparsity,
 )
 from .magnitude import magnitude_prune_weight
 from .sparsegpt import sparsegpt_prune_weight
@@ -189,6 +188,18 @@ def _prune_block_with_statistics(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _check_pattern_fits(blocks: list[dict[str, nn.Module]], nm: tuple[int, int]) -> None:
+    """Every projection's input width must be a multiple of M for an N:M pattern."""
+    for block in blocks:
+        for name, module in block.items():
+            width = _weight_matrix(module).shape[1]
+            if width % nm[1] != 0:
+                raise ValueError(
+                    f"{name} has {width} input features, not a multiple of M={nm[1]}: pattern {nm[0]}:{nm[1]} "
+                    "cannot be applied. Choose an M that divides every projection's input width."
+                )
+
+
 def prune_model(
     model: nn.Module,
     method: str,
@@ -223,14 +234,7 @@ def prune_model(
     if not any(blocks):
         raise ValueError(f"{type(model).__name__}: the decoder layers contain no nn.Linear/Conv1D to prune.")
     if nm is not None:
-        for block in blocks:
-            for name, module in block.items():
-                width = _weight_matrix(module).shape[1]
-                if width % nm[1] != 0:
-                    raise ValueError(
-                        f"{name} has {width} input features, not a multiple of M={nm[1]}: pattern {nm[0]}:{nm[1]} "
-                        "cannot be applied. Choose an M that divides every projection's input width."
-                    )
+        _check_pattern_fits(blocks, nm)
 
     pattern_text = None if nm is None else f"{nm[0]}:{nm[1]}"
     if target > 0:

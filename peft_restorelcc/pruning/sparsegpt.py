@@ -37,6 +37,30 @@ def _inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Te
     raise ValueError("SparseGPT: the calibration Hessian is not positive definite even with heavy dampening.")
 
 
+def _prune_block_columns(
+    block: torch.Tensor, block_factor: torch.Tensor, block_mask: torch.Tensor, nm: tuple[int, int] | None
+) -> torch.Tensor:
+    """One block, column by column, in place: the OBS update of the block's later columns for each pruned weight
+    (with an N:M pattern, each group's mask chosen as the group is reached). Returns the errors, for the columns
+    right of the block."""
+    block_diag = block_factor.diagonal()
+    errors = torch.zeros_like(block)
+    # error_i = w_i * [pruned] / Hinv_ii: the scale is fixed once the block's mask is known (N:M fills it lazily).
+    scale = block_mask / block_diag.unsqueeze(0)
+    for i in range(block.shape[1]):
+        if nm is not None and i % nm[1] == 0:
+            group = block[:, i : i + nm[1]]
+            saliency = group**2 / (block_diag[i : i + nm[1]].unsqueeze(0) ** 2)
+            block_mask[:, i : i + nm[1]] = _lowest_mask(saliency, nm[1] - nm[0])
+            scale[:, i : i + nm[1]] = block_mask[:, i : i + nm[1]] / block_diag[i : i + nm[1]].unsqueeze(0)
+        error = block[:, i] * scale[:, i]
+        errors[:, i] = error
+        # OBS: compensate the removed weights with the remaining columns of this block (column i itself
+        # becomes w_i - error_i * Hinv_ii, i.e. zero where pruned) ...
+        block[:, i:].addr_(error, block_factor[i, i:], alpha=-1)
+    return errors
+
+
 @torch.no_grad()
 def sparsegpt_prune_weight(
     weight: torch.Tensor,
@@ -71,11 +95,9 @@ def sparsegpt_prune_weight(
 
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        width = end - start
         block = work[:, start:end].clone()
         block_factor = factor[start:end, start:end]
         block_diag = block_factor.diagonal()
-        errors = torch.zeros_like(block)
         block_mask = torch.zeros_like(block, dtype=torch.bool)
         if nm is None:
             # Spread the layer's quota over the blocks so the layer ends exactly on target.
@@ -85,19 +107,7 @@ def sparsegpt_prune_weight(
                 flat = torch.sort(saliency.flatten(), stable=True).indices[:quota]
                 block_mask.view(-1)[flat] = True
             pruned_so_far += quota
-        # error_i = w_i * [pruned] / Hinv_ii: the scale is fixed once the block's mask is known (N:M fills it lazily).
-        scale = block_mask / block_diag.unsqueeze(0)
-        for i in range(width):
-            if nm is not None and i % nm[1] == 0:
-                group = block[:, i : i + nm[1]]
-                saliency = group**2 / (block_diag[i : i + nm[1]].unsqueeze(0) ** 2)
-                block_mask[:, i : i + nm[1]] = _lowest_mask(saliency, nm[1] - nm[0])
-                scale[:, i : i + nm[1]] = block_mask[:, i : i + nm[1]] / block_diag[i : i + nm[1]].unsqueeze(0)
-            error = block[:, i] * scale[:, i]
-            errors[:, i] = error
-            # OBS: compensate the removed weights with the remaining columns of this block (column i itself
-            # becomes w_i - error_i * Hinv_ii, i.e. zero where pruned) ...
-            block[:, i:].addr_(error, block_factor[i, i:], alpha=-1)
+        errors = _prune_block_columns(block, block_factor, block_mask, nm)
         block[block_mask] = 0  # exact zeros, not rounding residue
         work[:, start:end] = block
         # ... and, once per block, with all columns to the right of it.

@@ -2,7 +2,7 @@
 
 This folder imports only torch, transformers, peft and the standard library (tests/test_tuner_isolation.py checks
 it), so it could be copied into ``peft/tuners/restorelcc/`` with only the import path changed. Family-specific
-merge/export policy lives outside it (``peft_restorelcc.export`` installs it as ``RestoreLCCModel.merge_policy``).
+merge/export policy lives outside it (``peft_restorelcc.io.merge_policy`` installs it as ``RestoreLCCModel.merge_policy``).
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ class RestoreLCCModel(BaseTuner):
     prefix: str = "restorelcc_"
     tuner_layer_cls = RestoreLCCLayer
     target_module_mapping = {model_type: [suffix] for model_type, suffix in DEFAULT_TARGET_MODULES.items()}
-    # Installed by the package that knows the model families (peft_restorelcc.export); None = PEFT's plain merge
+    # Installed by the package that knows the model families (peft_restorelcc.io.merge_policy); None = PEFT's plain merge
     # plus a family-free warning when a merge creates a bias.
     merge_policy: ClassVar[MergePolicy | None] = None
 
@@ -154,37 +154,8 @@ class RestoreLCCModel(BaseTuner):
                 f"This RestoreLCC adapter was made for a model with {list(config.heads_per_layer)} heads per attention "
                 f"layer, but the base model has {counts}. Load it onto the model it was calibrated for."
             )
-        for layer_index, head_indices in (config.heads or {}).items():
-            if layer_index not in heads_per_layer:
-                raise ValueError(
-                    f"heads names layer {layer_index}, but the model's attention layers are "
-                    f"{min(heads_per_layer)}..{max(heads_per_layer)}."
-                )
-            num_heads = heads_per_layer[layer_index]
-            out_of_range = [head for head in head_indices if head >= num_heads]
-            if out_of_range:
-                raise ValueError(
-                    f"Layer {layer_index} has {num_heads} heads (0..{num_heads - 1}); head indices {out_of_range} "
-                    "are out of range."
-                )
-        if config.heads is not None:
-            # As PEFT intersects its own selections: heads in layers that layers_to_transform or exclude_modules
-            # leave out are dropped, with a warning, and the config keeps what was actually wrapped.
-            wrapped = {p.layer_index for p in projections if check_target_module_exists(config, p.name)}
-            dropped = sorted(set(config.heads) - wrapped)
-            if dropped:
-                if not set(config.heads) & wrapped:
-                    raise ValueError(
-                        f"heads names only layers {dropped}, which layers_to_transform={config.layers_to_transform} "
-                        f"/ exclude_modules={config.exclude_modules} leave out: nothing would be compensated."
-                    )
-                warnings.warn(
-                    f"heads names layers {dropped}, which layers_to_transform={config.layers_to_transform} / "
-                    f"exclude_modules={config.exclude_modules} leave out; their heads are not compensated.",
-                    UserWarning,
-                    stacklevel=4,
-                )
-                config.heads = {layer: heads for layer, heads in config.heads.items() if layer in wrapped}
+        _check_heads_in_range(config, heads_per_layer)
+        _drop_unwrapped_heads(config, projections)
         # Where each target sits, for _check_target_module_exists and _create_and_replace (names without a layer
         # number get their position among the targets).
         self._layer_index_by_name = {
@@ -435,3 +406,42 @@ class RestoreLCCModel(BaseTuner):
                     getattr(layer, f"restorelcc_{key}")[adapter_name].copy_(value)
                 return
         raise ValueError(f"Layer {layer_index} has no RestoreLCC adapter {adapter_name!r}.")
+
+
+def _check_heads_in_range(config: RestoreLCCConfig, heads_per_layer: dict[int, int]) -> None:
+    """Every layer ``heads`` names is an attention layer of the model, and every head index exists there."""
+    for layer_index, head_indices in (config.heads or {}).items():
+        if layer_index not in heads_per_layer:
+            raise ValueError(
+                f"heads names layer {layer_index}, but the model's attention layers are "
+                f"{min(heads_per_layer)}..{max(heads_per_layer)}."
+            )
+        num_heads = heads_per_layer[layer_index]
+        out_of_range = [head for head in head_indices if head >= num_heads]
+        if out_of_range:
+            raise ValueError(
+                f"Layer {layer_index} has {num_heads} heads (0..{num_heads - 1}); head indices {out_of_range} "
+                "are out of range."
+            )
+
+
+def _drop_unwrapped_heads(config: RestoreLCCConfig, projections: list) -> None:
+    """Heads in layers that ``layers_to_transform`` or ``exclude_modules`` leave out are dropped from the config."""
+    if config.heads is not None:
+        # As PEFT intersects its own selections: heads in layers that layers_to_transform or exclude_modules
+        # leave out are dropped, with a warning, and the config keeps what was actually wrapped.
+        wrapped = {p.layer_index for p in projections if check_target_module_exists(config, p.name)}
+        dropped = sorted(set(config.heads) - wrapped)
+        if dropped:
+            if not set(config.heads) & wrapped:
+                raise ValueError(
+                    f"heads names only layers {dropped}, which layers_to_transform={config.layers_to_transform} "
+                    f"/ exclude_modules={config.exclude_modules} leave out: nothing would be compensated."
+                )
+            warnings.warn(
+                f"heads names layers {dropped}, which layers_to_transform={config.layers_to_transform} / "
+                f"exclude_modules={config.exclude_modules} leave out; their heads are not compensated.",
+                UserWarning,
+                stacklevel=5,
+            )
+            config.heads = {layer: heads for layer, heads in config.heads.items() if layer in wrapped}

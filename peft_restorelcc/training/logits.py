@@ -256,14 +256,3 @@ def rows_within_budget(
     return int(min(max(int(budget) // per_row, 1), MAX_AUTO_BATCH))
 
 
-def parse_batch_size(text: str | int, flag: str) -> int | str:
-    """A scoring batch size from the command line: ``auto`` (from the free memory) or a positive integer."""
-    if text == "auto":
-        return "auto"
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        value = 0
-    if value < 1:
-        raise ValueError(f"{flag} must be 'auto' or a positive integer, got {text!r}.")
-    return value

@@ -21,7 +21,7 @@ pruned one does.
 Importing ``peft_restorelcc`` registers the method with PEFT (an installed package does so on ``import peft``)::
 
     from peft import get_peft_model, PeftModel
-    from peft_restorelcc.masked_lora import MaskedLoraConfig
+    from peft_restorelcc.compare.masked_lora import MaskedLoraConfig
 
     model = get_peft_model(pruned, MaskedLoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
     ...  # train

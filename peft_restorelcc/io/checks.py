@@ -9,6 +9,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..tuner.config import PEFT_TYPE
+from .compressed import sparse_format
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Every tensor a RestoreLCC adapter saves has one of these in its name (tuner/layer.py's parameter names).
@@ -46,7 +49,7 @@ def check_adapter_files(adapter: Path) -> dict[str, Any]:
             return config  # a legacy pickle adapter: PEFT reads it (weights_only) as it is
         raise ValueError(f"{adapter} has no {ADAPTER_WEIGHTS}: the adapter is incomplete; save it again.")
     keys = safetensors_keys(weights)
-    if str(config.get("peft_type")) == "RESTORELCC" and not any(RESTORELCC_TENSOR_MARK in key for key in keys):
+    if str(config.get("peft_type")) == PEFT_TYPE and not any(RESTORELCC_TENSOR_MARK in key for key in keys):
         raise ValueError(
             f"{weights} holds none of a RestoreLCC adapter's tensors (restorelcc_magnitude/bias/basis; it has "
             f"{len(keys)} others): it is not the adapter its config describes; save the adapter again."
@@ -124,7 +127,6 @@ def decoder_weight_zeros(model_dir: Path) -> int | None:
     sparse or quantized format, or another file format)."""
     from safetensors import safe_open
 
-    from .compressed import sparse_format
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
     config_file = Path(model_dir) / "config.json"

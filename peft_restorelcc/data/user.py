@@ -21,29 +21,19 @@ from typing import Any
 
 import datasets
 
-FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv"}
-
-# Calibration prompts: one text field.
-PROMPT_FIELDS: tuple[str, ...] = ("text", "prompt")
-# Probe pairs: the prompt, the correct answer, and either a wrong answer or the options with the correct one's index
-# (or its text) in the answer field.
-PAIR_PROMPT_FIELDS: tuple[str, ...] = ("prompt", "question")
-CORRECT_FIELDS: tuple[str, ...] = ("correct", "answer", "label")
-WRONG_FIELDS: tuple[str, ...] = ("wrong", "incorrect")
-OPTIONS_FIELDS: tuple[str, ...] = ("options", "choices")
-
-PROMPTS_HELP = "one of the fields " + " / ".join(PROMPT_FIELDS) + " (a string) per row"
-PAIRS_HELP = (
-    f"per row a prompt ({' / '.join(PAIR_PROMPT_FIELDS)}) and either a correct answer ({' / '.join(CORRECT_FIELDS)}) "
-    f"with a wrong one ({' / '.join(WRONG_FIELDS)}), or a list of options ({' / '.join(OPTIONS_FIELDS)}) with the "
-    f"correct option's 0-based index or text ({' / '.join(CORRECT_FIELDS)}); the wrong answer is then the option "
-    "most similar to the correct one"
+from ..io.hub import is_hub_id
+from .choices import (
+    CORRECT_FIELDS,
+    FILE_SUFFIXES,
+    OPTIONS_FIELDS,
+    PAIR_PROMPT_FIELDS,
+    PAIRS_HELP,
+    PROMPT_FIELDS,
+    PROMPTS_HELP,
+    TRAINING_HELP,
+    WRONG_FIELDS,
 )
-TRAINING_HELP = (
-    "per row prompt + response, or instruction + output (+ input, the Alpaca schema), or messages (a chat, "
-    "[{role, content}, ...], ending with the assistant's turn: rendered with the tokenizer's chat template), or text "
-    "(plain text, loss on every token); the loss is on the response only"
-)
+from .pairs import pairs_from_choices
 
 
 def _describe(path: Path) -> str:
@@ -57,8 +47,6 @@ def hub_dataset(text: str | os.PathLike) -> tuple[str, str] | None:
     text = str(text)
     if Path(text).expanduser().exists():
         return None
-    from .io.hub import is_hub_id
-
     repo, _, split = text.partition(":")
     if Path(repo).suffix.lower() in FILE_SUFFIXES:
         return None  # data/train.jsonl is a mistyped file, not a Hub dataset
@@ -196,8 +184,6 @@ def read_pairs_and_count_options(
     path: str | os.PathLike, similarity: str = "jaccard", flag: str = "--pairs"
 ) -> tuple[list[dict[str, str]], int]:
     """``read_pairs`` and how many of its rows listed options (whose wrong answer ``similarity`` chose)."""
-    from .calibration.scoring import pairs_from_choices
-
     path = Path(path).expanduser()
     pairs: list[dict[str, str] | None] = []
     option_items: list[dict[str, Any]] = []

@@ -30,6 +30,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedConfig, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from .compressed import is_sparsity_only
+
 # Families that convert to Llama (when their config passes the checks below).
 CONVERTIBLE = frozenset({"qwen2", "mistral", "phi3"})
 
@@ -172,8 +174,6 @@ def _conversion_reason(config: PreTrainedConfig) -> str | None:
         return REFUSED[family]
     if family not in CONVERTIBLE:
         return f"RestoreLCC has no conversion for the {family!r} architecture"
-    from .export import is_sparsity_only  # export imports this module lazily; no cycle at import time
-
     sparsity_only = is_sparsity_only(getattr(config, "quantization_config", None))
     if getattr(config, "quantization_config", None) is not None and not sparsity_only:
         return (

@@ -1,9 +1,8 @@
-"""A merged RestoreLCC model that stock transformers reloads with its compensation intact.
+"""Merge and export: the merged model written so that stock transformers reloads it with its compensation.
 
-Merging puts the compensation into the attention output projection's bias. Many architectures build that
-projection without a bias unless the config says otherwise, and a stock ``from_pretrained`` then drops the saved
-bias as an unexpected key. Where the config has a switch (``attention_bias``), we turn it on and give the sibling
-q/k/v projections zero biases so the saved model matches what the switch builds; where it has none, we refuse.
+The merge itself follows the family policy (``merge_policy``); architectures whose config cannot carry the
+output bias are converted to the exactly equivalent Llama (``conversion``); compressed-tensors W4A16 checkpoints
+get the bias written beside their packed weights (``save_merged_packed``).
 """
 
 from __future__ import annotations
@@ -17,83 +16,22 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..tuner.config import PEFT_TYPE
+from ..tuner.heads import find_head_projections, is_quantized_projection, text_config
+from . import conversion
+from .compressed import is_sparsity_only
 from .files import check_new_output_dir, staged_output_dir, state_bytes
-from .tuner.heads import find_head_projections, is_quantized_projection, model_types_with_output_bias, text_config
-from .tuner.layer import RestoreLCCLayer
-from .tuner.model import MergePolicy, RestoreLCCModel
+from .merge_policy import (
+    ATTENTION_BIAS_SWITCH,
+    NO_OUTPUT_BIAS,
+    bias_reload_problem,
+    make_output_bias_reloadable,
+    model_type_of,
+)
 
-# Both from the tuner's one architecture table.
-# Architectures whose config switch `attention_bias` adds a bias to q/k/v and the output projection.
-ATTENTION_BIAS_SWITCH = model_types_with_output_bias("switch")
-# Architectures whose output projection bias is hard-coded off: no config can carry a merged compensation.
-NO_OUTPUT_BIAS = model_types_with_output_bias("never")
 # The config field a merged model carries (conversion.PROVENANCE_KEY too): what was merged, and a refusal to merge
 # a second compensation on top.
 MERGED_KEY = "restorelcc_merged"
-
-
-def _model_type(model: nn.Module) -> str | None:
-    return getattr(text_config(model), "model_type", None)
-
-
-def _output_projections(model: nn.Module) -> list[nn.Module]:
-    """The projections RestoreLCC wraps (their base layers), or, in a merged model, the architecture's defaults."""
-    wrapped = [module.get_base_layer() for module in model.modules() if isinstance(module, RestoreLCCLayer)]
-    if wrapped:
-        return wrapped
-    return [model.get_submodule(projection.name) for projection in find_head_projections(model)]
-
-
-def bias_reload_problem(model: nn.Module) -> str | None:
-    """Why a stock reload of this architecture would drop an output-projection bias, or None if it would not."""
-    if getattr(model, "config", None) is None:
-        return None  # Not a transformers model: no config-driven reload to lose the bias in.
-    model_type = _model_type(model)
-    if model_type in NO_OUTPUT_BIAS:
-        return (
-            f"the {model_type} architecture has no config switch for an attention output bias (save it with "
-            "peft_restorelcc.export.save_merged or `restorelcc merge`, which write the exactly equivalent Llama)."
-        )
-    if model_type in ATTENTION_BIAS_SWITCH:
-        return None
-    projections = _output_projections(model)
-    if all(getattr(projection, "bias", None) is not None for projection in projections):
-        return None  # The architecture builds the bias itself (OPT, GPT-2, Phi).
-    return f"RestoreLCC does not know how the {model_type!r} config expresses an attention output bias."
-
-
-@torch.no_grad()
-def make_output_bias_reloadable(model: nn.Module) -> bool:
-    """After a merge: switch ``attention_bias`` on and add zero q/k/v biases, so every attention projection
-    carries the bias the switch makes the architecture build. Returns True if the model was changed."""
-    if _model_type(model) not in ATTENTION_BIAS_SWITCH:
-        return False
-    config = text_config(model)
-    projections = _output_projections(model)
-    if getattr(config, "attention_bias", False) or all(projection.bias is None for projection in projections):
-        return False
-    for projection in find_head_projections(model):
-        attention = model.get_submodule(projection.name.rsplit(".", 1)[0])
-        for linear in attention.children():
-            if isinstance(linear, nn.Linear) and linear.bias is None:
-                # A quantized layer's weight dtype is its storage (int8, uint8): its bias is a float.
-                dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.float32
-                linear.bias = nn.Parameter(
-                    torch.zeros(linear.out_features, dtype=dtype, device=linear.weight.device),
-                    requires_grad=False,
-                )
-    config.attention_bias = True
-    if config is not model.config and hasattr(model.config, "attention_bias"):
-        model.config.attention_bias = True
-    return True
-
-
-def is_sparsity_only(quantization_config: Any) -> bool:
-    """A compressed-tensors ``quantization_config`` that only describes how zeros were stored (no quantized weights)."""
-    if quantization_config is None:
-        return False
-    fields = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
-    return fields.get("quant_method") == "compressed-tensors" and not fields.get("config_groups")
 
 
 def strip_serving_blockers(config: Any) -> list[str]:
@@ -111,16 +49,6 @@ def strip_serving_blockers(config: Any) -> list[str]:
         del config.quantization_config
         dropped.append("quantization_config")
     return dropped
-
-
-# The policy the tuner applies in every merge_and_unload: warn where a stock reload would drop the bias, switch the
-# config on where it can carry it. Installed by install_merge_policy() when the package is imported.
-MERGE_POLICY = MergePolicy(reload_problem=bias_reload_problem, finish_merged=make_output_bias_reloadable)
-
-
-def install_merge_policy() -> None:
-    """Make every RestoreLCC ``merge_and_unload`` give a model that stock ``from_pretrained`` reloads with its bias."""
-    RestoreLCCModel.merge_policy = MERGE_POLICY
 
 
 def merged_for_export(model: nn.Module, safe_merge: bool = True) -> PreTrainedModel:
@@ -151,7 +79,7 @@ def merge_provenance(model: nn.Module) -> dict[str, Any]:
     return {
         "base_model": getattr(peft_config, "base_model_name_or_path", None) or None,
         "base_revision": getattr(peft_config, "revision", None),
-        "peft_type": "RESTORELCC",
+        "peft_type": PEFT_TYPE,
     }
 
 
@@ -207,15 +135,13 @@ def save_merged(
     """
     import warnings
 
-    from . import conversion
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if _model_type(base) not in NO_OUTPUT_BIAS:
+    if model_type_of(base) not in NO_OUTPUT_BIAS:
         return _save_merged_same_architecture(model, output_dir, tokenizer=tokenizer, safe_merge=safe_merge)
     check_not_merged(base)
     problem = conversion.conversion_problem(base.config)  # refuse before merging: the model stays untouched
     if problem is not None:
-        raise ValueError(f"Cannot export a merged RestoreLCC model of the {_model_type(base)} architecture: {problem}.")
+        raise ValueError(f"Cannot export a merged RestoreLCC model of the {model_type_of(base)} architecture: {problem}.")
     output_dir = check_new_output_dir(output_dir)
     adapter_base = merge_provenance(model)
     provenance = conversion.provenance_for(
@@ -354,6 +280,8 @@ def packed_merge_problem(model_type: str | None, source: str | os.PathLike) -> s
     )
 
 
+# Long on purpose: the refusals, then one pass over the checkpoint's shards that copies every tensor bit for bit
+# and writes the merged biases beside them; each step reads what the one before found in the shards.
 def save_merged_packed(
     model: nn.Module,
     packed_checkpoint_dir: str | os.PathLike,
@@ -390,7 +318,7 @@ def save_merged_packed(
     source_config = checkpoint_config(source)
     check_not_merged(source_config, where=str(source))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    model_type = _model_type(base)
+    model_type = model_type_of(base)
     if model_type != source_config.get("model_type") and source_config.get("model_type") is not None:
         raise ValueError(f"The model ({model_type}) was not loaded from {source} ({source_config.get('model_type')}).")
     problem = packed_merge_problem(model_type, source)
@@ -414,7 +342,7 @@ def save_merged_packed(
     config["attention_bias"] = True
     if isinstance(config.get("text_config"), dict) and "attention_bias" in config["text_config"]:
         config["text_config"] = {**config["text_config"], "attention_bias": True}
-    config[MERGED_KEY] = merge_provenance(model) if hasattr(model, "peft_config") else {"peft_type": "RESTORELCC"}
+    config[MERGED_KEY] = merge_provenance(model) if hasattr(model, "peft_config") else {"peft_type": PEFT_TYPE}
     export_info = {
         "merged": True,
         "attention_bias": True,

@@ -65,6 +65,87 @@ class _RunResult:
     pruned_name: str | None
 
 
+@dataclass
+class _Pass:
+    """What both ways of running the two models share: the batches, the accumulator and how to capture."""
+
+    pruned_structure: ModelStructure
+    pruned_projections: list
+    everything: list[list[int]]  # every sequence either model reads (calibration and probe)
+    batches: list
+    accumulator: LostAccumulator | None
+    capture: dict[str, Any]
+    kept_heads: dict[int, list[int]] | None
+    position: str
+
+    def dense_side(self, model: nn.Module) -> tuple[list, torch.Tensor | None]:
+        """The dense model's projections and the rows of its heads that the pruned heads came from."""
+        target_modules = self.capture["target_modules"]
+        rows = dense_rows(model, self.pruned_structure, self.kept_heads, self.everything, target_modules)
+        return find_head_projections(unwrap(model), target_modules, head_dim_of(model)), rows
+
+    def activations(self, model: nn.Module, projections: list, label: str) -> Any:
+        return iterate_activations(model, projections, self.batches, self.position, label, self.capture["progress"])
+
+    def probe_prompts(self, model: nn.Module, probe: ProbeInputs | None) -> torch.Tensor | None:
+        return capture_probe_prompts(model, probe, **self.capture) if probe else None
+
+    def probe_answers(self, model: nn.Module, probe: ProbeInputs, rows: torch.Tensor | None) -> tuple:
+        return capture_probe_answers(model, probe, rows, **self.capture)
+
+
+def _side_by_side(
+    dense_model: nn.Module, pruned_model: nn.Module, probe: ProbeInputs | None, run: _Pass
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Both models in memory: run them batch by batch side by side; nothing is stored. Returns (dense rows, the
+    pruned model's probe prompts)."""
+    dense_projections, rows = run.dense_side(dense_model)
+    if run.accumulator is not None:
+        run.accumulator.dense_rows = rows
+        pruned_iter = run.activations(pruned_model, run.pruned_projections, "pruned model")
+        dense_iter = run.activations(dense_model, dense_projections, "dense model")
+        try:
+            for (_, pruned_acts), (_, dense_acts) in zip(pruned_iter, dense_iter):
+                run.accumulator.add(dense_acts, pruned_acts)
+        finally:
+            # zip leaves the second generator suspended, its hooks still in place: close both.
+            pruned_iter.close()
+            dense_iter.close()
+    return rows, run.probe_prompts(pruned_model, probe)
+
+
+def _pruned_first(pruned_model: nn.Module, store: ActivationStore, probe: ProbeInputs | None, run: _Pass) -> Any:
+    """One model at a time, the pruned one first: its activations go to ``store`` (on disk for "all") until the
+    dense model runs. Returns the pruned model's probe prompts."""
+    for _, pruned_acts in run.activations(pruned_model, run.pruned_projections, "pruned model"):
+        store.append(pruned_acts)
+    return run.probe_prompts(pruned_model, probe)
+
+
+def _dense_after(dense_model: nn.Module, store: ActivationStore, run: _Pass) -> torch.Tensor | None:
+    """The dense model, after the pruned one: completes the lost activations from ``store``. Returns its rows."""
+    dense_projections, rows = run.dense_side(dense_model)
+    if run.accumulator is not None:
+        run.accumulator.dense_rows = rows
+        for index, (_, dense_acts) in enumerate(run.activations(dense_model, dense_projections, "dense model")):
+            run.accumulator.add(dense_acts, store[index])
+    store.close()
+    return rows
+
+
+def _check_before_running(
+    everything: list[list[int]],
+    pruned_structure: ModelStructure,
+    dense_declared: ModelStructure | None,
+    kept_heads: dict[int, list[int]] | None,
+) -> None:
+    """Every check that needs no forward pass: token ids in both vocabularies, the two structures compatible."""
+    check_tokens_fit(everything, pruned_structure.vocab_size, "pruned")
+    if dense_declared is not None:
+        check_compatible(dense_declared, pruned_structure, kept_heads)
+        check_tokens_fit(everything, dense_declared.vocab_size, "dense")
+
+
 def _run_models(
     dense: ModelSource,
     pruned: ModelSource,
@@ -82,83 +163,43 @@ def _run_models(
 ) -> _RunResult:
     dense_declared = _declared_structure(dense)
     pruned_model, pruned_owned = obtain(pruned)
-    dense_model = None
-    dense_owned = False
-    store = None
+    dense_model, dense_owned, store = None, False, None
     try:
         pruned_structure = structure_of(pruned_model, target_modules)
         head_dim = pruned_structure.head_dim
         pruned_projections = find_head_projections(unwrap(pruned_model), target_modules, head_dim)
         everything = (sequences or []) + (probe.prompts + probe.correct + probe.wrong if probe else [])
-        check_tokens_fit(everything, pruned_structure.vocab_size, "pruned")
-        if dense_declared is not None:  # all checks before any forward pass
-            check_compatible(dense_declared, pruned_structure, kept_heads)
-            check_tokens_fit(everything, dense_declared.vocab_size, "dense")
+        _check_before_running(everything, pruned_structure, dense_declared, kept_heads)
         fingerprint = model_fingerprint(pruned_model, target_modules=target_modules, head_dim=head_dim)
         metric = output_metric(pruned_model, pruned_projections)
         # A loader's name, else the loaded model's own path.
         pruned_name = model_name(pruned) or model_name(pruned_model)
         dense_name = model_name(dense)
-        batches = make_batches(sequences, batch_size, pad_id, padding_side) if sequences else []
-        num_heads = sum(pruned_structure.heads_per_layer)
-        accumulator = LostAccumulator(position, num_heads, head_dim) if sequences else None
-
-        capture = {
-            "batch_size": batch_size,
-            "pad_id": pad_id,
-            "padding_side": padding_side,
-            "target_modules": target_modules,
-            "progress": progress,
-        }
-
-        def dense_side(model: nn.Module) -> tuple[list, torch.Tensor | None]:
-            rows = dense_rows(model, pruned_structure, kept_heads, everything, target_modules)
-            return find_head_projections(unwrap(model), target_modules, head_dim_of(model)), rows
-
-        def pruned_probe_prompts(model: nn.Module) -> torch.Tensor | None:
-            return capture_probe_prompts(model, probe, **capture) if probe else None
-
-        pruned_iter = iterate_activations(pruned_model, pruned_projections, batches, position, "pruned model", progress)
+        run = _Pass(
+            pruned_structure,
+            pruned_projections,
+            everything,
+            make_batches(sequences, batch_size, pad_id, padding_side) if sequences else [],
+            LostAccumulator(position, sum(pruned_structure.heads_per_layer), head_dim) if sequences else None,
+            {"batch_size": batch_size, "pad_id": pad_id, "padding_side": padding_side,
+             "target_modules": target_modules, "progress": progress},
+            kept_heads,
+            position,
+        )  # fmt: skip
         if isinstance(dense, nn.Module):
-            # Both in memory: run them batch by batch side by side; nothing is stored.
             dense_model = dense
-            dense_projections, rows = dense_side(dense_model)
-            if accumulator is not None:
-                accumulator.dense_rows = rows
-                dense_iter = iterate_activations(
-                    dense_model, dense_projections, batches, position, "dense model", progress
-                )
-                try:
-                    for (_, pruned_acts), (_, dense_acts) in zip(pruned_iter, dense_iter):
-                        accumulator.add(dense_acts, pruned_acts)
-                finally:
-                    # zip leaves the second generator suspended, its hooks still in place: close both.
-                    pruned_iter.close()
-                    dense_iter.close()
-            pruned_prompt = pruned_probe_prompts(pruned_model)
+            rows, pruned_prompt = _side_by_side(dense_model, pruned_model, probe, run)
         else:
-            # One model at a time: keep the pruned activations (on disk for "all") until the dense model runs.
             store = ActivationStore(on_disk=position == "all", directory=spool_dir)
-            for _, pruned_acts in pruned_iter:
-                store.append(pruned_acts)
-            pruned_prompt = pruned_probe_prompts(pruned_model)
-            pruned_model = None
+            pruned_prompt = _pruned_first(pruned_model, store, probe, run)
+            pruned_model = None  # this frame's reference too, so that release() frees the pruned model
             release(pruned_owned)
             dense_model, dense_owned = obtain(dense)
-            dense_projections, rows = dense_side(dense_model)
-            if accumulator is not None:
-                accumulator.dense_rows = rows
-                dense_iter = iterate_activations(
-                    dense_model, dense_projections, batches, position, "dense model", progress
-                )
-                for index, (_, dense_acts) in enumerate(dense_iter):
-                    accumulator.add(dense_acts, store[index])
-            store.close()
+            rows = _dense_after(dense_model, store, run)
         dense_name = dense_name or model_name(dense_model)
-        probe_result = None
-        if probe is not None:
-            probe_result = (pruned_prompt, *capture_probe_answers(dense_model, probe, rows, **capture))
-        return _RunResult(accumulator, probe_result, pruned_structure, fingerprint, metric, dense_name, pruned_name)
+        probe_result = None if probe is None else (pruned_prompt, *run.probe_answers(dense_model, probe, rows))
+        return _RunResult(run.accumulator, probe_result, pruned_structure, fingerprint, metric, dense_name,
+                          pruned_name)  # fmt: skip
     finally:
         if store is not None:
             store.close()
@@ -166,6 +207,8 @@ def _run_models(
         release(pruned_owned or dense_owned)
 
 
+# Long on purpose, for now: it checks and normalises the documented options before handing them to _run_models
+# and the scoring; an options object would change the signature the README documents.
 def calibrate(
     dense: ModelSource,
     pruned: ModelSource,

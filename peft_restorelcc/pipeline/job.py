@@ -1,300 +1,44 @@
-"""The restore pipeline, stage by stage, and the one place that strings the stages together.
-
-load -> prune -> calibrate (lost components + head selection) -> build adapter -> train -> evaluate -> export.
-
-Every stage takes models and data as arguments and returns what the next one needs; only :func:`load` reads a
-model by name (through ``peft_restorelcc.io``: embedded name, local directory or Hub id). ``restorelcc run``,
-``calibrate`` and ``train``, ``benchmarks/recovery.py`` and ``benchmarks/task_specific.py`` all call these, so
-what the benchmarks measure is what users run. :func:`run_job` is the whole ``restorelcc run`` job.
-"""
+"""``restorelcc run``: the whole job, load -> prune -> calibrate -> adapter -> train -> evaluate -> merge, one
+stage after the other (``stages``), each recorded in stages.json so that ``--resume`` reuses it, with its summary
+written beside the models."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from peft import prepare_model_for_kbit_training
 from torch import nn
 
-from .assets import default_device
-from .calibration import CalibrationInputs, LostComponents, calibration_inputs
-from .data import text_passages
-from .evaluation import evaluate_tasks, perplexity
-from .integrity import write_json_atomic
-from .io import load_model, load_tokenizer, name_model_source, resolve_model_path
-from .io.adapters import record_base
-from .io.stages import StageRecord
-from .pruning import calibration_windows, load_report, measure_sparsity, prune_model, save_pruned
-
-if TYPE_CHECKING:
-    from .recovery import StageTimer
-
-__all__ = [
-    "RunSettings",
-    "build_adapter",
-    "calibrate",
-    "calibrate_components",
-    "calibration_inputs",
-    "compare",
-    "evaluate",
-    "evaluate_model",
-    "export",
-    "load",
-    "prune",
-    "prune_copy",
-    "run_job",
-    "train",
-    "training_data",
-]
+from ..calibration import LostComponents
+from ..evaluation.statistics import StageTimer, trainable_parameters
+from ..io import load_model, load_tokenizer, name_model_source, resolve_model_path
+from ..io.adapters import record_base
+from ..io.checks import write_json_atomic
+from ..io.devices import default_device
+from ..io.export import changed_quantized_tensors, quantized_tensors
+from ..io.stages import StageRecord
+from ..pruning import load_report, measure_sparsity, save_pruned
+from .settings import RunSettings
+from .stages import (
+    build_adapter,
+    calibrate_components,
+    evaluate,
+    export,
+    load,
+    prune,
+    train,
+    training_data,
+)
 
 # Training checkpoints of run_job: beside adapter/, not in it (a folder upload of the adapter would publish them).
 CHECKPOINTS_DIR = "checkpoints"
-
-# ------------------------------------------------------------------------------------------------ load / prune
-
-
-def load(
-    name_or_path: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    dtype: torch.dtype | str | None = "auto",
-    device: str | torch.device | None = None,
-) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` from an embedded name, a local directory or a Hub id at ``revision``; the model in
-    eval mode, moved to ``device`` when given."""
-    from .io import load_model, load_tokenizer, model_reference, name_model_source, resolve_model_path
-
-    path = resolve_model_path(name_or_path, revision)  # resolved once: a Hub id is looked up a single time
-    tokenizer = load_tokenizer(path)
-    model = load_model(path, dtype=dtype)
-    name_model_source(model, model_reference(name_or_path, path))  # a Hub id as given, else the absolute directory
-    return (model.to(device) if device is not None else model), tokenizer
-
-
-def prune(
-    dense: nn.Module,
-    tokenizer: Any,
-    method: str = "wanda",
-    sparsity: float | None = 0.5,
-    pattern: str | None = None,
-    samples: int = 64,
-    seq_len: int = 128,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """A pruned deep copy of ``dense`` (the dense model stays as it is) and the pruning report."""
-    pruned = copy.deepcopy(dense)
-    windows = None
-    if method != "magnitude":  # magnitude pruning needs no activations
-        windows = calibration_windows(tokenizer, text_passages("train"), samples, seq_len)
-    report = prune_model(pruned, method, sparsity, pattern=pattern, calibration_input_ids=windows)
-    return pruned.eval(), report
-
-
-# The name recovery and the benchmarks have always called it by.
-prune_copy = prune
-
-
-# ------------------------------------------------------------------------------------------------ calibrate
-
-
-def pruning_metadata(report: dict[str, Any] | None) -> dict[str, Any]:
-    """What calibration records about the pruning: method, target sparsity and pattern from a pruning report."""
-    report = report or {}
-    return {key: report.get(key) for key in ("method", "sparsity_target", "pattern") if key in report}
-
-
-def calibrate(
-    dense: Any,
-    pruned: Any,
-    tokenizer: Any,
-    inputs: CalibrationInputs,
-    *,
-    strategy: str = "probe",
-    seed: int = 0,
-    **options: Any,
-) -> LostComponents:
-    """Lost components of every head of ``pruned`` against ``dense`` (models, or ``ModelLoader`` s that load them
-    one at a time), on ``inputs`` (:func:`calibration_inputs`), with the heads scored by ``strategy``.
-
-    ``options`` go to ``calibration.calibrate`` (``position``, ``kept_heads``, ``pruning``, ``batch_size``,
-    ``max_length``, ``pruned_tokenizer`` ...); those left out keep its defaults.
-    """
-    from .calibration import calibrate as measure
-
-    pairs = inputs.pairs if strategy == "probe" else None
-    return measure(dense, pruned, inputs.prompts, tokenizer, pairs=pairs, strategy=strategy, seed=seed, **options)
-
-
-def calibrate_components(
-    dense: nn.Module,
-    pruned: nn.Module,
-    tokenizer: Any,
-    pruning_report: dict[str, Any] | None = None,
-    samples: int = 128,
-    pairs: int = 256,
-    strategy: str = "probe",
-    position: str = "last",
-    seed: int = 0,
-    kept_heads: dict[int, list[int]] | None = None,
-) -> LostComponents:
-    """:func:`calibrate` on the bundled training-side data, as ``restorelcc run`` calibrates: ``samples`` prompts,
-    ``pairs`` probe pairs with a random wrong answer per item."""
-    inputs = calibration_inputs(
-        samples=samples, pairs=pairs, probe=strategy == "probe", negatives="random", seed=seed, verbose=False
-    )
-    report = pruning_report or {}
-    return calibrate(
-        dense,
-        pruned,
-        tokenizer,
-        inputs,
-        strategy=strategy,
-        seed=seed,
-        position=position,
-        kept_heads=kept_heads or report.get("kept_heads"),
-        pruning=pruning_metadata(report),
-    )
-
-
-# ------------------------------------------------------------------------------------------------ adapter / train
-
-
-def build_adapter(
-    pruned: nn.Module,
-    components: LostComponents,
-    num_heads: int | float,
-    *,
-    selection: str = "top",
-    init: str = "paper",
-    num_components: int | None = None,
-    refine: dict[str, Any] | None = None,
-) -> nn.Module:
-    """A RestoreLCC ``PeftModel`` on ``pruned`` over the ``num_heads`` best-scored heads of ``components``.
-
-    ``init``: ``paper`` (N(0, init_std)), ``lost`` (the mean lost vector) or ``lost-sequential`` (the same,
-    re-measured layer by layer with the layers below compensated; ``refine`` then holds ``dense``, ``prompts``,
-    ``tokenizer`` and optionally ``batch_size`` / ``max_length`` for ``calibration.refine_lost_init``).
-    """
-    from .calibration import build_restorelcc_model, refine_lost_init
-
-    model = build_restorelcc_model(
-        pruned,
-        components,
-        num_heads=num_heads,
-        selection=selection,
-        init="paper" if init == "paper" else "lost",
-        num_components=num_components,
-    )
-    if init == "lost-sequential":
-        if not refine:
-            raise ValueError("init 'lost-sequential' needs the dense model and the prompts to re-measure with.")
-        options = dict(refine)
-        refine_lost_init(model, options.pop("dense"), options.pop("prompts"), options.pop("tokenizer", None),
-                         components=components, **options)  # fmt: skip
-    return model
-
-
-def training_data(data: str, tokenizer: Any, *, samples: int | None, seed: int = 0, seq_len: int = 128) -> Any:
-    """Tokenized training sequences for ``data`` (a data choice, ``task:NAME`` or a user file)."""
-    from .training import build_train_dataset
-
-    return build_train_dataset(data, tokenizer, samples=samples, seq_len=seq_len, seed=seed)
-
-
-def train(model: nn.Module, tokenizer: Any, dataset: Any, output: str | os.PathLike, **options: Any) -> dict[str, Any]:
-    """Train the adapter of ``model`` on ``dataset`` (``training.train_adapter``; ``options`` are its keywords),
-    writing checkpoints and the trained adapter to ``output``. Returns the training metrics."""
-    from .training import train_adapter
-
-    return train_adapter(model, tokenizer, dataset, output, **options)
-
-
-# ------------------------------------------------------------------------------------------------ evaluate / export
-
-
-def evaluate(
-    model: nn.Module,
-    tokenizer: Any,
-    tasks: list[str] | None = None,
-    limit: int | None = 100,
-    perplexity_passages: int = 64,
-    batch_size: int | str = "auto",
-    per_item: bool = False,
-    include_path: str | os.PathLike | None = None,
-) -> dict[str, Any]:
-    """Accuracy on the paper's tasks (lm-eval; or on ``tasks`` of lm-eval's registry or ``include_path``) and
-    perplexity on held-out LAMBADA passages; with ``per_item``, each item's score too (see ``evaluate_tasks``), for
-    paired standard errors."""
-    model.eval()
-    results = evaluate_tasks(
-        model, tokenizer, tasks=tasks, limit=limit, batch_size=batch_size, per_item=per_item, include_path=include_path
-    )
-    if perplexity_passages:
-        results["perplexity"] = perplexity(model, tokenizer, text_passages("heldout")[:perplexity_passages])
-    return results
-
-
-evaluate_model = evaluate
-
-
-def export(model: nn.Module, output: str | os.PathLike, tokenizer: Any = None) -> Path:
-    """The adapter merged into the output projections' biases, saved as a standard transformers directory."""
-    from .export import save_merged
-
-    return save_merged(model, output, tokenizer=tokenizer)
-
-
-# ------------------------------------------------------------------------------------------------ the whole job
-
-
-def compare(settings: Any, output: str | os.PathLike, **options: Any) -> dict[str, Any]:
-    """``restorelcc compare``: the methods of ``settings`` (a ``compare.CompareSettings``) trained and measured on
-    one pruned model (``peft_restorelcc.compare.compare``; ``options``: ``resume``, ``log``)."""
-    from .compare import compare as run_comparison
-
-    return run_comparison(settings, output, **options)
-
-
-@dataclass
-class RunSettings:
-    """Everything ``restorelcc run`` does differently from one call to the next (its flags, by name)."""
-
-    model: str = "smollm2-135m"
-    revision: str | None = None
-    method: str = "wanda"
-    sparsity: float = 0.5
-    pattern: str | None = None
-    prune_samples: int = 64
-    calibration_samples: int = 128
-    num_pairs: int = 256
-    strategy: str = "probe"
-    heads: float = 0.25
-    selection: str = "top"
-    init: str = "paper"
-    train_samples: int = 2000
-    train_steps: int = 200
-    epochs: float = 3.0
-    batch_size: int = 8
-    lr: float = 1e-3
-    data: str = "instruction-and-cloze"
-    distill_alpha: float = 0.0
-    tasks: Sequence[str] | None = None
-    include_path: str | None = None  # a folder of the user's own lm-eval task YAMLs
-    limit: int | None = 100
-    perplexity_passages: int = 64
-    eval_batch_size: int | str = "auto"
-    seed: int = 0
-    device: str | None = None
-    dtype: str = "auto"
-    # A bitsandbytes format (io.QUANTIZATIONS): the pruned model is saved, reloaded quantized, evaluated as such,
-    # and the adapter trained on it and merged into it (QLoRA-style); None: everything in dtype.
-    quantization: str | None = None
 
 
 def _evaluate_all(settings: RunSettings) -> dict[str, Any]:
@@ -339,8 +83,6 @@ class _Job:
     what an earlier run recorded under the same settings (``resume``) or doing the work and recording it."""
 
     def __init__(self, settings: RunSettings, output: Path, resume: bool, log: Callable[[str], None]) -> None:
-        from .recovery import StageTimer
-
         self.settings, self.output, self.timer = settings, output, StageTimer()
         self.device = default_device(settings.device)
         readers = {**STAGE_READERS, "train": (*STAGE_READERS["train"], TRAIN_STARTED)}
@@ -463,8 +205,6 @@ def run_job(
     the results.json of an uninterrupted one, but for timings: the adapter is seeded right before it is built, and
     the dense model is evaluated before pruning makes a second copy (one model less in memory while it is scored).
     """
-    from .recovery import trainable_parameters
-
     output = Path(output)
     job = _Job(settings, output, resume, log)
     torch.manual_seed(settings.seed)
@@ -505,8 +245,6 @@ def run_job(
 
 def _quantized_pruned(settings: RunSettings, output: Path, device: torch.device) -> nn.Module:
     """The saved pruned model (pruned/) loaded quantized by bitsandbytes, whole on ``device``."""
-    from .io import load_model, name_model_source
-
     device_map = "cpu" if device.type == "cpu" else {"": device.index or 0}
     model = load_model(output / "pruned", dtype=settings.dtype, device_map=device_map, quantization=settings.quantization)
     name_model_source(model, (output / "pruned").resolve())
@@ -522,8 +260,6 @@ def _merge_quantized(
     merged model holds with other bits (none expected: a merge writes only biases)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    from .export import changed_quantized_tensors, quantized_tensors
 
     base = _quantized_pruned(settings, output, device)
     fresh = quantized_tensors(base)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .devices import input_device
+from ..io.devices import input_device
 
 
 def _reset_peak_rss() -> bool:

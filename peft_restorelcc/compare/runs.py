@@ -22,110 +22,30 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import pipeline, recovery
-from .integrity import write_json_atomic
-from .io.adapters import record_base
+from .. import pipeline
+from ..evaluation import statistics as recovery
+from ..io import model_reference, name_model_source, resolve_model_path
+from ..io.adapters import record_base
+from ..io.checks import write_json_atomic
+from ..io.devices import default_device
+from ..pruning import hold_pruned_weights_at_zero, load_report, measure_sparsity, save_pruned
+from ..training import PaddingCollator, pad_token_id_of
+from ..training.choices import DEFAULT_DATA
+from .masked_lora import MaskedLoraConfig
 from .merged_checks import merged_measures, unmerged_speed
-from .pruning import measure_sparsity, resolve_sparsity
-from .training import DEFAULT_DATA
+from .settings import PLAN_FIELDS, READABLE_SCHEMAS, RESULTS_FILE, SCHEMA_VERSION, CompareSettings, parse_prune
+from .table import summarise
 
-__all__ = [
-    "BUILDERS", "CALIBRATIONS", "METHODS", "CompareSettings", "MethodSpec", "Models", "compare", "compare_table",
-    "parse_methods", "parse_prune", "plot_compare", "run_method", "standard_spec",
-]  # fmt: skip
+__all__ = ["BUILDERS", "CALIBRATIONS", "MethodSpec", "Models", "compare", "run_method", "standard_spec"]
 
-# 2: compare.json (was results.json); per run the merged model's speed and reload, epochs, seq_len, examples seen;
-# failed runs under "failed". 3: per run the unmerged model's forward time (unmerged_forward_seconds,
-# unmerged_speed_ratio); a schema-2 file is still read and resumed (its runs get the unmerged time of an untrained
-# adapter of the same shape, marked by unmerged_speed_source).
-SCHEMA_VERSION = 3
-READABLE_SCHEMAS = (2, 3)
-RESULTS_FILE = "compare.json"
-TABLE_FILE = "compare.md"
-PLOT_FILE = "compare.png"
 PRUNED_DIR = "pruned"  # the model pruned on the fly (--prune), the base the kept adapters name
-# Why no plot was drawn (``restorelcc compare`` and ``run`` print it): the eval extra brings matplotlib.
-PLOT_MISSING = "matplotlib is not installed (pip install matplotlib, or the package's eval extra)"
-PRUNING_METHODS = ("magnitude", "wanda", "sparsegpt")
-# Each method's standard learning rate (benchmarks/recovery_methods.yaml: the rates its rows train at).
-METHODS: dict[str, float] = {"restorelcc": 1e-3, "lora": 5e-4, "dora": 5e-4, "ia3": 1e-3, "masked-lora": 5e-4}
-# Settings a run may differ in and still be kept on resume: what is run, not how it is measured.
-PLAN_FIELDS = ("methods", "seeds", "device")
-
-
-@dataclass
-class CompareSettings:
-    """Everything a comparison does differently from the next (``restorelcc compare``'s flags, by name)."""
-
-    model: str = "smollm2-135m"
-    revision: str | None = None
-    pruned: str | None = None  # a pruned model to load; None: prune ``model`` with ``prune``
-    pruned_revision: str | None = None
-    prune: str = "wanda:0.5"
-    methods: Sequence[str] = ("restorelcc", "lora")
-    seeds: Sequence[int] = (0,)
-    lora_rank: int = 8
-    heads: float = 0.25
-    learning_rates: dict[str, float] = field(default_factory=dict)  # per method; the rest keep METHODS' rates
-    data: str = DEFAULT_DATA
-    train_steps: int | None = 200  # optimizer steps; None with ``epochs``
-    epochs: float | None = None  # train by epochs over ``train_samples`` examples instead of by steps
-    train_samples: int | None = None  # the training set's size; None: train_steps x batch_size (each seen once)
-    seq_len: int = 128  # longest training sequence, in tokens
-    batch_size: int = 8
-    prune_samples: int = 64
-    calibration_samples: int = 128
-    num_pairs: int = 256
-    tasks: Sequence[str] | None = None
-    include_path: str | None = None  # a folder of the user's own lm-eval task YAMLs
-    limit: int | None = 100
-    perplexity_passages: int = 64
-    eval_batch_size: int | str = "auto"
-    device: str | None = None
-    dtype: str = "auto"
-
-    def learning_rate(self, method: str) -> float:
-        return self.learning_rates.get(method, METHODS[method])
-
-
-def parse_prune(spec: str) -> tuple[str, float | None, str | None]:
-    """``wanda:0.5`` -> ``("wanda", 0.5, None)``; ``sparsegpt:2:4`` -> ``("sparsegpt", None, "2:4")``. ValueError
-    with one line for an unknown method or a ratio outside (0, 1)."""
-    method, _, shape = spec.partition(":")
-    if method not in PRUNING_METHODS or not shape:
-        raise ValueError(f"--prune {spec!r}: give METHOD:RATIO or METHOD:N:M, METHOD one of {list(PRUNING_METHODS)}")
-    if ":" in shape:
-        resolve_sparsity(None, shape)  # a malformed N:M pattern fails here
-        return method, None, shape
-    try:
-        ratio = float(shape)
-    except ValueError:
-        raise ValueError(f"--prune {spec!r}: the ratio must be a number in (0, 1), e.g. {method}:0.5") from None
-    if not 0 < ratio < 1:
-        raise ValueError(f"--prune {spec!r}: the ratio must be in (0, 1), got {ratio}")
-    return method, ratio, None
-
-
-def parse_methods(text: str) -> list[str]:
-    """``restorelcc,lora`` -> the method names, each known and given once (ValueError with one line naming the
-    unknown or the repeated method)."""
-    methods = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in methods if name not in METHODS]
-    if unknown:
-        raise ValueError(f"--methods {text!r}: unknown method {unknown[0]!r}: choose from {', '.join(METHODS)}")
-    repeated = [name for index, name in enumerate(methods) if name in methods[:index]]
-    if repeated:
-        raise ValueError(f"--methods {text!r}: {repeated[0]!r} is given twice: give each method once")
-    if not methods:
-        raise ValueError(f"--methods {text!r}: give one or more of {', '.join(METHODS)}, comma-separated")
-    return methods
 
 
 @dataclass
@@ -199,10 +119,6 @@ CALIBRATIONS: dict[str, Callable[[Models], Any]] = {"general": _general_calibrat
 
 
 def _load_models(settings: CompareSettings, timer: recovery.StageTimer, output: Path) -> Models:
-    from .assets import default_device
-    from .io import model_reference, name_model_source, resolve_model_path
-    from .pruning import load_report
-
     device = default_device(settings.device)
     dense_path = resolve_model_path(settings.model, settings.revision)
     pruned_path = None if settings.pruned is None else resolve_model_path(settings.pruned, settings.pruned_revision)
@@ -230,9 +146,6 @@ def _save_pruned_once(pruned: nn.Module, tokenizer: Any, report: dict[str, Any],
     """The model pruned on the fly, saved so that the adapters kept under work/ name a base a user can load. A copy
     from an earlier comparison with the same pruning (the same report, but for its timing) is kept; any other is
     replaced."""
-    from .io import name_model_source
-    from .pruning import load_report, save_pruned
-
     if (directory / "pruning_report.json").is_file():
         def timeless(entries: dict[str, Any]) -> str:
             return json.dumps({key: value for key, value in entries.items() if key != "seconds"}, default=str)
@@ -266,8 +179,7 @@ def _lora(model: nn.Module, spec: MethodSpec, dora: bool = False, masked: bool =
     target_modules = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
     config_class = LoraConfig
     if masked:  # LoRA whose update is masked by the base weight's zeros (masked_lora): same modules, same rank
-        from .masked_lora import MaskedLoraConfig as config_class
-
+        config_class = MaskedLoraConfig
         if measure_sparsity(model)["overall_sparsity"] == 0:
             raise ValueError("masked-lora needs a pruned model: this one has no zero weight to keep")
     config = config_class(r=spec.rank, target_modules=target_modules, use_dora=dora, task_type="CAUSAL_LM")
@@ -287,8 +199,6 @@ def _restorelcc(model: nn.Module, spec: MethodSpec, models: Models) -> nn.Module
 
 def _every_weight(model: nn.Module, spec: MethodSpec, models: Models) -> nn.Module:
     """Every weight trained, the pruned ones held at zero: not a PEFT method, the ceiling the others are held to."""
-    from .pruning import hold_pruned_weights_at_zero
-
     model.requires_grad_(True)
     hold_pruned_weights_at_zero(model)
     return model
@@ -380,8 +290,6 @@ def examples_seen(steps: int, examples: int, batch: int) -> int:
 def run_method(spec: MethodSpec, seed: int, models: Models, settings: CompareSettings, work: Path) -> dict[str, Any]:
     """One seed of one method: build, train, evaluate, merge once and measure the merged model; what compare.json
     keeps of it."""
-    from .training import PaddingCollator, pad_token_id_of
-
     timer = recovery.StageTimer()
     torch.manual_seed(seed)
     model = BUILDERS[spec.kind](copy.deepcopy(models.pruned), spec, models)
@@ -426,42 +334,6 @@ def _with_recovery(run: dict[str, Any], reference: dict[str, Any]) -> dict[str, 
     items = [{task: recovery.item_scores(scores) for task, scores in row["items"].items()}
              for row in (dense, pruned, run)]  # fmt: skip
     return run | {"gap_recovered": share, "gap_recovered_stderr": recovery.gap_recovered_stderr(*items)}
-
-
-def summarise(runs: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Per method, the mean over its seeds of every number, and the spread (sample SD) of the gap recovered."""
-    summary = {}
-    for method in methods:
-        own = [run for run in runs if run["method"] == method]
-        if not own:
-            continue
-        row: dict[str, Any] = {"seeds": [run["seed"] for run in own]}
-        for key in ("mean_accuracy", "perplexity", "gap_recovered", "trainable_parameters", "trainable_percent",
-                    "train_seconds", "peak_rss_gib", "sparsity_after_merge", "merged_speed_ratio", "train_steps",
-                    "examples_seen", "unmerged_speed_ratio", "pruned_zeros_kept"):  # fmt: skip
-            values = [run[key] for run in own if run.get(key) is not None]
-            row[key] = sum(values) / len(values) if values else None
-        row |= _merged_summary(own)
-        row["unmerged_speed_untrained"] = any(run.get("unmerged_speed_source") for run in own)
-        row["tasks"] = {task: sum(run["tasks"][task] for run in own) / len(own) for task in own[0]["tasks"]}
-        shares = [run["gap_recovered"] for run in own if run.get("gap_recovered") is not None]
-        mean = sum(shares) / len(shares) if shares else 0.0
-        row["gap_recovered_spread"] = (
-            math.sqrt(sum((share - mean) ** 2 for share in shares) / (len(shares) - 1)) if len(shares) > 1 else None
-        )
-        errors = [run["gap_recovered_stderr"] for run in own if run.get("gap_recovered_stderr") is not None]
-        row["gap_recovered_stderr"] = sum(errors) / len(errors) if errors else None  # mean of the seeds' paired SEs
-        summary[method] = row
-    return summary
-
-
-def _merged_summary(own: list[dict[str, Any]]) -> dict[str, Any]:
-    """Over a method's seeds: whether every merged copy reloaded in stock transformers, and the largest logit
-    difference of a reload (None where runs of an older schema did not measure it)."""
-    reloads = [run["reloads_in_transformers"] for run in own if run.get("reloads_in_transformers") is not None]
-    diffs = [run["reload_max_abs_diff"] for run in own if run.get("reload_max_abs_diff") is not None]
-    return {"reloads_in_transformers": all(reloads) if reloads else None,
-            "reload_max_abs_diff": max(diffs) if diffs else None}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -604,116 +476,3 @@ def _log_failures(report: dict[str, Any], log: Callable[[str], None]) -> None:
 # ------------------------------------------------------------------------------------------------ reporting
 
 
-def _cell(value: float | None, form: str) -> str:
-    return "" if value is None else format(value, form)
-
-
-def compare_table(report: dict[str, Any]) -> str:
-    """Markdown: dense, pruned and each method (mean over seeds): accuracy per task, mean, gap recovered, perplexity,
-    trainable parameters, train seconds, peak memory, sparsity after merge, the merged model's speed against the
-    pruned one and whether stock transformers reloads it; then the failed runs, if any."""
-    reference = report["reference"]
-    tasks = list(reference["dense"]["tasks"])
-    lines = [
-        "| model | " + " | ".join(tasks) + " | mean | gap recovered | perplexity | trainable | train s | peak GiB"
-        " | sparsity after merge | unmerged speed | merged speed | reloads |",
-        "|---|" + "---|" * (len(tasks) + 10),
-    ]
-    for name in ("dense", "pruned"):
-        row = reference[name]
-        cells = [f"{row['tasks'][task]:.3f}" for task in tasks]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['mean_accuracy']:.3f} | | "
-                     f"{_cell(row['perplexity'], '.2f')} | 0 | | | {row['sparsity']:.4f} | | | |")  # fmt: skip
-    # Summarised afresh from the runs: a compare.json written by an earlier version renders as a new one does.
-    for name, row in summarise(report["runs"], list(report["methods"])).items():
-        cells = [f"{row['tasks'][task]:.3f}" for task in tasks]
-        share = _cell(row["gap_recovered"], ".0%")
-        if share and row["gap_recovered_spread"] is not None:
-            share += f" ± {row['gap_recovered_spread']:.0%}"
-        elif share and row.get("gap_recovered_stderr") is not None:  # one seed: the items' sampling error
-            share += f" ± {row['gap_recovered_stderr']:.0%} SE"
-        lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {row['mean_accuracy']:.3f} | {share} | "
-            f"{_cell(row['perplexity'], '.2f')} | {row['trainable_parameters']:,.0f} ({row['trainable_percent']:.2f}%)"
-            f" | {_cell(row['train_seconds'], '.1f')} | {_cell(row['peak_rss_gib'], '.2f')} | "
-            f"{_cell(row['sparsity_after_merge'], '.4f')} | {_unmerged_cell(row)} | {_merged_cells(row)} |"
-        )
-    lines.append("")
-    lines.append(_gap_line(reference))
-    lines.append("gap recovered: mean over seeds ± its spread between seeds (sample SD), or for one seed ± the paired"
-                 " standard error (SE) of its items; peak GiB: resident, training;"
-                 " unmerged speed: the trained model's forward speed unmerged (base plus adapter, as PEFT runs it)"
-                 " / the pruned model's (-: not measured, a run of an earlier schema; *: timed on an untrained adapter"
-                 " of the same shape when the run was resumed);"
-                 " merged speed: the merged model's forward speed / the pruned model's (same batch and device);"
-                 " reloads: stock AutoModelForCausalLM reloads the saved merged model with the same logits"
-                 " (largest logit difference)")  # fmt: skip
-    for failure in report.get("failed", []):
-        error = failure["error"]
-        lines.append(f"\nFAILED: {failure['method']} seed {failure['seed']}: {error['type']}: {error['message']}")
-    return "\n".join(lines)
-
-
-def _gap_line(reference: dict[str, Any]) -> str:
-    """The dense-pruned gap the shares are of, with its paired standard error over the same items: a gap within two
-    standard errors of zero makes every share noise."""
-    dense, pruned = reference["dense"], reference["pruned"]
-    gap = dense["mean_accuracy"] - pruned["mean_accuracy"]
-    items = [{task: recovery.item_scores(scores) for task, scores in row["items"].items()} for row in (dense, pruned)]
-    error = recovery.paired_stderr(*items)
-    line = f"dense - pruned mean accuracy: {gap:+.3f}"
-    if error is not None:
-        line += f" (paired standard error {error:.3f} over the same items"
-        line += "; within two standard errors of zero: the shares below are noise)" if abs(gap) < 2 * error else ")"
-    return line + "."
-
-
-def _unmerged_cell(row: dict[str, Any]) -> str:
-    """The unmerged speed ratio; ``-`` for runs of an earlier schema that never measured it; ``*`` where a seed's
-    figure was timed on an untrained adapter of the same shape (``UNTRAINED_SOURCE``)."""
-    ratio = row.get("unmerged_speed_ratio")
-    if ratio is None:
-        return "-"
-    return f"{ratio:.2f}x" + ("*" if row.get("unmerged_speed_untrained") else "")
-
-
-def _merged_cells(row: dict[str, Any]) -> str:
-    speed = _cell(row.get("merged_speed_ratio"), ".2f")
-    reloads = row.get("reloads_in_transformers")
-    reload_cell = "" if reloads is None else "yes" if reloads else "NO"
-    if reloads is not None and row.get("reload_max_abs_diff") is not None:
-        reload_cell += f" ({row['reload_max_abs_diff']:.1e})"
-    return f"{speed + 'x' if speed else ''} | {reload_cell}"
-
-
-def plot_compare(report: dict[str, Any], path: str | os.PathLike) -> Path | None:
-    """Two panels: gap recovered per method (error bars: spread between seeds) and mean accuracy against trainable
-    parameters. None where matplotlib is missing."""
-    try:
-        # Drawn on the Agg canvas directly: no pyplot, no GUI backend chosen, no environment variable set.
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    methods = report["methods"]
-    figure = Figure(figsize=(10, 4))
-    FigureCanvasAgg(figure)
-    left, right = figure.subplots(1, 2)
-    names = list(methods)
-    shares = [methods[name]["gap_recovered"] or 0.0 for name in names]
-    # The spread between seeds, or with one seed the paired standard error of its items (as the table).
-    errors = [methods[name]["gap_recovered_spread"] or methods[name].get("gap_recovered_stderr") or 0.0 for name in names]
-    left.bar(names, shares, yerr=errors, capsize=4)
-    left.axhline(0.0, color="grey", linewidth=1)
-    left.set_ylabel("share of the dense-pruned gap recovered")
-    for name in names:
-        right.scatter(max(methods[name]["trainable_parameters"], 1), methods[name]["mean_accuracy"], label=name)
-    for name, color in (("dense", "black"), ("pruned", "grey")):
-        right.axhline(report["reference"][name]["mean_accuracy"], color=color, linestyle="--", linewidth=1, label=name)
-    right.set_xscale("log")
-    right.set_xlabel("trainable parameters")
-    right.set_ylabel("mean accuracy")
-    right.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    return Path(path)

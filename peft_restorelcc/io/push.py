@@ -13,7 +13,7 @@ import tempfile
 from huggingface_hub import ModelCard, ModelCardData
 from transformers.utils import hub as transformers_hub
 
-from .tuner.config import RestoreLCCConfig
+from ..tuner.config import RestoreLCCConfig
 
 
 def model_card(model, adapter_name: str = "default") -> ModelCard:

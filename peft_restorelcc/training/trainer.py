@@ -39,8 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
-from .files import DiskFullError, is_disk_full
-from .io.adapters import write_base_record
+from .. import data as data_module
+from ..data.choices import FILE_SUFFIXES, TRAINING_HELP
+from ..data.user import hub_dataset, read_training_file
+from ..io.adapters import write_base_record
+from ..io.files import DiskFullError, is_disk_full
+from .choices import DATA_CHOICES, PAPER_BATCH_SIZE, PAPER_EPOCHS, PAPER_LEARNING_RATE, PAPER_SAMPLES, TASK_DATA_PREFIX
 from .logits import (
     TRAINING_CHUNK_BYTES,
     TRAINING_CHUNK_THRESHOLD,
@@ -55,17 +59,6 @@ from .logits import (
 )
 
 IGNORE_INDEX = -100
-DATA_CHOICES = ("instruction", "instruction-wide", "instruction-and-cloze", "text", "mixed")
-# The default of `train` and `run`: the paper's loss on the recipe's pairs and PIQA's and SciQ's written as question ->
-# answer. In the 750-step benchmark it ties "instruction" on accuracy (three seeds, the same items) and keeps held-out
-# perplexity at the pruned model's (84.9 against 109.6); "instruction" alone lifts it above the pruned model's.
-DEFAULT_DATA = "instruction-and-cloze"
-
-# Paper settings (RestoreLCC, Alpaca SFT): lr 1e-3, 3 epochs, batch 8, 2k samples.
-PAPER_LEARNING_RATE = 1e-3
-PAPER_EPOCHS = 3
-PAPER_BATCH_SIZE = 8
-PAPER_SAMPLES = 2000
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,15 +186,10 @@ def instruction_records(
 def read_jsonl(path: str | os.PathLike) -> tuple[list[dict[str, str]], list[str]]:
     """``(instruction examples, texts)`` from a data file (``user_data.read_training_file``: prompt/response and
     Alpaca rows as examples, text rows as texts); chats are refused here (they need a tokenizer)."""
-    from .user_data import read_training_file
-
     read = read_training_file(path)
     if read.chats:
         raise ValueError(f"{path} holds chat rows ('messages'): read it with user_data.read_training_file.")
     return read.examples, read.texts
-
-
-TASK_DATA_PREFIX = "task:"
 
 
 def check_data_choice(data: str) -> None:
@@ -210,8 +198,6 @@ def check_data_choice(data: str) -> None:
     if data in DATA_CHOICES:
         return
     if data.startswith(TASK_DATA_PREFIX):
-        from . import data as data_module
-
         task = data[len(TASK_DATA_PREFIX) :]
         if task not in data_module.EVAL_TASKS:
             raise ValueError(
@@ -219,8 +205,6 @@ def check_data_choice(data: str) -> None:
                 f"{', '.join(data_module.EVAL_TASKS)} (its items after the ones evaluation scores)."
             )
         return
-    from .user_data import FILE_SUFFIXES, TRAINING_HELP, hub_dataset
-
     if hub_dataset(data) is not None:
         return
     path = Path(data).expanduser()
@@ -241,10 +225,45 @@ def check_data_source(data: str) -> None:
     follows): a missing or unreachable dataset, or rows of no known schema, fail with one line before any model
     loads."""
     check_data_choice(data)
-    from .user_data import hub_dataset, read_training_file
-
     if hub_dataset(data) is not None:
         read_training_file(data)
+
+
+def _bundled_records(
+    data: str, tokenizer: PreTrainedTokenizerBase, samples: int | None, seq_len: int, seed: int, rng: random.Random
+) -> list[dict[str, list[int]]]:
+    """The sequences of one of ``DATA_CHOICES``, from the bundled sets."""
+    half = None if samples is None else samples // 2
+    wanted_instruction = {"instruction": samples, "instruction-wide": samples, "text": 0, "mixed": half}
+    sources = data_module.WIDE_TRAINING_SOURCES if data == "instruction-wide" else data_module.TRAINING_SOURCES
+    records: list[dict[str, list[int]]] = []
+    if data == "instruction-and-cloze":
+        examples = data_module.instruction_and_cloze_examples("train", samples, seed)
+    elif data != "text":
+        examples = data_module.instruction_examples("train", wanted_instruction[data], seed, sources)
+    if data != "text":
+        records += instruction_records(examples, tokenizer, seq_len)
+    if data in ("text", "mixed"):
+        passages = data_module.text_passages("train")
+        rng.shuffle(passages)
+        limit = None if samples is None else samples - len(records)
+        records += text_windows(passages, tokenizer, seq_len, limit)
+    return records
+
+
+def _file_records(
+    data: str, tokenizer: PreTrainedTokenizerBase, samples: int | None, seq_len: int, rng: random.Random
+) -> list[dict[str, list[int]]]:
+    """The sequences of the user's file, directory or Hub dataset, in a seeded order."""
+    read = read_training_file(data)
+    rng.shuffle(read.examples)
+    rng.shuffle(read.chats)
+    rng.shuffle(read.texts)
+    chats = (tokenize_chat(messages, tokenizer, seq_len) for messages in read.chats)
+    records = instruction_records(read.examples, tokenizer, seq_len) + [r for r in chats if r is not None]
+    records += text_windows(read.texts, tokenizer, seq_len)
+    rng.shuffle(records)
+    return records if samples is None else records[:samples]
 
 
 def build_train_dataset(
@@ -276,40 +295,12 @@ def build_train_dataset(
         raise ValueError(f"samples must be >= 1 (or None for all), got {samples}.")
     rng = random.Random(seed)
     if data in DATA_CHOICES:
-        from . import data as data_module
-
-        half = None if samples is None else samples // 2
-        wanted_instruction = {"instruction": samples, "instruction-wide": samples, "text": 0, "mixed": half}
-        sources = data_module.WIDE_TRAINING_SOURCES if data == "instruction-wide" else data_module.TRAINING_SOURCES
-        records: list[dict[str, list[int]]] = []
-        if data == "instruction-and-cloze":
-            examples = data_module.instruction_and_cloze_examples("train", samples, seed)
-        elif data != "text":
-            examples = data_module.instruction_examples("train", wanted_instruction[data], seed, sources)
-        if data != "text":
-            records += instruction_records(examples, tokenizer, seq_len)
-        if data in ("text", "mixed"):
-            passages = data_module.text_passages("train")
-            rng.shuffle(passages)
-            limit = None if samples is None else samples - len(records)
-            records += text_windows(passages, tokenizer, seq_len, limit)
+        records = _bundled_records(data, tokenizer, samples, seq_len, seed, rng)
     elif data.startswith(TASK_DATA_PREFIX):
-        from . import data as data_module
-
         examples = data_module.task_examples(data[len(TASK_DATA_PREFIX) :], seed=seed, limit=samples)
         records = instruction_records(examples, tokenizer, seq_len)
     else:
-        from .user_data import read_training_file
-
-        read = read_training_file(data)
-        rng.shuffle(read.examples)
-        rng.shuffle(read.chats)
-        rng.shuffle(read.texts)
-        chats = (tokenize_chat(messages, tokenizer, seq_len) for messages in read.chats)
-        records = instruction_records(read.examples, tokenizer, seq_len) + [r for r in chats if r is not None]
-        records += text_windows(read.texts, tokenizer, seq_len)
-        rng.shuffle(records)
-        records = records if samples is None else records[:samples]
+        records = _file_records(data, tokenizer, samples, seq_len, rng)
     if data == "mixed":
         rng.shuffle(records)
     if not records:
@@ -667,6 +658,8 @@ def peak_memory_mb() -> dict[str, float]:
     return peaks
 
 
+# Long on purpose, for now: its keyword arguments are the recipe, handed to TrainingArguments one by one. Folding
+# them into one recipe object changes the signature that pipeline, compare, the CLI and the benchmarks call.
 def train_adapter(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase | None,

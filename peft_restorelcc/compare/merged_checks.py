@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .devices import input_device
-from .pruning import measure_sparsity
+from ..io.devices import input_device
+from ..io.export import save_merged
+from ..pruning import measure_sparsity
 
 # The fixed batch both models are timed on, and the smaller one the reload is checked on (token ids drawn from a
 # seeded generator: the same for every run, every method, every machine).
@@ -118,13 +119,11 @@ def inference_speed(pruned: nn.Module, merged: nn.Module, repeats: int = SPEED_R
 
 
 def save_merged_copy(merged: nn.Module, output: Path, tokenizer: Any, restorelcc: bool) -> Path:
-    """Write the merged model as a user would: RestoreLCC through the project's export (``pipeline.export``: the
+    """Write the merged model as a user would: RestoreLCC through the project's export (``io.export.save_merged``: the
     config carries the output bias, or the model is converted where it cannot), PEFT's methods with
     ``save_pretrained`` (their merge leaves a plain model of the same architecture)."""
     if restorelcc:
-        from . import pipeline
-
-        return pipeline.export(merged, output, tokenizer=tokenizer)
+        return save_merged(merged, output, tokenizer=tokenizer)
     merged.save_pretrained(output, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(output)

@@ -163,3 +163,11 @@ def load_sparse_model(
     model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype, device_map=device_map)
     model.config._name_or_path = str(model_dir)
     return model.eval()
+
+
+def is_sparsity_only(quantization_config: Any) -> bool:
+    """A compressed-tensors ``quantization_config`` that only describes how zeros were stored (no quantized weights)."""
+    if quantization_config is None:
+        return False
+    fields = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
+    return fields.get("quant_method") == "compressed-tensors" and not fields.get("config_groups")
