@@ -24,29 +24,13 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from shapes import smollm2_shaped_model
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_restorelcc import RestoreLCCConfig
 from peft_restorelcc.evaluation.statistics import training_memory_bytes
 from peft_restorelcc.pruning import prune_model
 from peft_restorelcc.tuner.heads import find_head_projections
-
-
-def smollm2_shaped_model(seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
 
 
 def every_fourth_head(model: torch.nn.Module) -> dict[int, list[int]]:

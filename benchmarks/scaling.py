@@ -44,108 +44,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shapes import SHAPES, llama_config
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 STAGES = ("prune", "calibrate", "train")
 
-_LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "factor": 32.0,
-    "high_freq_factor": 4.0,
-    "low_freq_factor": 1.0,
-    "original_max_position_embeddings": 8192,
-}
-# The released configs' shapes (config.json of each model); "tiny" is for tests of this script.
-SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        model="tiny",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    ),
-    "135m": dict(
-        model="HuggingFaceTB/SmolLM2-135M",
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        max_position_embeddings=8192,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-    ),
-    "360m": dict(
-        model="HuggingFaceTB/SmolLM2-360M",
-        hidden_size=960,
-        intermediate_size=2560,
-        num_hidden_layers=32,
-        num_attention_heads=15,
-        num_key_value_heads=5,
-        vocab_size=49152,
-        max_position_embeddings=8192,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-    ),
-    "1b": dict(
-        model="meta-llama/Llama-3.2-1B",
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        vocab_size=128256,
-        max_position_embeddings=131072,
-        rope_theta=500000.0,
-        rope_scaling=_LLAMA3_ROPE,
-        tie_word_embeddings=True,
-    ),
-    "3b": dict(
-        model="meta-llama/Llama-3.2-3B",
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=28,
-        num_attention_heads=24,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=128256,
-        max_position_embeddings=131072,
-        rope_theta=500000.0,
-        rope_scaling=_LLAMA3_ROPE,
-        tie_word_embeddings=True,
-    ),
-    "7b": dict(
-        model="meta-llama/Llama-2-7b-hf",
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-    ),
-}
 CPU_SHAPES = ("135m", "360m", "1b", "3b")
-
-
-def llama_config(shape: str):
-    from transformers import LlamaConfig
-
-    settings = {key: value for key, value in SHAPES[shape].items() if key != "model"}
-    rope = {"rope_theta": settings.pop("rope_theta", 10000.0)}
-    scaling = settings.pop("rope_scaling", None)
-    rope.update(scaling or {"rope_type": "default"})
-    return LlamaConfig(
-        **settings, rope_parameters=rope, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0
-    )
 
 
 def _token_ids(vocab_size: int, rows: int, length: int, seed: int):
@@ -459,7 +364,8 @@ def write(document: dict[str, Any], output: Path) -> None:
 # --------------------------------------------------------------------------------------------------- driver
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=None, choices=sorted(SHAPES), help="default: 135m 360m 1b 3b")
+    parser.add_argument("--shapes", nargs="+", default=None, choices=sorted(set(SHAPES) - {"serving"}),
+                        help="default: 135m 360m 1b 3b")  # fmt: skip
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--device-map", default=None, help="passed to from_pretrained (e.g. auto); default the device")
     parser.add_argument("--seq-len", type=int, default=128)

@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 
 import torch
-from overhead import smollm2_shaped_model
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from serving_vllm import prune_rows
+from shapes import smollm2_shaped_model
 from transformers import LlamaForCausalLM
 
 from peft_restorelcc import RestoreLCCConfig

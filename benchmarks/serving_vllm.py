@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 from safetensors.torch import load_file
+from shapes import SHAPES, shape_sizes
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -43,23 +44,14 @@ from peft_restorelcc import RestoreLCCConfig
 from peft_restorelcc.io.export import save_merged
 
 TOLERANCE = 1e-3
-VOCAB_SIZE = 512
+VOCAB_SIZE = SHAPES["serving"]["vocab_size"]
 MAX_MODEL_LEN = 128
 HEADS = {0: [1, 3], 1: [0, 2]}
 
-# Each family: 2 layers, 4 query heads of head_dim 32 (hidden 128), GQA with 2 key/value heads where the family has it.
-_COMMON = dict(
-    vocab_size=VOCAB_SIZE,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=MAX_MODEL_LEN,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+# Each family: the "serving" shape of shapes.py (2 layers, 4 query heads of head_dim 32, hidden 128), GQA with 2
+# key/value heads where the family has it.
+_COMMON = dict(**shape_sizes("serving"), max_position_embeddings=MAX_MODEL_LEN, pad_token_id=0, bos_token_id=1,
+               eos_token_id=2)  # fmt: skip
 FAMILIES: dict[str, dict] = {
     "llama": {},
     "qwen2": {},

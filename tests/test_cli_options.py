@@ -13,6 +13,7 @@ import pytest
 from peft_restorelcc.cli import build_parser, main, options
 
 COMMANDS = ("prune", "calibrate", "train", "merge", "eval", "run", "compare")
+CALIBRATE = ["calibrate", "--model", "M", "--pruned", "P", "--num-heads", "2", "--output", "O"]
 
 
 def _subparser(name: str):
@@ -33,6 +34,9 @@ def test_every_subcommand_takes_a_model_with_a_revision_and_a_device(command):
         (["run", "--pairs", "5"], "num_pairs", 5),
         (["calibrate", "--dense", "D", "--pruned", "P", "--num-heads", "2", "--output", "O"], "model", "D"),
         (["prune", "--model", "M", "--output", "O", "--calibration-samples", "3"], "samples", 3),
+        ([*CALIBRATE, "--calibration-samples", "7"], "samples", 7),
+        (["run", "--heads", "3"], "heads", 3.0),
+        (["compare", "--heads", "0.5"], "heads", 0.5),
     ],
 )
 def test_old_spellings_still_work_and_warn_once(monkeypatch, argv, dest, value):
@@ -43,6 +47,14 @@ def test_old_spellings_still_work_and_warn_once(monkeypatch, argv, dest, value):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second parse in the same process stays quiet
         assert getattr(build_parser().parse_args(argv), dest) == value
+
+
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_the_heads_are_num_heads_as_in_calibrate(command):
+    """run and compare spell the head count as calibrate does; its default and where it lands are unchanged."""
+    assert build_parser().parse_args([command]).heads == 0.25
+    assert build_parser().parse_args([command, "--num-heads", "4"]).heads == 4.0
+    assert "--num-heads" in _subparser(command).format_help() and "--heads " not in _subparser(command).format_help()
 
 
 def test_a_user_sees_the_deprecation_once_on_one_line(tmp_path):

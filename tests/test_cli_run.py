@@ -69,7 +69,8 @@ def test_run_spreads_the_heads_over_the_layers_with_selection_per_layer(model_di
     "flags, message",
     [
         (["--sparsity", "1.5"], "--sparsity must be in [0, 1)"),
-        (["--heads", "0"], "--heads must be a positive"),
+        (["--num-heads", "0"], "--num-heads must be a positive"),
+        (["--heads", "0"], "--num-heads must be a positive"),  # the old spelling, checked the same
         (["--train-steps", "0"], "--train-steps must be positive"),
         (["--distill-alpha", "2"], "--distill-alpha must be in [0, 1]"),
         (["--device", "gpu0"], "unknown device 'gpu0'"),

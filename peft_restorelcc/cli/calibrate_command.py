@@ -88,6 +88,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="calibration prompts (default %(default)s, the paper's; fewer if the data has fewer)",
     )
+    # run and compare name this count --calibration-samples (they take several counts, one per stage): accepted here too.
+    add_deprecated(parser, "--calibration-samples", "--samples", dest="samples", type=int)
     parser.add_argument(
         "--num-pairs",
         type=int,

@@ -11,6 +11,7 @@ from ..compare.settings import METHODS, CompareSettings, parse_methods, parse_pr
 from ..training.choices import DEFAULT_DATA, parse_batch_size
 from .options import (
     add_common_arguments,
+    add_deprecated,
     add_model_arguments,
     add_task_arguments,
     check_common_arguments,
@@ -50,7 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "them; needs a pruned model)")  # fmt: skip
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds, for every method")
     parser.add_argument("--lora-rank", type=int, default=8, help="r of LoRA, DoRA and masked LoRA (all linear layers)")
-    parser.add_argument("--heads", type=float, default=0.25, help="RestoreLCC heads: a count, or a fraction < 1")
+    parser.add_argument("--num-heads", dest="heads", type=float, default=0.25, metavar="K",
+                        help="RestoreLCC heads: a count, or a fraction < 1 (as calibrate --num-heads)")  # fmt: skip
+    add_deprecated(parser, "--heads", "--num-heads", dest="heads", type=float)
     parser.add_argument("--lr", default="", metavar="METHOD=RATE,...",
                         help="learning rates overriding the standard ones (" +
                         ", ".join(f"{name} {rate:g}" for name, rate in METHODS.items()) + ")")  # fmt: skip
@@ -120,7 +123,7 @@ def settings_of(args: argparse.Namespace) -> CompareSettings:
     except ValueError:
         raise ValueError(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1") from None
     if args.batch_size < 1 or args.lora_rank < 1 or args.heads <= 0:
-        raise ValueError("--batch-size and --lora-rank must be >= 1, and --heads > 0")
+        raise ValueError("--batch-size and --lora-rank must be >= 1, and --num-heads > 0")
     train_steps, epochs = _training_length(args)
     from ..evaluation.tasks import resolve_tasks
     from ..training.trainer import check_data_source

@@ -51,7 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-pairs", type=int, default=256, metavar="N", help="contrastive pairs for the probe")
     add_deprecated(parser, "--pairs", "--num-pairs", dest="num_pairs", type=int)
     parser.add_argument("--strategy", default="probe", choices=("probe", "lost_norm", "random"))
-    parser.add_argument("--heads", type=float, default=0.25, help="heads to compensate: a count, or a fraction < 1")
+    parser.add_argument("--num-heads", dest="heads", type=float, default=0.25, metavar="K",
+                        help="heads to compensate: a count, or a fraction < 1 (as calibrate --num-heads)")  # fmt: skip
+    add_deprecated(parser, "--heads", "--num-heads", dest="heads", type=float)
     parser.add_argument(
         "--selection",
         default="top",
@@ -131,7 +133,7 @@ def _check(args: argparse.Namespace) -> None:
     if not 0 <= args.sparsity < 1:
         raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}.")
     if args.heads <= 0:
-        raise ValueError(f"--heads must be a positive count or fraction, got {args.heads}.")
+        raise ValueError(f"--num-heads must be a positive count or fraction, got {args.heads}.")
     if args.train_steps == 0 or args.train_steps < -1:
         raise ValueError(f"--train-steps must be positive, or -1 for --epochs epochs; got {args.train_steps}.")
     if args.threads is not None and args.threads < 1:
