@@ -374,6 +374,58 @@ def compare_brief(path: Path = COMPARE_FILE) -> str:
     )
 
 
+DECIDING_COMPARE_FILE = RESULTS / "compare-gemma3-270m" / "compare.json"
+METHOD_LABELS = {"restorelcc": "RestoreLCC", "lora": "LoRA", "masked-lora": "masked LoRA", "dora": "DoRA", "ia3": "IA3"}
+
+
+def compare_finding(path: Path = DECIDING_COMPARE_FILE, first: str = "masked-lora", second: str = "restorelcc") -> str:
+    """The README's sentence on a comparison: the dense-pruned gap with its paired standard error, each method's
+    share of it (± its paired SE), perplexity, sparsity after merge and unmerged speed, and the paired difference of
+    ``first`` and ``second`` in mean accuracy over the same items, read against two standard errors."""
+    from peft_restorelcc.evaluation.statistics import item_scores, paired_stderr
+
+    report = json.loads(path.read_text())
+    settings, methods, reference = report["settings"], report["methods"], report["reference"]
+
+    def items(row: dict[str, Any]) -> dict[str, Any]:
+        return {task: item_scores(scores) for task, scores in row["items"].items()}
+
+    dense, pruned = reference["dense"], reference["pruned"]
+    gap = dense["mean_accuracy"] - pruned["mean_accuracy"]
+    seed = settings["seeds"][0]
+    runs = {run["method"]: run for run in report["runs"] if run["seed"] == seed}
+    parts = []
+    for name in settings["methods"]:
+        row = methods[name]
+        stderr = row.get("gap_recovered_stderr", runs[name].get("gap_recovered_stderr"))
+        speed = row.get("unmerged_speed_ratio")
+        speed_text = "" if speed is None else f", unmerged speed {speed:.2f}x" + ("*" if row.get("unmerged_speed_untrained") else "")
+        parts.append(
+            f"{METHOD_LABELS.get(name, name)} {row['gap_recovered']:.0%} ± {stderr:.0%} (perplexity"
+            f" {row['perplexity']:.1f}, sparsity after merge {row['sparsity_after_merge']:.4f}{speed_text})"
+        )
+    sentence = (
+        f"On {settings['model']} (`{compare_command(settings)}`, {len(dense['tasks'])} tasks x {settings['limit']}"
+        f" items, seed {seed}) the dense - pruned gap is {gap:+.3f} ± {paired_stderr(items(dense), items(pruned)):.3f}"
+        f" (paired standard error; pruned perplexity {pruned['perplexity']:.1f}); recovered: " + "; ".join(parts) + "."
+    )
+    if first in runs and second in runs:
+        difference = runs[first]["mean_accuracy"] - runs[second]["mean_accuracy"]
+        error = paired_stderr(items(runs[first]), items(runs[second]))
+        verdict = (
+            "within two standard errors of zero: at this budget the items do not separate them"
+            if abs(difference) < 2 * error
+            else f"{METHOD_LABELS[first if difference > 0 else second]} is ahead by more than two standard errors"
+        )
+        sentence += (
+            f" {METHOD_LABELS[first]} - {METHOD_LABELS[second]} in mean accuracy: {difference:+.3f} ± {error:.3f}"
+            f" (paired over the same items), {verdict}."
+        )
+    if any(row.get("unmerged_speed_untrained") for row in methods.values()):
+        sentence += " (*: timed on an untrained adapter of the same shape: the run was kept from an earlier schema.)"
+    return sentence
+
+
 MAIN_JOB_FILE = RESULTS / "main-job.json"
 
 
@@ -406,8 +458,13 @@ def main() -> None:
     parser.add_argument("--main-job", action="store_true", help="only the README's sentence on the main job's cost")
     parser.add_argument("--compare", action="store_true", help="only the README's comparison table, from "
                         + str(COMPARE_FILE.relative_to(ROOT)))  # fmt: skip
+    parser.add_argument("--compare-finding", action="store_true", help="only the README's sentence on the deciding"
+                        " comparison, from " + str(DECIDING_COMPARE_FILE.relative_to(ROOT)))  # fmt: skip
     parser.add_argument("--results", type=Path, default=RESULTS, help="the folder of results files")
     args = parser.parse_args()
+    if args.compare_finding:
+        print(compare_finding())
+        return
     if args.main_job:
         print(main_job())
         return
