@@ -418,7 +418,8 @@ def compare_finding(path: Path = DECIDING_COMPARE_FILE, first: str = "masked-lor
             else f"{METHOD_LABELS[first if difference > 0 else second]} is ahead by more than two standard errors"
         )
         sentence += (
-            f" {METHOD_LABELS[first]} - {METHOD_LABELS[second]} in mean accuracy: {difference:+.3f} ± {error:.3f}"
+            f" {METHOD_LABELS[first][:1].upper()}{METHOD_LABELS[first][1:]} - {METHOD_LABELS[second]} in mean accuracy:"
+            f" {difference:+.3f} ± {error:.3f}"
             f" (paired over the same items), {verdict}."
         )
     if any(row.get("unmerged_speed_untrained") for row in methods.values()):

@@ -72,3 +72,11 @@ def test_readmes_comparison_table_is_what_the_report_script_prints() -> None:
     table = report_output("--compare")
     assert "made by `restorelcc compare" in table and "| restorelcc |" in table and "| lora |" in table, table
     assert table in readme_text()
+
+
+def test_readmes_finding_on_the_deciding_comparison_is_what_the_report_script_prints() -> None:
+    """The README's sentence on RestoreLCC against the LoRAs that keep the zeros (Gemma3-270M), with its paired
+    standard errors, is generated from its results file."""
+    sentence = report_output("--compare-finding")
+    assert "Masked LoRA - RestoreLCC in mean accuracy" in sentence and "paired standard error" in sentence, sentence
+    assert sentence in readme_text()
