@@ -29,7 +29,7 @@ Importing ``peft_restorelcc`` registers the method with PEFT (an installed packa
     model = PeftModel.from_pretrained(pruned_again, "adapter")  # masked again
     merged = model.merge_and_unload()  # the pruned model's zeros, exactly
 
-This module imports torch and peft only.
+This module imports torch, peft and the tuner (for the enum member) only.
 """
 
 from __future__ import annotations
@@ -47,28 +47,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import transpose
 from torch import nn
 
+from ..tuner import peft_type_member
+
 __all__ = ["PEFT_TYPE", "MaskedLinear", "MaskedLoraConfig", "MaskedLoraModel", "MaskedLoraVariant", "register"]
 
 PEFT_TYPE = "MASKED_LORA"
 MASK_BUFFER = "lora_sparsity_mask"  # the base weight's non-zero mask, per layer (not saved: recomputed from the base)
-
-
-def _peft_type_member() -> Any:
-    """``peft.PeftType.MASKED_LORA``: added to PEFT's closed str-enum on first call (built as ``enum`` builds a member:
-    PEFT reads ``.value``, calls ``PeftType(name)`` and iterates ``list(PeftType)``), reused afterwards."""
-    from peft.utils.peft_types import PeftType
-
-    existing = PeftType._member_map_.get(PEFT_TYPE)
-    if existing is not None:
-        return existing
-    member = str.__new__(PeftType, PEFT_TYPE)
-    member._name_, member._value_, member.__objclass__ = PEFT_TYPE, PEFT_TYPE, PeftType
-    member._sort_order_ = len(PeftType._member_names_)
-    type.__setattr__(PeftType, PEFT_TYPE, member)  # EnumType's own __setattr__ refuses to touch members
-    PeftType._member_names_.append(PEFT_TYPE)
-    PeftType._member_map_[PEFT_TYPE] = member
-    PeftType._value2member_map_[PEFT_TYPE] = member
-    return member
 
 
 @dataclass
@@ -78,7 +62,7 @@ class MaskedLoraConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = _peft_type_member()
+        self.peft_type = peft_type_member(PEFT_TYPE)
         if self.use_dora:
             raise ValueError("MaskedLoraConfig: use_dora does not combine with the sparsity mask")
 
@@ -159,7 +143,7 @@ def register() -> None:
     holds, and the adapter's parameters are LoRA's (``lora_A``, ``lora_B``)."""
     from peft import mapping
 
-    peft_type = _peft_type_member()
+    peft_type = peft_type_member(PEFT_TYPE)
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = MaskedLoraConfig
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = MaskedLoraModel
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = MaskedLoraModel.prefix

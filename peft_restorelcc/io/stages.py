@@ -2,7 +2,7 @@
 
 ``restorelcc run --resume`` reads ``stages.json``: a stage whose recorded settings equal today's is reused (its
 output on disk, its recorded result); any other is redone, and so is every stage that consumes its output. A stage is recorded only once its output is complete, so a job killed mid-stage redoes that
-stage. Standard library only.
+stage. Written atomically (io.checks.write_json_atomic).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from .checks import write_json_atomic
 
 STAGES_FILE = "stages.json"
 SCHEMA_VERSION = 1
@@ -79,12 +81,4 @@ class StageRecord:
         return result
 
     def _write(self) -> None:
-        # Staged and renamed: a kill or a full disk never leaves half a record.
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
-        try:
-            staging.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "stages": self.stages}, indent=2) + "\n")
-            os.replace(staging, self.path)
-        except BaseException:
-            staging.unlink(missing_ok=True)
-            raise
+        write_json_atomic(self.path, {"schema_version": SCHEMA_VERSION, "stages": self.stages})  # never half a record

@@ -15,6 +15,7 @@ __all__ = [
     "PEFT_TYPE",
     "Linear",
     "MergePolicy",
+    "peft_type_member",
     "RestoreLCCConfig",
     "RestoreLCCLayer",
     "RestoreLCCModel",
@@ -23,8 +24,9 @@ __all__ = [
 ]
 
 
-def _peft_type_member():
-    """``peft.PeftType.RESTORELCC``, added to PEFT's closed str-enum on first call and reused afterwards.
+def peft_type_member(name: str = PEFT_TYPE):
+    """``peft.PeftType.<name>``, added to PEFT's closed str-enum on first call and reused afterwards (RESTORELCC here;
+    the package's masked LoRA adds MASKED_LORA the same way).
 
     PEFT reads ``config.peft_type.value``, calls ``PeftType(name)`` and iterates ``list(PeftType)``, so the type
     must be a real member, built the way ``enum`` builds one (a str instance with name, value and sort order).
@@ -32,19 +34,19 @@ def _peft_type_member():
     """
     from peft.utils.peft_types import PeftType
 
-    existing = PeftType._member_map_.get(PEFT_TYPE)
+    existing = PeftType._member_map_.get(name)
     if existing is not None:
         return existing
-    member = str.__new__(PeftType, PEFT_TYPE)
-    member._name_ = PEFT_TYPE
-    member._value_ = PEFT_TYPE
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
     member.__objclass__ = PeftType
     member._sort_order_ = len(PeftType._member_names_)
     # type.__setattr__: EnumType's own __setattr__ refuses to touch members.
-    type.__setattr__(PeftType, PEFT_TYPE, member)
-    PeftType._member_names_.append(PEFT_TYPE)
-    PeftType._member_map_[PEFT_TYPE] = member
-    PeftType._value2member_map_[PEFT_TYPE] = member
+    type.__setattr__(PeftType, name, member)
+    PeftType._member_names_.append(name)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
     return member
 
 
@@ -59,7 +61,7 @@ def register() -> None:
     from peft import mapping
     from peft.utils import register_peft_method
 
-    peft_type = _peft_type_member()
+    peft_type = peft_type_member()
     for table in (
         mapping.PEFT_TYPE_TO_CONFIG_MAPPING,
         mapping.PEFT_TYPE_TO_TUNER_MAPPING,
